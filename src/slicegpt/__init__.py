@@ -1,0 +1,25 @@
+"""slicegpt: make causal language models smaller by deleting rows and columns (SliceGPT).
+
+    import slicegpt
+    loaded = slicegpt.load_model("default")            # or a hub id, a directory, a .gguf file
+    model, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25)
+    slicegpt.save(model, loaded.tokenizer, config, "out/smollm2-25")
+    again = slicegpt.load("out/smollm2-25")
+"""
+
+from slicegpt.adapters import get_adapter, supported_model_types
+from slicegpt.api import calibration_data, generate, slice_model
+from slicegpt.config import SlicingConfig
+from slicegpt.data import evaluation_windows, load_text, tokenize
+from slicegpt.errors import SliceGPTError
+from slicegpt.evaluation import count_parameters, perplexity
+from slicegpt.io import load, save
+from slicegpt.loading import LoadedModel, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
+    "evaluation_windows", "generate", "get_adapter", "load", "load_model", "load_text", "perplexity",
+    "save", "slice_model", "supported_model_types", "tokenize",
+]

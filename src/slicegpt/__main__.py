@@ -1,0 +1,5 @@
+import sys
+
+from slicegpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""Registry of architecture adapters, keyed by `config.model_type` (never by model name)."""
+
+from __future__ import annotations
+
+from slicegpt.adapters.base import Branch, ModelAdapter
+from slicegpt.adapters.llama import ADAPTER as LLAMA
+from slicegpt.errors import SliceGPTError
+
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA,)
+
+# Families whose models have no causal decoder stack for SliceGPT to act on.
+_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                  "xlm-roberta", "mpnet", "t5", "mt5", "bart", "mbart", "pegasus", "marian",
+                  "whisper", "longt5", "umt5", "flan-t5"}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def get_adapter(config) -> ModelAdapter:
+    """Return the adapter for `config.model_type`, or raise a one-line SliceGPTError."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    if model_type in _ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+        raise SliceGPTError(
+            f"model type '{model_type}' is an encoder or encoder-decoder model; SliceGPT slices "
+            f"decoder-only causal language models (supported: {', '.join(supported_model_types())})"
+        )
+    raise SliceGPTError(
+        f"unsupported model type '{model_type}'; supported model types: "
+        f"{', '.join(supported_model_types())}"
+    )
+
+
+__all__ = ["ADAPTERS", "Branch", "ModelAdapter", "get_adapter", "supported_model_types"]

@@ -1,0 +1,87 @@
+"""The public, one-call API: slice a model, measure it, generate with it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from slicegpt.adapters import get_adapter
+from slicegpt.config import SlicingConfig
+from slicegpt.data import DEFAULT_DATA, Windows, calibration_windows, load_text, tokenize
+from slicegpt.errors import SliceGPTError
+from slicegpt.evaluation import count_parameters
+from slicegpt.loading import load_model
+from slicegpt.slicing import rotate_and_slice, sliced_dim
+
+
+def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, samples: int = 32,
+                     seqlen: int = 1024, seed: int = 0, text_field: str = "text") -> Windows:
+    """Random, seeded, non-overlapping token windows from the calibration part of `source`."""
+    text = load_text(source, "calibration", text_field=text_field)
+    return calibration_windows(tokenize(tokenizer, text), samples, seqlen, seed)
+
+
+def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
+                calibration: Windows | torch.Tensor | str | os.PathLike = DEFAULT_DATA,
+                sparsity: float = 0.25, *, samples: int = 32, seqlen: int = 1024, seed: int = 0,
+                batch_size: int = 4, round_to: int = 8, slice_head: bool = False,
+                progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
+    """Slice `model` in place with SliceGPT and return it with the record of what was done.
+
+    `model` may be a loaded causal LM, a hub id, a directory or a .gguf file. `calibration`
+    is a data source (name or path; needs `tokenizer`), a [n, seqlen] tensor of token ids,
+    or prepared `Windows`.
+    """
+    source_model = ""
+    if isinstance(model, (str, os.PathLike)):
+        source_model = str(model)
+        loaded = load_model(model)
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    if getattr(model, "slicegpt_structure", None) is not None:
+        raise SliceGPTError("this model is already sliced; slice the dense model instead")
+    adapter = get_adapter(model.config)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    dim = sliced_dim(hidden, sparsity, round_to)
+
+    calibration_info: dict = {}
+    if isinstance(calibration, Windows):
+        windows = calibration
+    elif isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise SliceGPTError("calibration token ids must be a [samples, seqlen] tensor")
+        windows = Windows(calibration, torch.ones_like(calibration))
+    else:
+        if tokenizer is None:
+            raise SliceGPTError("a tokenizer is needed to calibrate on text")
+        windows = calibration_data(tokenizer, calibration, samples, seqlen, seed)
+        calibration_info = {"source": str(calibration), "seed": seed}
+    calibration_info.update(samples=len(windows.input_ids), seqlen=windows.input_ids.shape[1],
+                            tokens=windows.tokens)
+
+    dense = count_parameters(model)
+    outcome = rotate_and_slice(model, adapter, windows.batches(batch_size), dim,
+                               slice_head=slice_head, progress=progress)
+    config = SlicingConfig(
+        sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim,
+        model_type=model.config.model_type, family=adapter.family, round_to=round_to,
+        slice_head=slice_head, calibration=calibration_info, source_model=source_model,
+        parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra)
+    return model, config
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = False,
+             sample: bool = False, seed: int = 0) -> str:
+    """Continue `prompt` with the KV cache (greedy unless `sample`); returns only the new text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,211 @@
+"""`slicegpt` command line: a thin layer over the public API.
+
+Progress bars go to stderr; results to stdout, and with --json the last stdout line is one
+JSON object. Bad input ends with a one-line `slicegpt: error: ...` and exit status 1 (2 for
+malformed arguments), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from slicegpt.adapters import supported_model_types
+from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, evaluation_windows, load_text, split_text, tokenize
+from slicegpt.errors import SliceGPTError
+from slicegpt.loading import DEFAULT_MODEL, load_model
+from slicegpt.measure import measure
+from slicegpt.sliced_modeling import CheckpointError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"slicegpt: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _emit(args, rows: list[tuple[str, str]], figures: dict) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        print(json.dumps(figures))
+
+
+def _device(name: str | None) -> str:
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise SliceGPTError("--device cuda was asked for but no CUDA device is available")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _eval_windows(tokenizer, text: str, args) -> object:
+    return evaluation_windows(tokenize(tokenizer, text), args.eval_seqlen or args.seqlen, args.eval_samples)
+
+
+def cmd_slice(args) -> None:
+    from slicegpt.api import slice_model
+    from slicegpt.data import calibration_windows
+    from slicegpt.evaluation import count_parameters, perplexity
+    from slicegpt.io import save
+    from slicegpt.slicing import sliced_dim
+
+    sliced_dim(8, args.sparsity)  # validate before any slow work
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SliceGPTError(f"output directory {out} already exists; pass --force to overwrite it")
+    device = _device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if loaded.sliced is not None:
+        raise SliceGPTError(f"{args.model} is already a sliced model; slice the dense model instead")
+
+    calib_text = load_text(args.calibration, "calibration", args.text_field)
+    eval_source = args.eval_data or args.calibration
+    if eval_source == args.calibration and Path(str(eval_source)).is_file():
+        calib_text, eval_text = split_text(calib_text)  # one local file: keep the parts disjoint
+    else:
+        eval_text = load_text(eval_source, "evaluation", args.text_field)
+    windows = calibration_windows(tokenize(tokenizer, calib_text), args.samples, args.seqlen, args.seed)
+    eval_windows = None if args.no_eval else _eval_windows(tokenizer, eval_text, args)
+
+    figures: dict = {"model": str(args.model), "sparsity": args.sparsity}
+    if eval_windows is not None:
+        figures["perplexity_dense"] = perplexity(model, eval_windows, args.eval_batch_size)
+    with measure(device) as m:
+        model, config = slice_model(model, tokenizer, windows, args.sparsity, batch_size=args.batch_size,
+                                    round_to=args.round_to, slice_head=args.slice_head)
+    config.source_model = str(loaded.source)
+    config.calibration.update(source=str(args.calibration), seed=args.seed)
+    figures.update(parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
+                   parameter_ratio=config.parameters_sliced / config.parameters_dense,
+                   hidden_size=config.hidden_size, sliced_hidden_size=config.sliced_hidden_size,
+                   slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes)
+    if eval_windows is not None:
+        figures["perplexity_sliced"] = perplexity(model, eval_windows, args.eval_batch_size)
+        figures["eval_tokens"] = eval_windows.tokens
+    save(model, tokenizer, config, out, force=args.force, extra={"results": figures})
+    figures["out"] = str(out)
+
+    rows = [("model", figures["model"]), ("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"),
+            ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
+                           f"({figures['parameter_ratio']:.1%}, skip matrices included)")]
+    if eval_windows is not None:
+        rows.append(("perplexity", f"{figures['perplexity_dense']:.3f} -> {figures['perplexity_sliced']:.3f} "
+                                   f"({eval_windows.tokens:,} tokens of {eval_source})"))
+    rows += [("slicing time", f"{m.seconds:.1f} s"), ("peak memory", _gib(m.peak_bytes)), ("saved to", str(out))]
+    _emit(args, rows, figures)
+
+
+def cmd_eval(args) -> None:
+    from slicegpt.evaluation import count_parameters, perplexity
+
+    device = _device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    windows = evaluation_windows(tokenize(loaded.tokenizer, load_text(args.data, "evaluation", args.text_field)),
+                                 args.seqlen, args.samples)
+    with measure(device) as m:
+        ppl = perplexity(loaded.model, windows, args.batch_size)
+    figures = {"model": str(args.model), "sliced": loaded.sliced is not None, "perplexity": ppl,
+               "parameters": count_parameters(loaded.model), "tokens": windows.tokens,
+               "seconds": m.seconds, "peak_memory_bytes": m.peak_bytes}
+    _emit(args, [("model", figures["model"] + (" (sliced)" if figures["sliced"] else "")),
+                 ("perplexity", f"{ppl:.3f} ({windows.tokens:,} tokens of {args.data})"),
+                 ("parameters", f"{figures['parameters']:,}"), ("time", f"{m.seconds:.1f} s"),
+                 ("peak memory", _gib(m.peak_bytes))], figures)
+
+
+def cmd_generate(args) -> None:
+    from slicegpt.api import generate
+
+    loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    text = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
+                    sample=args.sample, seed=args.seed)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "prompt": args.prompt, "text": text}))
+    else:
+        print(args.prompt + text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    data_help = f"'{DEFAULT_DATA}' (offline default), {', '.join(HUB_DATASETS)} (hub), or a .txt/.jsonl path"
+    model_help = (f"'{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct), a hub id, a model directory or a .gguf "
+                  f"file; supported model types: {', '.join(supported_model_types())}")
+    parser = _Parser(prog="slicegpt", description="Slice the hidden dimension of causal LMs (SliceGPT).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("slice", help="slice a model, report perplexity and parameters, save it")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden size to remove, in [0, 1)")
+    p.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--eval-data", default=None, help="perplexity data (default: the calibration source's "
+                   "evaluation part; a local file is split 90/10 between the two)")
+    p.add_argument("--eval-samples", type=int, default=16, help="evaluation windows (default 16)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    p.add_argument("--eval-batch-size", type=int, default=2)
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--round-to", type=int, default=8, help="round the sliced size down to a multiple of this")
+    p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    _common(p)
+    p.set_defaults(func=cmd_slice)
+
+    p = sub.add_parser("eval", help="perplexity of a dense or sliced model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + ", or a sliced model directory")
+    p.add_argument("--data", default=DEFAULT_DATA, help=data_help + " (its evaluation part)")
+    p.add_argument("--samples", type=int, default=16, help="evaluation windows (default 16; fewer if the text is short)")
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=2)
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a dense or sliced model")
+    p.add_argument("model", help=model_help + ", or a sliced model directory")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SliceGPTError, CheckpointError) as e:
+        print(f"slicegpt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("slicegpt: interrupted", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:
+        print("slicegpt: error: out of memory; use a smaller --batch-size or --samples", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The record of how a model was sliced, saved as JSON beside the weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SlicingConfig:
+    sparsity: float
+    hidden_size: int
+    sliced_hidden_size: int
+    model_type: str
+    family: str
+    rotation: str = "per-layer"
+    round_to: int = 8
+    slice_head: bool = False
+    calibration: dict = field(default_factory=dict)  # source, samples, seqlen, seed, tokens
+    source_model: str = ""
+    parameters_dense: int = 0
+    parameters_sliced: int = 0
+    # Eigenvalues per boundary (for reports); kept in memory, not in the JSON record.
+    spectra: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("spectra")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SlicingConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "spectra"}
+        return cls(**known)

