@@ -1,0 +1,41 @@
+"""Fusing norms and rotating the residual stream must not change the model's function."""
+
+import pytest
+import torch
+
+from slicegpt.adapters import get_adapter
+from slicegpt.invariance import fuse_norms
+from slicegpt.slicing import rotate_and_slice
+from conftest import FAMILIES, clone, make_model
+
+IDS = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_fused_model_is_equivalent_float64(model_type, exact_norms):
+    model = make_model(model_type, torch.float64)
+    reference = model(IDS).logits
+    fused = clone(model)
+    fuse_norms(fused, get_adapter(fused.config))
+    assert (fused(IDS).logits - reference).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_rotated_model_at_zero_sparsity_is_equivalent_float64(model_type, exact_norms, calibration):
+    model = make_model(model_type, torch.float64)
+    reference = model(IDS).logits
+    rotated = clone(model)
+    rotate_and_slice(rotated, get_adapter(rotated.config), calibration.batches(4), dim=64, progress=False)
+    # the rotation really happened: embeddings are no longer the original ones
+    assert not torch.allclose(rotated.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert (rotated(IDS).logits - reference).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_rotated_model_at_zero_sparsity_is_equivalent_float32(model_type, calibration):
+    model = make_model(model_type, torch.float32)
+    reference = model(IDS).logits
+    rotated = clone(model)
+    rotate_and_slice(rotated, get_adapter(rotated.config), calibration.batches(4), dim=64, progress=False)
+    error = (rotated(IDS).logits - reference).abs().max() / reference.abs().max()
+    assert error < 1e-4
