@@ -54,7 +54,7 @@ def _eval_windows(tokenizer, text: str, args) -> object:
 def cmd_slice(args) -> None:
     from slicegpt.api import slice_model
     from slicegpt.data import calibration_windows
-    from slicegpt.evaluation import count_parameters, perplexity
+    from slicegpt.evaluation import perplexity
     from slicegpt.io import save
     from slicegpt.slicing import sliced_dim
 
@@ -63,12 +63,12 @@ def cmd_slice(args) -> None:
     if out.exists() and not args.force:
         raise SliceGPTError(f"output directory {out} already exists; pass --force to overwrite it")
     device = _device(args.device)
+    calib_text = load_text(args.calibration, "calibration", args.text_field)  # bad data fails before the model loads
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.sliced is not None:
         raise SliceGPTError(f"{args.model} is already a sliced model; slice the dense model instead")
 
-    calib_text = load_text(args.calibration, "calibration", args.text_field)
     eval_source = args.eval_data or args.calibration
     if eval_source == args.calibration and Path(str(eval_source)).is_file():
         calib_text, eval_text = split_text(calib_text)  # one local file: keep the parts disjoint
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # third-party warnings would bury our one-line messages
     try:
         args.func(args)
     except (SliceGPTError, CheckpointError) as e:

@@ -142,10 +142,22 @@ def split_text(text: str, fraction: float = 0.9) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a whole text as one 1-D tensor (no special tokens)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+def tokenize(tokenizer, text: str, piece_chars: int = 1 << 16) -> torch.Tensor:
+    """Token ids of a whole text as one 1-D tensor (no special tokens).
+
+    The text is cut after line breaks into pieces of about `piece_chars` characters and
+    encoded piece by piece: a multi-MB text in one call holds hundreds of MB of encoding
+    objects at once. Pieces end with a newline, so no word is split.
+    """
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + piece_chars)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    ids = [torch.tensor(tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                        dtype=torch.long) for piece in pieces]
+    return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
 
 @dataclass

@@ -23,15 +23,16 @@ def perplexity(model: nn.Module, windows: Windows, batch_size: int = 2, progress
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = windows.batches(batch_size)
-    for input_ids, mask in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-            ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
+    with tqdm(batches, desc="perplexity", unit="batch", disable=not progress) as bar:
+        for input_ids, mask in bar:
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            nll = nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total_nll += nll.item()
+            total_tokens += int((targets != -100).sum())
     if total_tokens == 0:
         raise SliceGPTError("no tokens to evaluate")
     value = math.exp(total_nll / total_tokens)

@@ -12,6 +12,7 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.sliced_modeling import get_path, set_parameter
+from slicegpt.weights import scale_columns
 
 
 def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
@@ -24,11 +25,6 @@ def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
     return True
-
-
-def _scale_columns(linear: nn.Linear, gain: torch.Tensor) -> None:
-    w = linear.weight.data
-    linear.weight.data = (w.to(torch.float64) * gain).to(w.dtype)
 
 
 def _unit_norm(norm: nn.Module, adapter: ModelAdapter) -> torch.Tensor:
@@ -46,10 +42,10 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> None:
         for branch in adapter.branches:
             gain = _unit_norm(get_path(layer, branch.norm), adapter)
             for name in branch.inputs:
-                _scale_columns(get_path(layer, name), gain)
+                scale_columns(get_path(layer, name), gain)
     final = get_path(model, adapter.final_norm)
     gain = final.weight.data.to(torch.float64) + adapter.norm_offset
     if not torch.all(gain == 1.0):
         untie_head(model, adapter)
         _unit_norm(final, adapter)
-        _scale_columns(get_path(model, adapter.head), gain)
+        scale_columns(get_path(model, adapter.head), gain)

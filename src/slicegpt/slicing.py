@@ -24,6 +24,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.invariance import fuse_norms, untie_head
 from slicegpt.pca import Covariance
 from slicegpt.sliced_modeling import attach_structure, get_path, run_branch, set_parameter
+from slicegpt.weights import rotate_columns, rotate_rows
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
 
@@ -83,25 +84,11 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
 
 def _check_finite(x: torch.Tensor, where: str) -> None:
     if not torch.isfinite(x).all():
+        hint = "load it with --dtype float32" if x.dtype in (torch.float16, torch.bfloat16) else "check its weights"
         raise SliceGPTError(
-            f"non-finite values (NaN/inf) in the activations {where}; the model overflows in "
-            f"{x.dtype} on this input: load it in float32 or check its weights"
+            f"non-finite values (NaN/inf) in the activations {where} on the calibration data "
+            f"({str(x.dtype).replace('torch.', '')}); {hint}"
         )
-
-
-def _rotate_columns(linear: nn.Module, q: torch.Tensor) -> None:
-    """For a linear reading the residual: W [out, d] -> W Q [out, k]."""
-    w = linear.weight.data
-    set_parameter(linear, "weight", (w.to(torch.float64) @ q).to(w.dtype))
-
-
-def _rotate_rows(linear: nn.Module, q: torch.Tensor) -> None:
-    """For a linear writing the residual: W [d, in] -> Q^T W [k, in], bias b -> b Q."""
-    w = linear.weight.data
-    set_parameter(linear, "weight", (q.T @ w.to(torch.float64)).to(w.dtype))
-    if getattr(linear, "bias", None) is not None:
-        b = linear.bias.data
-        set_parameter(linear, "bias", (b.to(torch.float64) @ q).to(b.dtype))
 
 
 def _resize_norm(norm: nn.Module, adapter: ModelAdapter, dim: int, hidden: int) -> float | None:
@@ -143,55 +130,54 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     outcome.spectra.append(values)
     q = q[:, :dim]
     for emb in embeddings:
-        _rotate_columns(emb, q)
+        rotate_columns(emb, q)
     z = [x @ q.to(dtype) for x in inputs]
     del inputs
 
     structure = adapter.structure()
     layers = get_path(model, adapter.layers)
     n_layers, n_branches = len(layers), len(adapter.branches)
-    bar = tqdm(total=n_layers * n_branches, desc="slicing", unit="branch", disable=not progress)
-    for li, layer in enumerate(layers):
-        for bi, (branch, spec) in enumerate(zip(adapter.branches, structure["branches"])):
-            eps = _resize_norm(get_path(layer, branch.norm), adapter, dim, hidden)
-            if eps is not None:
-                path = f"{adapter.layers}.{li}.{branch.norm}"
-                outcome.module_attributes[path] = {adapter.norm_eps_attr: eps}
-            for name in branch.inputs:
-                _rotate_columns(get_path(layer, name), q)
+    with tqdm(total=n_layers * n_branches, desc="slicing", unit="branch", disable=not progress) as bar:
+        for li, layer in enumerate(layers):
+            for bi, (branch, spec) in enumerate(zip(adapter.branches, structure["branches"])):
+                eps = _resize_norm(get_path(layer, branch.norm), adapter, dim, hidden)
+                if eps is not None:
+                    path = f"{adapter.layers}.{li}.{branch.norm}"
+                    outcome.module_attributes[path] = {adapter.norm_eps_attr: eps}
+                for name in branch.inputs:
+                    rotate_columns(get_path(layer, name), q)
 
-            q_t = q.T.to(dtype)
-            cov = Covariance(hidden, q.device)
-            full = []
-            for zb, kwargs, m in zip(z, kwargs_list, masks):
-                x = zb @ q_t + run_branch(layer, spec, zb, kwargs)
-                _check_finite(x, f"of layer {li} ({branch.name})")
-                cov.update(x, m)
-                full.append(x)
+                q_t = q.T.to(dtype)
+                cov = Covariance(hidden, q.device)
+                full = []
+                for zb, kwargs, m in zip(z, kwargs_list, masks):
+                    x = zb @ q_t + run_branch(layer, spec, zb, kwargs)
+                    _check_finite(x, f"of layer {li} ({branch.name})")
+                    cov.update(x, m)
+                    full.append(x)
 
-            last = li == n_layers - 1 and bi == n_branches - 1
-            if last and not slice_head:
-                q_next = torch.eye(hidden, dtype=torch.float64, device=q.device)
-            else:
-                values, q_next = cov.eigh()
-                outcome.spectra.append(values)
-                q_next = q_next[:, :dim]
-            shortcut = (q.T @ q_next).to(dtype)
-            layer.register_parameter(branch.shortcut, nn.Parameter(shortcut))
-            for name in branch.outputs:
-                _rotate_rows(get_path(layer, name), q_next)
-            q_next_t = q_next.to(dtype)
-            z = [x @ q_next_t for x in full]
-            del full
-            q = q_next
-            bar.update()
-    bar.close()
+                last = li == n_layers - 1 and bi == n_branches - 1
+                if last and not slice_head:
+                    q_next = torch.eye(hidden, dtype=torch.float64, device=q.device)
+                else:
+                    values, q_next = cov.eigh()
+                    outcome.spectra.append(values)
+                    q_next = q_next[:, :dim]
+                shortcut = (q.T @ q_next).to(dtype)
+                layer.register_parameter(branch.shortcut, nn.Parameter(shortcut))
+                for name in branch.outputs:
+                    rotate_rows(get_path(layer, name), q_next)
+                q_next_t = q_next.to(dtype)
+                z = [x @ q_next_t for x in full]
+                del full
+                q = q_next
+                bar.update()
 
     final_dim = q.shape[1]
     eps = _resize_norm(get_path(model, adapter.final_norm), adapter, final_dim, hidden)
     if eps is not None:
         outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
-    _rotate_columns(get_path(model, adapter.head), q)
+    rotate_columns(get_path(model, adapter.head), q)
     attach_structure(model, structure)
     model.slicegpt_structure = {"structure": structure, "module_attributes": outcome.module_attributes}
     return outcome

@@ -1,0 +1,99 @@
+"""Benchmark: slice the embedded default model at several sparsities and print a table.
+
+For each sparsity: dense and sliced perplexity, parameter counts (skip matrices included),
+slicing wall time, peak memory during slicing; against the floor, one dense forward pass
+(logits included) over the same calibration tokens. Every configuration runs in a fresh
+process, so its peak RSS is its own.
+
+    .venv/bin/python bench/slice_default.py                # 32 x 1024 calibration, 10/20/25/30%
+    .venv/bin/python bench/slice_default.py --samples 8 --seqlen 256 --sparsities 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _windows(tokenizer, args, role):
+    from slicegpt.data import calibration_windows, evaluation_windows, load_text, tokenize
+
+    ids = tokenize(tokenizer, load_text(args.data, role))
+    if role == "calibration":
+        return calibration_windows(ids, args.samples, args.seqlen, args.seed)
+    return evaluation_windows(ids, args.eval_seqlen, args.eval_samples)
+
+
+def child(args) -> dict:
+    """One configuration in this process: 'dense' (floor + dense perplexity) or a sparsity."""
+    import slicegpt
+    from slicegpt.measure import measure
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    loaded = slicegpt.load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    calibration = _windows(tokenizer, args, "calibration")
+    if args.child == "dense":
+        with measure() as m, torch.no_grad():
+            for ids, mask in calibration.batches(args.batch_size):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        ppl = slicegpt.perplexity(model, _windows(tokenizer, args, "evaluation"), progress=False)
+        return {"floor_seconds": m.seconds, "floor_peak_bytes": m.peak_bytes, "perplexity": ppl,
+                "parameters": slicegpt.count_parameters(model)}
+    with measure() as m:
+        model, config = slicegpt.slice_model(model, tokenizer, calibration, float(args.child),
+                                             batch_size=args.batch_size, progress=False)
+    ppl = slicegpt.perplexity(model, _windows(tokenizer, args, "evaluation"), progress=False)
+    return {"sparsity": float(args.child), "seconds": m.seconds, "peak_bytes": m.peak_bytes, "perplexity": ppl,
+            "parameters": config.parameters_sliced, "hidden": config.sliced_hidden_size}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-seqlen", type=int, default=1024)
+    p.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    def run(which: str) -> dict:
+        cmd = [sys.executable, __file__, "--child", which] + [a for a in sys.argv[1:]]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    started = time.time()
+    dense = run("dense")
+    rows = [run(s) for s in args.sparsities.split(",")]
+    gib = 2**30
+    print(f"model {args.model}; calibration {args.samples} x {args.seqlen} tokens of {args.data}; perplexity on "
+          f"{args.eval_samples} x {args.eval_seqlen} held-out tokens; torch threads {torch.get_num_threads()}")
+    print(f"floor (one dense forward over the calibration tokens): {dense['floor_seconds']:.1f} s, "
+          f"peak {dense['floor_peak_bytes'] / gib:.2f} GiB\n")
+    print("| sparsity | d' | ppl dense | ppl sliced | params dense | params sliced | ratio | slicing s | x floor | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['sparsity']:.0%} | {r['hidden']} | {dense['perplexity']:.2f} | {r['perplexity']:.2f} | "
+              f"{dense['parameters'] / 1e6:.1f}M | {r['parameters'] / 1e6:.1f}M | "
+              f"{r['parameters'] / dense['parameters']:.3f} | {r['seconds']:.1f} | "
+              f"{r['seconds'] / dense['floor_seconds']:.2f} | {r['peak_bytes'] / gib:.2f} |")
+    print(f"\n(total {time.time() - started:.0f} s)")
+    print(json.dumps({"dense": dense, "sliced": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The CLI as a user runs it: real subprocesses, one-line errors, JSON figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA, make_model
+
+TEXT_FILE = str(DATA / "tempest_excerpt.txt")
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "slicegpt", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600)
+
+
+def assert_one_line_error(result, pattern):
+    import re
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    # progress bars may precede it; the error is exactly one line, and the last one
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("slicegpt: error: "), result.stderr
+    assert sum("error" in line.lower() for line in lines) == 1, result.stderr
+    assert re.search(pattern, lines[-1]), lines[-1]
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("slice", "eval", "generate"):
+        assert command in result.stdout
+
+
+def test_slice_eval_generate_on_a_local_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "sliced"
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8",
+                 "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["sliced_hidden_size"] == 48 and figures["hidden_size"] == 64
+    assert figures["parameters_sliced"] > 0 and figures["parameters_dense"] > 0
+    for key in ("perplexity_dense", "perplexity_sliced", "slicing_seconds", "peak_memory_bytes"):
+        assert figures[key] > 0
+    assert (out / "model.safetensors").is_file()
+    assert "perplexity" in result.stdout and "parameters" in result.stdout
+
+    result = run("eval", out, "--data", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert evaluated["sliced"] is True and evaluated["parameters"] == figures["parameters_sliced"]
+
+    result = run("generate", out, "Full fathom five", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Full fathom five")
+
+    again = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--out", out)
+    assert_one_line_error(again, "already exists.*--force")
+
+
+@pytest.mark.parametrize("sparsity", ["1.0", "-0.2", "1.5"])
+def test_sparsity_out_of_range(tiny_model_dir, tmp_path, sparsity):
+    result = run("slice", tiny_model_dir, "--sparsity", sparsity, "--out", tmp_path / "o")
+    assert_one_line_error(result, r"sparsity must be in \[0, 1\)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(run("eval", tmp_path / "nope"), "not found")
+    assert_one_line_error(run("eval", "./nope.gguf"), "not found")
+
+
+def test_unreachable_hub_id_names_the_fix(tmp_path):
+    result = run("eval", "someone/some-model", env={"HF_HOME": str(tmp_path)})
+    assert_one_line_error(result, "cannot download 'someone/some-model'.*local model directory or .gguf")
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    result = run("slice", tmp_path, "--sparsity", "0.25", "--out", tmp_path / "o")
+    assert_one_line_error(result, "unsupported model type 'gpt2'; supported model types: llama, mistral")
+
+
+def test_encoder_model_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=50)).save_pretrained(tmp_path)
+    assert_one_line_error(run("eval", tmp_path), "encoder")
+
+
+def test_calibration_text_too_short(tiny_model_dir, tmp_path):
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "5000",
+                 "--seqlen", "64", "--out", tmp_path / "o")
+    assert_one_line_error(result, "calibration text too short.*5000 samples")
+
+
+def test_missing_data_file(tiny_model_dir, tmp_path):
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", tmp_path / "none.txt",
+                 "--out", tmp_path / "o")
+    assert_one_line_error(result, "data file not found")
+
+
+def test_nan_in_activations(tmp_path, tokenizer):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.fill_(float("inf"))
+    model.save_pretrained(tmp_path / "bad")
+    tokenizer.save_pretrained(tmp_path / "bad")
+    result = run("slice", tmp_path / "bad", "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "4",
+                 "--seqlen", "64", "--no-eval", "--out", tmp_path / "o")
+    assert_one_line_error(result, "non-finite values .*layer 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_argument_is_one_line():
+    result = run("slice", "--sparsity", "lots", "--out", "x")
+    assert_one_line_error(result, "invalid float value")
