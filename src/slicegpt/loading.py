@@ -112,7 +112,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    # Read weights into ordinary memory: slicing replaces every weight, and a memory-mapped
+    # file would stay resident until its last original tensor is gone (old + new at once).
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, disable_mmap=True, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model, tokenizer
 
