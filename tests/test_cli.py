@@ -124,3 +124,15 @@ def test_nan_in_activations(tmp_path, tokenizer):
 def test_bad_argument_is_one_line():
     result = run("slice", "--sparsity", "lots", "--out", "x")
     assert_one_line_error(result, "invalid float value")
+
+
+def test_eval_works_on_dense_models_of_any_causal_family(tmp_path, tokenizer):
+    """Only slicing needs an adapter; perplexity of a dense GPT-2 is a fair baseline to ask for."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, bos_token_id=1,
+                               eos_token_id=2)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    result = run("eval", tmp_path, "--data", TEXT_FILE, "--samples", "2", "--seqlen", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["perplexity"] > 1

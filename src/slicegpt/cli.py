@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slicegpt.adapters import supported_model_types
+from slicegpt.adapters import get_adapter, supported_model_types
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import DEFAULT_MODEL, load_model
@@ -68,6 +68,7 @@ def cmd_slice(args) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.sliced is not None:
         raise SliceGPTError(f"{args.model} is already a sliced model; slice the dense model instead")
+    get_adapter(model.config)  # an unsupported family fails before the slow dense evaluation
 
     eval_source = args.eval_data or args.calibration
     if eval_source == args.calibration and Path(str(eval_source)).is_file():

@@ -159,10 +159,11 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             from slicegpt.io import load
 
             return load(path, dtype=dtype, device=device)
-        from slicegpt.adapters import get_adapter
         from transformers import AutoConfig
 
-        get_adapter(AutoConfig.from_pretrained(path))
+        from slicegpt.adapters import require_decoder
+
+        require_decoder(AutoConfig.from_pretrained(path))
         try:
             model, tokenizer = _from_pretrained(str(path), torch_dtype)
         except (OSError, ValueError) as e:
@@ -177,10 +178,10 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
 def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
     from transformers import AutoConfig
 
-    from slicegpt.adapters import get_adapter
+    from slicegpt.adapters import require_decoder
 
     try:  # already in the Hugging Face cache: no network needed
-        get_adapter(AutoConfig.from_pretrained(repo_id, local_files_only=True))
+        require_decoder(AutoConfig.from_pretrained(repo_id, local_files_only=True))
         model, tokenizer = _from_pretrained(repo_id, dtype, local_files_only=True)
         return LoadedModel(model.to(device).eval(), tokenizer, repo_id)
     except OSError:
@@ -192,7 +193,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel
             "(or `default` for the embedded SmolLM2)"
         )
     try:
-        get_adapter(AutoConfig.from_pretrained(repo_id))
+        require_decoder(AutoConfig.from_pretrained(repo_id))
         model, tokenizer = _from_pretrained(repo_id, dtype)
     except OSError as e:
         raise SliceGPTError(f"cannot load '{repo_id}' from the Hugging Face hub: {str(e).splitlines()[0]}") from None

@@ -18,21 +18,27 @@ def supported_model_types() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
 
 
+def require_decoder(config) -> None:
+    """Refuse encoder and encoder-decoder models: they have no causal LM to slice or evaluate."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in _ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+        raise SliceGPTError(
+            f"model type '{model_type}' is an encoder or encoder-decoder model; SliceGPT slices "
+            f"decoder-only causal language models (supported: {', '.join(supported_model_types())})"
+        )
+
+
 def get_adapter(config) -> ModelAdapter:
     """Return the adapter for `config.model_type`, or raise a one-line SliceGPTError."""
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    if model_type in _ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
-        raise SliceGPTError(
-            f"model type '{model_type}' is an encoder or encoder-decoder model; SliceGPT slices "
-            f"decoder-only causal language models (supported: {', '.join(supported_model_types())})"
-        )
+    require_decoder(config)
     raise SliceGPTError(
         f"unsupported model type '{model_type}'; supported model types: "
         f"{', '.join(supported_model_types())}"
     )
 
 
-__all__ = ["ADAPTERS", "Branch", "ModelAdapter", "get_adapter", "supported_model_types"]
+__all__ = ["ADAPTERS", "Branch", "ModelAdapter", "get_adapter", "require_decoder", "supported_model_types"]
