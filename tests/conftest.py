@@ -18,8 +18,12 @@ def exact_rmsnorm_forward(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def exact_gemma_rmsnorm_forward(self, x):
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
+
+
 def _configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -28,6 +32,8 @@ def _configs():
         "mistral": lambda: MistralConfig(**common, sliding_window=None),
         "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),
         "qwen3": lambda: Qwen3Config(**common, head_dim=16),
+        "phi3": lambda: Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gemma": lambda: GemmaConfig(**common, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     }
 
 
@@ -46,7 +52,7 @@ def make_model(model_type: str, dtype=torch.float32, seed: int = 0):
     model = AutoModelForCausalLM.from_config(make_config(model_type)).to(dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name:  # gemma stores w for x * (1 + w): random either way
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
@@ -56,14 +62,18 @@ def make_model(model_type: str, dtype=torch.float32, seed: int = 0):
 @pytest.fixture
 def exact_norms(monkeypatch):
     """Patch every RMSNorm class of the test families to compute in the input dtype."""
+    from transformers.models.gemma import modeling_gemma
     from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
     from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
     from transformers.models.qwen3 import modeling_qwen3
 
     for module, name in [(modeling_llama, "LlamaRMSNorm"), (modeling_mistral, "MistralRMSNorm"),
-                         (modeling_qwen2, "Qwen2RMSNorm"), (modeling_qwen3, "Qwen3RMSNorm")]:
+                         (modeling_qwen2, "Qwen2RMSNorm"), (modeling_qwen3, "Qwen3RMSNorm"),
+                         (modeling_phi3, "Phi3RMSNorm")]:
         monkeypatch.setattr(getattr(module, name), "forward", exact_rmsnorm_forward)
+    monkeypatch.setattr(modeling_gemma.GemmaRMSNorm, "forward", exact_gemma_rmsnorm_forward)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from slicegpt.adapters.base import Branch, ModelAdapter
+from slicegpt.adapters.gemma import ADAPTER as GEMMA
 from slicegpt.adapters.llama import ADAPTER as LLAMA
+from slicegpt.adapters.phi3 import ADAPTER as PHI3
 from slicegpt.errors import SliceGPTError
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA,)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, PHI3, GEMMA)
 
 # Families whose models have no causal decoder stack for SliceGPT to act on.
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",

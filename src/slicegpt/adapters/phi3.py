@@ -1,0 +1,23 @@
+"""Phi-3: Llama layout with fused projections.
+
+`qkv_proj` and `gate_up_proj` read the residual as one matrix each, so rotating their
+columns is the same operation as for separate q/k/v or gate/up linears. The residual
+dropouts are identity at inference (and `resid_pdrop` is 0 in released configs).
+"""
+
+from slicegpt.adapters.base import Branch, ModelAdapter
+
+ADAPTER = ModelAdapter(
+    family="phi3",
+    model_types=("phi3",),
+    layers="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    head="lm_head",
+    branches=(
+        Branch(name="attn", kind="attention", norm="input_layernorm", module="self_attn",
+               inputs=("self_attn.qkv_proj",), outputs=("self_attn.o_proj",)),
+        Branch(name="mlp", kind="mlp", norm="post_attention_layernorm", module="mlp",
+               inputs=("mlp.gate_up_proj",), outputs=("mlp.down_proj",)),
+    ),
+)
