@@ -130,3 +130,20 @@ def test_load_model_dispatches_sliced_directories(saved):
     loaded = slicegpt.load_model(out)
     assert loaded.sliced is not None
     assert torch.equal(loaded.model(IDS).logits, model(IDS).logits)
+
+
+def test_weights_from_another_model_are_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    from slicegpt.sliced_modeling import CheckpointError, load_sliced_model
+
+    _, out = saved
+    state = load_file(out / "model.safetensors")
+    state["model.nonexistent.weight"] = torch.zeros(2)
+    save_file(state, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor model.nonexistent.weight"):
+        load_sliced_model(out)
+    del state["model.nonexistent.weight"], state["model.layers.0.attn_shortcut"]
+    save_file(state, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        load_sliced_model(out)

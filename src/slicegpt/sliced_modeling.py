@@ -176,19 +176,25 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
         raise CheckpointError(f"{weights} is corrupted or truncated: {e}") from None
 
     expected = dict(model.named_parameters(remove_duplicate=False))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, tensor in state.items():
         prefix, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(prefix) if prefix else model
+        try:
+            owner = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            raise CheckpointError(f"{weights} does not match its config: unexpected tensor {name}") from None
         current = getattr(owner, leaf, None)
         if current is None or tuple(current.shape) != tuple(tensor.shape) or name not in expected:
             set_parameter(owner, leaf, tensor)
         else:
             current.data = tensor
-    missing = [n for n in dict(model.named_parameters()) if n not in state]
-    if tied:
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-        missing = [n for n in dict(model.named_parameters()) if n not in state]
+    missing = [n for n in dict(model.named_parameters()) if n not in state]
+    layers_path = meta["structure"]["layers"]
+    for i, layer in enumerate(get_path(model, layers_path)):  # skip matrices exist only in the file
+        for branch in layer.slicegpt_branches:
+            if branch.get("shortcut") and getattr(layer, branch["shortcut"], None) is None:
+                missing.append(f"{layers_path}.{i}.{branch['shortcut']}")
     if missing:
         raise CheckpointError(f"{weights} is incomplete: missing tensors {missing[:3]}")
     set_module_attributes(model, meta.get("module_attributes", {}))
