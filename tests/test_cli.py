@@ -85,7 +85,7 @@ def test_unknown_architecture_lists_supported(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
     result = run("slice", tmp_path, "--sparsity", "0.25", "--out", tmp_path / "o")
-    assert_one_line_error(result, "unsupported model type 'gpt2'; supported model types: llama, mistral")
+    assert_one_line_error(result, "unsupported model type 'gpt2'; supported model types: .*llama.*mistral.*qwen3")
 
 
 def test_encoder_model_is_refused(tmp_path):
