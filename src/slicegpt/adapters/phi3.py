@@ -5,15 +5,15 @@ columns is the same operation as for separate q/k/v or gate/up linears. The resi
 dropouts are identity at inference (and `resid_pdrop` is 0 in released configs).
 """
 
-from slicegpt.adapters.base import Branch, ModelAdapter
+from dataclasses import replace
 
-ADAPTER = ModelAdapter(
+from slicegpt.adapters.base import Branch
+from slicegpt.adapters.llama import ADAPTER as LLAMA
+
+ADAPTER = replace(
+    LLAMA,
     family="phi3",
     model_types=("phi3",),
-    layers="model.layers",
-    embeddings=("model.embed_tokens",),
-    final_norm="model.norm",
-    head="lm_head",
     branches=(
         Branch(name="attn", kind="attention", norm="input_layernorm", module="self_attn",
                inputs=("self_attn.qkv_proj",), outputs=("self_attn.o_proj",)),
