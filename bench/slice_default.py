@@ -20,13 +20,11 @@ import time
 import torch
 
 
-def _windows(tokenizer, args, role):
-    from slicegpt.data import calibration_windows, evaluation_windows, load_text, tokenize
+def _evaluation(tokenizer, args):
+    import slicegpt
 
-    ids = tokenize(tokenizer, load_text(args.data, role))
-    if role == "calibration":
-        return calibration_windows(ids, args.samples, args.seqlen, args.seed)
-    return evaluation_windows(ids, args.eval_seqlen, args.eval_samples)
+    ids = slicegpt.tokenize(tokenizer, slicegpt.load_text(args.data, "evaluation"))
+    return slicegpt.evaluation_windows(ids, args.eval_seqlen, args.eval_samples)
 
 
 def child(args) -> dict:
@@ -37,18 +35,18 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     loaded = slicegpt.load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    calibration = _windows(tokenizer, args, "calibration")
+    calibration = slicegpt.calibration_data(tokenizer, args.data, args.samples, args.seqlen, args.seed)
     if args.child == "dense":
         with measure() as m, torch.no_grad():
             for ids, mask in calibration.batches(args.batch_size):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-        ppl = slicegpt.perplexity(model, _windows(tokenizer, args, "evaluation"), progress=False)
+        ppl = slicegpt.perplexity(model, _evaluation(tokenizer, args), progress=False)
         return {"floor_seconds": m.seconds, "floor_peak_bytes": m.peak_bytes, "perplexity": ppl,
                 "parameters": slicegpt.count_parameters(model)}
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, float(args.child),
                                              batch_size=args.batch_size, progress=False)
-    ppl = slicegpt.perplexity(model, _windows(tokenizer, args, "evaluation"), progress=False)
+    ppl = slicegpt.perplexity(model, _evaluation(tokenizer, args), progress=False)
     return {"sparsity": float(args.child), "seconds": m.seconds, "peak_bytes": m.peak_bytes, "perplexity": ppl,
             "parameters": config.parameters_sliced, "hidden": config.sliced_hidden_size}
 

@@ -43,9 +43,7 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> None:
             gain = _unit_norm(get_path(layer, branch.norm), adapter)
             for name in branch.inputs:
                 scale_columns(get_path(layer, name), gain)
-    final = get_path(model, adapter.final_norm)
-    gain = final.weight.data.to(torch.float64) + adapter.norm_offset
-    if not torch.all(gain == 1.0):
+    gain = _unit_norm(get_path(model, adapter.final_norm), adapter)
+    if not torch.all(gain == 1.0):  # a unit gain needs no folding, so the head may stay tied
         untie_head(model, adapter)
-        _unit_norm(final, adapter)
         scale_columns(get_path(model, adapter.head), gain)
