@@ -23,17 +23,39 @@ def exact_gemma_rmsnorm_forward(self, x):
 
 
 def _configs():
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    import transformers as t
 
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    small = dict(vocab_size=300, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+    # sliding windows shorter than the test sequences, so per-layer masks really differ
+    gemma = dict(**common, head_dim=16, **special, sliding_window=8)
     return {
-        "llama": lambda: LlamaConfig(**common, tie_word_embeddings=True),
-        "mistral": lambda: MistralConfig(**common, sliding_window=None),
-        "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),
-        "qwen3": lambda: Qwen3Config(**common, head_dim=16),
-        "phi3": lambda: Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "gemma": lambda: GemmaConfig(**common, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "llama": lambda: t.LlamaConfig(**common, tie_word_embeddings=True),
+        "mistral": lambda: t.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: t.Qwen2Config(**common, tie_word_embeddings=False),
+        "qwen3": lambda: t.Qwen3Config(**common, head_dim=16),
+        "phi3": lambda: t.Phi3Config(**common, **special),
+        "gemma": lambda: t.GemmaConfig(**common, head_dim=16, **special),
+        "gemma2": lambda: t.Gemma2Config(**gemma),
+        "gemma3_text": lambda: t.Gemma3TextConfig(
+            **gemma, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "opt": lambda: t.OPTConfig(**small, hidden_size=64, ffn_dim=96, word_embed_proj_dim=64, **special),
+        "opt_project": lambda: t.OPTConfig(**small, hidden_size=64, ffn_dim=96, word_embed_proj_dim=48, **special),
+        "phi": lambda: t.PhiConfig(**small, hidden_size=64, intermediate_size=96, partial_rotary_factor=0.5,
+                                   **special),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**small, hidden_size=64, intermediate_size=96, rotary_pct=0.25,
+                                            use_parallel_residual=True, **special),
+        "gpt_neox_sequential": lambda: t.GPTNeoXConfig(**small, hidden_size=64, intermediate_size=96,
+                                                       use_parallel_residual=False, **special),
+        "gpt2": lambda: t.GPT2Config(vocab_size=300, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                                     n_inner=96, bos_token_id=1, eos_token_id=2),
+        "mixtral": lambda: t.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=64,
+                                              mlp_only_layers=[1]),
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(**common, **moe, head_dim=16),
     }
 
 
@@ -50,30 +72,47 @@ def make_model(model_type: str, dtype=torch.float32, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(model_type)).to(dtype).eval()
+    if dtype == torch.float64 and "moe" in model_type or model_type == "mixtral":
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:  # gemma stores w for x * (1 + w): random either way
+            if "norm" in name or ".ln_" in name:  # gemma stores w for x * (1 + w): random either way
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model
 
 
+def exact_router_forward(self, hidden_states):
+    """MoE top-k routing without the float32 softmax (same choices, float64 weights)."""
+    hidden_states = hidden_states.reshape(-1, self.weight.shape[1])
+    logits = torch.nn.functional.linear(hidden_states, self.weight)
+    probs = torch.softmax(logits, dim=-1)
+    top, index = torch.topk(probs, self.top_k, dim=-1)
+    if getattr(self, "norm_topk_prob", True):
+        top = top / top.sum(dim=-1, keepdim=True)
+    return logits, top.to(hidden_states.dtype), index
+
+
 @pytest.fixture
 def exact_norms(monkeypatch):
-    """Patch every RMSNorm class of the test families to compute in the input dtype."""
-    from transformers.models.gemma import modeling_gemma
-    from transformers.models.llama import modeling_llama
-    from transformers.models.phi3 import modeling_phi3
-    from transformers.models.mistral import modeling_mistral
-    from transformers.models.qwen2 import modeling_qwen2
-    from transformers.models.qwen3 import modeling_qwen3
+    """Patch RMSNorms (and MoE routers) of the test families to compute in the input dtype.
 
-    for module, name in [(modeling_llama, "LlamaRMSNorm"), (modeling_mistral, "MistralRMSNorm"),
-                         (modeling_qwen2, "Qwen2RMSNorm"), (modeling_qwen3, "Qwen3RMSNorm"),
-                         (modeling_phi3, "Phi3RMSNorm")]:
-        monkeypatch.setattr(getattr(module, name), "forward", exact_rmsnorm_forward)
-    monkeypatch.setattr(modeling_gemma.GemmaRMSNorm, "forward", exact_gemma_rmsnorm_forward)
+    transformers deliberately rounds norms and router softmaxes through float32; the
+    float64 equivalence checks need every step in float64 to reach 1e-8.
+    """
+    import importlib
+
+    gemma_style = {"gemma", "gemma2", "gemma3"}
+    for family in ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "mixtral",
+                   "qwen2_moe", "qwen3_moe"]:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        for name, cls in vars(module).items():
+            if isinstance(cls, type) and name.endswith("RMSNorm"):
+                forward = exact_gemma_rmsnorm_forward if family in gemma_style else exact_rmsnorm_forward
+                monkeypatch.setattr(cls, "forward", forward)
+            elif isinstance(cls, type) and name.endswith("TopKRouter"):
+                monkeypatch.setattr(cls, "forward", exact_router_forward)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slicegpt.adapters import get_adapter
+from slicegpt.sliced_modeling import get_path
 from slicegpt.config import SlicingConfig
 from slicegpt.data import DEFAULT_DATA, Windows, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
@@ -42,7 +43,8 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     if getattr(model, "slicegpt_structure", None) is not None:
         raise SliceGPTError("this model is already sliced; slice the dense model instead")
     adapter = get_adapter(model.config)
-    hidden = model.get_input_embeddings().weight.shape[1]
+    hidden = get_path(model, adapter.embeddings[0]).weight.shape[1]  # the residual width
+    slice_head = slice_head or adapter.slice_head_required
     dim = sliced_dim(hidden, sparsity, round_to)
 
     calibration_info: dict = {}

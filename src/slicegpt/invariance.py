@@ -1,8 +1,13 @@
 """Computational invariance: make every norm a scale-free RMSNorm so Q can be inserted.
 
 After `fuse_norms`, RMSNorm(x Q) Q^T = RMSNorm(x) for every orthogonal Q, because all the
-per-coordinate gains that would break that identity now live in the linears that read
-the norms' outputs.
+per-coordinate gains (and LayerNorm biases) that would break that identity now live in the
+linears that read the norms' outputs.
+
+LayerNorm families first get a zero-mean residual stream: every vector written into it
+(embedding rows, branch outputs) has its mean removed, which a LayerNorm would subtract
+anyway. On a zero-mean stream LayerNorm *is* RMSNorm (with a gain and a bias), so the
+LayerNorm modules are swapped for `RMSNorm` ones once their gain and bias are folded.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ import torch
 from torch import nn
 
 from slicegpt.adapters import ModelAdapter
-from slicegpt.sliced_modeling import get_path, set_parameter
-from slicegpt.weights import scale_columns
+from slicegpt.sliced_modeling import get_path, set_parameter, use_rms_norms
+from slicegpt.weights import Target, add_input_bias, center_embedding, center_output, resolve, resolve_all, scale_input
 
 
 def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
@@ -27,23 +32,54 @@ def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
     return True
 
 
-def _unit_norm(norm: nn.Module, adapter: ModelAdapter) -> torch.Tensor:
-    """Return the norm's effective gain and reset the norm to gain 1."""
-    gain = norm.weight.data.to(torch.float64) + adapter.norm_offset
-    norm.weight.data.fill_(1.0 - adapter.norm_offset)
+def center_writers(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Remove the mean of everything written into the residual stream."""
+    for path in adapter.embeddings:
+        center_embedding(resolve(model, path))
+    for path in adapter.entry_writers:
+        center_output(resolve(model, path))
+    for layer in get_path(model, adapter.layers):
+        for branch in adapter.branches:
+            if branch.post_norm:
+                raise NotImplementedError("a LayerNorm model with branch-output norms is not supported")
+            for target in resolve_all(layer, branch.outputs):
+                center_output(target)
+
+
+def _fold_norm(norm: nn.Module, readers: list[Target], adapter: ModelAdapter) -> torch.Tensor:
+    """Fold a norm's gain (and LayerNorm bias) into its readers; return the gain folded."""
+    weight = getattr(norm, "weight", None)
+    hidden = _norm_size(norm)
+    gain = (torch.ones(hidden, dtype=torch.float64) if weight is None
+            else weight.data.to(torch.float64) + adapter.norm_offset)
+    bias = getattr(norm, "bias", None) if adapter.norm_kind == "layernorm" else None
+    for target in readers:
+        if bias is not None and torch.any(bias != 0):
+            add_input_bias(target, bias.data.to(torch.float64))  # uses W before it is scaled
+        scale_input(target, gain)
+    if weight is not None and adapter.norm_kind == "rmsnorm":
+        weight.data.fill_(1.0 - adapter.norm_offset)
     return gain
+
+
+def _norm_size(norm: nn.Module) -> int:
+    shape = getattr(norm, "normalized_shape", None)
+    return int(shape[-1]) if shape else norm.weight.shape[-1]
 
 
 def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> None:
     """Fold every norm gain into the linears that read the normalised signal."""
-    if adapter.norm_kind != "rmsnorm":
-        raise NotImplementedError(f"norm kind {adapter.norm_kind} is not supported yet")
+    if adapter.norm_kind == "layernorm":
+        untie_head(model, adapter)  # the embeddings change below; the head must not follow them
+        center_writers(model, adapter)
     for layer in get_path(model, adapter.layers):
-        for branch in adapter.branches:
-            gain = _unit_norm(get_path(layer, branch.norm), adapter)
-            for name in branch.inputs:
-                scale_columns(get_path(layer, name), gain)
-    gain = _unit_norm(get_path(model, adapter.final_norm), adapter)
-    if not torch.all(gain == 1.0):  # a unit gain needs no folding, so the head may stay tied
+        for norm_name in adapter.norm_names():  # a shared norm (Phi-2) folds into all its readers
+            readers = [t for b in adapter.branches if b.norm == norm_name for t in resolve_all(layer, b.inputs)]
+            _fold_norm(get_path(layer, norm_name), readers, adapter)
+    final = get_path(model, adapter.final_norm)
+    needs_fold = adapter.norm_kind == "layernorm" or not torch.all(final.weight.data + adapter.norm_offset == 1.0)
+    if needs_fold:  # a unit gain needs no folding, so the head may stay tied
         untie_head(model, adapter)
-        scale_columns(get_path(model, adapter.head), gain)
+        _fold_norm(final, [resolve(model, adapter.head)], adapter)
+    if adapter.norm_kind == "layernorm":
+        use_rms_norms(model, adapter.structure())

@@ -18,6 +18,7 @@ those of the original layer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from functools import lru_cache
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parallel branches, RMSNorm swaps, post-norm output rotations
 CONFIG_KEY = "slicegpt"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -45,35 +46,101 @@ def get_path(root: nn.Module, path: str) -> Any:
 class SlicedLayerMixin:
     """Generic decoder-layer forward driven by a structure description (see adapters).
 
-    ``slicegpt_branches`` is a tuple of dicts: norm, module, kind, post_norm, shortcut.
+    ``slicegpt_steps`` is a tuple of (shortcut name, branches): the branches of one step
+    read the same stream and their outputs are summed (one branch unless parallel).
     """
 
     slicegpt_branches: tuple = ()
+    slicegpt_steps: tuple = ()
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise TypeError("sliced decoder layers take every argument but hidden_states by keyword")
+        if args:  # GPT-2 passes the cache and mask positionally
+            kwargs = layer_arguments(type(self), args, kwargs)
         x = hidden_states
-        for branch in self.slicegpt_branches:
-            h = run_branch(self, branch, x, kwargs)
-            shortcut = getattr(self, branch["shortcut"], None)
-            x = (x if shortcut is None else x @ shortcut) + h
+        for shortcut, branches in self.slicegpt_steps:
+            normed: dict[str, torch.Tensor] = {}
+            h = None
+            for branch in branches:
+                out = run_branch(self, branch, x, kwargs, normed)
+                h = out if h is None else h + out
+            skip = getattr(self, shortcut, None)
+            x = (x if skip is None else x @ skip) + h
         return x
 
 
-def run_branch(layer: nn.Module, branch: dict, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """What one residual branch adds to the stream: post_norm(module(norm(x)))."""
-    h = get_path(layer, branch["norm"])(x)
-    module = get_path(layer, branch["module"])
+@lru_cache(maxsize=None)
+def _layer_parameters(cls: type) -> tuple[inspect.Parameter, ...]:
+    """Parameters after (self, hidden_states) of the family's own layer forward."""
+    for klass in cls.__mro__:
+        if not issubclass(klass, SlicedLayerMixin) and "forward" in vars(klass):
+            return tuple(inspect.signature(klass.forward).parameters.values())[2:]
+    return ()
+
+
+def layer_arguments(cls: type, args: tuple, kwargs: dict) -> dict:
+    """A decoder-layer call's arguments after hidden_states, all by keyword."""
+    named = {}
+    for param, value in zip(_layer_parameters(cls), args):
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            raise TypeError(f"{cls.__name__} got more positional arguments than it names")
+        named[param.name] = value
+    return {**named, **kwargs}
+
+
+def run_branch(layer: nn.Module, branch: dict, x: torch.Tensor, kwargs: dict,
+               normed: dict | None = None) -> torch.Tensor:
+    """What one residual branch adds to the stream: post_norm(module(norm(x))) [@ rotation]."""
+    if normed is not None and branch["norm"] in normed:  # parallel branches sharing one norm
+        h = normed[branch["norm"]]
+    else:
+        h = get_path(layer, branch["norm"])(x)
+        if normed is not None:
+            normed[branch["norm"]] = h
+    module = branch["module"]
     if branch["kind"] == "attention":
-        h = module(hidden_states=h, **kwargs)
+        h = get_path(layer, module)(hidden_states=h, **kwargs)
         if isinstance(h, tuple):
             h = h[0]
     else:
-        h = module(h)
+        for path in [module] if isinstance(module, str) else module:
+            h = get_path(layer, path)(h)
     if branch.get("post_norm"):
         h = get_path(layer, branch["post_norm"])(h)
+        rotation = getattr(layer, branch["out_rotation"], None) if branch.get("out_rotation") else None
+        if rotation is not None:  # a norm on the branch output runs at full width, then rotate and slice
+            h = h @ rotation
     return h
+
+
+class RMSNorm(nn.Module):
+    """The scale-free RMSNorm a LayerNorm becomes once the residual stream is zero-mean."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def use_rms_norms(model: nn.Module, structure: dict) -> None:
+    """Replace the LayerNorms named by the structure with RMSNorm modules of the same size."""
+    spec = structure.get("rms_norms")
+    if not spec:
+        return
+    n_layers = len(get_path(model, structure["layers"]))
+    paths = [f"{structure['layers']}.{i}.{name}" for i in range(n_layers) for name in spec["layer"]]
+    reference = next(model.parameters())
+    for path in paths + list(spec["model"]):
+        old = model.get_submodule(path)
+        if isinstance(old, RMSNorm):
+            continue
+        new = RMSNorm(old.normalized_shape[-1], old.eps).to(device=reference.device, dtype=reference.dtype)
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 @lru_cache(maxsize=None)
@@ -84,12 +151,24 @@ def sliced_layer_class(cls: type) -> type:
     return type(f"Sliced{cls.__name__}", (SlicedLayerMixin, cls), {})
 
 
+def layer_steps(branches: tuple[dict, ...]) -> tuple:
+    """(shortcut, branches) per residual step: a parallel branch joins the step before it."""
+    steps: list[tuple[str, list[dict]]] = []
+    for branch in branches:
+        if branch.get("parallel") and steps:
+            steps[-1][1].append(branch)
+        else:
+            steps.append((branch["shortcut"], [branch]))
+    return tuple((shortcut, tuple(group)) for shortcut, group in steps)
+
+
 def attach_structure(model: nn.Module, structure: dict) -> None:
     """Switch every decoder layer of `model` to the generic sliced forward."""
     branches = tuple(dict(b) for b in structure["branches"])
     for layer in get_path(model, structure["layers"]):
         layer.__class__ = sliced_layer_class(type(layer))
         layer.slicegpt_branches = branches
+        layer.slicegpt_steps = layer_steps(branches)
 
 
 def set_module_attributes(model: nn.Module, attributes: dict) -> None:
@@ -110,6 +189,8 @@ def set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module.num_embeddings, module.embedding_dim = tensor.shape
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = tuple(tensor.shape)
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 linear
+        module.nx, module.nf = tensor.shape
 
 
 def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
@@ -168,6 +249,7 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
     if config is None:
         config = AutoConfig.from_pretrained(directory)
     model = build_skeleton(config)
+    use_rms_norms(model, meta["structure"])
     attach_structure(model, meta["structure"])
     try:
         with safe_open(weights, framework="pt") as f:
@@ -192,9 +274,9 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
     missing = [n for n in dict(model.named_parameters()) if n not in state]
     layers_path = meta["structure"]["layers"]
     for i, layer in enumerate(get_path(model, layers_path)):  # skip matrices exist only in the file
-        for branch in layer.slicegpt_branches:
-            if branch.get("shortcut") and getattr(layer, branch["shortcut"], None) is None:
-                missing.append(f"{layers_path}.{i}.{branch['shortcut']}")
+        for shortcut, _ in layer.slicegpt_steps:
+            if getattr(layer, shortcut, None) is None:
+                missing.append(f"{layers_path}.{i}.{shortcut}")
     if missing:
         raise CheckpointError(f"{weights} is incomplete: missing tensors {missing[:3]}")
     set_module_attributes(model, meta.get("module_attributes", {}))

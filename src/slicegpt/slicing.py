@@ -1,13 +1,13 @@
 """Rotate and slice, layer by layer, in one pass over the calibration activations.
 
-For each residual branch i (attention, MLP, ...) the stream entering it is held sliced,
-``z_i = x_i Q_i[:, :k]``. The branch runs once with its input linears already rotated and
-its output linears still in the original basis, which gives the full-width signal after
-the branch, ``x_{i+1} = z_i Q_i[:, :k]^T + branch(z_i)``, exactly as the sliced model will
-see it. Its covariance gives Q_{i+1}; then the output linears are rotated, the skip gets
-``S_i = Q_i[:, :k]^T Q_{i+1}[:, :k]``, and ``z_{i+1} = x_{i+1} Q_{i+1}[:, :k]``. Each branch
-is evaluated once (the paper's code runs every block twice and keeps every activation);
-only one boundary's activations are held at a time.
+For each residual step i (attention, MLP, or parallel branches) the stream entering it is
+held sliced, ``z_i = x_i Q_i[:, :k]``. The step runs once on ``z_i Q_i[:, :k]^T`` through its
+still unrotated weights, which gives the full-width signal after it,
+``x_{i+1} = z_i Q_i^T + branch(z_i Q_i^T)``, exactly the function the sliced model computes
+(its norms act on k coordinates with constants rescaled to match). Its covariance gives
+Q_{i+1}; then inputs and outputs are rotated, the skip gets ``S_i = Q_i[:, :k]^T Q_{i+1}[:, :k]``,
+and ``z_{i+1} = x_{i+1} Q_{i+1}[:, :k]``. Each branch is evaluated once (the paper's code runs
+every block twice and keeps every activation); only one boundary's activations are held.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.adapters import ModelAdapter
+from slicegpt.adapters.base import Branch, branch_groups
 from slicegpt.errors import SliceGPTError
 from slicegpt.invariance import fuse_norms, untie_head
 from slicegpt.pca import Covariance
-from slicegpt.sliced_modeling import attach_structure, get_path, run_branch, set_parameter
-from slicegpt.weights import rotate_columns, rotate_rows
+from slicegpt.sliced_modeling import attach_structure, get_path, layer_arguments, run_branch, set_parameter
+from slicegpt.weights import Target, resolve, resolve_all, rotate_input, rotate_output
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
 
@@ -53,23 +54,32 @@ def sliced_dim(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]
-                         ) -> tuple[list[torch.Tensor], list[dict]]:
-    """Run the model up to its first decoder layer; return that layer's inputs per batch.
+                         ) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Run the model's own forward with every decoder layer stubbed out.
 
-    The keyword arguments (masks, rotary embeddings, position ids) are whatever the family's
-    own forward computes, so this works for any layout without knowing it.
+    Returns the first layer's input per batch and, per layer and batch, the keyword
+    arguments the family's forward gives that layer (masks, rotary embeddings, position
+    ids). They differ between layers in some families (Gemma 2/3 alternate sliding-window
+    and global attention), so each layer gets its own. The stubs pass the input through,
+    so nothing but the embeddings is computed.
     """
-    first = get_path(model, adapter.layers)[0]
+    layers = list(get_path(model, adapter.layers))
     inputs: list[torch.Tensor] = []
-    kwargs_list: list[dict] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden)
-        kwargs_list.append(dict(kwargs))
-        raise _StopForward
+    def stub(index: int):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw.pop("hidden_states")
+            if index == 0:
+                inputs.append(hidden)
+            kwargs[index].append(layer_arguments(type(layers[index]), args[1:], kw))
+            if index == len(layers) - 1:
+                raise _StopForward
+            return hidden
+        return forward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
     device = next(model.parameters()).device
     try:
         for input_ids, mask in batches:
@@ -78,8 +88,31 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return inputs, kwargs_list
+        for layer in layers:
+            del layer.forward
+    return inputs, kwargs
+
+
+def _targets(layer: nn.Module, branch: Branch, role: str) -> list[Target]:
+    targets = resolve_all(layer, getattr(branch, role))
+    if not targets:
+        raise SliceGPTError(f"branch '{branch.name}' of {type(layer).__name__} has none of its {role}")
+    return targets
+
+
+def _set_width(layer: nn.Module, path: str, dim: int) -> tuple[str, str] | None:
+    """Set a plain attribute holding the residual width (``mlp.gate.hidden_dim``); ``?`` = optional."""
+    owner_path, _, attr = path.rstrip("?").rpartition(".")
+    try:
+        owner = get_path(layer, owner_path)
+    except AttributeError:
+        owner = None
+    if owner is None or not hasattr(owner, attr):
+        if path.endswith("?"):
+            return None
+        raise SliceGPTError(f"{type(layer).__name__} has no attribute {path}")
+    setattr(owner, attr, dim)
+    return owner_path, attr
 
 
 def _check_finite(x: torch.Tensor, where: str) -> None:
@@ -113,13 +146,13 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
                      slice_head: bool = False, progress: bool = True) -> SliceOutcome:
     """Turn `model` (in place) into its sliced version with residual width `dim`."""
     outcome = SliceOutcome()
-    embeddings = [get_path(model, p) for p in adapter.embeddings]
-    hidden = embeddings[0].weight.shape[1]
+    embeddings = [resolve(model, p) for p in adapter.embeddings]
+    hidden = getattr(embeddings[0][0], embeddings[0][1]).shape[-1]
     fuse_norms(model, adapter)
     untie_head(model, adapter)  # embeddings and head end up in different bases
-    dtype = embeddings[0].weight.dtype
+    dtype = getattr(embeddings[0][0], embeddings[0][1]).dtype
 
-    inputs, kwargs_list = capture_layer_inputs(model, adapter, batches)
+    inputs, kwargs_per_layer = capture_layer_inputs(model, adapter, batches)
     masks = [mask.to(inputs[0].device) for _, mask in batches]
 
     cov = Covariance(hidden, inputs[0].device)
@@ -129,44 +162,65 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     values, q = cov.eigh()
     outcome.spectra.append(values)
     q = q[:, :dim]
-    for emb in embeddings:
-        rotate_columns(emb, q)
+    for target in embeddings:
+        rotate_input(target, q)
+    for path in adapter.entry_writers:
+        rotate_output(resolve(model, path), q)
     z = [x @ q.to(dtype) for x in inputs]
     del inputs
 
     structure = adapter.structure()
+    specs = {b["name"]: b for b in structure["branches"]}
+    groups = branch_groups(adapter.branches)
     layers = get_path(model, adapter.layers)
-    n_layers, n_branches = len(layers), len(adapter.branches)
-    with tqdm(total=n_layers * n_branches, desc="slicing", unit="branch", disable=not progress) as bar:
+    n_layers = len(layers)
+    with tqdm(total=n_layers * len(groups), desc="slicing", unit="step", disable=not progress) as bar:
         for li, layer in enumerate(layers):
-            for bi, (branch, spec) in enumerate(zip(adapter.branches, structure["branches"])):
-                eps = _resize_norm(get_path(layer, branch.norm), adapter, dim, hidden)
-                if eps is not None:
-                    path = f"{adapter.layers}.{li}.{branch.norm}"
-                    outcome.module_attributes[path] = {adapter.norm_eps_attr: eps}
-                for name in branch.inputs:
-                    rotate_columns(get_path(layer, name), q)
-
+            prefix = f"{adapter.layers}.{li}"
+            for gi, group in enumerate(groups):
+                # The branch runs on the stream as the sliced model will hold it, mapped back to
+                # full width (z Q^T), through the still unrotated weights: the same function as
+                # the rotated, sliced branch on z, and every kernel sees square shapes.
                 q_t = q.T.to(dtype)
                 cov = Covariance(hidden, q.device)
                 full = []
-                for zb, kwargs, m in zip(z, kwargs_list, masks):
-                    x = zb @ q_t + run_branch(layer, spec, zb, kwargs)
-                    _check_finite(x, f"of layer {li} ({branch.name})")
-                    cov.update(x, m)
-                    full.append(x)
+                for zb, kwargs, m in zip(z, kwargs_per_layer[li], masks):
+                    normed: dict = {}
+                    x = zb @ q_t
+                    h = x
+                    for branch in group:
+                        h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
+                    _check_finite(h, f"of layer {li} ({'+'.join(b.name for b in group)})")
+                    cov.update(h, m)
+                    full.append(h)
+                del x
 
-                last = li == n_layers - 1 and bi == n_branches - 1
+                for norm_name in dict.fromkeys(b.norm for b in group):
+                    eps = _resize_norm(get_path(layer, norm_name), adapter, dim, hidden)
+                    if eps is not None:
+                        outcome.module_attributes[f"{prefix}.{norm_name}"] = {adapter.norm_eps_attr: eps}
+                for branch in group:
+                    for target in _targets(layer, branch, "inputs"):
+                        rotate_input(target, q)
+                    for path in branch.width_attrs:
+                        changed = _set_width(layer, path, dim)
+                        if changed:
+                            outcome.module_attributes.setdefault(f"{prefix}.{changed[0]}", {})[changed[1]] = dim
+
+                last = li == n_layers - 1 and gi == len(groups) - 1
                 if last and not slice_head:
                     q_next = torch.eye(hidden, dtype=torch.float64, device=q.device)
                 else:
                     values, q_next = cov.eigh()
                     outcome.spectra.append(values)
                     q_next = q_next[:, :dim]
-                shortcut = (q.T @ q_next).to(dtype)
-                layer.register_parameter(branch.shortcut, nn.Parameter(shortcut))
-                for name in branch.outputs:
-                    rotate_rows(get_path(layer, name), q_next)
+                layer.register_parameter(group[0].shortcut, nn.Parameter((q.T @ q_next).to(dtype)))
+                for branch in group:
+                    if not branch.post_norm:
+                        for target in _targets(layer, branch, "outputs"):
+                            rotate_output(target, q_next)
+                    elif not (last and not slice_head):  # the normed output is rotated after the norm
+                        layer.register_parameter(branch.out_rotation, nn.Parameter(q_next.to(dtype)))
                 q_next_t = q_next.to(dtype)
                 z = [x @ q_next_t for x in full]
                 del full
@@ -177,7 +231,7 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     eps = _resize_norm(get_path(model, adapter.final_norm), adapter, final_dim, hidden)
     if eps is not None:
         outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
-    rotate_columns(get_path(model, adapter.head), q)
+    rotate_input(resolve(model, adapter.head), q)
     attach_structure(model, structure)
     model.slicegpt_structure = {"structure": structure, "module_attributes": outcome.module_attributes}
     return outcome

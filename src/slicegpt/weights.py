@@ -1,7 +1,10 @@
 """Weight transforms done in float64, a block of rows at a time.
 
+A *target* is (owner module, parameter name), resolved from an adapter path. Every weight
+is handled as ``[..., out, in]``: transformers' GPT-2 `Conv1D` stores ``[in, out]`` and is
+transposed on the way in and out; fused MoE experts are stacked ``[experts, out, in]``.
 Embedding and head matrices are vocab x d (49152 x 576 for SmolLM2): a whole float64 copy
-would add hundreds of MB to the peak memory for no gain in precision.
+would add hundreds of MB to the peak memory for no gain in precision, hence the blocks.
 """
 
 from __future__ import annotations
@@ -11,31 +14,105 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slicegpt.sliced_modeling import set_parameter
+from slicegpt.sliced_modeling import get_path, set_parameter
 
 ROWS_PER_BLOCK = 4096
+Target = tuple[nn.Module, str]
 
 
 def map_rows(w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """fn applied in float64 to each block of rows of `w`; result in `w`'s dtype."""
+    if w.dim() != 2:
+        return fn(w.to(torch.float64)).to(w.dtype)
     blocks = [fn(w[i:i + ROWS_PER_BLOCK].to(torch.float64)).to(w.dtype) for i in range(0, w.shape[0], ROWS_PER_BLOCK)]
     return torch.cat(blocks)
 
 
-def scale_columns(linear: nn.Module, gain: torch.Tensor) -> None:
-    """W diag(gain): folds a norm's gain into a linear that reads the norm's output."""
-    linear.weight.data = map_rows(linear.weight.data, lambda w: w * gain)
+def resolve(root: nn.Module, path: str) -> Target | None:
+    """The weight an adapter path names; None for an optional path (``name?``) a layer lacks."""
+    optional = path.endswith("?")
+    path = path.rstrip("?")
+    try:
+        obj = get_path(root, path)
+    except AttributeError:
+        if optional:
+            return None
+        raise
+    if obj is None and optional:
+        return None
+    if isinstance(obj, nn.Module):
+        return obj, "weight"
+    parent, _, leaf = path.rpartition(".")
+    return (get_path(root, parent) if parent else root), leaf
 
 
-def rotate_columns(linear: nn.Module, q: torch.Tensor) -> None:
-    """For a module reading the residual (linear, embedding table): W [n, d] -> W Q [n, k]."""
-    set_parameter(linear, "weight", map_rows(linear.weight.data, lambda w: w @ q))
+def resolve_all(root: nn.Module, paths: tuple[str, ...]) -> list[Target]:
+    return [t for t in (resolve(root, p) for p in paths) if t is not None]
 
 
-def rotate_rows(linear: nn.Module, q: torch.Tensor) -> None:
-    """For a linear writing the residual: W [d, in] -> Q^T W [k, in], bias b -> b Q."""
-    w = linear.weight.data
-    set_parameter(linear, "weight", (q.T @ w.to(torch.float64)).to(w.dtype))
-    if getattr(linear, "bias", None) is not None:
-        b = linear.bias.data
-        set_parameter(linear, "bias", (b.to(torch.float64) @ q).to(b.dtype))
+def _transposed(target: Target) -> bool:
+    owner, name = target
+    return name == "weight" and type(owner).__name__ == "Conv1D"
+
+
+def _get(target: Target) -> torch.Tensor:
+    w = getattr(target[0], target[1]).data
+    return w.transpose(-1, -2) if _transposed(target) else w
+
+
+def _put(target: Target, w: torch.Tensor) -> None:
+    set_parameter(target[0], target[1], (w.transpose(-1, -2) if _transposed(target) else w).contiguous())
+
+
+def _bias(target: Target) -> torch.Tensor | None:
+    owner, name = target
+    return getattr(owner, "bias", None) if name == "weight" else None
+
+
+# --- modules that read the residual stream: its coordinates are the last axis ("in") ---
+
+def scale_input(target: Target, gain: torch.Tensor) -> None:
+    """W diag(gain): folds a norm's gain into a weight that reads the norm's output."""
+    _put(target, map_rows(_get(target), lambda w: w * gain))
+
+
+def add_input_bias(target: Target, beta: torch.Tensor) -> None:
+    """b + W beta: folds a LayerNorm's bias into a linear that reads the norm's output."""
+    owner, name = target
+    if name != "weight" or not hasattr(owner, "bias"):
+        raise NotImplementedError(f"cannot fold a norm bias into {type(owner).__name__}.{name}")
+    w = _get(target)
+    shift = (w.to(torch.float64) @ beta).to(w.dtype)
+    bias = owner.bias
+    set_parameter(owner, "bias", shift if bias is None else (bias.data.to(torch.float64) + shift).to(w.dtype))
+
+
+def rotate_input(target: Target, q: torch.Tensor) -> None:
+    """W [.., n, d] -> W Q [.., n, k] (linears, embedding tables, routers, stacked experts)."""
+    _put(target, map_rows(_get(target), lambda w: w @ q))
+
+
+# --- modules that write the residual stream: its coordinates are the "out" axis ---
+
+def rotate_output(target: Target, q: torch.Tensor) -> None:
+    """W [.., d, m] -> Q^T W [.., k, m], bias b -> b Q."""
+    w = _get(target)
+    _put(target, (q.T @ w.to(torch.float64)).to(w.dtype))
+    bias = _bias(target)
+    if bias is not None:
+        set_parameter(target[0], "bias", (bias.data.to(torch.float64) @ q).to(bias.dtype))
+
+
+def center_output(target: Target) -> None:
+    """(I - 11^T/d) W: the written vector loses its mean, so the stream stays zero-mean."""
+    w = _get(target).to(torch.float64)
+    _put(target, (w - w.mean(dim=-2, keepdim=True)).to(getattr(target[0], target[1]).dtype))
+    bias = _bias(target)
+    if bias is not None:
+        b = bias.data.to(torch.float64)
+        set_parameter(target[0], "bias", (b - b.mean()).to(bias.dtype))
+
+
+def center_embedding(target: Target) -> None:
+    """Each embedding row (a vector written into the stream) minus its mean."""
+    _put(target, map_rows(_get(target), lambda w: w - w.mean(dim=-1, keepdim=True)))

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from slicegpt.adapters.base import Branch, ModelAdapter
 from slicegpt.adapters.gemma import ADAPTER as GEMMA
+from slicegpt.adapters.gemma import GEMMA2
+from slicegpt.adapters.gpt2 import ADAPTER as GPT2
+from slicegpt.adapters.gpt_neox import ADAPTER as GPT_NEOX
 from slicegpt.adapters.llama import ADAPTER as LLAMA
+from slicegpt.adapters.moe import ADAPTER as MOE
+from slicegpt.adapters.opt import ADAPTER as OPT
+from slicegpt.adapters.phi import ADAPTER as PHI
 from slicegpt.adapters.phi3 import ADAPTER as PHI3
 from slicegpt.errors import SliceGPTError
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, PHI3, GEMMA)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, PHI3, GEMMA, GEMMA2, OPT, PHI, GPT_NEOX, GPT2, MOE)
 
 # Families whose models have no causal decoder stack for SliceGPT to act on.
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
@@ -35,7 +41,7 @@ def get_adapter(config) -> ModelAdapter:
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
-            return adapter
+            return adapter.for_config(config)
     require_decoder(config)
     raise SliceGPTError(
         f"unsupported model type '{model_type}'; supported model types: "
