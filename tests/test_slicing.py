@@ -150,3 +150,50 @@ def test_unsupported_and_encoder_models_are_refused():
         get_adapter(FalconConfig())
     with pytest.raises(slicegpt.SliceGPTError, match="encoder"):
         get_adapter(BertConfig())
+
+
+@pytest.mark.parametrize("config,message", [
+    (dict(model_type="opt", do_layer_norm_before=False), "post-LN"),
+    (dict(model_type="gpt2", add_cross_attention=True), "cross-attention"),
+    (dict(model_type="gemma3"), "multimodal"),
+])
+def test_family_variants_that_cannot_be_sliced_are_refused(config, message):
+    from transformers import AutoConfig
+
+    model_type = config.pop("model_type")
+    with pytest.raises(slicegpt.SliceGPTError, match=message):
+        get_adapter(AutoConfig.for_model(model_type, **config))
+
+
+@pytest.mark.parametrize("model_type,parallel", [("gpt_neox", True), ("gpt_neox_sequential", False)])
+def test_parallel_residual_follows_the_config(model_type, parallel, calibration):
+    from conftest import make_config
+
+    adapter = get_adapter(make_config(model_type))
+    assert adapter.branches[1].parallel is parallel
+    sliced, _ = slicegpt.slice_model(make_model(model_type), None, calibration, 0.25, progress=False)
+    layer = sliced.gpt_neox.layers[0]
+    assert hasattr(layer, "attn_shortcut") and hasattr(layer, "mlp_shortcut") is not parallel
+
+
+def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration):
+    from slicegpt.sliced_modeling import RMSNorm
+
+    model = make_model("opt")
+    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, progress=False)
+    layer = sliced.model.decoder.layers[0]
+    assert isinstance(layer.self_attn_layer_norm, RMSNorm) and isinstance(sliced.model.decoder.final_layer_norm, RMSNorm)
+    assert layer.self_attn_layer_norm.weight.shape == (48,)
+    assert sliced.lm_head.bias is not None and sliced.lm_head.bias.shape == (V,)  # final-norm bias, folded
+    assert config.parameters_sliced == slicegpt.count_parameters(sliced)
+
+
+def test_post_norm_branches_keep_full_width_writers_and_count_their_rotations(calibration):
+    """Gemma 2/3: the branch-output norm needs all d coordinates, then a d x k matrix rotates and slices."""
+    sliced, config = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, progress=False)
+    first, last = sliced.model.layers[0], sliced.model.layers[-1]
+    assert first.self_attn.o_proj.weight.shape == (D, H * 16) and first.mlp.down_proj.weight.shape == (D, I)
+    assert first.attn_out_rotation.shape == (D, 48) and first.mlp_out_rotation.shape == (D, 48)
+    assert first.post_attention_layernorm.weight.shape == (D,)
+    assert not hasattr(last, "mlp_out_rotation")  # head not sliced: the last output stays in the original basis
+    assert config.parameters_sliced == slicegpt.count_parameters(sliced)

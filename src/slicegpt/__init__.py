@@ -10,7 +10,7 @@
 from slicegpt.adapters import get_adapter, supported_model_types
 from slicegpt.api import calibration_data, generate, slice_model
 from slicegpt.config import SlicingConfig
-from slicegpt.data import evaluation_windows, load_text, tokenize
+from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters, perplexity
 from slicegpt.io import load, save
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
-    "evaluation_windows", "generate", "get_adapter", "load", "load_model", "load_text", "perplexity",
+    "bos_token", "evaluation_windows", "generate", "get_adapter", "load", "load_model", "load_text", "perplexity",
     "save", "slice_model", "supported_model_types", "tokenize",
 ]

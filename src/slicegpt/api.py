@@ -10,7 +10,7 @@ from torch import nn
 from slicegpt.adapters import get_adapter
 from slicegpt.sliced_modeling import get_path
 from slicegpt.config import SlicingConfig
-from slicegpt.data import DEFAULT_DATA, Windows, calibration_windows, load_text, tokenize
+from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters
 from slicegpt.loading import load_model
@@ -21,7 +21,7 @@ def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, sample
                      seqlen: int = 1024, seed: int = 0, text_field: str = "text") -> Windows:
     """Random, seeded, non-overlapping token windows from the calibration part of `source`."""
     text = load_text(source, "calibration", text_field=text_field)
-    return calibration_windows(tokenize(tokenizer, text), samples, seqlen, seed)
+    return calibration_windows(tokenize(tokenizer, text), samples, seqlen, seed, bos=bos_token(tokenizer))
 
 
 def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,

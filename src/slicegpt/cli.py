@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from slicegpt.adapters import get_adapter, supported_model_types
-from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, evaluation_windows, load_text, split_text, tokenize
+from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import DEFAULT_MODEL, load_model
 from slicegpt.measure import measure
@@ -48,7 +48,8 @@ def _device(name: str | None) -> str:
 
 
 def _eval_windows(tokenizer, text: str, args) -> object:
-    return evaluation_windows(tokenize(tokenizer, text), args.eval_seqlen or args.seqlen, args.eval_samples)
+    return evaluation_windows(tokenize(tokenizer, text), args.eval_seqlen or args.seqlen, args.eval_samples,
+                              bos=bos_token(tokenizer))
 
 
 def cmd_slice(args) -> None:
@@ -75,7 +76,8 @@ def cmd_slice(args) -> None:
         calib_text, eval_text = split_text(calib_text)  # one local file: keep the parts disjoint
     else:
         eval_text = load_text(eval_source, "evaluation", args.text_field)
-    windows = calibration_windows(tokenize(tokenizer, calib_text), args.samples, args.seqlen, args.seed)
+    windows = calibration_windows(tokenize(tokenizer, calib_text), args.samples, args.seqlen, args.seed,
+                                  bos=bos_token(tokenizer))
     eval_windows = None if args.no_eval else _eval_windows(tokenizer, eval_text, args)
 
     figures: dict = {"model": str(args.model), "sparsity": args.sparsity}
@@ -112,7 +114,7 @@ def cmd_eval(args) -> None:
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     windows = evaluation_windows(tokenize(loaded.tokenizer, load_text(args.data, "evaluation", args.text_field)),
-                                 args.seqlen, args.samples)
+                                 args.seqlen, args.samples, bos=bos_token(loaded.tokenizer))
     with measure(device) as m:
         ppl = perplexity(loaded.model, windows, args.batch_size)
     figures = {"model": str(args.model), "sliced": loaded.sliced is not None, "perplexity": ppl,
@@ -145,7 +147,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     data_help = f"'{DEFAULT_DATA}' (offline default), {', '.join(HUB_DATASETS)} (hub), or a .txt/.jsonl path"
-    model_help = (f"'{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct), a hub id, a model directory or a .gguf "
+    model_help = (f"'{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct), 'gemma3-270m', a hub id, a model directory or a .gguf "
                   f"file; supported model types: {', '.join(supported_model_types())}")
     parser = _Parser(prog="slicegpt", description="Slice the hidden dimension of causal LMs (SliceGPT).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

