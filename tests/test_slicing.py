@@ -32,7 +32,7 @@ def test_sparsity_outside_range_is_refused(sparsity):
         sliced_dim(64, sparsity)
 
 
-def expected_llama_parameters(k: int, slice_head: bool) -> int:
+def expected_llama_parameters(k: int, slice_head: bool, tied: bool) -> int:
     """Independent count for the tiny Llama: every kept weight plus every skip matrix."""
     head_in = k if slice_head else D
     per_layer_in = k * (H * HD) + 2 * k * (KV * HD) + 2 * k * I  # q, k, v, gate, up
@@ -42,18 +42,21 @@ def expected_llama_parameters(k: int, slice_head: bool) -> int:
     layers = L * (per_layer_in + per_layer_out + norms + shortcuts)
     # the last branch writes the unsliced head input when the head is not sliced
     layers += (I * head_in - I * k) + (k * head_in - k * k)
+    if tied:  # full embedding table shared with the head, plus the d x k entry matrix
+        return V * D + D * k + layers + D
     return V * k + layers + head_in + V * head_in
 
 
-@pytest.mark.parametrize("slice_head", [False, True])
-def test_shapes_and_parameter_counts(calibration, slice_head):
+@pytest.mark.parametrize("slice_head,keep_tied", [(False, True), (False, False), (True, True)])
+def test_shapes_and_parameter_counts(calibration, slice_head, keep_tied):
     model = make_model("llama")
     assert slicegpt.count_parameters(model) == V * D + L * (4 * D * D // 1 - 2 * D * D + 2 * D * KV * HD
                                                             + 3 * D * I + 2 * D) + D  # tied head
-    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, slice_head=slice_head, progress=False)
+    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, slice_head=slice_head,
+                                          keep_tied_head=keep_tied, progress=False)
     k = 48
-    assert config.sliced_hidden_size == k and config.hidden_size == D
-    assert sliced.model.embed_tokens.weight.shape == (V, k)
+    tied = keep_tied and not slice_head
+    assert config.sliced_hidden_size == k and config.hidden_size == D and config.tied_head is tied
     layer = sliced.model.layers[0]
     assert layer.self_attn.q_proj.weight.shape == (H * HD, k)
     assert layer.self_attn.k_proj.weight.shape == (KV * HD, k)
@@ -64,8 +67,22 @@ def test_shapes_and_parameter_counts(calibration, slice_head):
     assert sliced.model.layers[-1].mlp.down_proj.weight.shape == (head_in, I)
     assert sliced.model.layers[-1].mlp_shortcut.shape == (k, head_in)
     assert sliced.lm_head.weight.shape == (V, head_in)
-    assert sliced.lm_head.weight is not sliced.model.embed_tokens.weight
-    assert config.parameters_sliced == slicegpt.count_parameters(sliced) == expected_llama_parameters(k, slice_head)
+    if tied:
+        assert sliced.model.embed_tokens.weight.shape == (V, D) and layer.entry_rotation.shape == (D, k)
+        assert sliced.lm_head.weight is sliced.model.embed_tokens.weight
+    else:
+        assert sliced.model.embed_tokens.weight.shape == (V, k) and not hasattr(layer, "entry_rotation")
+        assert sliced.lm_head.weight is not sliced.model.embed_tokens.weight
+    assert config.parameters_sliced == slicegpt.count_parameters(sliced) == expected_llama_parameters(k, slice_head, tied)
+
+
+def test_tied_and_untied_heads_compute_the_same_function(calibration):
+    model = make_model("llama", torch.float64)
+    ids = calibration.input_ids[:2]
+    tied, _ = slicegpt.slice_model(clone(model), None, calibration, 0.25, progress=False)
+    untied, _ = slicegpt.slice_model(clone(model), None, calibration, 0.25, keep_tied_head=False, progress=False)
+    assert slicegpt.count_parameters(tied) < slicegpt.count_parameters(untied)
+    assert (tied(ids).logits - untied(ids).logits).abs().max() < 1e-8
 
 
 def test_rms_norm_constants_follow_the_kept_width(calibration):
@@ -176,15 +193,23 @@ def test_parallel_residual_follows_the_config(model_type, parallel, calibration)
     assert hasattr(layer, "attn_shortcut") and hasattr(layer, "mlp_shortcut") is not parallel
 
 
-def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration):
+@pytest.mark.parametrize("keep_tied", [False, True])
+def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration, keep_tied):
+    from torch import nn
+
     from slicegpt.sliced_modeling import RMSNorm
 
     model = make_model("opt")
-    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, progress=False)
+    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, keep_tied_head=keep_tied, progress=False)
     layer = sliced.model.decoder.layers[0]
-    assert isinstance(layer.self_attn_layer_norm, RMSNorm) and isinstance(sliced.model.decoder.final_layer_norm, RMSNorm)
+    assert isinstance(layer.self_attn_layer_norm, RMSNorm) and isinstance(layer.final_layer_norm, RMSNorm)
     assert layer.self_attn_layer_norm.weight.shape == (48,)
-    assert sliced.lm_head.bias is not None and sliced.lm_head.bias.shape == (V,)  # final-norm bias, folded
+    final = sliced.model.decoder.final_layer_norm
+    if keep_tied:  # the final LayerNorm reads the original basis, the head stays the embedding table
+        assert type(final) is nn.LayerNorm and sliced.lm_head.weight is sliced.model.decoder.embed_tokens.weight
+    else:
+        assert isinstance(final, RMSNorm)
+        assert sliced.lm_head.bias is not None and sliced.lm_head.bias.shape == (V,)  # final-norm bias, folded
     assert config.parameters_sliced == slicegpt.count_parameters(sliced)
 
 

@@ -27,13 +27,14 @@ def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, sample
 def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 calibration: Windows | torch.Tensor | str | os.PathLike = DEFAULT_DATA,
                 sparsity: float = 0.25, *, samples: int = 32, seqlen: int = 1024, seed: int = 0,
-                batch_size: int = 4, round_to: int = 8, slice_head: bool = False,
+                batch_size: int = 4, round_to: int = 8, slice_head: bool = False, keep_tied_head: bool = True,
                 progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` in place with SliceGPT and return it with the record of what was done.
 
     `model` may be a loaded causal LM, a hub id, a directory or a .gguf file. `calibration`
     is a data source (name or path; needs `tokenizer`), a [n, seqlen] tensor of token ids,
-    or prepared `Windows`.
+    or prepared `Windows`. A head tied to the embeddings stays tied unless `keep_tied_head`
+    is False or the head is sliced (see `rotate_and_slice`).
     """
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
@@ -64,11 +65,12 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
 
     dense = count_parameters(model)
     outcome = rotate_and_slice(model, adapter, windows.batches(batch_size), dim,
-                               slice_head=slice_head, progress=progress)
+                               slice_head=slice_head, keep_tied_head=keep_tied_head, progress=progress)
     config = SlicingConfig(
         sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim,
         model_type=model.config.model_type, family=adapter.family, round_to=round_to,
-        slice_head=slice_head, calibration=calibration_info, source_model=source_model,
+        slice_head=slice_head, tied_head=bool(model.slicegpt_structure["structure"].get("entry_rotation")),
+        calibration=calibration_info, source_model=source_model,
         parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra)
     return model, config
 

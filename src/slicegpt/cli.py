@@ -85,7 +85,8 @@ def cmd_slice(args) -> None:
         figures["perplexity_dense"] = perplexity(model, eval_windows, args.eval_batch_size)
     with measure(device) as m:
         model, config = slice_model(model, tokenizer, windows, args.sparsity, batch_size=args.batch_size,
-                                    round_to=args.round_to, slice_head=args.slice_head)
+                                    round_to=args.round_to, slice_head=args.slice_head,
+                                    keep_tied_head=not args.untie_head)
     config.source_model = str(loaded.source)
     config.calibration.update(source=str(args.calibration), seed=args.seed)
     figures.update(parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     p.add_argument("--round-to", type=int, default=8, help="round the sliced size down to a multiple of this")
     p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    p.add_argument("--untie-head", action="store_true",
+                   help="slice a tied embedding table and untie the head (the paper's way; more parameters, "
+                        "same function) instead of keeping them tied with a d x d' entry matrix")
     _common(p)
     p.set_defaults(func=cmd_slice)
 

@@ -15,6 +15,7 @@ class SlicingConfig:
     rotation: str = "per-layer"
     round_to: int = 8
     slice_head: bool = False
+    tied_head: bool = False  # embeddings stay tied to the head and unsliced (an entry matrix instead)
     calibration: dict = field(default_factory=dict)  # source, samples, seqlen, seed, tokens
     source_model: str = ""
     parameters_dense: int = 0

@@ -32,12 +32,16 @@ def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
     return True
 
 
-def center_writers(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Remove the mean of everything written into the residual stream."""
+def center_entry(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Remove the mean of the embedding rows and of what entry linears write."""
     for path in adapter.embeddings:
         center_embedding(resolve(model, path))
     for path in adapter.entry_writers:
         center_output(resolve(model, path))
+
+
+def center_branch_outputs(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Remove the mean of everything the decoder layers write into the residual stream."""
     for layer in get_path(model, adapter.layers):
         for branch in adapter.branches:
             if branch.post_norm:
@@ -67,19 +71,26 @@ def _norm_size(norm: nn.Module) -> int:
     return int(shape[-1]) if shape else norm.weight.shape[-1]
 
 
-def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Fold every norm gain into the linears that read the normalised signal."""
+def fuse_norms(model: nn.Module, adapter: ModelAdapter, tied_head: bool = False) -> None:
+    """Fold every norm gain into the linears that read the normalised signal.
+
+    With `tied_head` the embeddings, the final norm and the head are left as they are (the
+    first layer will take the stream's mean out and rotate it; see slicing).
+    """
     if adapter.norm_kind == "layernorm":
-        untie_head(model, adapter)  # the embeddings change below; the head must not follow them
-        center_writers(model, adapter)
+        if not tied_head:
+            untie_head(model, adapter)  # the embeddings change below; the head must not follow them
+            center_entry(model, adapter)
+        center_branch_outputs(model, adapter)
     for layer in get_path(model, adapter.layers):
         for norm_name in adapter.norm_names():  # a shared norm (Phi-2) folds into all its readers
             readers = [t for b in adapter.branches if b.norm == norm_name for t in resolve_all(layer, b.inputs)]
             _fold_norm(get_path(layer, norm_name), readers, adapter)
-    final = get_path(model, adapter.final_norm)
-    needs_fold = adapter.norm_kind == "layernorm" or not torch.all(final.weight.data + adapter.norm_offset == 1.0)
-    if needs_fold:  # a unit gain needs no folding, so the head may stay tied
-        untie_head(model, adapter)
-        _fold_norm(final, [resolve(model, adapter.head)], adapter)
+    if not tied_head:
+        final = get_path(model, adapter.final_norm)
+        uniform = adapter.norm_kind == "rmsnorm" and torch.all(final.weight.data + adapter.norm_offset == 1.0)
+        if not uniform:  # a unit gain needs no folding, so the head may stay tied
+            untie_head(model, adapter)
+            _fold_norm(final, [resolve(model, adapter.head)], adapter)
     if adapter.norm_kind == "layernorm":
-        use_rms_norms(model, adapter.structure())
+        use_rms_norms(model, adapter.structure(tied_head=tied_head))

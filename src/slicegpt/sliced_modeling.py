@@ -30,6 +30,7 @@ from torch import nn
 FORMAT_VERSION = 2  # 2: parallel branches, RMSNorm swaps, post-norm output rotations
 CONFIG_KEY = "slicegpt"
 WEIGHTS_NAME = "model.safetensors"
+ENTRY = "entry_rotation"  # on the first layer when the embeddings stay tied to the head, unsliced
 
 
 class CheckpointError(ValueError):
@@ -57,6 +58,9 @@ class SlicedLayerMixin:
         if args:  # GPT-2 passes the cache and mask positionally
             kwargs = layer_arguments(type(self), args, kwargs)
         x = hidden_states
+        entry = getattr(self, ENTRY, None)
+        if entry is not None:  # full-width embeddings -> the first sliced basis
+            x = x @ entry
         for shortcut, branches in self.slicegpt_steps:
             normed: dict[str, torch.Tensor] = {}
             h = None
@@ -273,6 +277,8 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
         model.tie_weights()
     missing = [n for n in dict(model.named_parameters()) if n not in state]
     layers_path = meta["structure"]["layers"]
+    if meta["structure"].get("entry_rotation") and getattr(get_path(model, layers_path)[0], ENTRY, None) is None:
+        missing.append(f"{layers_path}.0.{ENTRY}")
     for i, layer in enumerate(get_path(model, layers_path)):  # skip matrices exist only in the file
         for shortcut, _ in layer.slicegpt_steps:
             if getattr(layer, shortcut, None) is None:

@@ -24,7 +24,7 @@ from slicegpt.adapters.base import Branch, branch_groups
 from slicegpt.errors import SliceGPTError
 from slicegpt.invariance import fuse_norms, untie_head
 from slicegpt.pca import Covariance
-from slicegpt.sliced_modeling import attach_structure, get_path, layer_arguments, run_branch, set_parameter
+from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch, set_parameter
 from slicegpt.weights import Target, resolve, resolve_all, rotate_input, rotate_output
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
@@ -141,19 +141,36 @@ def _resize_norm(norm: nn.Module, adapter: ModelAdapter, dim: int, hidden: int) 
     return eps
 
 
+def _ties_head(model: nn.Module, adapter: ModelAdapter) -> bool:
+    head = get_path(model, adapter.head)
+    embedding = get_path(model, adapter.embeddings[0])
+    return getattr(head, "weight", None) is embedding.weight
+
+
 @torch.no_grad()
 def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
-                     slice_head: bool = False, progress: bool = True) -> SliceOutcome:
-    """Turn `model` (in place) into its sliced version with residual width `dim`."""
+                     slice_head: bool = False, keep_tied_head: bool = True,
+                     progress: bool = True) -> SliceOutcome:
+    """Turn `model` (in place) into its sliced version with residual width `dim`.
+
+    A head tied to the embeddings stays tied (`keep_tied_head`, when the head is not sliced):
+    the embedding table keeps its d columns and the first layer multiplies the stream by
+    Q_0[:, :k] (d x k). That is the same function as slicing the embedding columns, and
+    costs d*k parameters instead of an untied vocab x d head (the paper's way).
+    """
     outcome = SliceOutcome()
     embeddings = [resolve(model, p) for p in adapter.embeddings]
     hidden = getattr(embeddings[0][0], embeddings[0][1]).shape[-1]
-    fuse_norms(model, adapter)
-    untie_head(model, adapter)  # embeddings and head end up in different bases
+    tied = keep_tied_head and not slice_head and not adapter.entry_writers and _ties_head(model, adapter)
+    fuse_norms(model, adapter, tied_head=tied)
+    if not tied:
+        untie_head(model, adapter)  # embeddings and head end up in different bases
     dtype = getattr(embeddings[0][0], embeddings[0][1]).dtype
 
     inputs, kwargs_per_layer = capture_layer_inputs(model, adapter, batches)
     masks = [mask.to(inputs[0].device) for _, mask in batches]
+    if tied and adapter.norm_kind == "layernorm":  # the stream's mean, which every LayerNorm drops
+        inputs = [x - x.mean(dim=-1, keepdim=True) for x in inputs]
 
     cov = Covariance(hidden, inputs[0].device)
     for x, m in zip(inputs, masks):
@@ -162,17 +179,21 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     values, q = cov.eigh()
     outcome.spectra.append(values)
     q = q[:, :dim]
-    for target in embeddings:
-        rotate_input(target, q)
-    for path in adapter.entry_writers:
-        rotate_output(resolve(model, path), q)
+    layers = get_path(model, adapter.layers)
+    if tied:
+        entry = q - q.mean(dim=0, keepdim=True) if adapter.norm_kind == "layernorm" else q  # (I - 11^T/d) Q
+        layers[0].register_parameter(ENTRY, nn.Parameter(entry.to(dtype)))
+    else:
+        for target in embeddings:
+            rotate_input(target, q)
+        for path in adapter.entry_writers:
+            rotate_output(resolve(model, path), q)
     z = [x @ q.to(dtype) for x in inputs]
     del inputs
 
-    structure = adapter.structure()
+    structure = adapter.structure(tied_head=tied)
     specs = {b["name"]: b for b in structure["branches"]}
     groups = branch_groups(adapter.branches)
-    layers = get_path(model, adapter.layers)
     n_layers = len(layers)
     with tqdm(total=n_layers * len(groups), desc="slicing", unit="step", disable=not progress) as bar:
         for li, layer in enumerate(layers):
@@ -227,11 +248,11 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
                 q = q_next
                 bar.update()
 
-    final_dim = q.shape[1]
-    eps = _resize_norm(get_path(model, adapter.final_norm), adapter, final_dim, hidden)
-    if eps is not None:
-        outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
-    rotate_input(resolve(model, adapter.head), q)
+    if not tied:  # tied: the final norm and head still read the original basis, untouched
+        eps = _resize_norm(get_path(model, adapter.final_norm), adapter, q.shape[1], hidden)
+        if eps is not None:
+            outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
+        rotate_input(resolve(model, adapter.head), q)
     attach_structure(model, structure)
     model.slicegpt_structure = {"structure": structure, "module_attributes": outcome.module_attributes}
     return outcome

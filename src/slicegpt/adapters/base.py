@@ -93,8 +93,12 @@ class ModelAdapter:
         """The distinct per-layer norms that read the residual stream, in order."""
         return list(dict.fromkeys(b.norm for b in self.branches))
 
-    def structure(self) -> dict:
-        """JSON-able layer structure, saved with a sliced model so it loads without adapters."""
+    def structure(self, tied_head: bool = False) -> dict:
+        """JSON-able layer structure, saved with a sliced model so it loads without adapters.
+
+        `tied_head`: the embeddings and head stay tied and unsliced; the first layer projects
+        the stream with an entry matrix, and the final norm stays the stock module.
+        """
         structure = {
             "layers": self.layers,
             "branches": [
@@ -104,7 +108,8 @@ class ModelAdapter:
                  "out_rotation": b.out_rotation if b.post_norm else None}
                 for b in self.branches
             ],
+            "entry_rotation": tied_head,
         }
         if self.norm_kind == "layernorm":  # these become RMSNorm modules (see invariance)
-            structure["rms_norms"] = {"layer": self.norm_names(), "model": [self.final_norm]}
+            structure["rms_norms"] = {"layer": self.norm_names(), "model": [] if tied_head else [self.final_norm]}
         return structure
