@@ -20,12 +20,17 @@ from slicegpt.sliced_modeling import get_path, set_parameter, use_rms_norms
 from slicegpt.weights import Target, add_input_bias, center_embedding, center_output, resolve, resolve_all, scale_input
 
 
+def ties_head(model: nn.Module, adapter: ModelAdapter) -> bool:
+    """Whether the head shares its weight with the (first) embedding table."""
+    head = get_path(model, adapter.head)
+    return getattr(head, "weight", None) is get_path(model, adapter.embeddings[0]).weight
+
+
 def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
     """Give the head its own weight if it shares the embedding matrix; True if it did."""
-    head = get_path(model, adapter.head)
-    embedding = get_path(model, adapter.embeddings[0])
-    if head.weight is not embedding.weight:
+    if not ties_head(model, adapter):
         return False
+    head = get_path(model, adapter.head)
     set_parameter(head, "weight", head.weight.detach().clone())
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch, branch_groups
 from slicegpt.errors import SliceGPTError
-from slicegpt.invariance import fuse_norms, untie_head
+from slicegpt.invariance import fuse_norms, ties_head, untie_head
 from slicegpt.pca import Covariance
 from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch, set_parameter
 from slicegpt.weights import Target, resolve, resolve_all, rotate_input, rotate_output
@@ -141,12 +141,6 @@ def _resize_norm(norm: nn.Module, adapter: ModelAdapter, dim: int, hidden: int) 
     return eps
 
 
-def _ties_head(model: nn.Module, adapter: ModelAdapter) -> bool:
-    head = get_path(model, adapter.head)
-    embedding = get_path(model, adapter.embeddings[0])
-    return getattr(head, "weight", None) is embedding.weight
-
-
 @torch.no_grad()
 def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
                      slice_head: bool = False, keep_tied_head: bool = True,
@@ -161,7 +155,7 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     outcome = SliceOutcome()
     embeddings = [resolve(model, p) for p in adapter.embeddings]
     hidden = getattr(embeddings[0][0], embeddings[0][1]).shape[-1]
-    tied = keep_tied_head and not slice_head and not adapter.entry_writers and _ties_head(model, adapter)
+    tied = keep_tied_head and not slice_head and not adapter.entry_writers and ties_head(model, adapter)
     fuse_norms(model, adapter, tied_head=tied)
     if not tied:
         untie_head(model, adapter)  # embeddings and head end up in different bases
