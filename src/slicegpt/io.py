@@ -21,7 +21,7 @@ from slicegpt import sliced_modeling
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import LoadedModel, _parse_dtype
-from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError,
+from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, READABLE_VERSIONS, WEIGHTS_NAME, CheckpointError,
                                       load_sliced_model)
 
 MANIFEST_NAME = "slicegpt.json"
@@ -108,7 +108,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise SliceGPTError(f"{path} is corrupted: {e}") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise SliceGPTError(
             f"{directory} was written in sliced-model format {version!r}; this slicegpt reads format "
             f"{FORMAT_VERSION}: re-slice the model or install a matching slicegpt version")

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 2  # 2: parallel branches, RMSNorm swaps, post-norm output rotations
+FORMAT_VERSION = 3  # 2: parallel branches, RMSNorm swaps, post-norm output rotations; 3: uniform rotation
+READABLE_VERSIONS = (2, 3)
 CONFIG_KEY = "slicegpt"
 WEIGHTS_NAME = "model.safetensors"
 ENTRY = "entry_rotation"  # on the first layer when the embeddings stay tied to the head, unsliced
@@ -67,7 +68,7 @@ class SlicedLayerMixin:
             for branch in branches:
                 out = run_branch(self, branch, x, kwargs, normed)
                 h = out if h is None else h + out
-            skip = getattr(self, shortcut, None)
+            skip = getattr(self, shortcut, None) if shortcut else None  # uniform rotation: none
             x = (x if skip is None else x @ skip) + h
         return x
 
@@ -231,7 +232,7 @@ def check_slicing_config(raw: dict, directory: str) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{directory} was not written by slicegpt (config.json has no '{CONFIG_KEY}' entry)")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{directory} uses sliced-model format {version!r}, this code reads format {FORMAT_VERSION}; "
             "re-slice the model or use a matching slicegpt version"
@@ -281,7 +282,7 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
         missing.append(f"{layers_path}.0.{ENTRY}")
     for i, layer in enumerate(get_path(model, layers_path)):  # skip matrices exist only in the file
         for shortcut, _ in layer.slicegpt_steps:
-            if getattr(layer, shortcut, None) is None:
+            if shortcut and getattr(layer, shortcut, None) is None:
                 missing.append(f"{layers_path}.{i}.{shortcut}")
     if missing:
         raise CheckpointError(f"{weights} is incomplete: missing tensors {missing[:3]}")

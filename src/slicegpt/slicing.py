@@ -8,6 +8,10 @@ still unrotated weights, which gives the full-width signal after it,
 Q_{i+1}; then inputs and outputs are rotated, the skip gets ``S_i = Q_i[:, :k]^T Q_{i+1}[:, :k]``,
 and ``z_{i+1} = x_{i+1} Q_{i+1}[:, :k]``. Each branch is evaluated once (the paper's code runs
 every block twice and keeps every activation); only one boundary's activations are held.
+
+With ``rotation="uniform"`` one Q serves every boundary (PCA of the pooled covariance of
+the dense stream), so no skip matrices are needed and the result is a stock model of the
+same family with hidden size d' (see `standard`).
 """
 
 from __future__ import annotations
@@ -141,10 +145,38 @@ def _resize_norm(norm: nn.Module, adapter: ModelAdapter, dim: int, hidden: int) 
     return eps
 
 
+def _rotate_reads(layer: nn.Module, prefix: str, group: tuple[Branch, ...], adapter: ModelAdapter,
+                  q: torch.Tensor, hidden: int, outcome: SliceOutcome) -> None:
+    """The branches of one step read the stream in basis q (d x k): norms, input linears, widths."""
+    dim = q.shape[1]
+    for norm_name in dict.fromkeys(b.norm for b in group):
+        eps = _resize_norm(get_path(layer, norm_name), adapter, dim, hidden)
+        if eps is not None:
+            outcome.module_attributes[f"{prefix}.{norm_name}"] = {adapter.norm_eps_attr: eps}
+    for branch in group:
+        for target in _targets(layer, branch, "inputs"):
+            rotate_input(target, q)
+        for path in branch.width_attrs:
+            changed = _set_width(layer, path, dim)
+            if changed:
+                outcome.module_attributes.setdefault(f"{prefix}.{changed[0]}", {})[changed[1]] = dim
+
+
+def _rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor, rotate_normed: bool = True) -> None:
+    """The branches of one step write in basis q; a post-normed output is rotated after its norm."""
+    dtype = next(layer.parameters()).dtype
+    for branch in group:
+        if not branch.post_norm:
+            for target in _targets(layer, branch, "outputs"):
+                rotate_output(target, q)
+        elif rotate_normed:
+            layer.register_parameter(branch.out_rotation, nn.Parameter(q.to(dtype)))
+
+
 @torch.no_grad()
 def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
-                     slice_head: bool = False, keep_tied_head: bool = True,
-                     progress: bool = True) -> SliceOutcome:
+                     slice_head: bool = False, keep_tied_head: bool = True, rotation: str = "per-layer",
+                     fit_tied_head: bool = False, progress: bool = True) -> SliceOutcome:
     """Turn `model` (in place) into its sliced version with residual width `dim`.
 
     A head tied to the embeddings stays tied (`keep_tied_head`, when the head is not sliced):
@@ -152,6 +184,12 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     Q_0[:, :k] (d x k). That is the same function as slicing the embedding columns, and
     costs d*k parameters instead of an untied vocab x d head (the paper's way).
     """
+    if rotation == "uniform":
+        return _slice_uniform(model, adapter, batches, dim, fit_tied_head, progress)
+    if rotation != "per-layer":
+        raise SliceGPTError(f"rotation must be 'per-layer' or 'uniform', got {rotation!r}")
+    if fit_tied_head:
+        raise SliceGPTError("fitting a tied head's gain applies to --rotation uniform only")
     outcome = SliceOutcome()
     embeddings = [resolve(model, p) for p in adapter.embeddings]
     hidden = getattr(embeddings[0][0], embeddings[0][1]).shape[-1]
@@ -210,17 +248,7 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
                     full.append(h)
                 del x
 
-                for norm_name in dict.fromkeys(b.norm for b in group):
-                    eps = _resize_norm(get_path(layer, norm_name), adapter, dim, hidden)
-                    if eps is not None:
-                        outcome.module_attributes[f"{prefix}.{norm_name}"] = {adapter.norm_eps_attr: eps}
-                for branch in group:
-                    for target in _targets(layer, branch, "inputs"):
-                        rotate_input(target, q)
-                    for path in branch.width_attrs:
-                        changed = _set_width(layer, path, dim)
-                        if changed:
-                            outcome.module_attributes.setdefault(f"{prefix}.{changed[0]}", {})[changed[1]] = dim
+                _rotate_reads(layer, prefix, group, adapter, q, hidden, outcome)
 
                 last = li == n_layers - 1 and gi == len(groups) - 1
                 if last and not slice_head:
@@ -230,12 +258,7 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
                     outcome.spectra.append(values)
                     q_next = q_next[:, :dim]
                 layer.register_parameter(group[0].shortcut, nn.Parameter((q.T @ q_next).to(dtype)))
-                for branch in group:
-                    if not branch.post_norm:
-                        for target in _targets(layer, branch, "outputs"):
-                            rotate_output(target, q_next)
-                    elif not (last and not slice_head):  # the normed output is rotated after the norm
-                        layer.register_parameter(branch.out_rotation, nn.Parameter(q_next.to(dtype)))
+                _rotate_writes(layer, group, q_next, rotate_normed=not (last and not slice_head))
                 q_next_t = q_next.to(dtype)
                 z = [x @ q_next_t for x in full]
                 del full
@@ -246,6 +269,143 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
         eps = _resize_norm(get_path(model, adapter.final_norm), adapter, q.shape[1], hidden)
         if eps is not None:
             outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
+        rotate_input(resolve(model, adapter.head), q)
+    attach_structure(model, structure)
+    model.slicegpt_structure = {"structure": structure, "module_attributes": outcome.module_attributes}
+    return outcome
+
+
+def _pooled_covariance(layers: list[nn.Module], groups: list[tuple[Branch, ...]], specs: dict,
+                       inputs: list[torch.Tensor], kwargs_per_layer: list[list[dict]],
+                       masks: list[torch.Tensor], progress: bool) -> torch.Tensor:
+    """Covariance of the dense residual stream pooled over every block boundary.
+
+    Each boundary's covariance is scaled to unit trace before pooling: the norms that read
+    the stream divide by its RMS, so what matters at each boundary is the *share* of energy
+    a direction carries, and the growing later boundaries must not drown the early ones
+    (measured on SmolLM2, see bench/tradeoff.py).
+    """
+    hidden = inputs[0].shape[-1]
+    pooled = torch.zeros(hidden, hidden, dtype=torch.float64, device=inputs[0].device)
+
+    def add(stream: list[torch.Tensor]) -> None:
+        cov = Covariance(hidden, pooled.device)
+        for x, m in zip(stream, masks):
+            cov.update(x, m)
+        matrix = cov.matrix / cov.tokens
+        pooled.add_(matrix / matrix.trace())
+
+    stream = inputs
+    add(stream)
+    with tqdm(total=len(layers) * len(groups), desc="pooled PCA", unit="step", disable=not progress) as bar:
+        for li, layer in enumerate(layers):
+            for group in groups:
+                nxt = []
+                for x, kwargs in zip(stream, kwargs_per_layer[li]):
+                    normed: dict = {}
+                    h = x
+                    for branch in group:
+                        h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
+                    _check_finite(h, f"of layer {li} ({'+'.join(b.name for b in group)})")
+                    nxt.append(h)
+                stream = nxt
+                add(stream)
+                bar.update()
+    return pooled / (len(layers) * len(groups) + 1)
+
+
+def _zero_mean_basis(cov: torch.Tensor, dim: int) -> torch.Tensor:
+    """A d x k basis for a zero-mean stream whose k coordinates also sum to zero.
+
+    A stock LayerNorm on the sliced stream subtracts the mean of the k kept coordinates,
+    z 1_k / k = x (Q 1_k) / k. Taking the top k-1 principal directions (all orthogonal to
+    1_d) plus the signal-free direction 1_d / sqrt(d), and turning that basis with the
+    Householder reflection that sends 1_k / sqrt(k) to its last axis, gives Q 1_k ∝ 1_d,
+    so every zero-mean x has z 1_k = 0 and the LayerNorm subtracts exactly nothing.
+    """
+    d = cov.shape[0]
+    ones = torch.full((d, 1), d ** -0.5, dtype=torch.float64, device=cov.device)
+    centering = torch.eye(d, dtype=torch.float64, device=cov.device) - ones @ ones.T
+    values, vectors = torch.linalg.eigh(centering @ cov @ centering)
+    top = vectors[:, torch.argsort(values, descending=True)[:dim - 1]]
+    basis, r = torch.linalg.qr(torch.cat([ones, top], dim=1))  # exact orthogonality, ones first
+    basis = basis * torch.sign(torch.diagonal(r))
+    basis = torch.cat([basis[:, 1:], basis[:, :1]], dim=1)
+    v = torch.full((dim,), dim ** -0.5, dtype=torch.float64, device=cov.device)
+    v[-1] -= 1.0
+    if dim > 1:
+        householder = torch.eye(dim, dtype=torch.float64, device=cov.device) - 2 * torch.outer(v, v) / (v @ v)
+        basis = basis @ householder
+    return basis
+
+
+def _tie_head(model: nn.Module, adapter: ModelAdapter) -> None:
+    head = get_path(model, adapter.head)
+    head.weight = get_path(model, adapter.embeddings[0]).weight
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = True
+
+
+@torch.no_grad()
+def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
+                   fit_tied_head: bool, progress: bool) -> SliceOutcome:
+    """One rotation Q for the whole stream: no skip matrices (see `rotate_and_slice`).
+
+    A tied head stays tied exactly when the final norm's gain is uniform; otherwise it is
+    untied (its gain folds into it) unless `fit_tied_head` keeps it tied and gives the final
+    norm the diagonal of Q^T diag(gain) Q, the least-squares diagonal in the rotated basis
+    (in the PCA basis the signal covariance is diagonal, so weighting by it changes nothing).
+    """
+    outcome = SliceOutcome()
+    embeddings = [resolve(model, p) for p in adapter.embeddings]
+    hidden = getattr(embeddings[0][0], embeddings[0][1]).shape[-1]
+    final_norm = get_path(model, adapter.final_norm)
+    final_gain = None
+    if fit_tied_head:
+        if adapter.norm_kind != "rmsnorm":
+            raise SliceGPTError(f"fitting a tied head's gain is for RMSNorm families, not {adapter.family}")
+        if not ties_head(model, adapter):
+            raise SliceGPTError("this model's head is not tied to its embeddings; there is no tied head to fit")
+        final_gain = final_norm.weight.data.to(torch.float64) + adapter.norm_offset
+    fuse_norms(model, adapter)  # keeps the head tied only where that stays exact
+    final_norm = get_path(model, adapter.final_norm)  # LayerNorm families: now an RMSNorm module
+    if final_gain is not None:
+        _tie_head(model, adapter)
+    tied = ties_head(model, adapter)
+
+    inputs, kwargs_per_layer = capture_layer_inputs(model, adapter, batches)
+    masks = [mask.to(inputs[0].device) for _, mask in batches]
+    layers = list(get_path(model, adapter.layers))
+    groups = branch_groups(adapter.branches)
+    structure = adapter.structure(rotation="uniform")
+    specs = {b["name"]: b for b in structure["branches"]}
+    for x in inputs:
+        _check_finite(x, "after the embeddings")
+    pooled = _pooled_covariance(layers, groups, specs, inputs, kwargs_per_layer, masks, progress)
+    del inputs
+    values, vectors = torch.linalg.eigh(pooled)
+    order = torch.argsort(values, descending=True)
+    outcome.spectra.append(values[order])
+    q = _zero_mean_basis(pooled, dim) if adapter.norm_kind == "layernorm" else vectors[:, order[:dim]]
+
+    for target in embeddings:
+        rotate_input(target, q)
+    for path in adapter.entry_writers:
+        rotate_output(resolve(model, path), q)
+    for li, layer in enumerate(layers):
+        for group in groups:
+            _rotate_reads(layer, f"{adapter.layers}.{li}", group, adapter, q, hidden, outcome)
+            _rotate_writes(layer, group, q)
+    eps = _resize_norm(final_norm, adapter, dim, hidden)
+    if eps is not None:
+        outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
+    if final_gain is not None:
+        fit = (q * q * final_gain[:, None]).sum(dim=0)  # diag(Q^T diag(gain) Q)
+        w = final_norm.weight.data
+        final_norm.weight.data = ((w.to(torch.float64) + adapter.norm_offset) * fit - adapter.norm_offset).to(w.dtype)
+    if tied:
+        _tie_head(model, adapter)
+    else:
         rotate_input(resolve(model, adapter.head), q)
     attach_structure(model, structure)
     model.slicegpt_structure = {"structure": structure, "module_attributes": outcome.module_attributes}

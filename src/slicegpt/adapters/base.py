@@ -81,6 +81,14 @@ class ModelAdapter:
     norm_offset: float = 0.0
     # Attribute holding a norm's epsilon (it is a plain float, not part of the state dict).
     norm_eps_attr: str = "variance_epsilon"
+    # Config attributes that hold the residual width, and the norms' epsilon (None: not in the
+    # config), rewritten when a uniformly sliced model becomes a stock model of the family.
+    config_hidden: tuple[str, ...] = ("hidden_size",)
+    config_eps: str | None = "rms_norm_eps"
+    # The family multiplies embeddings by sqrt(config hidden size) (Gemma).
+    scales_embeddings: bool = False
+    # Why the family's stock class cannot hold a sliced hidden size at all ("" = it can).
+    standard_blocker: str = ""
     # Variants decided by the config (parallel residual, projections); may refuse the config.
     configure: Callable[[ModelAdapter, object], ModelAdapter] | None = field(default=None, compare=False)
     notes: str = ""
@@ -93,22 +101,26 @@ class ModelAdapter:
         """The distinct per-layer norms that read the residual stream, in order."""
         return list(dict.fromkeys(b.norm for b in self.branches))
 
-    def structure(self, tied_head: bool = False) -> dict:
+    def structure(self, tied_head: bool = False, rotation: str = "per-layer") -> dict:
         """JSON-able layer structure, saved with a sliced model so it loads without adapters.
 
         `tied_head`: the embeddings and head stay tied and unsliced; the first layer projects
         the stream with an entry matrix, and the final norm stays the stock module.
+        `rotation="uniform"`: one basis everywhere, so the skip connections carry no matrix.
         """
+        per_layer = rotation == "per-layer"
         structure = {
             "layers": self.layers,
             "branches": [
                 {"name": b.name, "kind": b.kind, "norm": b.norm,
                  "module": b.module if isinstance(b.module, str) else list(b.module),
-                 "post_norm": b.post_norm, "parallel": b.parallel, "shortcut": b.shortcut,
+                 "post_norm": b.post_norm, "parallel": b.parallel,
+                 "shortcut": b.shortcut if per_layer else None,
                  "out_rotation": b.out_rotation if b.post_norm else None}
                 for b in self.branches
             ],
             "entry_rotation": tied_head,
+            "rotation": rotation,
         }
         if self.norm_kind == "layernorm":  # these become RMSNorm modules (see invariance)
             structure["rms_norms"] = {"layer": self.norm_names(), "model": [] if tied_head else [self.final_norm]}

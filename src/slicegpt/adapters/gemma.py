@@ -18,7 +18,8 @@ from slicegpt.adapters.base import Branch
 from slicegpt.adapters.llama import ADAPTER as LLAMA
 from slicegpt.adapters.llama import ATTENTION, MLP
 
-ADAPTER = replace(LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0, norm_eps_attr="eps")
+ADAPTER = replace(LLAMA, family="gemma", model_types=("gemma",), norm_offset=1.0, norm_eps_attr="eps",
+                  scales_embeddings=True)
 
 GEMMA2 = replace(
     ADAPTER,

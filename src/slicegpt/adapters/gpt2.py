@@ -30,5 +30,8 @@ ADAPTER = ModelAdapter(
     norm_kind="layernorm",
     slice_head_required=True,
     norm_eps_attr="eps",
+    config_hidden=("n_embd",),
+    config_eps="layer_norm_epsilon",
+    standard_blocker="GPT-2's attention width is n_embd, so a stock GPT-2 cannot have a sliced hidden size",
     configure=_configure,
 )

@@ -28,5 +28,7 @@ ADAPTER = ModelAdapter(
     branches=(ATTENTION, MLP),
     norm_kind="layernorm",
     norm_eps_attr="eps",
+    config_eps="layer_norm_eps",
+    standard_blocker="GPT-NeoX's attention width is hidden_size, so a stock GPT-NeoX cannot have a sliced hidden size",
     configure=_configure,
 )

@@ -41,5 +41,7 @@ ADAPTER = ModelAdapter(
     ),
     norm_kind="layernorm",
     norm_eps_attr="eps",
+    config_eps=None,  # OPT's LayerNorms use the fixed default 1e-5
+    standard_blocker="OPT's attention width is hidden_size, so a stock OPT cannot have a sliced hidden size",
     configure=_configure,
 )

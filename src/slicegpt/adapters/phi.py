@@ -22,4 +22,5 @@ ADAPTER = ModelAdapter(
     ),
     norm_kind="layernorm",
     norm_eps_attr="eps",
+    config_eps="layer_norm_eps",
 )
