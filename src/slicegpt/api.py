@@ -14,7 +14,9 @@ from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows,
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters
 from slicegpt.loading import load_model
+from slicegpt.invariance import ties_head
 from slicegpt.slicing import rotate_and_slice, sliced_dim
+from slicegpt.standard import check_standard, to_standard
 
 
 def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, samples: int = 32,
@@ -28,13 +30,22 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 calibration: Windows | torch.Tensor | str | os.PathLike = DEFAULT_DATA,
                 sparsity: float = 0.25, *, samples: int = 32, seqlen: int = 1024, seed: int = 0,
                 batch_size: int = 4, round_to: int = 8, slice_head: bool = False, keep_tied_head: bool = True,
-                progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
-    """Slice `model` in place with SliceGPT and return it with the record of what was done.
+                rotation: str = "per-layer", standard: bool = True, accept_deviation: bool = False,
+                fit_tied_head: bool = False, progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
+    """Slice `model` with SliceGPT and return the sliced model with the record of what was done.
 
-    `model` may be a loaded causal LM, a hub id, a directory or a .gguf file. `calibration`
-    is a data source (name or path; needs `tokenizer`), a [n, seqlen] tensor of token ids,
-    or prepared `Windows`. A head tied to the embeddings stays tied unless `keep_tied_head`
-    is False or the head is sliced (see `rotate_and_slice`).
+    `model` may be a loaded causal LM (sliced in place), a hub id, a directory or a .gguf
+    file. `calibration` is a data source (name or path; needs `tokenizer`), a [n, seqlen]
+    tensor of token ids, or prepared `Windows`.
+
+    `rotation="per-layer"` (the paper's) gives each block boundary its own basis and puts a
+    small matrix on every skip connection; a head tied to the embeddings stays tied unless
+    `keep_tied_head` is False or the head is sliced (see `rotate_and_slice`).
+    `rotation="uniform"` uses one basis for the whole stream, so with `standard` the result
+    is returned as a new stock model of the family (hidden size d') that plain transformers
+    loads; families whose stock class would only approximate it are refused before any work
+    unless `accept_deviation`. `fit_tied_head` keeps a tied head tied in uniform mode at the
+    cost of a fitted final-norm gain (measure its perplexity).
     """
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
@@ -45,8 +56,11 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
         raise SliceGPTError("this model is already sliced; slice the dense model instead")
     adapter = get_adapter(model.config)
     hidden = get_path(model, adapter.embeddings[0]).weight.shape[1]  # the residual width
-    slice_head = slice_head or adapter.slice_head_required
+    uniform = rotation == "uniform"
+    slice_head = uniform or slice_head or adapter.slice_head_required
     dim = sliced_dim(hidden, sparsity, round_to)
+    if uniform and standard:
+        check_standard(model, adapter, accept_deviation)
 
     calibration_info: dict = {}
     if isinstance(calibration, Windows):
@@ -64,15 +78,30 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                             tokens=windows.tokens)
 
     dense = count_parameters(model)
-    outcome = rotate_and_slice(model, adapter, windows.batches(batch_size), dim,
-                               slice_head=slice_head, keep_tied_head=keep_tied_head, progress=progress)
+    outcome = rotate_and_slice(model, adapter, windows.batches(batch_size), dim, slice_head=slice_head,
+                               keep_tied_head=keep_tied_head, rotation=rotation, fit_tied_head=fit_tied_head,
+                               progress=progress)
     config = SlicingConfig(
         sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim,
-        model_type=model.config.model_type, family=adapter.family, round_to=round_to,
-        slice_head=slice_head, tied_head=bool(model.slicegpt_structure["structure"].get("entry_rotation")),
-        calibration=calibration_info, source_model=source_model,
+        model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
+        slice_head=slice_head, tied_head=ties_head(model, adapter) or bool(
+            model.slicegpt_structure["structure"].get("entry_rotation")),
+        fit_tied_head=fit_tied_head, calibration=calibration_info, source_model=source_model,
         parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra)
+    if uniform and standard:
+        model = make_standard(model, config, accept_deviation, windows.input_ids[:1])
     return model, config
+
+
+def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: bool = False,
+                  sample: torch.Tensor | None = None) -> nn.Module:
+    """The stock-architecture model of a uniformly sliced one; records the deviation in `config`."""
+    stock, report = to_standard(model, accept_deviation, sample)
+    config.standard = True
+    config.deviations = report.deviations
+    config.max_logit_deviation = report.max_logit_deviation
+    config.parameters_sliced = count_parameters(stock)
+    return stock
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.loading import DEFAULT_MODEL, load_model
 from slicegpt.measure import measure
 from slicegpt.sliced_modeling import CheckpointError
+from slicegpt.standard import check_standard
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +54,7 @@ def _eval_windows(tokenizer, text: str, args) -> object:
 
 
 def cmd_slice(args) -> None:
-    from slicegpt.api import slice_model
+    from slicegpt.api import make_standard, slice_model
     from slicegpt.data import calibration_windows
     from slicegpt.evaluation import perplexity
     from slicegpt.io import save
@@ -69,7 +70,11 @@ def cmd_slice(args) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.sliced is not None:
         raise SliceGPTError(f"{args.model} is already a sliced model; slice the dense model instead")
-    get_adapter(model.config)  # an unsupported family fails before the slow dense evaluation
+    adapter = get_adapter(model.config)  # an unsupported family fails before the slow dense evaluation
+    uniform = args.rotation == "uniform"
+    if args.fit_tied_head and not uniform:
+        raise SliceGPTError("--fit-tied-head applies to --rotation uniform only")
+    deviations = check_standard(model, adapter, args.accept_deviation) if uniform else []
 
     eval_source = args.eval_data or args.calibration
     if eval_source == args.calibration and Path(str(eval_source)).is_file():
@@ -86,10 +91,16 @@ def cmd_slice(args) -> None:
     with measure(device) as m:
         model, config = slice_model(model, tokenizer, windows, args.sparsity, batch_size=args.batch_size,
                                     round_to=args.round_to, slice_head=args.slice_head,
-                                    keep_tied_head=not args.untie_head)
+                                    keep_tied_head=not args.untie_head, rotation=args.rotation,
+                                    standard=False, fit_tied_head=args.fit_tied_head)
+    if deviations and eval_windows is not None:  # what the approximation costs, measured
+        figures["perplexity_exact"] = perplexity(model, eval_windows, args.eval_batch_size)
+    if uniform:
+        model = make_standard(model, config, args.accept_deviation, windows.input_ids[:1])
     config.source_model = str(loaded.source)
     config.calibration.update(source=str(args.calibration), seed=args.seed)
-    figures.update(parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
+    figures.update(rotation=config.rotation, standard=config.standard, deviations=config.deviations,
+                   max_logit_deviation=config.max_logit_deviation, parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
                    parameter_ratio=config.parameters_sliced / config.parameters_dense,
                    hidden_size=config.hidden_size, sliced_hidden_size=config.sliced_hidden_size,
                    slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes)
@@ -101,10 +112,18 @@ def cmd_slice(args) -> None:
 
     rows = [("model", figures["model"]), ("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"),
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
-                           f"({figures['parameter_ratio']:.1%}, skip matrices included)")]
+                           f"({figures['parameter_ratio']:.1%}, "
+                           f"{'every matrix included' if uniform else 'skip matrices included'})")]
+    if uniform:
+        rows.append(("format", f"standard {config.model_type} model (plain transformers from_pretrained; "
+                               f"head {'tied' if config.tied_head else 'untied'})"))
     if eval_windows is not None:
         rows.append(("perplexity", f"{figures['perplexity_dense']:.3f} -> {figures['perplexity_sliced']:.3f} "
                                    f"({eval_windows.tokens:,} tokens of {eval_source})"))
+    if config.deviations:
+        exact = f"; exact sliced model {figures['perplexity_exact']:.3f}" if "perplexity_exact" in figures else ""
+        rows.append(("deviation", f"max |logit difference| {config.max_logit_deviation:.3g}{exact} "
+                                  f"({'; '.join(config.deviations)})"))
     rows += [("slicing time", f"{m.seconds:.1f} s"), ("peak memory", _gib(m.peak_bytes)), ("saved to", str(out))]
     _emit(args, rows, figures)
 
@@ -171,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     p.add_argument("--round-to", type=int, default=8, help="round the sliced size down to a multiple of this")
     p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    p.add_argument("--rotation", choices=("per-layer", "uniform"), default="per-layer",
+                   help="per-layer: a basis per block and a matrix on each skip connection (the paper's; "
+                        "best perplexity); uniform: one basis, saved as a standard model of the family that "
+                        "plain transformers and llama.cpp (via `slicegpt export`) load")
+    p.add_argument("--accept-deviation", action="store_true",
+                   help="uniform: write a standard model even where the stock class only approximates the "
+                        "sliced one (Gemma 2/3 branch-output norms, Qwen3 q/k-norm epsilon); the cost is reported")
+    p.add_argument("--fit-tied-head", action="store_true",
+                   help="uniform: keep a tied head tied by fitting the final norm's gain (fewer parameters, "
+                        "some perplexity) instead of untying it")
     p.add_argument("--untie-head", action="store_true",
                    help="slice a tied embedding table and untie the head (the paper's way; more parameters, "
                         "same function) instead of keeping them tied with a d x d' entry matrix")

@@ -16,6 +16,10 @@ class SlicingConfig:
     round_to: int = 8
     slice_head: bool = False
     tied_head: bool = False  # embeddings stay tied to the head and unsliced (an entry matrix instead)
+    fit_tied_head: bool = False  # uniform: tied head kept with a fitted diagonal final-norm gain
+    standard: bool = False  # saved as the family's stock architecture (uniform rotation)
+    deviations: list = field(default_factory=list)  # why the stock model is only approximate
+    max_logit_deviation: float | None = None  # stock vs exact sliced model, one calibration window
     calibration: dict = field(default_factory=dict)  # source, samples, seqlen, seed, tokens
     source_model: str = ""
     parameters_dense: int = 0

@@ -58,30 +58,43 @@ def _config_dict(model: nn.Module, structure: dict, module_attributes: dict) -> 
     return config
 
 
+def _save_sliced(model: nn.Module, slicing: dict, tmp: Path) -> None:
+    """Weights, config with the slicing structure, and the loader code for trust_remote_code."""
+    from safetensors.torch import save_file
+
+    save_file(_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    config_dict = _config_dict(model, slicing["structure"], slicing["module_attributes"])
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    shutil.copyfile(sliced_modeling.__file__, tmp / CODE_NAME)
+
+
 def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.PathLike,
          force: bool = False, extra: dict | None = None) -> Path:
-    """Write a sliced model directory atomically; refuse to replace one unless `force`."""
+    """Write a sliced model directory atomically; refuse to replace one unless `force`.
+
+    A per-layer model is written with its slicing structure and loader code (it loads with
+    slicegpt or with trust_remote_code); a standard one (`config.standard`) is written by the
+    family's own `save_pretrained` and loads with plain transformers.
+    """
     out = Path(out_dir)
     if out.exists() and not force:
         raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not out.is_dir():
         raise SliceGPTError(f"output path {out} exists and is not a directory")
     slicing = getattr(model, "slicegpt_structure", None)
-    if slicing is None:
+    if slicing is None and not config.standard:
         raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        from safetensors.torch import save_file
-
-        save_file(_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config_dict = _config_dict(model, slicing["structure"], slicing["module_attributes"])
-        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+        if slicing is None:  # a stock model (uniform rotation): the family's own format, nothing else
+            model.save_pretrained(tmp)
+        else:
+            _save_sliced(model, slicing, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.copyfile(sliced_modeling.__file__, tmp / CODE_NAME)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
                     **(extra or {})}
@@ -136,6 +149,12 @@ def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     from transformers import AutoTokenizer
 
     manifest = verify(directory) if check else read_manifest(directory)
+    if manifest.get("slicing", {}).get("standard"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return LoadedModel(model.to(device).eval(), tokenizer, str(directory), sliced=manifest)
     try:
         model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
     except CheckpointError as e:

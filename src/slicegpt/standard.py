@@ -67,6 +67,20 @@ def standard_obstacles(model: nn.Module, adapter: ModelAdapter) -> tuple[str, li
     return "", deviations
 
 
+def check_standard(model: nn.Module, adapter=None, accept_deviation: bool = False) -> list[str]:
+    """Refuse early (before slicing) what `to_standard` would refuse; return the deviations."""
+    blocker, deviations = standard_obstacles(model, adapter or get_adapter(model.config))
+    if blocker:
+        raise SliceGPTError(f"no standard export for {model.config.model_type}: {blocker}; "
+                            "use --rotation per-layer (slicegpt format)")
+    if deviations and not accept_deviation:
+        raise SliceGPTError(
+            f"a stock {model.config.model_type} model cannot compute the sliced model exactly: "
+            f"{'; '.join(deviations)}; pass --accept-deviation (accept_deviation=True) to write the "
+            "approximation (its cost is reported), or use --rotation per-layer")
+    return deviations
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -126,13 +140,7 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
         raise SliceGPTError("only a model sliced with --rotation uniform can become a standard model: per-layer "
                             "rotation puts a matrix on every skip connection, which no stock architecture has")
     adapter = get_adapter(model.config)
-    blocker, deviations = standard_obstacles(model, adapter)
-    if blocker:
-        raise SliceGPTError(f"no standard export for {model.config.model_type}: {blocker}")
-    if deviations and not accept_deviation:
-        raise SliceGPTError(
-            f"a stock {model.config.model_type} model cannot compute this sliced model exactly: "
-            f"{'; '.join(deviations)}; pass --accept-deviation (accept_deviation=True) to write the approximation")
+    deviations = check_standard(model, adapter, accept_deviation)
 
     device = next(model.parameters()).device
     reference = model(sample.to(device)).logits if sample is not None else None
