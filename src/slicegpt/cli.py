@@ -158,6 +158,38 @@ def cmd_generate(args) -> None:
         print(args.prompt + text)
 
 
+def cmd_export(args) -> None:
+    from slicegpt.gguf_export import export_gguf
+    from slicegpt.io import load
+    from slicegpt.loading import EMBEDDED_MODELS
+
+    directory = Path(args.model)
+    if not (directory / "slicegpt.json").is_file():
+        raise SliceGPTError(f"{directory} is not a slicegpt output directory (no slicegpt.json)")
+    out = Path(args.out)
+    if out.exists() and not args.force:  # before loading anything
+        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    loaded = load(directory, dtype="float32")
+    slicing = loaded.sliced.get("slicing", {})
+    if not slicing.get("standard"):
+        raise SliceGPTError(f"{directory} was sliced with per-layer rotations (a matrix on every skip connection), "
+                            "which GGUF cannot hold; slice the model again with --rotation uniform")
+    source = slicing.get("source_model", "")
+    try:
+        source_gguf = EMBEDDED_MODELS[source]() if source in EMBEDDED_MODELS else Path(source)
+    except SliceGPTError:
+        source_gguf = None
+    if source_gguf is not None and source_gguf.suffix != ".gguf":
+        source_gguf = None
+    path = export_gguf(loaded.model, loaded.tokenizer, out, dtype=args.dtype, source_gguf=source_gguf,
+                       force=args.force, name=f"{directory.name} (slicegpt)")
+    figures = {"model": str(directory), "out": str(path), "format": args.format, "dtype": args.dtype,
+               "bytes": path.stat().st_size, "tokenizer": "copied from " + str(source_gguf) if source_gguf
+               else "built from tokenizer.json"}
+    _emit(args, [("model", str(directory)), ("written", f"{path} ({figures['bytes'] / 2**20:.1f} MiB, {args.dtype})"),
+                 ("tokenizer", figures["tokenizer"])], figures)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -224,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a uniformly sliced model as a GGUF file for llama.cpp")
+    p.add_argument("model", help="a slicegpt output directory sliced with --rotation uniform")
+    p.add_argument("--format", choices=("gguf",), default="gguf")
+    p.add_argument("--dtype", choices=("f16", "f32"), default="f16", help="tensor type of the matrices (default f16)")
+    p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

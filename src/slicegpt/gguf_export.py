@@ -186,6 +186,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,198 @@
+"""Uniform rotation: one basis, no skip matrices, a stock model that plain transformers and GGUF load."""
+
+import math
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.api import make_standard
+from slicegpt.adapters import get_adapter
+from slicegpt.errors import SliceGPTError
+from slicegpt.gguf_export import export_gguf
+from slicegpt.slicing import rotate_and_slice
+from slicegpt.standard import to_standard
+from conftest import FAMILIES, TEXT, clone, make_model
+
+EXACT = ["gemma", "llama", "mistral", "mixtral", "phi", "phi3", "qwen2", "qwen2_moe"]
+APPROXIMATE = ["gemma2", "gemma3_text", "qwen3", "qwen3_moe"]
+BLOCKED = ["gpt2", "gpt_neox", "gpt_neox_sequential", "opt", "opt_project"]
+
+
+def test_every_family_is_classified():
+    assert sorted(EXACT + APPROXIMATE + BLOCKED) == FAMILIES
+
+
+def _ids(n=3, length=24, seed=1):
+    torch.manual_seed(seed)
+    return torch.randint(3, 300, (n, length))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_rotation_without_slicing_is_exact(family, exact_norms):
+    model = make_model(family, torch.float64)
+    ids = _ids()
+    expected = model(ids).logits
+    adapter = get_adapter(model.config)
+    hidden = model.get_submodule(adapter.embeddings[0]).weight.shape[1]  # the residual width
+    rotate_and_slice(model, adapter, [(ids, torch.ones_like(ids))], hidden, rotation="uniform", progress=False)
+    layer = model.get_submodule(adapter.layers)[0]
+    assert not [n for n, _ in layer.named_parameters() if "shortcut" in n]
+    assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("family", EXACT)
+def test_standard_model_equals_the_sliced_model_and_loads_with_plain_transformers(family, exact_norms, calibration,
+                                                                                   tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(family, torch.float64)
+    sliced, config = slicegpt.slice_model(model, tokenizer, calibration, 0.25, rotation="uniform", standard=False,
+                                          progress=False)
+    ids = calibration.input_ids[:2, :32]
+    expected = sliced(ids).logits
+    stock = make_standard(sliced, config, sample=ids)
+    assert type(stock).__module__.startswith("transformers.models.")
+    assert getattr(stock, "slicegpt_structure", None) is None
+    assert stock.get_input_embeddings().weight.shape[1] == config.sliced_hidden_size == 48
+    # Gemma's stock embedding scale sqrt(d') is a float32 buffer: 1e-8 relative rounding
+    tolerance = 1e-7 if family == "gemma" else 1e-10
+    assert config.standard and config.deviations == [] and config.max_logit_deviation < tolerance
+    assert torch.allclose(stock(ids).logits, expected, atol=tolerance, rtol=0)
+    assert config.parameters_sliced == slicegpt.count_parameters(stock) < config.parameters_dense
+
+    out = slicegpt.save(stock, tokenizer, config, tmp_path / family)
+    assert not (out / "modeling_slicegpt.py").exists()
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code, no slicegpt
+    if family in ("mixtral", "qwen2_moe"):
+        plain.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    assert plain.get_input_embeddings().weight.shape[1] == 48
+    assert torch.allclose(plain(ids).logits, expected, atol=tolerance, rtol=0)
+    again = slicegpt.load(out)
+    if family in ("mixtral", "qwen2_moe"):
+        again.model.set_experts_implementation("eager")
+    assert again.sliced["slicing"]["standard"] and torch.equal(again.model(ids).logits, plain(ids).logits)
+    prompt = ids[:1, :6]
+    cached = plain.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    uncached = plain.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("family", BLOCKED)
+def test_families_whose_stock_class_ties_attention_to_the_width_are_refused_before_slicing(family, calibration):
+    model = make_model(family)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(SliceGPTError, match="attention width .* cannot have a sliced hidden size.*per-layer"):
+        slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform", progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", APPROXIMATE)
+def test_approximate_families_need_accept_deviation_and_report_it(family, calibration):
+    model = make_model(family)
+    with pytest.raises(SliceGPTError, match="cannot compute the sliced model exactly.*--accept-deviation"):
+        slicegpt.slice_model(clone(model), None, calibration, 0.25, rotation="uniform", progress=False)
+    stock, config = slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform",
+                                         accept_deviation=True, progress=False)
+    assert config.standard and config.deviations
+    assert config.max_logit_deviation is not None and config.max_logit_deviation > 0
+    assert getattr(stock, "slicegpt_structure", None) is None
+    # the exact uniform model is still available without the standard conversion
+    exact, exact_config = slicegpt.slice_model(make_model(family), None, calibration, 0.25, rotation="uniform",
+                                               standard=False, progress=False)
+    assert not exact_config.standard and exact.slicegpt_structure["structure"]["rotation"] == "uniform"
+
+
+def test_per_layer_models_have_no_standard_form(calibration):
+    model, _ = slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, progress=False)
+    with pytest.raises(SliceGPTError, match="only a model sliced with --rotation uniform"):
+        to_standard(model)
+    with pytest.raises(SliceGPTError, match="--rotation uniform"):
+        export_gguf(model, None, "unused.gguf")
+
+
+def test_layernorm_basis_makes_kept_coordinates_sum_to_zero(calibration):
+    """Phi: a stock LayerNorm on the sliced stream must subtract a zero mean."""
+    model = make_model("phi", torch.float64)
+    seen = []
+    stock, config = slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform", progress=False)
+    assert isinstance(stock.model.final_layernorm, torch.nn.LayerNorm)
+    hook = stock.model.layers[1].input_layernorm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    stock(calibration.input_ids[:2, :32])
+    hook.remove()
+    stream = seen[0]
+    assert stream.shape[-1] == 48
+    assert stream.sum(-1).abs().max() < 1e-9 * stream.abs().max()
+
+
+def _final_gain(model, value=None):
+    norm = model.model.norm
+    if value is not None:
+        with torch.no_grad():
+            norm.weight.fill_(value)
+    return norm.weight
+
+
+def test_tied_head_stays_tied_only_when_exact_and_fit_is_opt_in(calibration, exact_norms):
+    V, D, k = 300, 64, 48
+    ids = calibration.input_ids[:2, :32]
+    # non-uniform final gain: untied (costs V x k parameters), exact
+    untied, cu = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, 0.25,
+                                      rotation="uniform", progress=False)
+    assert not untied.config.tie_word_embeddings and not cu.tied_head
+    assert untied.lm_head.weight.shape == (V, k) and untied.lm_head.weight is not untied.model.embed_tokens.weight
+    # fitted: tied again, V x k fewer parameters, the final gain is a fitted diagonal
+    fitted, cf = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, 0.25,
+                                      rotation="uniform", fit_tied_head=True, progress=False)
+    assert fitted.config.tie_word_embeddings and cf.tied_head and cf.fit_tied_head
+    assert fitted.lm_head.weight is fitted.model.embed_tokens.weight
+    assert cu.parameters_sliced - cf.parameters_sliced == V * k
+    assert not torch.allclose(fitted(ids).logits, untied(ids).logits, atol=1e-6)
+    # uniform final gain: stays tied and exact (same function as the untied slicing)
+    dense = make_model("llama", torch.float64)
+    _final_gain(dense, 1.0)
+    reference, _ = slicegpt.slice_model(clone(dense), None, calibration, 0.25, rotation="uniform",
+                                        keep_tied_head=False, standard=False, progress=False)
+    tied, ct = slicegpt.slice_model(dense, None, calibration, 0.25, rotation="uniform", progress=False)
+    assert ct.tied_head and tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert torch.allclose(tied(ids).logits, reference(ids).logits, atol=1e-10, rtol=0)
+    with pytest.raises(SliceGPTError, match="not tied"):
+        slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform",
+                             fit_tied_head=True, progress=False)
+    with pytest.raises(SliceGPTError, match="uniform only"):
+        slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, fit_tied_head=True, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("dtype,tolerance", [("f32", 1e-5), ("f16", 2e-3)])
+def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, calibration, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stock, config = slicegpt.slice_model(make_model(family), tokenizer, calibration, 0.25, rotation="uniform",
+                                         progress=False)
+    path = export_gguf(stock, tokenizer, tmp_path / "model.gguf", dtype=dtype)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert back.config.hidden_size == 48 and back.config.head_dim == 16
+    ids = calibration.input_ids[:2, :32]
+    expected = stock(ids).logits
+    scale = expected.abs().max()
+    assert (back(ids).logits - expected).abs().max() <= tolerance * scale
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert back_tokenizer(TEXT[:400])["input_ids"] == tokenizer(TEXT[:400])["input_ids"]
+    with pytest.raises(SliceGPTError, match="already exists"):
+        export_gguf(stock, tokenizer, path)
+
+
+def test_gguf_export_refuses_unsupported_architectures(calibration, tmp_path):
+    stock, _ = slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform", progress=False)
+    with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral"):
+        export_gguf(stock, None, tmp_path / "q.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_uniform_perplexity_is_finite_and_param_count_honest(calibration):
+    stock, config = slicegpt.slice_model(make_model("llama"), None, calibration, 0.5, rotation="uniform",
+                                         progress=False)
+    assert config.sliced_hidden_size == 32 and config.rotation == "uniform"
+    assert config.parameters_sliced == sum(p.numel() for p in {id(p): p for p in stock.parameters()}.values())
+    assert math.isfinite(slicegpt.perplexity(stock, calibration, progress=False))
