@@ -1,5 +1,9 @@
 """Benchmark: slice the embedded default model at several sparsities and print a table.
 
+Both rotations can be compared in one run (`--rotation both`): per-layer (the paper's, skip
+matrices) and uniform (one basis, a standard model of the family; its exact-vs-standard
+perplexity is shown where the stock class only approximates it, `--accept-deviation`).
+
 For each sparsity: dense and sliced perplexity, parameter counts (skip matrices included),
 slicing wall time, peak memory during slicing; against the floor, one dense forward pass
 through the decoder over the same calibration tokens (logits only for the last position:
@@ -9,6 +13,7 @@ process, so its peak RSS is its own.
     .venv/bin/python bench/slice_default.py                # 32 x 1024 calibration, 10/20/25/30%
     .venv/bin/python bench/slice_default.py --samples 8 --seqlen 256 --sparsities 0.25
     .venv/bin/python bench/slice_default.py --model gemma3-270m --sparsities 0.25
+    .venv/bin/python bench/slice_default.py --rotation both --fit-tied-head   # README trade-off table
 """
 
 from __future__ import annotations
@@ -45,12 +50,24 @@ def child(args) -> dict:
         ppl = slicegpt.perplexity(model, _evaluation(tokenizer, args), progress=False)
         return {"floor_seconds": m.seconds, "floor_peak_bytes": m.peak_bytes, "perplexity": ppl,
                 "parameters": slicegpt.count_parameters(model)}
+    from slicegpt.api import make_standard
+
+    sparsity, rotation, variant = (args.child.split("/") + ["", ""])[:3]
+    windows = _evaluation(tokenizer, args)
     with measure() as m:
-        model, config = slicegpt.slice_model(model, tokenizer, calibration, float(args.child),
+        model, config = slicegpt.slice_model(model, tokenizer, calibration, float(sparsity), rotation=rotation,
+                                             standard=False, fit_tied_head=variant == "fit",
                                              batch_size=args.batch_size, progress=False)
-    ppl = slicegpt.perplexity(model, _evaluation(tokenizer, args), progress=False)
-    return {"sparsity": float(args.child), "seconds": m.seconds, "peak_bytes": m.peak_bytes, "perplexity": ppl,
-            "parameters": config.parameters_sliced, "hidden": config.sliced_hidden_size}
+    row = {"sparsity": float(sparsity), "rotation": rotation + (" (fitted tied head)" if variant == "fit" else ""),
+           "seconds": m.seconds, "peak_bytes": m.peak_bytes}
+    if rotation == "uniform":
+        if args.accept_deviation:  # the exact sliced function, before the stock approximation
+            row["perplexity_exact"] = slicegpt.perplexity(model, windows, progress=False)
+        model = make_standard(model, config, args.accept_deviation, calibration.input_ids[:1])
+        row["deviations"] = config.deviations
+    row.update(perplexity=slicegpt.perplexity(model, windows, progress=False), parameters=config.parameters_sliced,
+               hidden=config.sliced_hidden_size, tied_head=config.tied_head)
+    return row
 
 
 def main() -> None:
@@ -65,6 +82,10 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rotation", choices=("per-layer", "uniform", "both"), default="per-layer")
+    p.add_argument("--fit-tied-head", action="store_true", help="uniform: also the fitted tied head variant")
+    p.add_argument("--accept-deviation", action="store_true",
+                   help="uniform on families the stock class only approximates: measure exact and standard")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -78,16 +99,23 @@ def main() -> None:
 
     started = time.time()
     dense = run("dense")
-    rows = [run(s) for s in args.sparsities.split(",")]
+    rotations = ["per-layer", "uniform"] if args.rotation == "both" else [args.rotation]
+    configs = [f"{s}/{r}" for s in args.sparsities.split(",") for r in rotations]
+    if args.fit_tied_head:
+        configs += [f"{s}/uniform/fit" for s in args.sparsities.split(",")]
+    rows = [run(c) for c in configs]
     gib = 2**30
     print(f"model {args.model}; calibration {args.samples} x {args.seqlen} tokens of {args.data}; perplexity on "
           f"{args.eval_samples} x {args.eval_seqlen} held-out tokens; torch threads {torch.get_num_threads()}")
     print(f"floor (one dense decoder forward over the calibration tokens): {dense['floor_seconds']:.1f} s, "
           f"peak {dense['floor_peak_bytes'] / gib:.2f} GiB\n")
-    print("| sparsity | d' | ppl dense | ppl sliced | params dense | params sliced | ratio | slicing s | x floor | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| sparsity | rotation | d' | ppl dense | ppl sliced | params dense | params sliced | ratio | slicing s "
+          "| x floor | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['sparsity']:.0%} | {r['hidden']} | {dense['perplexity']:.2f} | {r['perplexity']:.2f} | "
+        exact = f" (exact {r['perplexity_exact']:.2f})" if "perplexity_exact" in r else ""
+        print(f"| {r['sparsity']:.0%} | {r['rotation']} | {r['hidden']} | {dense['perplexity']:.2f} | "
+              f"{r['perplexity']:.2f}{exact} | "
               f"{dense['parameters'] / 1e6:.1f}M | {r['parameters'] / 1e6:.1f}M | "
               f"{r['parameters'] / dense['parameters']:.3f} | {r['seconds']:.1f} | "
               f"{r['seconds'] / dense['floor_seconds']:.2f} | {r['peak_bytes'] / gib:.2f} |")

@@ -136,3 +136,75 @@ def test_eval_works_on_dense_models_of_any_causal_family(tmp_path, tokenizer):
     result = run("eval", tmp_path, "--data", TEXT_FILE, "--samples", "2", "--seqlen", "64", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["perplexity"] > 1
+
+
+def _model_dir(path, family, tokenizer):
+    make_model(family).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_uniform_slice_writes_a_standard_model_and_exports_gguf(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "uniform"
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--rotation", "uniform", "--calibration", TEXT_FILE,
+                 "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["rotation"] == "uniform" and figures["standard"] is True and figures["deviations"] == []
+    assert "standard llama model" in result.stdout
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert type(plain).__name__ == "LlamaForCausalLM" and plain.config.hidden_size == 48
+    assert sum(p.numel() for p in plain.parameters()) == figures["parameters_sliced"]
+
+    evaluated = run("eval", out, "--data", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    evaluated = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert evaluated["perplexity"] > 1 and evaluated["parameters"] == figures["parameters_sliced"]
+
+    gguf = tmp_path / "sliced.gguf"
+    exported = run("export", out, "--format", "gguf", "--dtype", "f32", "--out", gguf, "--json")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout.strip().splitlines()[-1])["tokenizer"] == "built from tokenizer.json"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 123, 7]])
+    assert torch.allclose(back(ids).logits, plain(ids).logits, atol=1e-5)
+    assert_one_line_error(run("export", out, "--out", gguf), "already exists.*--force")
+
+
+def test_export_refuses_per_layer_models_and_non_outputs(tiny_model_dir, tmp_path):
+    out = tmp_path / "per-layer"
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "4",
+                 "--seqlen", "64", "--no-eval", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert_one_line_error(run("export", out, "--out", tmp_path / "x.gguf"), "per-layer rotations.*--rotation uniform")
+    assert_one_line_error(run("export", tiny_model_dir, "--out", tmp_path / "x.gguf"), "not a slicegpt output")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_uniform_refusals_come_before_any_work(tmp_path, tokenizer):
+    gemma = _model_dir(tmp_path / "gemma2", "gemma2", tokenizer)
+    result = run("slice", gemma, "--sparsity", "0.25", "--rotation", "uniform", "--out", tmp_path / "o")
+    assert_one_line_error(result, "cannot compute the sliced model exactly.*branch-output norms.*--accept-deviation")
+    gpt2 = _model_dir(tmp_path / "gpt2", "gpt2", tokenizer)
+    result = run("slice", gpt2, "--sparsity", "0.25", "--rotation", "uniform", "--out", tmp_path / "o")
+    assert_one_line_error(result, "no standard export for gpt2.*--rotation per-layer")
+    result = run("slice", gpt2, "--sparsity", "0.25", "--fit-tied-head", "--out", tmp_path / "o")
+    assert_one_line_error(result, "--fit-tied-head applies to --rotation uniform only")
+    assert not (tmp_path / "o").exists()
+
+
+def test_accepted_deviation_is_measured_and_reported(tmp_path, tokenizer):
+    gemma = _model_dir(tmp_path / "gemma2", "gemma2", tokenizer)
+    out = tmp_path / "o"
+    result = run("slice", gemma, "--sparsity", "0.25", "--rotation", "uniform", "--accept-deviation",
+                 "--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2", "--out", out,
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["deviations"] and figures["max_logit_deviation"] > 0
+    assert figures["perplexity_exact"] > 0 and figures["perplexity_sliced"] > 0
+    assert "deviation" in result.stdout and "exact sliced model" in result.stdout
+    manifest = json.loads((out / "slicegpt.json").read_text())
+    assert manifest["slicing"]["deviations"] == figures["deviations"]
