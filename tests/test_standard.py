@@ -183,6 +183,28 @@ def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, c
         export_gguf(stock, tokenizer, path)
 
 
+def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tokenizer, tmp_path, monkeypatch):
+    """Per-layer and exact-uniform directories (slicegpt format), standard directories, GGUF files."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
+    ids = calibration.input_ids[:2, :32]
+    per_layer, c1 = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, 0.25, progress=False)
+    exact, c2 = slicegpt.slice_model(make_model("gemma2"), tokenizer, calibration, 0.25, rotation="uniform",
+                                     standard=False, progress=False)
+    stock, c3 = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, 0.25, rotation="uniform",
+                                     progress=False)
+    for name, model, config in [("per-layer", per_layer, c1), ("exact-uniform", exact, c2), ("standard", stock, c3)]:
+        out = slicegpt.save(model, tokenizer, config, tmp_path / name)
+        expected = model(ids).logits
+        for loaded in (slicegpt.load(out).model, slicegpt.load_model(out).model,
+                       AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
+            assert torch.allclose(loaded(ids).logits, expected, atol=1e-5), name
+    gguf = export_gguf(stock, tokenizer, tmp_path / "standard.gguf", dtype="f32")
+    from_gguf = slicegpt.load_model(gguf)  # dequantized once into the cache, like any GGUF model
+    assert torch.allclose(from_gguf.model(ids).logits, stock(ids).logits, atol=1e-5)
+
+
 def test_gguf_export_refuses_unsupported_architectures(calibration, tmp_path):
     stock, _ = slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform", progress=False)
     with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral"):
