@@ -5,21 +5,27 @@
     model, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25)
     slicegpt.save(model, loaded.tokenizer, config, "out/smollm2-25")
     again = slicegpt.load("out/smollm2-25")
+
+    # one basis for the whole stream: a stock LlamaForCausalLM with hidden size 432, and GGUF
+    stock, config = slicegpt.slice_model("default", sparsity=0.25, rotation="uniform")
+    slicegpt.export_gguf(stock, loaded.tokenizer, "out/smollm2-25.gguf")
 """
 
 from slicegpt.adapters import get_adapter, supported_model_types
-from slicegpt.api import calibration_data, generate, slice_model
+from slicegpt.api import calibration_data, generate, make_standard, slice_model
 from slicegpt.config import SlicingConfig
 from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters, perplexity
+from slicegpt.gguf_export import export_gguf
 from slicegpt.io import load, save
 from slicegpt.loading import LoadedModel, load_model
+from slicegpt.standard import to_standard
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
-    "bos_token", "evaluation_windows", "generate", "get_adapter", "load", "load_model", "load_text", "perplexity",
-    "save", "slice_model", "supported_model_types", "tokenize",
+    "bos_token", "evaluation_windows", "export_gguf", "generate", "make_standard", "get_adapter", "load", "load_model", "load_text", "perplexity",
+    "save", "slice_model", "supported_model_types", "to_standard", "tokenize",
 ]
