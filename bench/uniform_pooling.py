@@ -1,0 +1,49 @@
+"""Benchmark: how the uniform rotation pools the block-boundary covariances.
+
+Unit trace per boundary (the default) against plain pooling (every boundary's tokens with
+their raw energy), on the same model, calibration and held-out text in one run.
+
+    .venv/bin/python bench/uniform_pooling.py [--model default] [--sparsity 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from functools import partial
+
+import slicegpt
+from slicegpt import slicing
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--eval-samples", type=int, default=16)
+    args = p.parse_args()
+
+    loaded = slicegpt.load_model(args.model)
+    tokenizer = loaded.tokenizer
+    held_out = slicegpt.evaluation_windows(slicegpt.tokenize(tokenizer, slicegpt.load_text("shakespeare", "evaluation")),
+                                           args.seqlen, args.eval_samples, bos=slicegpt.bos_token(tokenizer))
+    calibration = slicegpt.calibration_data(tokenizer, "shakespeare", args.samples, args.seqlen)
+    dense = slicegpt.perplexity(loaded.model, held_out, progress=False)
+    pooled = slicing._pooled_covariance
+    print(f"model {args.model}, sparsity {args.sparsity:.0%}, dense perplexity {dense:.2f}")
+    print("| pooling | perplexity | ratio to dense |\n|---|---|---|")
+    try:
+        for name, unit_trace in (("unit trace per boundary (default)", True), ("raw (token-weighted)", False)):
+            slicing._pooled_covariance = partial(pooled, unit_trace=unit_trace)
+            model, _ = slicegpt.slice_model(copy.deepcopy(loaded.model), tokenizer, calibration, args.sparsity,
+                                            rotation="uniform", progress=False)
+            ppl = slicegpt.perplexity(model, held_out, progress=False)
+            print(f"| {name} | {ppl:.2f} | {ppl / dense:.2f} |", flush=True)
+    finally:
+        slicing._pooled_covariance = pooled
+
+
+if __name__ == "__main__":
+    main()
