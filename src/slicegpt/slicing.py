@@ -1,10 +1,10 @@
 """Rotate and slice, layer by layer, in one pass over the calibration activations.
 
 For each residual step i (attention, MLP, or parallel branches) the stream entering it is
-held sliced, ``z_i = x_i Q_i[:, :k]``. The step runs once on ``z_i Q_i[:, :k]^T`` through its
-still unrotated weights, which gives the full-width signal after it,
-``x_{i+1} = z_i Q_i^T + branch(z_i Q_i^T)``, exactly the function the sliced model computes
-(its norms act on k coordinates with constants rescaled to match). Its covariance gives
+held sliced, ``z_i = x_i Q_i[:, :k]``. The step's readers are rotated and sliced first and it
+runs once on ``z_i``, its writers still in the original basis, which gives the full-width
+signal after it, ``x_{i+1} = z_i Q_i^T + branch(z_i)``, exactly the function the sliced model
+computes (its norms act on k coordinates with constants rescaled to match). Its covariance gives
 Q_{i+1}; then inputs and outputs are rotated, the skip gets ``S_i = Q_i[:, :k]^T Q_{i+1}[:, :k]``,
 and ``z_{i+1} = x_{i+1} Q_{i+1}[:, :k]``. Each branch is evaluated once (the paper's code runs
 every block twice and keeps every activation); only one boundary's activations are held.
@@ -231,16 +231,21 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
         for li, layer in enumerate(layers):
             prefix = f"{adapter.layers}.{li}"
             for gi, group in enumerate(groups):
-                # The branch runs on the stream as the sliced model will hold it, mapped back to
-                # full width (z Q^T), through the still unrotated weights: the same function as
-                # the rotated, sliced branch on z, and every kernel sees square shapes.
+                # The branch runs on the stream as the sliced model will hold it: its norms and
+                # input linears already read z (d' wide), its outputs still write the original
+                # basis, so z Q^T + branch(z) is the full-width signal after the step. MoE
+                # kernels write as wide as they read, so there the branch runs on z Q^T through
+                # the unrotated weights instead (the same function) and is rotated afterwards.
+                on_sliced = not any(b.width_attrs for b in group)
+                if on_sliced:
+                    _rotate_reads(layer, prefix, group, adapter, q, hidden, outcome)
                 q_t = q.T.to(dtype)
                 cov = Covariance(hidden, q.device)
                 full = []
                 for zb, kwargs, m in zip(z, kwargs_per_layer[li], masks):
                     normed: dict = {}
-                    x = zb @ q_t
-                    h = x
+                    x = zb if on_sliced else zb @ q_t
+                    h = zb @ q_t if on_sliced else x
                     for branch in group:
                         h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
                     _check_finite(h, f"of layer {li} ({'+'.join(b.name for b in group)})")
@@ -248,7 +253,8 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
                     full.append(h)
                 del x
 
-                _rotate_reads(layer, prefix, group, adapter, q, hidden, outcome)
+                if not on_sliced:
+                    _rotate_reads(layer, prefix, group, adapter, q, hidden, outcome)
 
                 last = li == n_layers - 1 and gi == len(groups) - 1
                 if last and not slice_head:
