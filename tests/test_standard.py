@@ -207,7 +207,7 @@ def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tok
 
 def test_gguf_export_refuses_unsupported_architectures(calibration, tmp_path):
     stock, _ = slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform", progress=False)
-    with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral"):
+    with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral, gemma3_text"):
         export_gguf(stock, None, tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())
 
@@ -218,3 +218,31 @@ def test_uniform_perplexity_is_finite_and_param_count_honest(calibration):
     assert config.sliced_hidden_size == 32 and config.rotation == "uniform"
     assert config.parameters_sliced == sum(p.numel() for p in {id(p): p for p in stock.parameters()}.values())
     assert math.isfinite(slicegpt.perplexity(stock, calibration, progress=False))
+
+
+def test_gemma3_gguf_export_stores_llama_cpp_norms_and_loads_back(calibration, tokenizer, tmp_path):
+    """Gemma 3 (approximate standard form, accepted): norms as 1 + w, sliding window, head dim."""
+    import transformers as t
+    from gguf import GGUFReader
+
+    config = t.Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=8)
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(config).eval()  # default layer pattern: what GGUF readers assume
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    stock, _ = slicegpt.slice_model(model, tokenizer, calibration, 0.25, rotation="uniform", accept_deviation=True,
+                                    progress=False)
+    path = export_gguf(stock, tokenizer, tmp_path / "gemma3.gguf", dtype="f32")
+    reader = GGUFReader(str(path))
+    assert reader.fields["gemma3.embedding_length"].contents() == 48
+    assert reader.fields["gemma3.attention.key_length"].contents() == 16
+    assert reader.fields["gemma3.attention.sliding_window"].contents() == 8
+    norm = next(x for x in reader.tensors if x.name == "blk.0.attn_norm.weight")
+    assert torch.allclose(torch.from_numpy(norm.data.copy()), stock.model.layers[0].input_layernorm.weight + 1)
+    back = t.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ids = calibration.input_ids[:2, :32]
+    assert torch.allclose(back(ids).logits, stock(ids).logits, atol=1e-5)

@@ -1,9 +1,10 @@
 """Write a standard (uniformly sliced) model as a GGUF file for llama.cpp.
 
 Only a stock architecture has a GGUF layout, so per-layer sliced models are refused. The
-layout follows llama.cpp's own converter for the `llama` architecture: tensor names
-(`blk.N.attn_q.weight`, ...), q/k rows permuted from the Hugging Face rotary layout to
-llama.cpp's interleaved one, 1-D tensors kept in float32, and the head dimension written
+layout follows llama.cpp's own converter: tensor names from the `gguf` package's name map
+(`blk.N.attn_q.weight`, ...), for `llama` the q/k rows permuted from the Hugging Face rotary
+layout to llama.cpp's interleaved one, for Gemma the norm weights stored as 1 + w (llama.cpp
+multiplies by the stored weight), 1-D tensors kept in float32, and the head dimension written
 out (`attention.key_length`, `rope.dimension_count`) because llama.cpp would otherwise
 derive it from the (now sliced) embedding width.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,25 @@ from torch import nn
 
 from slicegpt.errors import SliceGPTError
 
-# model_type -> GGUF architecture with the llama tensor layout
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 DTYPES = ("f16", "f32")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one family's stock model maps onto a llama.cpp architecture."""
+
+    arch: str  # GGUF architecture name (gguf.MODEL_ARCH member, lower case)
+    permute_qk: bool = False  # llama.cpp's llama rotary pairs adjacent rows
+    norm_offset: float = 0.0  # Gemma computes x * (1 + w); llama.cpp stores 1 + w
+    sliding_window: bool = False  # write attention.sliding_window
+
+
+LAYOUTS = {
+    "llama": Layout("llama", permute_qk=True),
+    "mistral": Layout("llama", permute_qk=True),
+    "gemma3_text": Layout("gemma3", norm_offset=1.0, sliding_window=True),
+}
+ARCHITECTURES = tuple(LAYOUTS)
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -37,34 +55,34 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _rope_theta(config) -> float:
     theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    return float(theta)
+    params = getattr(config, "rope_parameters", None) or {}
+    params = params.get("full_attention", params)  # Gemma 3: per attention type
+    return float(theta if theta is not None else params.get("rope_theta", 10000.0))
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
+    """GGUF name -> tensor, transformed the way llama.cpp's converter does."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    state = model.state_dict()
-    out = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
-    if not getattr(config, "tie_word_embeddings", False):
-        out["output.weight"] = state["lm_head.weight"]
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for i in range(config.num_hidden_layers):
-        for hf, gg in names.items():
-            for kind in ("weight", "bias"):
-                key = f"model.layers.{i}.{hf}.{kind}"
-                if key not in state:
-                    continue
-                t = state[key]
-                if hf == "self_attn.q_proj":
-                    t = _permute(t, heads)
-                elif hf == "self_attn.k_proj":
-                    t = _permute(t, kv_heads)
-                out[f"blk.{i}.{gg}.{kind}"] = t
+    names = get_tensor_name_map(MODEL_ARCH[layout.arch.upper()], config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    out = {}
+    for key, t in model.state_dict().items():
+        prefix, _, kind = key.rpartition(".")
+        if tied and prefix == "lm_head":
+            continue
+        name = names.get_name(prefix)
+        if name is None:
+            raise SliceGPTError(f"no GGUF name for {key} in llama.cpp's {layout.arch} layout")
+        if layout.permute_qk and prefix.endswith("self_attn.q_proj"):
+            t = _permute(t, heads)
+        elif layout.permute_qk and prefix.endswith("self_attn.k_proj"):
+            t = _permute(t, kv_heads)
+        if layout.norm_offset and t.dim() == 1 and prefix.endswith("norm") and kind == "weight":
+            t = t + layout.norm_offset
+        out[f"{name}.{kind}"] = t
     return out
 
 
@@ -138,8 +156,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "
                             "(skip-connection matrices); slice it with --rotation uniform")
     model_type = model.config.model_type
-    if model_type not in ARCHITECTURES:
+    if model_type not in LAYOUTS:
         raise SliceGPTError(f"GGUF export supports model types {', '.join(ARCHITECTURES)}; not {model_type}")
+    layout = LAYOUTS[model_type]
     if dtype not in DTYPES:
         raise SliceGPTError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
@@ -148,7 +167,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    tensors = _tensors(model)
+    tensors = _tensors(model, layout)
     vocab_size = tensors["token_embd.weight"].shape[0]
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
 
@@ -156,8 +175,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     try:
-        arch = ARCHITECTURES[model_type]
-        writer = GGUFWriter(tmp, arch)
+        writer = GGUFWriter(tmp, layout.arch)
         writer.add_name(name or f"{model_type} sliced to {config.hidden_size}")
         writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
         writer.add_context_length(config.max_position_embeddings)
@@ -171,6 +189,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(_rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        if layout.sliding_window and getattr(config, "sliding_window", None):
+            writer.add_sliding_window(int(config.sliding_window))
         writer.add_vocab_size(vocab_size)
         if tokenizer_fields:
             for field in tokenizer_fields:
