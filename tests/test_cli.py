@@ -208,3 +208,23 @@ def test_accepted_deviation_is_measured_and_reported(tmp_path, tokenizer):
     assert "deviation" in result.stdout and "exact sliced model" in result.stdout
     manifest = json.loads((out / "slicegpt.json").read_text())
     assert manifest["slicing"]["deviations"] == figures["deviations"]
+
+
+def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
+    out = tmp_path / "sliced"
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "4",
+                 "--seqlen", "64", "--no-eval", "--out", out)
+    assert result.returncode == 0, result.stderr
+    result = run("bench", out, "--batch-sizes", "1,2", "--seqlens", "16", "--decode-tokens", "4", "--repeats", "1",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert {(r["phase"], r["batch"]) for r in rows} == {(p, b) for p in ("prefill", "decode") for b in (1, 2)}
+    assert len(rows) == 8 and len({r["model"] for r in rows}) == 2  # dense source and sliced, side by side
+    dense = [r for r in rows if r["model"].startswith("dense")]
+    assert all(r["speedup"] == 1.0 for r in dense)
+    assert all(r["tokens_per_second"] > 0 and r["ms_per_token"] > 0 and r["speedup"] > 0 for r in rows)
+    sliced_weights = {r["weight_bytes"] for r in rows if not r["model"].startswith("dense")}
+    assert max(sliced_weights) < min(r["weight_bytes"] for r in dense)
+    assert "decode speedup" in result.stdout
+    assert_one_line_error(run("bench", out, "--seqlens", "0"), "--seqlens must be comma-separated positive integers")

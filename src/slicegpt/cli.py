@@ -190,6 +190,56 @@ def cmd_export(args) -> None:
                  ("tokenizer", figures["tokenizer"])], figures)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SliceGPTError(f"{what} must be comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SliceGPTError(f"{what} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> None:
+    from slicegpt.speed import speed_report
+
+    batch_sizes, seqlens = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.seqlens, "--seqlens")
+    device = _device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    compare = args.compare
+    if compare is None and loaded.sliced is not None:  # a slicegpt output: its dense source, if at hand
+        compare = loaded.sliced.get("slicing", {}).get("source_model") or None
+    models = []
+    if compare:
+        dense = load_model(compare, dtype=args.dtype, device=device)
+        models.append((f"dense {Path(compare).name if Path(compare).exists() else compare}", dense.model))
+    models.append((str(args.model) + (" (sliced)" if loaded.sliced is not None else ""), loaded.model))
+    rows = speed_report(models, batch_sizes, seqlens, args.decode_tokens, args.repeats)
+    base = {(r.phase, r.batch, r.seqlen): r for r in rows if compare and r.model == models[0][0]}
+    mib = 2**20
+    print(f"device {device}; torch threads {torch.get_num_threads()}; prefill = whole prompt, logits for the last "
+          f"position; decode = {args.decode_tokens} tokens with the KV cache after the prompt; median of {args.repeats}")
+    print("| model | batch | prompt | prefill tok/s | prefill speedup | decode ms/token | decode speedup "
+          "| peak working MiB (prefill/decode) | weights MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    figures = []
+    for name, _ in models:
+        for batch in batch_sizes:
+            for seqlen in seqlens:
+                pre = next(r for r in rows if (r.model, r.phase, r.batch, r.seqlen) == (name, "prefill", batch, seqlen))
+                dec = next(r for r in rows if (r.model, r.phase, r.batch, r.seqlen) == (name, "decode", batch, seqlen))
+                ref_pre, ref_dec = base.get(("prefill", batch, seqlen)), base.get(("decode", batch, seqlen))
+                up_pre = pre.tokens_per_second / ref_pre.tokens_per_second if ref_pre else None
+                up_dec = ref_dec.ms_per_token / dec.ms_per_token if ref_dec else None
+                print(f"| {name} | {batch} | {seqlen} | {pre.tokens_per_second:,.0f} | "
+                      f"{f'{up_pre:.2f}x' if up_pre else '-'} | {dec.ms_per_token:.2f} | "
+                      f"{f'{up_dec:.2f}x' if up_dec else '-'} | {pre.peak_bytes / mib:.0f}/{dec.peak_bytes / mib:.0f} | "
+                      f"{pre.weight_bytes / mib:.0f} |")
+                figures += [dict(pre.to_dict(), speedup=up_pre), dict(dec.to_dict(), speedup=up_dec)]
+    if args.json:
+        print(json.dumps({"device": device, "rows": figures}))
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -256,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="prefill throughput, decode latency and memory, dense and sliced side by side")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + ", or a sliced model directory")
+    p.add_argument("--compare", default=None, help="the dense model to compare with (default: a sliced "
+                   "directory's source model)")
+    p.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
+    p.add_argument("--seqlens", default="128,512", help="prompt lengths, comma-separated (default 128,512)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per setting (the median is shown)")
+    _common(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="write a uniformly sliced model as a GGUF file for llama.cpp")
     p.add_argument("model", help="a slicegpt output directory sliced with --rotation uniform")

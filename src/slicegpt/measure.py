@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 
-def _read_hwm_kib() -> int | None:
+def _read_status_kib(key: str = "VmHWM") -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -25,6 +25,7 @@ def _read_hwm_kib() -> int | None:
 class Measurement:
     seconds: float = 0.0
     peak_bytes: int = 0
+    start_bytes: int = 0  # memory in use when the block started (RSS, or CUDA allocated)
 
 
 @contextmanager
@@ -35,12 +36,14 @@ def measure(device: str = "cpu"):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        result.start_bytes = torch.cuda.memory_allocated()
     else:
         try:  # writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         except OSError:
             pass
+        result.start_bytes = 1024 * (_read_status_kib("VmRSS") or 0)
     start = time.perf_counter()
     try:
         yield result
@@ -49,6 +52,6 @@ def measure(device: str = "cpu"):
             torch.cuda.synchronize()
             result.peak_bytes = torch.cuda.max_memory_allocated()
         else:
-            hwm = _read_hwm_kib()
+            hwm = _read_status_kib("VmHWM")
             result.peak_bytes = 1024 * (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         result.seconds = time.perf_counter() - start
