@@ -33,3 +33,29 @@ def test_default_model_slices_saves_loads_and_generates(tmp_path):
     text = slicegpt.generate(again.model, again.tokenizer, prompt, max_new_tokens=12)
     assert text == slicegpt.generate(model, tokenizer, prompt, max_new_tokens=12)
     assert len(text.split()) >= 3 and dense_text
+
+
+def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
+    """Uniform rotation on the real default: plain transformers loads the directory, and the
+    GGUF file (tokenizer copied from the source GGUF) loads back through transformers' reader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stock, config = slicegpt.slice_model("default", sparsity=0.25, samples=8, seqlen=256, rotation="uniform",
+                                         progress=False)
+    assert type(stock).__name__ == "LlamaForCausalLM" and stock.config.hidden_size == 432
+    assert config.standard and not config.deviations and config.max_logit_deviation < 1e-3
+    assert not config.tied_head  # SmolLM2's final norm gain is not uniform: the head is untied
+    tokenizer = slicegpt.load_model("default").tokenizer
+    out = slicegpt.save(stock, tokenizer, config, tmp_path / "uniform")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = tokenizer("Now is the winter of our discontent", return_tensors="pt")["input_ids"]
+    assert torch.allclose(plain(ids).logits, stock(ids).logits, atol=1e-4)
+
+    from slicegpt.gguf_export import export_gguf
+    from slicegpt.loading import default_model_path
+
+    path = export_gguf(plain, tokenizer, tmp_path / "uniform.gguf", dtype="f32", source_gguf=default_model_path())
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert back_tokenizer("Now is the winter of our discontent")["input_ids"] == ids[0].tolist()
+    assert torch.allclose(back(ids).logits, plain(ids).logits, atol=1e-4)

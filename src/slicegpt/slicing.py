@@ -283,13 +283,16 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
 
 def _pooled_covariance(layers: list[nn.Module], groups: list[tuple[Branch, ...]], specs: dict,
                        inputs: list[torch.Tensor], kwargs_per_layer: list[list[dict]],
-                       masks: list[torch.Tensor], progress: bool, unit_trace: bool = True) -> torch.Tensor:
+                       masks: list[torch.Tensor], progress: bool, unit_trace: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Covariance of the dense residual stream pooled over every block boundary.
 
     Each boundary's covariance is scaled to unit trace before pooling: the norms that read
     the stream divide by its RMS, so what matters at each boundary is the *share* of energy
     a direction carries, and the growing later boundaries must not drown the early ones
     (SmolLM2 at 25%: perplexity 76 against 98 unscaled; bench/uniform_pooling.py).
+    Also returns the covariance of the final stream after RMS normalisation (what the final
+    norm hands the head), for fitting a tied head's gain.
     """
     hidden = inputs[0].shape[-1]
     pooled = torch.zeros(hidden, hidden, dtype=torch.float64, device=inputs[0].device)
@@ -317,7 +320,11 @@ def _pooled_covariance(layers: list[nn.Module], groups: list[tuple[Branch, ...]]
                 stream = nxt
                 add(stream)
                 bar.update()
-    return pooled / (len(layers) * len(groups) + 1)
+    final = Covariance(hidden, pooled.device)
+    for x, m in zip(stream, masks):
+        x = x.to(torch.float64)
+        final.update(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)), m)
+    return pooled / (len(layers) * len(groups) + 1), final.matrix / final.tokens
 
 
 def _zero_mean_basis(cov: torch.Tensor, dim: int) -> torch.Tensor:
@@ -343,6 +350,26 @@ def _zero_mean_basis(cov: torch.Tensor, dim: int) -> torch.Tensor:
         householder = torch.eye(dim, dtype=torch.float64, device=cov.device) - 2 * torch.outer(v, v) / (v @ v)
         basis = basis @ householder
     return basis
+
+
+def _fit_diagonal_gain(q: torch.Tensor, gain: torch.Tensor, normed_cov: torch.Tensor,
+                       embeddings: torch.Tensor) -> torch.Tensor:
+    """The diagonal D (in the rotated basis) whose tied-head logits best match the exact ones.
+
+    Exact logits are n diag(g) E^T for the normalised final stream n = u Q^T; tied, they are
+    u D (E Q)^T. Minimising E||u (Q^T diag(g) - D Q^T) E^T||^2 over diagonal D is a k x k linear
+    system with C = Q^T Cov(n) Q and K = Q^T E^T E Q: (C o K^T) d = diag(C Q^T diag(g) E^T E Q).
+    """
+    e = embeddings.detach()
+    gram = torch.zeros(e.shape[1], e.shape[1], dtype=torch.float64, device=q.device)
+    for i in range(0, e.shape[0], 4096):
+        block = e[i:i + 4096].to(torch.float64)
+        gram.addmm_(block.T, block)
+    c = q.T @ normed_cov @ q
+    k = q.T @ gram @ q
+    a = c * k.T
+    b = torch.diagonal(c @ (q.T * gain[None, :]) @ gram @ q)
+    return torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
 
 
 def _tie_head(model: nn.Module, adapter: ModelAdapter) -> None:
@@ -387,12 +414,14 @@ def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]
     specs = {b["name"]: b for b in structure["branches"]}
     for x in inputs:
         _check_finite(x, "after the embeddings")
-    pooled = _pooled_covariance(layers, groups, specs, inputs, kwargs_per_layer, masks, progress)
+    pooled, final_cov = _pooled_covariance(layers, groups, specs, inputs, kwargs_per_layer, masks, progress)
     del inputs
     values, vectors = torch.linalg.eigh(pooled)
     order = torch.argsort(values, descending=True)
     outcome.spectra.append(values[order])
     q = _zero_mean_basis(pooled, dim) if adapter.norm_kind == "layernorm" else vectors[:, order[:dim]]
+    if final_gain is not None:  # needs the embeddings before they are rotated
+        fit = _fit_diagonal_gain(q, final_gain, final_cov, get_path(model, adapter.embeddings[0]).weight)
 
     for target in embeddings:
         rotate_input(target, q)
@@ -406,7 +435,6 @@ def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]
     if eps is not None:
         outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
     if final_gain is not None:
-        fit = (q * q * final_gain[:, None]).sum(dim=0)  # diag(Q^T diag(gain) Q)
         w = final_norm.weight.data
         final_norm.weight.data = ((w.to(torch.float64) + adapter.norm_offset) * fit - adapter.norm_offset).to(w.dtype)
     if tied:
