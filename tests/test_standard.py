@@ -163,12 +163,13 @@ def test_tied_head_stays_tied_only_when_exact_and_fit_is_opt_in(calibration, exa
         slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, fit_tied_head=True, progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
 @pytest.mark.parametrize("dtype,tolerance", [("f32", 1e-5), ("f16", 2e-3)])
 def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, calibration, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stock, config = slicegpt.slice_model(make_model(family), tokenizer, calibration, 0.25, rotation="uniform",
+                                         accept_deviation=family == "gemma2", fit_tied_head=family == "gemma2",
                                          progress=False)
     path = export_gguf(stock, tokenizer, tmp_path / "model.gguf", dtype=dtype)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
@@ -207,8 +208,12 @@ def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tok
 
 def test_gguf_export_refuses_unsupported_architectures(calibration, tmp_path):
     stock, _ = slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform", progress=False)
-    with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral, gemma3_text"):
+    with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral, gemma2, gemma3_text"):
         export_gguf(stock, None, tmp_path / "q.gguf")
+    untied, _ = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, rotation="uniform",
+                                     accept_deviation=True, progress=False)
+    with pytest.raises(SliceGPTError, match="no separate head matrix.*--fit-tied-head"):
+        export_gguf(untied, None, tmp_path / "g.gguf")
     assert not list(tmp_path.iterdir())
 
 

@@ -43,6 +43,7 @@ class Layout:
 LAYOUTS = {
     "llama": Layout("llama", permute_qk=True),
     "mistral": Layout("llama", permute_qk=True),
+    "gemma2": Layout("gemma2", norm_offset=1.0, sliding_window=True),
     "gemma3_text": Layout("gemma3", norm_offset=1.0, sliding_window=True),
 }
 ARCHITECTURES = tuple(LAYOUTS)
@@ -74,6 +75,9 @@ def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
         if tied and prefix == "lm_head":
             continue
         name = names.get_name(prefix)
+        if name is None and prefix == "lm_head":
+            raise SliceGPTError(f"llama.cpp's {layout.arch} has no separate head matrix (the head is the embedding "
+                                "table), and this model's head is untied; slice it with --fit-tied-head")
         if name is None:
             raise SliceGPTError(f"no GGUF name for {key} in llama.cpp's {layout.arch} layout")
         if layout.permute_qk and prefix.endswith("self_attn.q_proj"):
@@ -191,6 +195,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         if layout.sliding_window and getattr(config, "sliding_window", None):
             writer.add_sliding_window(int(config.sliding_window))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
+            if getattr(config, key, None):
+                getattr(writer, f"add_{key}")(float(getattr(config, key)))
         writer.add_vocab_size(vocab_size)
         if tokenizer_fields:
             for field in tokenizer_fields:
