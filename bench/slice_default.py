@@ -57,6 +57,7 @@ def child(args) -> dict:
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, float(sparsity), rotation=rotation,
                                              standard=False, fit_tied_head=variant == "fit",
+                                             pooling=args.pooling if rotation == "uniform" else "unit-trace",
                                              batch_size=args.batch_size, progress=False)
     row = {"sparsity": float(sparsity), "rotation": rotation + (" (fitted tied head)" if variant == "fit" else ""),
            "seconds": m.seconds, "peak_bytes": m.peak_bytes}
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rotation", choices=("per-layer", "uniform", "both"), default="per-layer")
     p.add_argument("--fit-tied-head", action="store_true", help="uniform: also the fitted tied head variant")
+    p.add_argument("--pooling", choices=("unit-trace", "tokens"), default="unit-trace", help="uniform: see slicegpt slice")
     p.add_argument("--accept-deviation", action="store_true",
                    help="uniform on families the stock class only approximates: measure exact and standard")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

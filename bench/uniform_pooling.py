@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from functools import partial
-
 import slicegpt
-from slicegpt import slicing
 
 
 def main() -> None:
@@ -31,18 +28,13 @@ def main() -> None:
                                            args.seqlen, args.eval_samples, bos=slicegpt.bos_token(tokenizer))
     calibration = slicegpt.calibration_data(tokenizer, "shakespeare", args.samples, args.seqlen)
     dense = slicegpt.perplexity(loaded.model, held_out, progress=False)
-    pooled = slicing._pooled_covariance
     print(f"model {args.model}, sparsity {args.sparsity:.0%}, dense perplexity {dense:.2f}")
     print("| pooling | perplexity | ratio to dense |\n|---|---|---|")
-    try:
-        for name, unit_trace in (("unit trace per boundary (default)", True), ("raw (token-weighted)", False)):
-            slicing._pooled_covariance = partial(pooled, unit_trace=unit_trace)
-            model, _ = slicegpt.slice_model(copy.deepcopy(loaded.model), tokenizer, calibration, args.sparsity,
-                                            rotation="uniform", progress=False)
-            ppl = slicegpt.perplexity(model, held_out, progress=False)
-            print(f"| {name} | {ppl:.2f} | {ppl / dense:.2f} |", flush=True)
-    finally:
-        slicing._pooled_covariance = pooled
+    for pooling in ("unit-trace", "tokens"):
+        model, _ = slicegpt.slice_model(copy.deepcopy(loaded.model), tokenizer, calibration, args.sparsity,
+                                        rotation="uniform", standard=False, pooling=pooling, progress=False)
+        ppl = slicegpt.perplexity(model, held_out, progress=False)
+        print(f"| {pooling} | {ppl:.2f} | {ppl / dense:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

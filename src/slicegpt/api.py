@@ -31,7 +31,8 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 sparsity: float = 0.25, *, samples: int = 32, seqlen: int = 1024, seed: int = 0,
                 batch_size: int = 4, round_to: int = 8, slice_head: bool = False, keep_tied_head: bool = True,
                 rotation: str = "per-layer", standard: bool = True, accept_deviation: bool = False,
-                fit_tied_head: bool = False, progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
+                fit_tied_head: bool = False, pooling: str = "unit-trace",
+                progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` with SliceGPT and return the sliced model with the record of what was done.
 
     `model` may be a loaded causal LM (sliced in place), a hub id, a directory or a .gguf
@@ -45,7 +46,9 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     is returned as a new stock model of the family (hidden size d') that plain transformers
     loads; families whose stock class would only approximate it are refused before any work
     unless `accept_deviation`. `fit_tied_head` keeps a tied head tied in uniform mode at the
-    cost of a fitted final-norm gain (measure its perplexity).
+    cost of a fitted final-norm gain (measure its perplexity). `pooling` weighs the block
+    boundaries of the uniform basis: "unit-trace" (each boundary equally) or "tokens" (by raw
+    energy); which is better depends on the model (README).
     """
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
@@ -80,13 +83,13 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     dense = count_parameters(model)
     outcome = rotate_and_slice(model, adapter, windows.batches(batch_size), dim, slice_head=slice_head,
                                keep_tied_head=keep_tied_head, rotation=rotation, fit_tied_head=fit_tied_head,
-                               progress=progress)
+                               pooling=pooling, progress=progress)
     config = SlicingConfig(
         sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim,
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
         slice_head=slice_head, tied_head=ties_head(model, adapter) or bool(
             model.slicegpt_structure["structure"].get("entry_rotation")),
-        fit_tied_head=fit_tied_head, calibration=calibration_info, source_model=source_model,
+        fit_tied_head=fit_tied_head, pooling=pooling if uniform else "", calibration=calibration_info, source_model=source_model,
         parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra)
     if uniform and standard:
         model = make_standard(model, config, accept_deviation, windows.input_ids[:1])

@@ -74,6 +74,9 @@ def cmd_slice(args) -> None:
     uniform = args.rotation == "uniform"
     if args.fit_tied_head and not uniform:
         raise SliceGPTError("--fit-tied-head applies to --rotation uniform only")
+    if args.pooling and not uniform:
+        raise SliceGPTError("--pooling applies to --rotation uniform only")
+    args.pooling = args.pooling or "unit-trace"
     deviations = check_standard(model, adapter, args.accept_deviation) if uniform else []
 
     eval_source = args.eval_data or args.calibration
@@ -92,7 +95,7 @@ def cmd_slice(args) -> None:
         model, config = slice_model(model, tokenizer, windows, args.sparsity, batch_size=args.batch_size,
                                     round_to=args.round_to, slice_head=args.slice_head,
                                     keep_tied_head=not args.untie_head, rotation=args.rotation,
-                                    standard=False, fit_tied_head=args.fit_tied_head)
+                                    standard=False, fit_tied_head=args.fit_tied_head, pooling=args.pooling)
     if deviations and eval_windows is not None:  # what the approximation costs, measured
         figures["perplexity_exact"] = perplexity(model, eval_windows, args.eval_batch_size)
     if uniform:
@@ -282,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-tied-head", action="store_true",
                    help="uniform: keep a tied head tied by fitting the final norm's gain (fewer parameters, "
                         "some perplexity) instead of untying it")
+    p.add_argument("--pooling", choices=("unit-trace", "tokens"), default=None,
+                   help="uniform: weigh every block boundary equally (unit-trace, default; SmolLM2) or by its raw "
+                        "energy (tokens; Gemma 3 needs it) when pooling their covariances")
     p.add_argument("--untie-head", action="store_true",
                    help="slice a tied embedding table and untie the head (the paper's way; more parameters, "
                         "same function) instead of keeping them tied with a d x d' entry matrix")

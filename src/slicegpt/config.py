@@ -17,6 +17,7 @@ class SlicingConfig:
     slice_head: bool = False
     tied_head: bool = False  # embeddings stay tied to the head and unsliced (an entry matrix instead)
     fit_tied_head: bool = False  # uniform: tied head kept with a fitted diagonal final-norm gain
+    pooling: str = ""  # uniform: how the block boundaries were weighed
     standard: bool = False  # saved as the family's stock architecture (uniform rotation)
     deviations: list = field(default_factory=list)  # why the stock model is only approximate
     max_logit_deviation: float | None = None  # stock vs exact sliced model, one calibration window

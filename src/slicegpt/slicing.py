@@ -32,6 +32,7 @@ from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_ar
 from slicegpt.weights import Target, resolve, resolve_all, rotate_input, rotate_output
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
+POOLINGS = ("unit-trace", "tokens")  # how uniform rotation weighs the block boundaries
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor,
 @torch.no_grad()
 def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
                      slice_head: bool = False, keep_tied_head: bool = True, rotation: str = "per-layer",
-                     fit_tied_head: bool = False, progress: bool = True) -> SliceOutcome:
+                     fit_tied_head: bool = False, pooling: str = "unit-trace", progress: bool = True) -> SliceOutcome:
     """Turn `model` (in place) into its sliced version with residual width `dim`.
 
     A head tied to the embeddings stays tied (`keep_tied_head`, when the head is not sliced):
@@ -185,7 +186,9 @@ def rotate_and_slice(model: nn.Module, adapter: ModelAdapter, batches: list[Batc
     costs d*k parameters instead of an untied vocab x d head (the paper's way).
     """
     if rotation == "uniform":
-        return _slice_uniform(model, adapter, batches, dim, fit_tied_head, progress)
+        if pooling not in POOLINGS:
+            raise SliceGPTError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        return _slice_uniform(model, adapter, batches, dim, fit_tied_head, pooling == "unit-trace", progress)
     if rotation != "per-layer":
         raise SliceGPTError(f"rotation must be 'per-layer' or 'uniform', got {rotation!r}")
     if fit_tied_head:
@@ -290,7 +293,9 @@ def _pooled_covariance(layers: list[nn.Module], groups: list[tuple[Branch, ...]]
     Each boundary's covariance is scaled to unit trace before pooling: the norms that read
     the stream divide by its RMS, so what matters at each boundary is the *share* of energy
     a direction carries, and the growing later boundaries must not drown the early ones
-    (SmolLM2 at 25%: perplexity 76 against 98 unscaled; bench/uniform_pooling.py).
+    (SmolLM2 at 25%: perplexity 76 against 98 unscaled). Gemma 3 270M is the opposite case
+    (10%: 72.6 unscaled, 1.3e5 at unit trace), hence `unit_trace=False` ("tokens" pooling);
+    bench/uniform_pooling.py measures both.
     Also returns the covariance of the final stream after RMS normalisation (what the final
     norm hands the head), for fitting a tied head's gain.
     """
@@ -381,7 +386,7 @@ def _tie_head(model: nn.Module, adapter: ModelAdapter) -> None:
 
 @torch.no_grad()
 def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
-                   fit_tied_head: bool, progress: bool) -> SliceOutcome:
+                   fit_tied_head: bool, unit_trace: bool, progress: bool) -> SliceOutcome:
     """One rotation Q for the whole stream: no skip matrices (see `rotate_and_slice`).
 
     A tied head stays tied exactly when the final norm's gain is uniform; otherwise it is
@@ -414,7 +419,8 @@ def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]
     specs = {b["name"]: b for b in structure["branches"]}
     for x in inputs:
         _check_finite(x, "after the embeddings")
-    pooled, final_cov = _pooled_covariance(layers, groups, specs, inputs, kwargs_per_layer, masks, progress)
+    pooled, final_cov = _pooled_covariance(layers, groups, specs, inputs, kwargs_per_layer, masks, progress,
+                                           unit_trace)
     del inputs
     values, vectors = torch.linalg.eigh(pooled)
     order = torch.argsort(values, descending=True)
