@@ -134,7 +134,7 @@ def _final_gain(model, value=None):
 
 
 def test_tied_head_stays_tied_only_when_exact_and_fit_is_opt_in(calibration, exact_norms):
-    V, D, k = 300, 64, 48
+    V, k = 300, 48
     ids = calibration.input_ids[:2, :32]
     # non-uniform final gain: untied (costs V x k parameters), exact
     untied, cu = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, 0.25,
