@@ -19,7 +19,7 @@ from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_wind
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import DEFAULT_MODEL, load_model
 from slicegpt.measure import measure
-from slicegpt.sliced_modeling import CheckpointError
+from slicegpt.sliced_modeling import MANIFEST_NAME, CheckpointError
 from slicegpt.standard import check_standard
 
 
@@ -167,8 +167,8 @@ def cmd_export(args) -> None:
     from slicegpt.loading import EMBEDDED_MODELS
 
     directory = Path(args.model)
-    if not (directory / "slicegpt.json").is_file():
-        raise SliceGPTError(f"{directory} is not a slicegpt output directory (no slicegpt.json)")
+    if not (directory / MANIFEST_NAME).is_file():
+        raise SliceGPTError(f"{directory} is not a slicegpt output directory (no {MANIFEST_NAME})")
     out = Path(args.out)
     if out.exists() and not args.force:  # before loading anything
         raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")

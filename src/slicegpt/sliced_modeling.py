@@ -31,6 +31,7 @@ FORMAT_VERSION = 3  # 2: parallel branches, RMSNorm swaps, post-norm output rota
 READABLE_VERSIONS = (2, 3)
 CONFIG_KEY = "slicegpt"
 WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "slicegpt.json"  # slicing record and checksums, written by slicegpt.save
 ENTRY = "entry_rotation"  # on the first layer when the embeddings stay tied to the head, unsliced
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch, branch_groups
 from slicegpt.errors import SliceGPTError
-from slicegpt.invariance import fuse_norms, ties_head, untie_head
+from slicegpt.invariance import fuse_norms, tie_head, ties_head, untie_head
 from slicegpt.pca import Covariance
 from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch, set_parameter
 from slicegpt.weights import Target, resolve, resolve_all, rotate_input, rotate_output
@@ -377,13 +377,6 @@ def _fit_diagonal_gain(q: torch.Tensor, gain: torch.Tensor, normed_cov: torch.Te
     return torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
 
 
-def _tie_head(model: nn.Module, adapter: ModelAdapter) -> None:
-    head = get_path(model, adapter.head)
-    head.weight = get_path(model, adapter.embeddings[0]).weight
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.tie_word_embeddings = True
-
-
 @torch.no_grad()
 def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch], dim: int,
                    fit_tied_head: bool, unit_trace: bool, progress: bool) -> SliceOutcome:
@@ -408,7 +401,7 @@ def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]
     fuse_norms(model, adapter)  # keeps the head tied only where that stays exact
     final_norm = get_path(model, adapter.final_norm)  # LayerNorm families: now an RMSNorm module
     if final_gain is not None:
-        _tie_head(model, adapter)
+        tie_head(model, adapter)
     tied = ties_head(model, adapter)
 
     inputs, kwargs_per_layer = capture_layer_inputs(model, adapter, batches)
@@ -444,7 +437,7 @@ def _slice_uniform(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]
         w = final_norm.weight.data
         final_norm.weight.data = ((w.to(torch.float64) + adapter.norm_offset) * fit - adapter.norm_offset).to(w.dtype)
     if tied:
-        _tie_head(model, adapter)
+        tie_head(model, adapter)
     else:
         rotate_input(resolve(model, adapter.head), q)
     attach_structure(model, structure)
