@@ -3,11 +3,7 @@
 # no GitHub). Needs node >= 20 and npm.   bash scripts/llama_cpp_check.sh FILE.gguf ["prompt"] [tokens]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-dir="${SLICEGPT_CACHE:-$HOME/.cache/slicegpt}/node-llama-cpp"
-if [ ! -d "$dir/node_modules/node-llama-cpp" ]; then
-  mkdir -p "$dir"
-  (cd "$dir" && npm init -y >/dev/null && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --silent node-llama-cpp@3)
-fi
+dir="$(bash "$here/llama_cpp_setup.sh")"
 cp "$here/llama_cpp_check.mjs" "$dir/check.mjs"
 file="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 cd "$dir" && node check.mjs "$file" "${@:2}"

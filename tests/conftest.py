@@ -62,16 +62,19 @@ def _configs():
 FAMILIES = sorted(_configs())
 
 
-def make_config(model_type: str):
-    return _configs()[model_type]()
+def make_config(model_type: str, **overrides):
+    config = _configs()[model_type]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
-def make_model(model_type: str, dtype=torch.float32, seed: int = 0):
+def make_model(model_type: str, dtype=torch.float32, seed: int = 0, **overrides):
     """A random model whose norm gains are not 1, so folding them is actually exercised."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(model_type)).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(make_config(model_type, **overrides)).to(dtype).eval()
     if dtype == torch.float64 and "moe" in model_type or model_type == "mixtral":
         model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     with torch.no_grad():

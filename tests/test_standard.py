@@ -168,12 +168,15 @@ def test_tied_head_stays_tied_only_when_exact_and_fit_is_opt_in(calibration, exa
 def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, calibration, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stock, config = slicegpt.slice_model(make_model(family), tokenizer, calibration, 0.25, rotation="uniform",
-                                         accept_deviation=family == "gemma2", fit_tied_head=family == "gemma2",
-                                         progress=False)
+    # transformers' reader takes query_pre_attn_scalar from its default (256), llama.cpp from head_dim: real
+    # Gemmas have both equal; tests/test_llama_cpp.py checks the fold that exports other values for llama.cpp
+    overrides = {"head_dim": 256} if family == "gemma2" else {}
+    stock, config = slicegpt.slice_model(make_model(family, **overrides), tokenizer, calibration, 0.25,
+                                         rotation="uniform", accept_deviation=family == "gemma2",
+                                         fit_tied_head=family == "gemma2", progress=False)
     path = export_gguf(stock, tokenizer, tmp_path / "model.gguf", dtype=dtype)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
-    assert back.config.hidden_size == 48 and back.config.head_dim == 16
+    assert back.config.hidden_size == 48 and back.config.head_dim == (256 if family == "gemma2" else 16)
     ids = calibration.input_ids[:2, :32]
     expected = stock(ids).logits
     scale = expected.abs().max()
@@ -206,10 +209,21 @@ def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tok
     assert torch.allclose(from_gguf.model(ids).logits, stock(ids).logits, atol=1e-5)
 
 
-def test_gguf_export_refuses_unsupported_architectures(calibration, tmp_path):
-    stock, _ = slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform", progress=False)
-    with pytest.raises(SliceGPTError, match="GGUF export supports model types llama, mistral, gemma2, gemma3_text"):
-        export_gguf(stock, None, tmp_path / "q.gguf")
+def test_gguf_export_refuses_what_llama_cpp_cannot_run(calibration, tmp_path):
+    for family, overrides, why in [
+        ("phi", {}, "llama.cpp's phi2 sizes the attention projections by the embedding width"),
+        ("qwen2_moe", {"mlp_only_layers": []}, "llama.cpp's qwen2moe sizes the attention projections"),
+        ("qwen3_moe", {}, "llama.cpp's qwen3moe renormalises the top-k routing weights.*norm_topk_prob is False"),
+        ("gemma3_text", {}, "llama.cpp's gemma3 makes every 6th layer global"),
+        ("phi3", {"partial_rotary_factor": 0.5}, "rotates only part of each head"),
+    ]:
+        model = make_model(family, **overrides)
+        if "partial_rotary_factor" in overrides:
+            model.config.rope_parameters["partial_rotary_factor"] = 0.5
+        stock, _ = slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform", accept_deviation=True,
+                                        progress=False)
+        with pytest.raises(SliceGPTError, match=why):
+            export_gguf(stock, None, tmp_path / f"{family}.gguf")
     untied, _ = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, rotation="uniform",
                                      accept_deviation=True, progress=False)
     with pytest.raises(SliceGPTError, match="no separate head matrix.*--fit-tied-head"):
@@ -231,7 +245,7 @@ def test_gemma3_gguf_export_stores_llama_cpp_norms_and_loads_back(calibration, t
     from gguf import GGUFReader
 
     config = t.Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=256, max_position_embeddings=256,
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=8)
     torch.manual_seed(0)
     model = t.AutoModelForCausalLM.from_config(config).eval()  # default layer pattern: what GGUF readers assume
@@ -244,7 +258,7 @@ def test_gemma3_gguf_export_stores_llama_cpp_norms_and_loads_back(calibration, t
     path = export_gguf(stock, tokenizer, tmp_path / "gemma3.gguf", dtype="f32")
     reader = GGUFReader(str(path))
     assert reader.fields["gemma3.embedding_length"].contents() == 48
-    assert reader.fields["gemma3.attention.key_length"].contents() == 16
+    assert reader.fields["gemma3.attention.key_length"].contents() == 256  # = query_pre_attn_scalar, as in real Gemmas
     assert reader.fields["gemma3.attention.sliding_window"].contents() == 8
     norm = next(x for x in reader.tensors if x.name == "blk.0.attn_norm.weight")
     assert torch.allclose(torch.from_numpy(norm.data.copy()), stock.model.layers[0].input_layernorm.weight + 1)

@@ -38,13 +38,32 @@ class Layout:
     permute_qk: bool = False  # llama.cpp's llama rotary pairs adjacent rows
     norm_offset: float = 0.0  # Gemma computes x * (1 + w); llama.cpp stores 1 + w
     sliding_window: bool = False  # write attention.sliding_window
+    swa_period: int = 0  # llama.cpp's fixed pattern: every swa_period-th layer attends globally
+    big_layers: int = 0  # layer count llama.cpp takes for the 27B model (attention scale from the width)
+    layer_norm: bool = False  # LayerNorm (eps key attention.layer_norm_epsilon) instead of RMSNorm
+    moe_norm_topk: bool | None = None  # llama.cpp renormalises the top-k routing weights (fixed per arch)
+    split_fused: bool = False  # write fused qkv / gate_up projections as separate q, k, v / gate, up
+    window_as_context: bool = False  # no sliding window in the arch: cap the context at the window instead
+    blocker: str = ""  # why llama.cpp cannot run this family once it is sliced
 
 
+_TIED_WIDTH = ("llama.cpp's {arch} sizes the attention projections by the embedding width, which slicing "
+               "shrinks, so no GGUF file of a sliced {family} runs there; use the standard directory with transformers")
 LAYOUTS = {
     "llama": Layout("llama", permute_qk=True),
     "mistral": Layout("llama", permute_qk=True),
-    "gemma2": Layout("gemma2", norm_offset=1.0, sliding_window=True),
-    "gemma3_text": Layout("gemma3", norm_offset=1.0, sliding_window=True),
+    "mixtral": Layout("llama", permute_qk=True, moe_norm_topk=True),
+    # llama.cpp's qwen2 and phi3 size the query projection by the embedding width, which slicing
+    # shrinks; its llama architecture does not, and computes the same function (q/k/v biases included).
+    "qwen2": Layout("llama", permute_qk=True),
+    "qwen2_moe": Layout("qwen2moe", blocker=_TIED_WIDTH),
+    "qwen3": Layout("qwen3"),
+    "qwen3_moe": Layout("qwen3moe", moe_norm_topk=True),
+    "phi3": Layout("llama", permute_qk=True, split_fused=True, window_as_context=True),
+    "phi": Layout("phi2", layer_norm=True, blocker=_TIED_WIDTH),
+    "gemma": Layout("gemma", norm_offset=1.0),
+    "gemma2": Layout("gemma2", norm_offset=1.0, sliding_window=True, swa_period=2, big_layers=46),
+    "gemma3_text": Layout("gemma3", norm_offset=1.0, sliding_window=True, swa_period=6, big_layers=62),
 }
 ARCHITECTURES = tuple(LAYOUTS)
 
@@ -54,25 +73,113 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_theta(config) -> float:
-    theta = getattr(config, "rope_theta", None)
+def _rope(config) -> dict:
+    """The rotary parameters of the global-attention layers (Gemma 3 keeps one set per attention type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params = dict(params.get("full_attention", params))
+    if getattr(config, "rope_theta", None) is not None:
+        params.setdefault("rope_theta", config.rope_theta)
+    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    return params
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _query_scale(config, layout: Layout) -> float:
+    """Factor that makes llama.cpp's fixed Gemma attention scale equal the model's query_pre_attn_scalar.
+
+    llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(width/heads) for the 27B models
+    (recognised by their layer count). Slicing changes the width, and small configs may set
+    query_pre_attn_scalar freely, so the difference is folded into the query projection.
+    """
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if not scalar:
+        return 1.0
+    big = layout.big_layers and config.num_hidden_layers == layout.big_layers
+    dim = config.hidden_size // config.num_attention_heads if big else _head_dim(config)
+    return (dim / scalar) ** 0.5
+
+
+def _check_supported(config, layout: Layout) -> None:
+    """Refuse what llama.cpp's architecture hard-codes differently, instead of writing a wrong file."""
+    model_type = config.model_type
+    if layout.blocker:
+        raise SliceGPTError(layout.blocker.format(arch=layout.arch, family=model_type))
+    if layout.permute_qk and _rope(config)["partial_rotary_factor"] != 1.0:
+        raise SliceGPTError(f"llama.cpp's {layout.arch} rotates whole heads; this {model_type} model rotates only "
+                            "part of each head (partial_rotary_factor < 1)")
     params = getattr(config, "rope_parameters", None) or {}
-    params = params.get("full_attention", params)  # Gemma 3: per attention type
-    return float(theta if theta is not None else params.get("rope_theta", 10000.0))
+    for p in (params.values() if "full_attention" in params else [params]):
+        kind = p.get("rope_type", "default") if isinstance(p, dict) else "default"
+        if kind != "default":
+            raise SliceGPTError(f"GGUF export does not write rotary scaling of type {kind!r} yet ({model_type})")
+    if layout.swa_period and getattr(config, "layer_types", None):
+        expected = ["full_attention" if (i + 1) % layout.swa_period == 0 else "sliding_attention"
+                    for i in range(config.num_hidden_layers)]
+        if list(config.layer_types) != expected:
+            raise SliceGPTError(f"llama.cpp's {layout.arch} makes every {layout.swa_period}th layer global; this "
+                                f"model's layer pattern differs, so its GGUF file would compute something else")
+    if layout.moe_norm_topk is not None:
+        if getattr(config, "mlp_only_layers", None) or (getattr(config, "decoder_sparse_step", 1) or 1) != 1:
+            raise SliceGPTError(f"llama.cpp's {layout.arch} needs experts in every layer; this model mixes in "
+                                "dense layers (mlp_only_layers / decoder_sparse_step)")
+        norm = getattr(config, "norm_topk_prob", True)  # Mixtral always renormalises
+        if bool(norm) != layout.moe_norm_topk:
+            raise SliceGPTError(f"llama.cpp's {layout.arch} {'renormalises' if layout.moe_norm_topk else 'does not renormalise'} "
+                                f"the top-k routing weights, and this model's norm_topk_prob is {norm}")
+    if getattr(config, "qk_layernorm", False):
+        raise SliceGPTError("llama.cpp's phi2 has no query/key LayerNorms (qk_layernorm=True)")
+
+
+def _name(template, layer: int) -> str:
+    from gguf import TENSOR_NAMES
+
+    return TENSOR_NAMES[template].format(bid=layer) + ".weight"
+
+
+def _split_fused(model: nn.Module, layout: Layout):
+    """State-dict items, with Phi-3's fused qkv and gate_up projections cut into llama's separate ones."""
+    config = model.config
+    head_dim = _head_dim(config)
+    q = config.num_attention_heads * head_dim
+    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    for key, t in model.state_dict().items():
+        if layout.split_fused and ".self_attn.qkv_proj." in key:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
+                yield key.replace("qkv_proj", name), part
+        elif layout.split_fused and ".mlp.gate_up_proj." in key:
+            for name, part in zip(("gate_proj", "up_proj"), t.chunk(2)):
+                yield key.replace("gate_up_proj", name), part
+        else:
+            yield key, t
 
 
 def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     """GGUF name -> tensor, transformed the way llama.cpp's converter does."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
+    from gguf import MODEL_ARCH, MODEL_TENSOR, get_tensor_name_map
 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     names = get_tensor_name_map(MODEL_ARCH[layout.arch.upper()], config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
+    query_scale = _query_scale(config, layout)
     out = {}
-    for key, t in model.state_dict().items():
+    for key, t in _split_fused(model, layout):
         prefix, _, kind = key.rpartition(".")
         if tied and prefix == "lm_head":
+            continue
+        if prefix.endswith("mlp.experts"):  # stacked experts [E, out, in]: gate and up are one tensor
+            layer = int(prefix.split(".layers.")[1].split(".")[0])
+            if kind == "gate_up_proj":
+                gate, up = t.chunk(2, dim=1)
+                out[_name(MODEL_TENSOR.FFN_GATE_EXP, layer)] = gate
+                out[_name(MODEL_TENSOR.FFN_UP_EXP, layer)] = up
+            elif kind == "down_proj":
+                out[_name(MODEL_TENSOR.FFN_DOWN_EXP, layer)] = t
+            else:
+                raise SliceGPTError(f"no GGUF name for {key} in llama.cpp's {layout.arch} layout")
             continue
         name = names.get_name(prefix)
         if name is None and prefix == "lm_head":
@@ -86,6 +193,13 @@ def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
             t = _permute(t, kv_heads)
         if layout.norm_offset and t.dim() == 1 and prefix.endswith("norm") and kind == "weight":
             t = t + layout.norm_offset
+        if query_scale != 1.0 and prefix.endswith("self_attn.q_norm"):  # after the norm: scale its gain
+            t = t * query_scale
+        elif query_scale != 1.0 and prefix.endswith("self_attn.q_proj") and not hasattr(model.get_submodule(
+                prefix.rsplit(".", 1)[0]), "q_norm"):
+            t = t * query_scale
+        if prefix.endswith("shared_expert_gate"):  # llama.cpp wants a vector
+            t = t.reshape(-1)
         out[f"{name}.{kind}"] = t
     return out
 
@@ -169,8 +283,10 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     if out.exists() and not force:
         raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
     config = model.config
+    _check_supported(config, layout)
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = _head_dim(config)
+    rope = _rope(config)
     tensors = _tensors(model, layout)
     vocab_size = tensors["token_embd.weight"].shape[0]
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
@@ -182,7 +298,10 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer = GGUFWriter(tmp, layout.arch)
         writer.add_name(name or f"{model_type} sliced to {config.hidden_size}")
         writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
-        writer.add_context_length(config.max_position_embeddings)
+        context = config.max_position_embeddings
+        if layout.window_as_context and getattr(config, "sliding_window", None):
+            context = min(context, int(config.sliding_window))  # inside the window, sliding = full attention
+        writer.add_context_length(context)
         writer.add_embedding_length(config.hidden_size)
         writer.add_block_count(config.num_hidden_layers)
         writer.add_feed_forward_length(config.intermediate_size)
@@ -190,14 +309,25 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer.add_head_count_kv(config.num_key_value_heads or heads)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(_rope_theta(config))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        if layout.layer_norm:
+            writer.add_layer_norm_eps(float(config.layer_norm_eps))
+        else:
+            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         if layout.sliding_window and getattr(config, "sliding_window", None):
             writer.add_sliding_window(int(config.sliding_window))
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
             if getattr(config, key, None):
                 getattr(writer, f"add_{key}")(float(getattr(config, key)))
+        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+        if layout.moe_norm_topk is not None and experts:
+            writer.add_expert_count(int(experts))
+            writer.add_expert_used_count(int(config.num_experts_per_tok))
+            if getattr(config, "moe_intermediate_size", None):
+                writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+            if getattr(config, "shared_expert_intermediate_size", None):
+                writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
         writer.add_vocab_size(vocab_size)
         if tokenizer_fields:
             for field in tokenizer_fields:

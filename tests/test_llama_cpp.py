@@ -1,0 +1,81 @@
+"""GGUF files in real llama.cpp: next-token probabilities equal the stock model's, family by family.
+
+transformers' GGUF reader derives some families' head size from the (sliced) embedding width,
+so it cannot check them; llama.cpp itself can. It runs through npm's node-llama-cpp (prebuilt
+CPU binaries), installed by scripts/setup.sh into the slicegpt cache.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.gguf_export import export_gguf
+from slicegpt.loading import cache_dir
+from conftest import make_model
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "llama_cpp_probs.mjs"
+
+
+def _runner() -> Path | None:
+    home = cache_dir() / "node-llama-cpp"
+    if shutil.which("node") and (home / "node_modules" / "node-llama-cpp").is_dir():
+        return home
+    return None
+
+
+pytestmark = pytest.mark.skipif(_runner() is None, reason="node-llama-cpp not installed (scripts/setup.sh does it)")
+
+
+def llama_cpp_probs(path: Path, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    home = _runner()
+    shutil.copy(SCRIPT, home / SCRIPT.name)
+    done = subprocess.run(["node", SCRIPT.name, str(path.resolve()), json.dumps(prompt), json.dumps(continuation)],
+                          cwd=home, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])["probs"], dtype=torch.float64)
+
+
+GEMMA3_GLOBAL_EVERY_6 = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])
+FAMILIES = {  # family -> (config overrides, slice_model options)
+    "llama": ({}, {}),
+    "mistral": ({}, {}),
+    "qwen2": ({}, {}),
+    "qwen3": ({}, {"accept_deviation": True}),
+    "phi3": ({"sliding_window": 32}, {}),  # written as llama with the context capped at the window
+    "gemma": ({}, {"fit_tied_head": True}),
+    # query_pre_attn_scalar 256 != head_dim 16: llama.cpp's fixed scale is folded into q_proj
+    "gemma2": ({}, {"accept_deviation": True, "fit_tied_head": True}),
+    "gemma3_text": (GEMMA3_GLOBAL_EVERY_6, {"accept_deviation": True}),
+    "mixtral": ({}, {}),
+    "qwen3_moe": ({"norm_topk_prob": True}, {"accept_deviation": True}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, calibration, tokenizer, tmp_path):
+    overrides, options = FAMILIES[family]
+    model = make_model(family, **overrides)
+    stock, _ = slicegpt.slice_model(model, tokenizer, calibration, 0.25, rotation="uniform", progress=False,
+                                    **options)
+    # a neutral name: llama.cpp looks for Phi-3 chat tokens when the name says phi3, and the test tokenizer has none
+    path = export_gguf(stock, tokenizer, tmp_path / f"{family}.gguf", dtype="f32", name="slicegpt test model")
+    if family == "phi3":
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        assert fields["general.architecture"].contents() == "llama"
+        assert fields["llama.context_length"].contents() == 32
+    ids = calibration.input_ids[0, :24].tolist()
+    prompt, continuation = ids[:16], ids[16:]
+    with torch.no_grad():
+        expected = torch.softmax(stock(torch.tensor([ids])).logits[0, 15:].double(), -1)
+    got = llama_cpp_probs(path, prompt, continuation)
+    vocab = expected.shape[-1]
+    assert got.shape == expected.shape
+    assert (got[:, :vocab] - expected).abs().max() < 1e-4, family
