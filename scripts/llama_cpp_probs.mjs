@@ -1,11 +1,12 @@
 // Next-token probabilities from real llama.cpp (node-llama-cpp's prebuilt CPU build), teacher-forced
 // along a given token sequence: the numerical check that a GGUF file written by `slicegpt export`
 // computes the same function as the model it came from.
-//   node llama_cpp_probs.mjs FILE.gguf '[prompt ids]' '[continuation ids]'
-// Prints one JSON object: {"probs": [[p_0 ... p_vocab-1] for the prompt's end and each continuation token]}.
+//   node llama_cpp_probs.mjs FILE.gguf '[prompt ids]' '[continuation ids]' ['text to tokenize']
+// Prints one JSON object: {"probs": [[p_0 ... p_vocab-1] for the prompt's end and each continuation token],
+// "tokens": llama.cpp's token ids for the text}.
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
-const [file, promptJson, continuationJson = "[]"] = process.argv.slice(2);
+const [file, promptJson, continuationJson = "[]", text = ""] = process.argv.slice(2);
 const prompt = JSON.parse(promptJson), continuation = JSON.parse(continuationJson);
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const model = await llama.loadModel({modelPath: file});
@@ -23,6 +24,6 @@ for (let i = 0; !next.done; i++) {
     next = await steps.next(continuation[i]);  // feed our token instead of the sampled one
 }
 await steps.return();
-console.log(JSON.stringify({probs}));
+console.log(JSON.stringify({probs, tokens: Array.from(model.tokenize(text))}));
 await context.dispose();
 await model.dispose();

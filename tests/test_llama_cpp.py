@@ -17,8 +17,9 @@ import torch
 import slicegpt
 from slicegpt.gguf_export import export_gguf
 from slicegpt.loading import cache_dir
-from conftest import make_model
+from conftest import TEXT, make_model
 
+SAMPLE = TEXT[:300] + " -- 12345 world's ... \"ok?!\"  (yes)"  # punctuation runs, digits, spaces
 SCRIPT = Path(__file__).parents[1] / "scripts" / "llama_cpp_probs.mjs"
 
 
@@ -32,13 +33,15 @@ def _runner() -> Path | None:
 pytestmark = pytest.mark.skipif(_runner() is None, reason="node-llama-cpp not installed (scripts/setup.sh does it)")
 
 
-def llama_cpp_probs(path: Path, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+def llama_cpp_run(path: Path, prompt: list[int], continuation: list[int], text: str = "") -> tuple[torch.Tensor, list]:
+    """llama.cpp's next-token probabilities along prompt + continuation, and its tokens for `text`."""
     home = _runner()
     shutil.copy(SCRIPT, home / SCRIPT.name)
-    done = subprocess.run(["node", SCRIPT.name, str(path.resolve()), json.dumps(prompt), json.dumps(continuation)],
+    done = subprocess.run(["node", SCRIPT.name, str(path.resolve()), json.dumps(prompt), json.dumps(continuation), text],
                           cwd=home, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    return torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])["probs"], dtype=torch.float64)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return torch.tensor(result["probs"], dtype=torch.float64), result["tokens"]
 
 
 GEMMA3_GLOBAL_EVERY_6 = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])
@@ -75,7 +78,7 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
     prompt, continuation = ids[:16], ids[16:]
     with torch.no_grad():
         expected = torch.softmax(stock(torch.tensor([ids])).logits[0, 15:].double(), -1)
-    got = llama_cpp_probs(path, prompt, continuation)
-    vocab = expected.shape[-1]
+    got, tokens = llama_cpp_run(path, prompt, continuation, SAMPLE)
     assert got.shape == expected.shape
-    assert (got[:, :vocab] - expected).abs().max() < 1e-4, family
+    assert (got - expected).abs().max() < 1e-4, family
+    assert tokens == tokenizer(SAMPLE)["input_ids"]  # the tokenizer went in too (GPT-2 word splitting)

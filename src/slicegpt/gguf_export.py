@@ -225,6 +225,23 @@ def _copy_field(writer, field) -> None:
         writer.add_key_value(field.name, value, kind)
 
 
+# How text is split into words before BPE: llama.cpp names the splitting rules it implements.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2"}
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer ('default' where none is known to match)."""
+    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"  # byte-level BPE with GPT-2's own word regex
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return _PRE_TOKENIZERS.get(steps[0].get("pattern", {}).get("Regex", ""), "default")
+    return "default"
+
+
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE vocabulary, merges and special ids from a Hugging Face fast tokenizer."""
     from gguf import TokenType
@@ -251,7 +268,7 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
             types.append(TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(_pre_tokenizer(data.get("pre_tokenizer") or {}))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
