@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_wind
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import DEFAULT_MODEL, load_model
 from slicegpt.measure import measure
+from slicegpt.report import BENCH_KIND
 from slicegpt.sliced_modeling import MANIFEST_NAME, CheckpointError
 from slicegpt.standard import check_standard
 
@@ -58,12 +60,24 @@ def cmd_slice(args) -> None:
     from slicegpt.data import calibration_windows
     from slicegpt.evaluation import perplexity
     from slicegpt.io import save
+    from slicegpt.report import load_run, write_report
     from slicegpt.slicing import sliced_dim
+    from slicegpt.speed import quick_speed
 
     sliced_dim(8, args.sparsity)  # validate before any slow work
     out = Path(args.out)
     if out.exists() and not args.force:
         raise SliceGPTError(f"output directory {out} already exists; pass --force to overwrite it")
+    report_dir = Path(args.report) if args.report else None
+    if args.report_bench and report_dir is None:
+        raise SliceGPTError("--report-bench applies to --report only")
+    if report_dir is not None:
+        a, b = out.resolve(), report_dir.resolve()
+        if a == b or a in b.parents or b in a.parents:  # --force would let one replace the other
+            raise SliceGPTError(f"--report {report_dir} and --out {out} must be separate directories")
+        if report_dir.exists() and not args.force:
+            raise SliceGPTError(f"report directory {report_dir} already exists; pass --force to overwrite it")
+    quick_bench = report_dir is not None and args.report_bench
     device = _device(args.device)
     calib_text = load_text(args.calibration, "calibration", args.text_field)  # bad data fails before the model loads
     loaded = load_model(args.model, dtype=args.dtype, device=device)
@@ -91,6 +105,7 @@ def cmd_slice(args) -> None:
     figures: dict = {"model": str(args.model), "sparsity": args.sparsity}
     if eval_windows is not None:
         figures["perplexity_dense"] = perplexity(model, eval_windows, args.eval_batch_size)
+    speed = quick_speed("dense", model) if quick_bench else []  # slicing changes the model in place
     with measure(device) as m:
         model, config = slice_model(model, tokenizer, windows, args.sparsity, batch_size=args.batch_size,
                                     round_to=args.round_to, slice_head=args.slice_head,
@@ -110,8 +125,13 @@ def cmd_slice(args) -> None:
     if eval_windows is not None:
         figures["perplexity_sliced"] = perplexity(model, eval_windows, args.eval_batch_size)
         figures["eval_tokens"] = eval_windows.tokens
-    save(model, tokenizer, config, out, force=args.force, extra={"results": figures})
+        figures["eval_data"] = str(eval_source)
+    if quick_bench:
+        figures["speed"] = speed + quick_speed("sliced", model)
+    save(model, tokenizer, config, out, force=args.force, extra={"results": figures})  # the run record
     figures["out"] = str(out)
+    if report_dir is not None:  # from what was just saved, as `slicegpt report` would read it
+        figures["report"] = str(write_report([load_run(out)], [], report_dir, force=args.force))
 
     rows = [("model", figures["model"]), ("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"),
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
@@ -128,6 +148,8 @@ def cmd_slice(args) -> None:
         rows.append(("deviation", f"max |logit difference| {config.max_logit_deviation:.3g}{exact} "
                                   f"({'; '.join(config.deviations)})"))
     rows += [("slicing time", f"{m.seconds:.1f} s"), ("peak memory", _gib(m.peak_bytes)), ("saved to", str(out))]
+    if report_dir is not None:
+        rows.append(("report", figures["report"]))
     _emit(args, rows, figures)
 
 
@@ -207,6 +229,11 @@ def cmd_bench(args) -> None:
     from slicegpt.speed import speed_report
 
     batch_sizes, seqlens = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.seqlens, "--seqlens")
+    save_path = Path(args.save) if args.save else None
+    if save_path is not None and save_path.is_dir():
+        raise SliceGPTError(f"--save {save_path} is a directory; give a file name")
+    if save_path is not None and save_path.exists() and not args.force:
+        raise SliceGPTError(f"{save_path} already exists; pass --force to overwrite it")
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     compare = args.compare
@@ -226,7 +253,8 @@ def cmd_bench(args) -> None:
           "| peak working MiB (prefill/decode) | weights MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     figures = []
-    for name, _ in models:
+    for index, (name, _) in enumerate(models):
+        role = "dense" if compare and index == 0 else "sliced" if loaded.sliced is not None else "model"
         for batch in batch_sizes:
             for seqlen in seqlens:
                 pre = next(r for r in rows if (r.model, r.phase, r.batch, r.seqlen) == (name, "prefill", batch, seqlen))
@@ -238,9 +266,39 @@ def cmd_bench(args) -> None:
                       f"{f'{up_pre:.2f}x' if up_pre else '-'} | {dec.ms_per_token:.2f} | "
                       f"{f'{up_dec:.2f}x' if up_dec else '-'} | {pre.peak_bytes / mib:.0f}/{dec.peak_bytes / mib:.0f} | "
                       f"{pre.weight_bytes / mib:.0f} |")
-                figures += [dict(pre.to_dict(), speedup=up_pre), dict(dec.to_dict(), speedup=up_dec)]
+                figures += [dict(pre.to_dict(), speedup=up_pre, role=role),
+                            dict(dec.to_dict(), speedup=up_dec, role=role)]
+    record = {"kind": BENCH_KIND, "model": str(args.model), "compare": compare, "device": device,
+              "torch_threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
+              "repeats": args.repeats, "rows": figures}
+    if save_path is not None:  # a record `slicegpt report` reads; written whole or not at all
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_path.with_name(f".{save_path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, save_path)
+        print(f"saved {save_path}")
     if args.json:
-        print(json.dumps({"device": device, "rows": figures}))
+        print(json.dumps(record))
+
+
+def cmd_report(args) -> None:
+    from slicegpt.report import gather, write_report
+
+    out = Path(args.out)
+    if out.exists() and not args.force:  # before reading anything
+        raise SliceGPTError(f"report directory {out} already exists; pass --force to overwrite it")
+    runs, benches = gather(args.paths)
+    page = write_report(runs, benches, out, force=args.force)
+    files = sorted(p.name for p in out.iterdir())
+    figures = {"out": str(out), "page": str(page), "runs": [r.path for r in runs],
+               "bench_records": len(benches), "files": files}
+    missing = [r.name for r in runs if r.spectra is None]
+    rows = [("runs", ", ".join(r.name for r in runs) or "-"), ("bench records", str(len(benches))),
+            ("figures", ", ".join(f for f in files if f.endswith(".png")) or "-")]
+    if missing:
+        rows.append(("spectra", f"unavailable for {', '.join(missing)} (saved before slicegpt recorded them)"))
+    rows.append(("report", str(page)))
+    _emit(args, rows, figures)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -291,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--untie-head", action="store_true",
                    help="slice a tied embedding table and untie the head (the paper's way; more parameters, "
                         "same function) instead of keeping them tied with a d x d' entry matrix")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="also write an HTML report of this run (spectra, perplexity) to DIR")
+    p.add_argument("--report-bench", action="store_true",
+                   help="add a quick speed check to --report (batch 1, 128-token prompt; dense before slicing, "
+                        "sliced after, so not in turns: `slicegpt bench --save` is the careful measurement)")
     _common(p)
     p.set_defaults(func=cmd_slice)
 
@@ -321,8 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlens", default="128,512", help="prompt lengths, comma-separated (default 128,512)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per setting (the median is shown)")
+    p.add_argument("--save", default=None, metavar="FILE",
+                   help="write the figures as a JSON record that `slicegpt report` reads")
+    p.add_argument("--force", action="store_true", help="replace an existing --save file")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="an HTML page with plots (spectra, perplexity vs sparsity, throughput) "
+                                      "over saved runs and bench records")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_BENCH_JSON",
+                   help="slicegpt output directories and `bench --save` files")
+    p.add_argument("--out", required=True, help="report directory: index.html and PNGs (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing report directory")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write a uniformly sliced model as a GGUF file for llama.cpp")
     p.add_argument("model", help="a slicegpt output directory sliced with --rotation uniform")

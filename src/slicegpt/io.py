@@ -3,6 +3,7 @@
 A directory is written to a temporary sibling and renamed into place, so an interrupted
 save leaves nothing half-written. `slicegpt.json` lists a SHA-256 for every file, so a
 truncated or altered directory is refused instead of producing a silently wrong model.
+The PCA eigenvalues of every block boundary go beside it (`slicegpt.spectra`), for reports.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +28,9 @@ from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME,
                                       CheckpointError, load_sliced_model)
 
 CODE_NAME = "modeling_slicegpt.py"
+# safetensors bytes (float64, keys boundary.{i}), deliberately not named *.safetensors: vLLM
+# loads every top-level *.safetensors file of a directory without an index as weights.
+SPECTRA_NAME = "slicegpt.spectra"
 
 
 def _sha256(path: Path) -> str:
@@ -69,6 +75,66 @@ def _save_sliced(model: nn.Module, slicing: dict, tmp: Path) -> None:
     shutil.copyfile(sliced_modeling.__file__, tmp / CODE_NAME)
 
 
+@contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `out`; on success it replaces `out`, on error it vanishes.
+
+    Readers see either the old directory or the complete new one, never a half-written one.
+    """
+    if out.exists() and not force:
+        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise SliceGPTError(f"output path {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed result private to its writer
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "dir")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_spectra(spectra: list[torch.Tensor], path: Path) -> None:
+    """Eigenvalues per block boundary as float64 safetensors (`boundary.0` = after the embeddings)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"boundary.{i}": v.detach().to("cpu", torch.float64).contiguous() for i, v in enumerate(spectra)}
+    save_file(tensors, str(path), metadata={"count": str(len(tensors))})
+
+
+def load_spectra(directory: str | os.PathLike) -> list[torch.Tensor] | None:
+    """The eigenvalues `save` recorded, in boundary order; None for directories written before them.
+
+    The file's checksum is checked against the manifest, like the weights'.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    path = directory / SPECTRA_NAME
+    if not path.is_file():
+        return None
+    digest = read_manifest(directory).get("files", {}).get(SPECTRA_NAME)
+    if digest is not None and _sha256(path) != digest:
+        raise SliceGPTError(f"{directory} is corrupted: {SPECTRA_NAME} does not match its checksum")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+    count = len(tensors)
+    if set(tensors) != {f"boundary.{i}" for i in range(count)}:
+        raise SliceGPTError(f"{path} is corrupted: expected keys boundary.0 ... boundary.{count - 1}")
+    return [tensors[f"boundary.{i}"] for i in range(count)]
+
+
 def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.PathLike,
          force: bool = False, extra: dict | None = None) -> Path:
     """Write a sliced model directory atomically; refuse to replace one unless `force`.
@@ -85,29 +151,19 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
     slicing = getattr(model, "slicegpt_structure", None)
     if slicing is None and not config.standard:
         raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, force=True) as tmp:
         if slicing is None:  # a stock model (uniform rotation): the family's own format, nothing else
             model.save_pretrained(tmp)
         else:
             _save_sliced(model, slicing, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if config.spectra:
+            save_spectra(config.spectra, tmp / SPECTRA_NAME)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
                     **(extra or {})}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "dir")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -108,3 +108,19 @@ def speed_report(models: list[tuple[str, nn.Module]], batch_sizes: list[int], se
                                      weight_bytes(model)))
                 bar.update()
     return rows
+
+
+QUICK_PROMPT, QUICK_DECODE_TOKENS = 128, 16
+
+
+def quick_speed(role: str, model: nn.Module, repeats: int = 3) -> list[dict]:
+    """Batch 1, a 128-token prompt, 16 decoded tokens: the speed check `slice --report-bench` adds.
+
+    Cheap (a few hundred tokens of work next to the ~65k that calibration and evaluation cost),
+    but the dense model is measured before slicing and the sliced one after, not in turns, so
+    on a shared machine load changes between the two show up as speedups; hence opt-in, and
+    `slicegpt bench --save` remains the measurement to trust.
+    """
+    seqlen = min(QUICK_PROMPT, getattr(model.config, "max_position_embeddings", None) or QUICK_PROMPT)
+    rows = speed_report([(role, model)], [1], [seqlen], QUICK_DECODE_TOKENS, repeats, progress=False)
+    return [dict(r.to_dict(), role=role) for r in rows]
