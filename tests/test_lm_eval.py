@@ -128,7 +128,8 @@ def test_unknown_task_names_the_close_ones(tmp_path):
     from slicegpt.errors import SliceGPTError
     from slicegpt.zero_shot import load_tasks
 
-    with pytest.raises(SliceGPTError, match=r"unknown lm-eval task 'arc_easyy' \(close names: arc_easy.*lm-eval ls tasks"):
+    close = r"unknown lm-eval task 'arc_easyy' \(close names: arc_easy.*lm-eval ls tasks"
+    with pytest.raises(SliceGPTError, match=close):
         load_tasks("shakespeare_next_line,arc_easyy")
     with pytest.raises(SliceGPTError, match="task directory not found"):
         load_tasks(TASK, include_path=tmp_path / "none")
@@ -156,7 +157,9 @@ def test_unreachable_hub_switches_datasets_offline_and_back(monkeypatch, tmp_pat
 
 @pytest.mark.slow
 def test_default_model_beats_chance_on_the_shipped_shakespeare_task():
-    """SmolLM2-135M picks the true next line of a held-out play well above the 25% of guessing."""
+    """SmolLM2-135M picks the true next line of a held-out play far more often than guessing (25%)."""
+    import math
+
     import slicegpt
     from slicegpt.zero_shot import zero_shot
 
@@ -164,5 +167,7 @@ def test_default_model_beats_chance_on_the_shipped_shakespeare_task():
     result = zero_shot(loaded.model, loaded.tokenizer, "shakespeare_next_line", limit=60, progress=False)
     score = result.score("shakespeare_next_line")
     assert score.samples == 60
-    # under guessing acc has mean 0.25 and sd 0.056 at n = 60: 0.45 is 3.6 sd above it
-    assert score.acc_norm > 0.45 and score.acc > 0.45, score
+    for accuracy in (score.acc, score.acc_norm):  # chance of doing this well by guessing: below 1 in 1000
+        hits = round(accuracy * 60)
+        p_value = sum(math.comb(60, k) * 0.25**k * 0.75 ** (60 - k) for k in range(hits, 61))
+        assert p_value < 1e-3, (score, p_value)

