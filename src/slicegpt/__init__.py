@@ -9,6 +9,9 @@
     # one basis for the whole stream: a stock LlamaForCausalLM with hidden size 432, and GGUF
     stock, config = slicegpt.slice_model("default", sparsity=0.25, rotation="uniform")
     slicegpt.export_gguf(stock, loaded.tokenizer, "out/smollm2-25.gguf")
+
+    # zero-shot accuracy with lm-eval (hub tasks such as piqa, or the shipped offline task)
+    print(slicegpt.zero_shot(again.model, again.tokenizer, "shakespeare_next_line").average)
 """
 
 from slicegpt.adapters import get_adapter, supported_model_types
@@ -21,11 +24,13 @@ from slicegpt.gguf_export import export_gguf
 from slicegpt.io import load, save
 from slicegpt.loading import LoadedModel, load_model
 from slicegpt.standard import to_standard
+from slicegpt.zero_shot import ZeroShotResult, load_tasks, zero_shot
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
     "bos_token", "evaluation_windows", "export_gguf", "generate", "make_standard", "get_adapter", "load", "load_model", "load_text", "perplexity",
-    "save", "slice_model", "supported_model_types", "to_standard", "tokenize",
+    "save", "slice_model", "supported_model_types", "to_standard", "tokenize", "ZeroShotResult", "load_tasks",
+    "zero_shot",
 ]

@@ -23,6 +23,7 @@ from slicegpt.measure import measure
 from slicegpt.report import BENCH_KIND
 from slicegpt.sliced_modeling import MANIFEST_NAME, CheckpointError
 from slicegpt.standard import check_standard
+from slicegpt.zero_shot import PAPER_TASKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,6 +216,48 @@ def cmd_export(args) -> None:
                  ("tokenizer", figures["tokenizer"])], figures)
 
 
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid limit {text!r}: a number of documents or a fraction < 1") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def cmd_lm_eval(args) -> None:
+    import logging
+
+    from slicegpt.zero_shot import load_tasks, zero_shot
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on pre-built models would bury ours
+    tasks = load_tasks(args.tasks, args.include_path)  # unknown or unreachable tasks fail before the model loads
+    device = _device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    with measure(device) as m:
+        result = zero_shot(loaded.model, loaded.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                           num_fewshot=args.num_fewshot)
+    sliced = loaded.sliced is not None
+    figures = {"model": str(args.model), "sliced": sliced, **result.to_dict(), "batch_size": args.batch_size,
+               "seconds": m.seconds}
+    shots = "few-shot: task default" if args.num_fewshot is None else f"{args.num_fewshot}-shot"
+    print(f"model {args.model}{' (sliced)' if sliced else ''}; {shots}; "
+          f"{'first ' + str(args.limit) + ' documents per task; ' if args.limit else ''}{m.seconds:.1f} s")
+    print("| task | metric | value | stderr |")
+    print("|---|---|---|---|")
+    for s in result.scores:
+        for metric in ("acc", "acc_norm"):
+            value, stderr = getattr(s, metric), getattr(s, f"{metric}_stderr")
+            if value is not None:
+                mark = " *" if metric == s.metric else ""
+                print(f"| {s.task} | {metric}{mark} | {value:.4f} | {'-' if stderr is None else f'{stderr:.4f}'} |")
+    n = len(result.scores)
+    print(f"| average | * ({n} task{'s' if n > 1 else ''}) | {result.average:.4f} | |")
+    print("* the metric each task adds to the average: acc_norm where the task reports it, else acc (as in the "
+          "SliceGPT paper)")
+    if args.json:
+        print(json.dumps(figures))
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -398,6 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("lm-eval", help="zero-shot accuracy with lm-evaluation-harness (piqa, hellaswag, ... or "
+                       "local tasks)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + ", or a sliced model directory")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                   help=f"comma-separated lm-eval task names (default: the paper's {','.join(PAPER_TASKS)}, which "
+                        "need the Hugging Face hub or its cache); offline: shakespeare_next_line (shipped)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="a directory of your own lm-eval task YAML files (lm-eval's --include_path)")
+    p.add_argument("--limit", type=_limit, default=None, metavar="N",
+                   help="only the first N documents of each task (or a fraction < 1); for quick checks")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (right-padded; default 8)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own; "
+                   "0 for the paper's tasks)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("export", help="write a uniformly sliced model as a GGUF file for llama.cpp")
     p.add_argument("model", help="a slicegpt output directory sliced with --rotation uniform")
