@@ -9,6 +9,10 @@
     # one basis for the whole stream: a stock LlamaForCausalLM with hidden size 432, and GGUF
     stock, config = slicegpt.slice_model("default", sparsity=0.25, rotation="uniform")
     slicegpt.export_gguf(stock, loaded.tokenizer, "out/smollm2-25.gguf")
+
+    # recover quality with LoRA adapters, merged into the weights on save
+    result = slicegpt.finetune(again.model, again.tokenizer, "shakespeare", steps=200)
+    slicegpt.save_finetuned(result, again.tokenizer, "out/smollm2-25-ft", again.sliced)
 """
 
 from slicegpt.adapters import get_adapter, supported_model_types
@@ -17,6 +21,7 @@ from slicegpt.config import SlicingConfig
 from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters, perplexity
+from slicegpt.finetune import FinetuneResult, finetune, save_finetuned
 from slicegpt.gguf_export import export_gguf
 from slicegpt.io import load, save
 from slicegpt.loading import LoadedModel, load_model
@@ -25,7 +30,7 @@ from slicegpt.standard import to_standard
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
-    "bos_token", "evaluation_windows", "export_gguf", "generate", "make_standard", "get_adapter", "load", "load_model", "load_text", "perplexity",
-    "save", "slice_model", "supported_model_types", "to_standard", "tokenize",
+    "FinetuneResult", "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
+    "bos_token", "evaluation_windows", "export_gguf", "finetune", "generate", "make_standard", "get_adapter", "load", "load_model", "load_text", "perplexity",
+    "save", "save_finetuned", "slice_model", "supported_model_types", "to_standard", "tokenize",
 ]

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -69,35 +70,21 @@ def _save_sliced(model: nn.Module, slicing: dict, tmp: Path) -> None:
     shutil.copyfile(sliced_modeling.__file__, tmp / CODE_NAME)
 
 
-def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.PathLike,
-         force: bool = False, extra: dict | None = None) -> Path:
-    """Write a sliced model directory atomically; refuse to replace one unless `force`.
+def write_directory(out: str | os.PathLike, force: bool, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write a temporary sibling of `out`, then rename it into place.
 
-    A per-layer model is written with its slicing structure and loader code (it loads with
-    slicegpt or with trust_remote_code); a standard one (`config.standard`) is written by the
-    family's own `save_pretrained` and loads with plain transformers.
+    An exception (or an interrupt) in `fill` removes the temporary directory, so `out` is
+    either the complete new directory or untouched. An existing `out` needs `force`.
     """
-    out = Path(out_dir)
+    out = Path(out)
     if out.exists() and not force:
         raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not out.is_dir():
         raise SliceGPTError(f"output path {out} exists and is not a directory")
-    slicing = getattr(model, "slicegpt_structure", None)
-    if slicing is None and not config.standard:
-        raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if slicing is None:  # a stock model (uniform rotation): the family's own format, nothing else
-            model.save_pretrained(tmp)
-        else:
-            _save_sliced(model, slicing, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
-                    **(extra or {})}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        fill(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "dir")
@@ -109,6 +96,40 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.PathLike,
+         force: bool = False, extra: dict | None = None,
+         fill_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a sliced model directory atomically; refuse to replace one unless `force`.
+
+    A per-layer model is written with its slicing structure and loader code (it loads with
+    slicegpt or with trust_remote_code); a standard one (`config.standard`) is written by the
+    family's own `save_pretrained` and loads with plain transformers. `fill_extra` may add
+    files (a LoRA adapter folder); they are checksummed like the rest.
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
+    slicing = getattr(model, "slicegpt_structure", None)
+    if slicing is None and not config.standard:
+        raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
+
+    def fill(tmp: Path) -> None:
+        if slicing is None:  # a stock model (uniform rotation): the family's own format, nothing else
+            model.save_pretrained(tmp)
+        else:
+            _save_sliced(model, slicing, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if fill_extra is not None:
+            fill_extra(tmp)
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
+                    **(extra or {})}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+
+    return write_directory(out, force, fill)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -153,10 +174,18 @@ def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, d
 
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return LoadedModel(model.to(device).eval(), tokenizer, str(directory), sliced=manifest)
+        return LoadedModel(_with_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
+                           sliced=manifest)
     try:
         model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
     except CheckpointError as e:
         raise SliceGPTError(str(e)) from None
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return LoadedModel(model, tokenizer, str(directory), sliced=manifest)
+    return LoadedModel(_with_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
+
+
+def _with_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """An --adapters-only fine-tuning output: merge its LoRA adapter (lora/) on load."""
+    from slicegpt.finetune import ADAPTER_DIR, has_adapter, load_adapter
+
+    return load_adapter(model, Path(directory) / ADAPTER_DIR) if has_adapter(directory) else model
