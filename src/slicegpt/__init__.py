@@ -12,6 +12,10 @@
 
     # zero-shot accuracy with lm-eval (hub tasks such as piqa, or the shipped offline task)
     print(slicegpt.zero_shot(again.model, again.tokenizer, "shakespeare_next_line").average)
+
+    # recover quality with LoRA adapters, merged into the weights on save
+    result = slicegpt.finetune(again.model, again.tokenizer, "shakespeare", steps=200)
+    slicegpt.save_finetuned(result, again.tokenizer, "out/smollm2-25-ft", again.sliced)
 """
 
 from slicegpt.adapters import get_adapter, supported_model_types
@@ -20,6 +24,7 @@ from slicegpt.config import SlicingConfig
 from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters, perplexity
+from slicegpt.finetune import FinetuneResult, finetune, save_finetuned
 from slicegpt.gguf_export import export_gguf
 from slicegpt.io import load, save
 from slicegpt.loading import LoadedModel, load_model
@@ -29,8 +34,8 @@ from slicegpt.zero_shot import ZeroShotResult, load_tasks, zero_shot
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoadedModel", "SliceGPTError", "SlicingConfig", "calibration_data", "count_parameters",
-    "bos_token", "evaluation_windows", "export_gguf", "generate", "make_standard", "get_adapter", "load", "load_model", "load_text", "perplexity",
-    "save", "slice_model", "supported_model_types", "to_standard", "tokenize", "ZeroShotResult", "load_tasks",
-    "zero_shot",
+    "FinetuneResult", "LoadedModel", "SliceGPTError", "SlicingConfig", "ZeroShotResult", "bos_token",
+    "calibration_data", "count_parameters", "evaluation_windows", "export_gguf", "finetune", "generate",
+    "get_adapter", "load", "load_model", "load_tasks", "load_text", "make_standard", "perplexity", "save",
+    "save_finetuned", "slice_model", "supported_model_types", "to_standard", "tokenize", "zero_shot",
 ]

@@ -258,6 +258,47 @@ def cmd_lm_eval(args) -> None:
         print(json.dumps(figures))
 
 
+def cmd_finetune(args) -> None:
+    from slicegpt.finetune import check_settings, finetune, save_finetuned
+
+    check_settings(args.lora_r, args.lora_alpha, args.lora_dropout, args.steps, args.lr, args.batch_size,
+                   args.seqlen)  # before any slow work
+    out = Path(args.out) if args.out else None
+    if args.adapters_only and out is None:
+        raise SliceGPTError("--adapters-only says how to save; pass --out DIR too")
+    if out is not None and out.exists() and not args.force:
+        raise SliceGPTError(f"output directory {out} already exists; pass --force to overwrite it")
+    device = _device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    kind = ("dense" if loaded.sliced is None else
+            "standard sliced" if loaded.sliced.get("slicing", {}).get("standard") else "per-layer sliced")
+    result = finetune(loaded.model, loaded.tokenizer, args.data, args.eval_data, lora_r=args.lora_r,
+                      lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, steps=args.steps, lr=args.lr,
+                      batch_size=args.batch_size, seqlen=args.seqlen, eval_samples=args.eval_samples,
+                      eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size, seed=args.seed,
+                      text_field=args.text_field, evaluate=not args.no_eval)
+    figures = {"model": str(args.model), "kind": kind, **result.record()}
+    if out is not None:
+        save_finetuned(result, loaded.tokenizer, out, loaded.sliced, adapters_only=args.adapters_only,
+                       force=args.force, source=str(loaded.source))
+        figures["out"] = str(out)
+    loss_start, loss_end = result.loss_summary()
+    rows = [("model", f"{args.model} ({kind})"),
+            ("trainable", f"{result.trainable_parameters:,} LoRA parameters "
+                          f"({result.trainable_parameters / result.parameters:.2%} of {result.parameters:,}; "
+                          f"r={args.lora_r} on {', '.join(figures['target_modules'])})"),
+            ("training", f"{args.steps} steps x {args.batch_size} x {args.seqlen} tokens of {args.data}; "
+                         f"loss {loss_start:.3f} -> {loss_end:.3f} (means over the first and last tenth)")]
+    if result.perplexity_before is not None:
+        rows.append(("perplexity", f"{result.perplexity_before:.3f} -> {result.perplexity_after:.3f} "
+                                   f"({result.eval_tokens:,} held-out tokens of {figures['eval_data']})"))
+    rows += [("time", f"{result.seconds:.1f} s training"), ("peak memory", _gib(result.peak_memory_bytes))]
+    if out is not None:
+        how = "adapter in lora/, weights unchanged" if args.adapters_only else "merged"
+        rows.append(("saved to", f"{out} ({how})"))
+    _emit(args, rows, figures)
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -418,6 +459,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("finetune", help="recover a sliced model's quality with LoRA adapters, report perplexity")
+    p.add_argument("model", help=model_help + ", or a sliced model directory")
+    p.add_argument("--data", default=DEFAULT_DATA, help=data_help + " (training text: its calibration part)")
+    p.add_argument("--eval-data", default=None, help="held-out perplexity data (default: --data's evaluation "
+                   "part; a local file is split 90/10 between training and evaluation)")
+    p.add_argument("--lora-r", type=int, default=8, help="rank of the LoRA adapters (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: updates are "
+                   "scaled by alpha/r (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter inputs (default 0: "
+                   "a few hundred steps see each window once at most)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=4, help="training windows per step (default 4)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per training window (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the adapters' init, dropout and window order")
+    p.add_argument("--eval-samples", type=int, default=16, help="evaluation windows (default 16, as eval)")
+    p.add_argument("--eval-seqlen", type=int, default=1024, help="evaluation window length (default 1024, as eval)")
+    p.add_argument("--eval-batch-size", type=int, default=2)
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    p.add_argument("--out", default=None, help="output directory (written atomically; default: save nothing)")
+    p.add_argument("--adapters-only", action="store_true", help="keep the weights unchanged and save the LoRA "
+                   "adapter in OUT/lora (slicegpt merges it on load) instead of merging it")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="prefill throughput, decode latency and memory, dense and sliced side by side")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + ", or a sliced model directory")

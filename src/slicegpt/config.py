@@ -25,6 +25,7 @@ class SlicingConfig:
     source_model: str = ""
     parameters_dense: int = 0
     parameters_sliced: int = 0
+    finetune: list = field(default_factory=list)  # one record per recovery fine-tuning run (finetune.py)
     # Eigenvalues per boundary (for reports); kept in memory, not in the JSON record.
     spectra: list = field(default_factory=list, repr=False)
 

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -136,18 +137,18 @@ def load_spectra(directory: str | os.PathLike) -> list[torch.Tensor] | None:
 
 
 def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.PathLike,
-         force: bool = False, extra: dict | None = None) -> Path:
+         force: bool = False, extra: dict | None = None,
+         fill_extra: Callable[[Path], None] | None = None) -> Path:
     """Write a sliced model directory atomically; refuse to replace one unless `force`.
 
     A per-layer model is written with its slicing structure and loader code (it loads with
     slicegpt or with trust_remote_code); a standard one (`config.standard`) is written by the
-    family's own `save_pretrained` and loads with plain transformers.
+    family's own `save_pretrained` and loads with plain transformers. `fill_extra` may add
+    files (a LoRA adapter folder); they are checksummed like the rest.
     """
     out = Path(out_dir)
     if out.exists() and not force:
         raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
-    if out.exists() and not out.is_dir():
-        raise SliceGPTError(f"output path {out} exists and is not a directory")
     slicing = getattr(model, "slicegpt_structure", None)
     if slicing is None and not config.standard:
         raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
@@ -160,7 +161,9 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
             tokenizer.save_pretrained(tmp)
         if config.spectra:
             save_spectra(config.spectra, tmp / SPECTRA_NAME)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        if fill_extra is not None:
+            fill_extra(tmp)
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
                     **(extra or {})}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -209,10 +212,18 @@ def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, d
 
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return LoadedModel(model.to(device).eval(), tokenizer, str(directory), sliced=manifest)
+        return LoadedModel(_with_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
+                           sliced=manifest)
     try:
         model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
     except CheckpointError as e:
         raise SliceGPTError(str(e)) from None
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return LoadedModel(model, tokenizer, str(directory), sliced=manifest)
+    return LoadedModel(_with_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
+
+
+def _with_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """An --adapters-only fine-tuning output: merge its LoRA adapter (lora/) on load."""
+    from slicegpt.finetune import ADAPTER_DIR, has_adapter, load_adapter
+
+    return load_adapter(model, Path(directory) / ADAPTER_DIR) if has_adapter(directory) else model

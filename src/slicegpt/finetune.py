@@ -1,0 +1,339 @@
+"""Recovery fine-tuning: LoRA adapters on a sliced (or dense) model, perplexity before and after.
+
+Slicing drops the directions of least variance at every block boundary; what that costs is
+spread thinly over all layers, so small low-rank updates of the attention and MLP linears
+recover much of it for a fraction of the parameters. Only the adapters train (peft LoRA);
+everything slicing computed (skip-connection and entry matrices, norms, embeddings) stays
+as it is, so the merged model has exactly the input's structure and saves in its format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slicegpt.config import SlicingConfig
+from slicegpt.data import (DEFAULT_DATA, Windows, bos_token, calibration_windows, evaluation_windows, load_text,
+                           split_text, tokenize)
+from slicegpt.errors import SliceGPTError
+from slicegpt.evaluation import count_parameters, perplexity
+from slicegpt.measure import measure
+from slicegpt.sliced_modeling import get_path
+
+ADAPTER_DIR = "lora"  # the peft adapter of an --adapters-only output, beside the model files
+RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` did: the adapted model (peft, not merged) and the figures."""
+
+    model: nn.Module  # a peft PeftModel around the input model
+    perplexity_before: float | None
+    perplexity_after: float | None
+    losses: list[float]  # training loss per step
+    trainable_parameters: int
+    parameters: int  # of the input model (adapters excluded)
+    seconds: float  # training only
+    peak_memory_bytes: int
+    eval_tokens: int
+    settings: dict = field(default_factory=dict)
+
+    def loss_summary(self) -> tuple[float, float]:
+        """Mean training loss over the first and the last tenth of the steps (one batch is noisy)."""
+        k = max(1, len(self.losses) // 10)
+        return sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
+
+    def record(self) -> dict:
+        """The JSON-able record saved with the model (settings, figures, loss curve)."""
+        return {**self.settings, "trainable_parameters": self.trainable_parameters, "parameters": self.parameters,
+                "perplexity_before": self.perplexity_before, "perplexity_after": self.perplexity_after,
+                "eval_tokens": self.eval_tokens, "seconds": round(self.seconds, 2),
+                "loss_start": self.loss_summary()[0], "loss_end": self.loss_summary()[1],
+                "losses": [round(x, 4) for x in self.losses]}
+
+
+@contextmanager
+def _peft_quietly():
+    """peft (0.21) reads a property transformers 5 deprecated; the warning is theirs, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def check_settings(lora_r: int, lora_alpha: float, lora_dropout: float, steps: int, lr: float,
+                   batch_size: int, seqlen: int) -> None:
+    """Refuse impossible settings before anything slow happens."""
+    if not isinstance(lora_r, int) or lora_r < 1:
+        raise SliceGPTError(f"--lora-r must be a positive integer, got {lora_r}")
+    if not lora_alpha > 0:
+        raise SliceGPTError(f"--lora-alpha must be positive, got {lora_alpha}")
+    if not 0 <= lora_dropout < 1:
+        raise SliceGPTError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
+    if steps < 1:
+        raise SliceGPTError(f"--steps must be at least 1, got {steps}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SliceGPTError(f"--lr must be a positive number, got {lr}")
+    if batch_size < 1:
+        raise SliceGPTError(f"--batch-size must be at least 1, got {batch_size}")
+    if seqlen < 2:
+        raise SliceGPTError(f"--seqlen must be at least 2, got {seqlen}")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The attention and MLP linears the family's adapter names, as peft suffixes.
+
+    Read from the architecture description (never the model name), so dense, per-layer and
+    standard models of a family get the same targets. Raw parameters (fused MoE experts,
+    routers) are no linears and are left out. The skip-connection and entry matrices of a
+    per-layer model are not trained: they are d' x d' bases (11M parameters on SmolLM2 at
+    25%, five times the adapters) that connect the rotated bases of neighbouring blocks, and
+    the adapters on both sides of every skip already change what each block reads and
+    writes; frozen, they also keep an adapter a plain peft adapter of the saved model.
+    """
+    from slicegpt.adapters import get_adapter
+
+    adapter = get_adapter(model.config)
+    layers = get_path(model, adapter.layers)
+    names: list[str] = []
+    for branch in adapter.branches:
+        for raw in branch.inputs + branch.outputs:
+            path = raw.rstrip("?")
+            if path in names:
+                continue
+            for layer in layers:
+                try:
+                    module = get_path(layer, path)
+                except AttributeError:
+                    continue
+                if isinstance(module, nn.Module) and _is_linear(module):
+                    names.append(path)
+                    break
+    if not names:
+        raise SliceGPTError(f"no linear layers to adapt in this {model.config.model_type} model; pass target_modules")
+    return names
+
+
+def data_texts(data: str | os.PathLike, eval_data: str | os.PathLike | None,
+               text_field: str = "text") -> tuple[str, str]:
+    """Training text and held-out text, disjoint.
+
+    A named corpus gives its calibration part for training and its evaluation part (for
+    Shakespeare: six plays never used for calibration) as held-out text. One local file
+    used for both is split 90/10 at a line break.
+    """
+    train = load_text(data, "calibration", text_field)
+    source = data if eval_data is None else eval_data
+    if str(source) == str(data) and Path(str(data)).is_file():
+        return split_text(train)
+    return train, load_text(source, "evaluation", text_field)
+
+
+def training_batches(windows: Windows, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` batches of windows: every window once per epoch, in a seeded random order."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(windows.input_ids)
+    order = torch.zeros(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(count, generator=generator)])
+        yield windows.input_ids[order[:batch_size]]
+        order = order[batch_size:]
+
+
+def _windows(tokenizer, source, seqlen: int, samples: int | None, seed: int, role: str) -> Windows:
+    """Windows from text: every non-overlapping window for training, the standard ones for evaluation."""
+    if isinstance(source, Windows):
+        return source
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2:
+            raise SliceGPTError("token ids must be a [samples, seqlen] tensor")
+        return Windows(source, torch.ones_like(source))
+    if tokenizer is None:
+        raise SliceGPTError("a tokenizer is needed to train or evaluate on text")
+    ids, bos = tokenize(tokenizer, source), bos_token(tokenizer)
+    if role == "evaluation":
+        return evaluation_windows(ids, seqlen, samples, bos=bos)
+    available = len(ids) // (seqlen if bos is None else seqlen - 1)
+    if available < 1:
+        raise SliceGPTError(f"training text too short: {len(ids)} tokens, fewer than one window of {seqlen}; "
+                            "use a shorter --seqlen or more text")
+    return calibration_windows(ids, available, seqlen, seed, bos=bos)
+
+
+def _named(source) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
+def _sources(data, eval_data, text_field: str) -> tuple:
+    """Training data, held-out data (texts where sources are named) and the held-out source's name."""
+    if _named(data) and (eval_data is None or _named(eval_data)):
+        train, held_out = data_texts(data, eval_data, text_field)
+        return train, held_out, str(eval_data if eval_data is not None else data)
+    train = load_text(data, "calibration", text_field) if _named(data) else data
+    held_out = load_text(eval_data, "evaluation", text_field) if _named(eval_data) else eval_data
+    return train, held_out, str(eval_data) if _named(eval_data) else None
+
+
+def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows | torch.Tensor = DEFAULT_DATA,
+             eval_data: str | os.PathLike | Windows | torch.Tensor | None = None, *, lora_r: int = 8,
+             lora_alpha: float = 16.0, lora_dropout: float = 0.0, steps: int = 200, lr: float = 1e-3,
+             batch_size: int = 4, seqlen: int = 128, eval_samples: int | None = 16, eval_seqlen: int = 1024,
+             eval_batch_size: int = 2, target_modules: list[str] | None = None, seed: int = 0,
+             text_field: str = "text", evaluate: bool = True, progress: bool = True) -> FinetuneResult:
+    """Train LoRA adapters on `model` (dense, per-layer sliced or standard sliced) for `steps` steps.
+
+    `data` is a data source (as `load_text` takes, its calibration part), a [n, seqlen] tensor
+    of token ids or prepared `Windows`; `eval_data` defaults to the held-out part of the same
+    source (see `data_texts`); with token windows for `data` and no `eval_data` there is no
+    evaluation. Perplexity is measured before and after with the standard protocol
+    (`eval_samples` x `eval_seqlen`, the `slicegpt eval` defaults), so it compares with the
+    figures of `slice` and `eval`. The model is adapted in place and returned wrapped in a peft
+    model (`result.model`); `save_finetuned` merges and writes it.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    check_settings(lora_r, lora_alpha, lora_dropout, steps, lr, batch_size, seqlen)
+    settings: dict = {"data": str(data) if _named(data) else "token windows", "lora_r": lora_r,
+                      "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "steps": steps, "lr": lr,
+                      "batch_size": batch_size, "seqlen": seqlen, "seed": seed}
+    train_data, held_out, settings["eval_data"] = _sources(data, eval_data, text_field)
+    train = _windows(tokenizer, train_data, seqlen, None, seed, "calibration")
+    eval_windows = None
+    if evaluate and held_out is not None:
+        eval_windows = _windows(tokenizer, held_out, eval_seqlen, eval_samples, seed, "evaluation")
+    settings.update(train_windows=len(train.input_ids), train_tokens=steps * batch_size * train.input_ids.shape[1])
+
+    device = next(model.parameters()).device
+    model.eval()
+    before = perplexity(model, eval_windows, eval_batch_size, progress) if eval_windows is not None else None
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    settings["target_modules"] = targets
+    parameters = count_parameters(model)
+    torch.manual_seed(seed)  # LoRA's A matrices and dropout
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.endswith(tuple(targets)))
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
+    with _peft_quietly():
+        peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    warmup = max(1, min(20, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
+
+    losses: list[float] = []
+    peft_model.train()
+    with measure(str(device)) as m, tqdm(training_batches(train, batch_size, steps, seed), total=steps,
+                                         desc="fine-tuning", unit="step", disable=not progress) as bar:
+        for ids in bar:
+            ids = ids.to(device)
+            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise SliceGPTError(f"training loss is not finite at step {len(losses) + 1}; use a smaller --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    peft_model.eval()
+    after = perplexity(peft_model, eval_windows, eval_batch_size, progress) if eval_windows is not None else None
+    return FinetuneResult(peft_model, before, after, losses, sum(p.numel() for p in trainable), parameters,
+                          m.seconds, m.peak_bytes, eval_windows.tokens if eval_windows is not None else 0, settings)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """`model` with the peft adapter in `directory` merged into its weights."""
+    from peft import PeftModel
+
+    with _peft_quietly():
+        return PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+
+
+def has_adapter(directory: str | os.PathLike) -> bool:
+    """Whether a model directory carries an --adapters-only LoRA adapter beside its weights."""
+    return (Path(directory) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+def _save_adapter(peft_model: nn.Module, target: Path, source: str) -> None:
+    peft_model.peft_config["default"].base_model_name_or_path = source or None
+    peft_model.save_pretrained(str(target))
+    (target / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+
+
+def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
+                   slicing: SlicingConfig | dict | None = None, *, adapters_only: bool = False,
+                   force: bool = False, source: str = "") -> nn.Module:
+    """Write a fine-tuned model in its input's format and return the model the directory holds.
+
+    `slicing` is the input's slicing record (a `SlicingConfig`, or the manifest `slicegpt.load`
+    returns as `LoadedModel.sliced`); None for a dense model. Per-layer and standard sliced
+    models are written by `slicegpt.save` with the fine-tuning appended to the record's
+    `finetune` list; a dense one as a plain transformers checkpoint with `finetune.json`.
+    By default the adapters are merged into the weights. With `adapters_only` the weights are
+    saved unchanged and the peft adapter goes to `lora/` beside them (`slicegpt.load` and
+    `load_model` merge it when loading; transformers users load it with
+    `PeftModel.from_pretrained(model, "DIR/lora")`). Consumes `result.model`: the returned
+    model is the merged one either way. Written atomically; an existing `out` needs `force`.
+    """
+    from slicegpt.io import atomic_directory, save
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
+    peft_model = result.model
+    if slicing is None and getattr(peft_model.get_base_model(), "slicegpt_structure", None) is not None:
+        raise SliceGPTError("this model is sliced: pass its slicing record (slicing=...) to save it")
+    record = dict(result.record(), saved="adapter in lora/" if adapters_only else "merged", source_model=source)
+    staging = None
+
+    def add_adapter(tmp: Path) -> None:
+        if staging is not None:
+            shutil.copytree(staging / ADAPTER_DIR, tmp / ADAPTER_DIR)
+
+    def fill_dense(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        add_adapter(tmp)
+        (tmp / RECORD_NAME).write_text(json.dumps({"finetune": [record]}, indent=2))
+
+    try:
+        if adapters_only:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-", dir=out.parent))
+            _save_adapter(peft_model, staging / ADAPTER_DIR, source)
+            model = peft_model.unload()
+        else:
+            model = peft_model.merge_and_unload()
+        if slicing is None:
+            with atomic_directory(out, force=True) as tmp:  # existence checked above
+                fill_dense(tmp)
+        else:
+            manifest = slicing if isinstance(slicing, dict) else {"slicing": slicing.to_dict()}
+            config = SlicingConfig.from_dict(manifest.get("slicing", {}))
+            config.finetune = [*config.finetune, record]
+            extra = {k: v for k, v in manifest.items() if k not in ("format_version", "slicing", "files")}
+            save(model, tokenizer, config, out, force=force, extra=extra, fill_extra=add_adapter)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_adapter(model, out / ADAPTER_DIR) if adapters_only else model
