@@ -215,7 +215,7 @@ def test_default_model_recovers_held_out_perplexity(tmp_path):
     loaded = slicegpt.load_model("default")
     model, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25, samples=8,
                                          seqlen=256, progress=False)
-    result = finetune(model, loaded.tokenizer, "shakespeare", steps=25, batch_size=4, seqlen=128, eval_samples=4,
+    result = finetune(model, loaded.tokenizer, "shakespeare", steps=12, batch_size=4, seqlen=128, eval_samples=4,
                       eval_seqlen=256, progress=False)
     assert math.isfinite(result.perplexity_before)
     assert result.perplexity_after < 0.95 * result.perplexity_before, (result.perplexity_before,
