@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -356,10 +355,10 @@ def cmd_bench(args) -> None:
               "torch_threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
               "repeats": args.repeats, "rows": figures}
     if save_path is not None:  # a record `slicegpt report` reads; written whole or not at all
-        save_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_path.with_name(f".{save_path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, save_path)
+        from slicegpt.io import atomic_file
+
+        with atomic_file(save_path, force=True) as tmp:  # existence checked before measuring
+            tmp.write_text(json.dumps(record, indent=1))
         print(f"saved {save_path}")
     if args.json:
         print(json.dumps(record))

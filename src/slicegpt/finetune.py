@@ -273,6 +273,11 @@ def has_adapter(directory: str | os.PathLike) -> bool:
     return (Path(directory) / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
+def with_saved_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """`model` loaded from `directory`, with the directory's --adapters-only LoRA adapter (lora/) merged, if any."""
+    return load_adapter(model, Path(directory) / ADAPTER_DIR) if has_adapter(directory) else model
+
+
 def _save_adapter(peft_model: nn.Module, target: Path, source: str) -> None:
     peft_model.peft_config["default"].base_model_name_or_path = source or None
     peft_model.save_pretrained(str(target))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +286,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     """Write `model` (a stock model, e.g. from a uniform slice) as a GGUF file, atomically."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
+    from slicegpt.io import atomic_file
+
     if getattr(model, "slicegpt_structure", None) is not None:
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "
                             "(skip-connection matrices); slice it with --rotation uniform")
@@ -308,11 +309,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     vocab_size = tensors["token_embd.weight"].shape[0]
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, layout.arch)
+    with atomic_file(out, force=True) as tmp:  # existence checked above
+        writer = GGUFWriter(str(tmp), layout.arch)
         writer.add_name(name or f"{model_type} sliced to {config.hidden_size}")
         writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
         context = config.max_position_embeddings
@@ -360,9 +358,4 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -103,6 +103,24 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path of `out`; on success it replaces `out` (mode 644), on error it vanishes."""
+    if out.exists() and not force:
+        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it private
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_spectra(spectra: list[torch.Tensor], path: Path) -> None:
     """Eigenvalues per block boundary as float64 safetensors (`boundary.0` = after the embeddings)."""
     from safetensors.torch import save_file
@@ -206,24 +224,20 @@ def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     """Load a slicegpt output directory (model, tokenizer, slicing record)."""
     from transformers import AutoTokenizer
 
+    from slicegpt.finetune import with_saved_adapter  # finetune imports this module
+
     manifest = verify(directory) if check else read_manifest(directory)
     if manifest.get("slicing", {}).get("standard"):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return LoadedModel(_with_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
+        return LoadedModel(with_saved_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
                            sliced=manifest)
     try:
         model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
     except CheckpointError as e:
         raise SliceGPTError(str(e)) from None
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return LoadedModel(_with_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
+    return LoadedModel(with_saved_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
 
-
-def _with_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """An --adapters-only fine-tuning output: merge its LoRA adapter (lora/) on load."""
-    from slicegpt.finetune import ADAPTER_DIR, has_adapter, load_adapter
-
-    return load_adapter(model, Path(directory) / ADAPTER_DIR) if has_adapter(directory) else model

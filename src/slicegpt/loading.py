@@ -198,10 +198,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             model, tokenizer = _from_pretrained(str(path), torch_dtype)
         except (OSError, ValueError) as e:
             raise SliceGPTError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
-        from slicegpt.finetune import ADAPTER_DIR, has_adapter, load_adapter
+        from slicegpt.finetune import with_saved_adapter
 
-        if has_adapter(path):  # a dense --adapters-only fine-tuning output
-            model = load_adapter(model, path / ADAPTER_DIR)
+        model = with_saved_adapter(model, path)  # a dense --adapters-only fine-tuning output
         return LoadedModel(model.to(device).eval(), tokenizer, str(path))
 
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~")):
