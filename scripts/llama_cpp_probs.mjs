@@ -14,7 +14,9 @@ const vocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
 const context = await model.createContext({contextSize: 256, batchSize: 256});
 const sequence = context.getSequence();
 const probs = [];
-const steps = sequence.evaluateWithMetadata(prompt, {probabilities: true}, {temperature: 1, topK: 0, topP: 1});
+// yieldEogToken: a sampled end-of-generation token must not end the walk (without it, it silently does)
+const steps = sequence.evaluateWithMetadata(prompt, {probabilities: true},
+    {temperature: 1, topK: 0, topP: 1, seed: 0, yieldEogToken: true});
 let next = await steps.next();
 for (let i = 0; !next.done; i++) {
     const row = new Array(vocab).fill(0);
