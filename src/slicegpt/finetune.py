@@ -299,7 +299,8 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     `PeftModel.from_pretrained(model, "DIR/lora")`). Consumes `result.model`: the returned
     model is the merged one either way. Written atomically; an existing `out` needs `force`.
     """
-    from slicegpt.io import atomic_directory, save
+    from slicegpt.atomic import atomic_directory
+    from slicegpt.io import save
 
     out = Path(out)
     if out.exists() and not force:

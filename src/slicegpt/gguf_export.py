@@ -286,7 +286,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     """Write `model` (a stock model, e.g. from a uniform slice) as a GGUF file, atomically."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-    from slicegpt.io import atomic_file
+    from slicegpt.atomic import atomic_file
 
     if getattr(model, "slicegpt_structure", None) is not None:
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "

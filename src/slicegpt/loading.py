@@ -11,15 +11,14 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slicegpt.atomic import atomic_directory
 from slicegpt.errors import SliceGPTError
 from slicegpt.sliced_modeling import CONFIG_KEY, MANIFEST_NAME, CheckpointError
 
@@ -118,17 +117,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target, force=True) as tmp:  # a concurrent converter's equal result may be replaced
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not target.is_dir():
-            raise
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -8,7 +8,7 @@ and `bench` saved, so a report can be rebuilt from directories at any time.
 
 Plots use matplotlib's Agg canvas on `Figure` objects directly (never pyplot), so no global
 figure registry or rc state is touched. The page is written to a temporary directory and
-renamed into place (`io.atomic_directory`).
+renamed into place (`atomic.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -433,7 +433,7 @@ def _img(name: str, alt: str) -> str:
 
 def write_report(runs: list[Run], benches: list[Bench], out: str | os.PathLike, force: bool = False) -> Path:
     """Write `out/index.html` with its PNGs atomically; returns the page's path."""
-    from slicegpt.io import atomic_directory
+    from slicegpt.atomic import atomic_directory
 
     if not runs and not benches:
         raise SliceGPTError("nothing to report: pass slicegpt output directories or bench records")

@@ -1,0 +1,61 @@
+"""Outputs that appear whole or not at all: write into a temporary sibling, then rename into place.
+
+Readers (and a crashed run's next attempt) see the old output or the complete new one, never a
+half-written one; the rename also leaves ordinary permissions (mkdtemp/mkstemp make things private).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from slicegpt.errors import SliceGPTError
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `out`; on success it replaces `out`, on error it vanishes.
+
+    Readers see either the old directory or the complete new one, never a half-written one.
+    """
+    if out.exists() and not force:
+        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise SliceGPTError(f"output path {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed result private to its writer
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "dir")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path of `out`; on success it replaces `out` (mode 644), on error it vanishes."""
+    if out.exists() and not force:
+        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it private
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
