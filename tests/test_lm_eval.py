@@ -58,7 +58,18 @@ def test_per_layer_sliced_model_scores_like_the_dense_one(tempest_tasks, tokeniz
     dense = make_model("llama", dtype=torch.float64)
     reference = copy.deepcopy(dense)
     tasks = load_tasks(TASK, include_path=tempest_tasks)
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    expected_draws = draws()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
     base = zero_shot(dense, tokenizer, tasks, batch_size=5, progress=False)
+    assert draws() == expected_draws  # lm-eval's reseeding does not leak into the caller's generators
     score = base.score(TASK)
     assert score.samples == 16 and score.metric == "acc_norm" and 0 <= score.acc <= 1
     ll = base.loglikelihoods[TASK]

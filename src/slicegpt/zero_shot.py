@@ -261,6 +261,24 @@ def _loglikelihoods(samples: list[dict]) -> list[list[float]]:
     return [[float(r[0]) for r in s["filtered_resps"]] for s in ordered]
 
 
+@contextmanager
+def _callers_random_state() -> Iterator[None]:
+    """lm-eval reseeds the global generators; a library call must not change the caller's streams."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def zero_shot(model: nn.Module, tokenizer, tasks: str | Sequence[str] | TaskSet = PAPER_TASKS,
               include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
               limit: int | float | None = None, batch_size: int = 8, num_fewshot: int | None = None,
@@ -271,8 +289,8 @@ def zero_shot(model: nn.Module, tokenizer, tasks: str | Sequence[str] | TaskSet 
     the shipped `shakespeare_next_line` and every task under `include_path` are found without
     further flags. `limit` evaluates the first N documents of each task (a fraction if < 1);
     `num_fewshot` overrides the tasks' own (0 for the paper's tasks). Requests are
-    right-padded into batches of `batch_size`, as lm-eval does for any causal LM. Like
-    lm-eval itself, this seeds Python's, NumPy's and torch's random generators.
+    right-padded into batches of `batch_size`, as lm-eval does for any causal LM. lm-eval seeds
+    Python's, NumPy's and torch's global generators; their states are restored afterwards.
     """
     if batch_size < 1:
         raise SliceGPTError(f"batch size must be positive, got {batch_size}")
@@ -282,7 +300,7 @@ def zero_shot(model: nn.Module, tokenizer, tasks: str | Sequence[str] | TaskSet 
         raise SliceGPTError(f"number of few-shot examples must be >= 0, got {num_fewshot}")
     task_set = tasks if isinstance(tasks, TaskSet) else load_tasks(tasks, include_path)
 
-    with _hub_offline_if_unreachable(), _no_retying(model):
+    with _hub_offline_if_unreachable(), _no_retying(model), _callers_random_state():
         import lm_eval
 
         lm = _hflm(model, tokenizer, batch_size, progress)
