@@ -81,3 +81,41 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-4, family
     assert tokens == tokenizer(SAMPLE)["input_ids"]  # the tokenizer went in too (GPT-2 word splitting)
+
+
+def _bpe_tokenizer(pre_tokenizer: str):
+    """A byte-level BPE trained with one of the word splitters llama.cpp names, on text with digit runs."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slicegpt.gguf_export import _LLAMA3_SPLIT
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre_tokenizer == "gpt-2")
+    if pre_tokenizer != "gpt-2":
+        pattern = _LLAMA3_SPLIT if pre_tokenizer == "llama-bpe" else _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+        byte_level = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"), byte_level])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = byte_level, decoders.ByteLevel()
+    numbers = " ".join(str(n * 7919 % 100000) for n in range(3000))
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT, TEXT.upper(), numbers], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_llama_cpp_splits_words_like_the_tokenizer_json_it_was_named_from(tmp_path):
+    """gpt-2, llama-bpe (Llama 3: digits in threes, any-case contractions) and qwen2 (single digits)."""
+    from gguf import GGUFReader
+
+    text = SAMPLE + " 1234567 in 1599, 20245 MEN'S WORLD'S\n\n  x\t 42"
+    seen = {}
+    for pre in ("gpt-2", "llama-bpe", "qwen2"):
+        tokenizer = _bpe_tokenizer(pre)
+        model = make_model("llama", vocab_size=len(tokenizer))
+        path = export_gguf(model, tokenizer, tmp_path / f"{pre}.gguf", dtype="f32", name="slicegpt test model")
+        assert GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == pre
+        _, tokens = llama_cpp_run(path, [1], [], text)
+        expected = tokenizer(text)["input_ids"]
+        assert tokens == expected, pre
+        seen[pre] = [tokenizer.convert_ids_to_tokens(i) for i in expected]
+    assert len({tuple(t) for t in seen.values()}) == 3  # the splitters really differ on this text
