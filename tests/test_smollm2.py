@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import slicegpt
@@ -59,3 +60,14 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert back_tokenizer("Now is the winter of our discontent")["input_ids"] == ids[0].tolist()
     assert torch.allclose(back(ids).logits, plain(ids).logits, atol=1e-4)
+
+    from test_llama_cpp import _runner, llama_cpp_run
+
+    if _runner() is None:
+        pytest.skip("node-llama-cpp not installed (scripts/setup.sh does it)")
+    text = "To be, or not to be: that is the question. 1599 -- \"Hamlet\", Act III"
+    prompt, continuation = ids[0, :4].tolist(), ids[0, 4:].tolist()
+    got, tokens = llama_cpp_run(path, prompt, continuation, text)  # real llama.cpp runs the sliced default
+    expected = torch.softmax(plain(ids).logits[0, 3:].double(), -1)
+    assert (got - expected).abs().max() < 1e-3
+    assert tokens == tokenizer(text)["input_ids"]  # SmolLM2's own pre-tokenizer, copied from the source GGUF
