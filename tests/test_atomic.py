@@ -16,8 +16,12 @@ def test_atomic_directory_replaces_whole_and_is_readable_by_others(tmp_path):
     out = tmp_path / "deep" / "out"
     with atomic_directory(out) as tmp:
         (tmp / "a.txt").write_text("first")
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "w.safetensors").write_text("")
+        (tmp / "sub" / "w.safetensors").chmod(0o600)  # as safetensors writes them
         assert not out.exists()  # nothing visible until the block succeeds
     assert (out / "a.txt").read_text() == "first" and _mode(out) == 0o755
+    assert _mode(out / "sub") == 0o755 and _mode(out / "sub" / "w.safetensors") == 0o644
     with pytest.raises(SliceGPTError, match="already exists; pass --force"):
         with atomic_directory(out):
             pass

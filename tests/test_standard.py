@@ -200,6 +200,7 @@ def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tok
                                      progress=False)
     for name, model, config in [("per-layer", per_layer, c1), ("exact-uniform", exact, c2), ("standard", stock, c3)]:
         out = slicegpt.save(model, tokenizer, config, tmp_path / name)
+        assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir())  # safetensors writes 0600
         expected = model(ids).logits
         for loaded in (slicegpt.load(out).model, slicegpt.load_model(out).model,
                        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):

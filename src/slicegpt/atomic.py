@@ -16,6 +16,13 @@ from pathlib import Path
 from slicegpt.errors import SliceGPTError
 
 
+def _readable(tree: Path) -> None:
+    """Others may read what we publish: mkdtemp makes 0700 and safetensors writes its files 0600."""
+    for path in [tree, *tree.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
+
+
 @contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out`; on success it replaces `out`, on error it vanishes.
@@ -29,8 +36,8 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed result private to its writer
         yield tmp
+        _readable(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "dir")
