@@ -16,6 +16,12 @@ from pathlib import Path
 from slicegpt.errors import SliceGPTError
 
 
+def refuse_existing(out: Path, force: bool, what: str = "", flag: str = "--force") -> None:
+    """The one overwrite rule: an existing output is replaced only when asked; checked before slow work too."""
+    if out.exists() and not force:
+        raise SliceGPTError(f"{what + ' ' if what else ''}{out} already exists; pass {flag} to overwrite it")
+
+
 def _readable(tree: Path) -> None:
     """Others may read what we publish: mkdtemp makes 0700 and safetensors writes its files 0600."""
     for path in [tree, *tree.rglob("*")]:
@@ -29,8 +35,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
 
     Readers see either the old directory or the complete new one, never a half-written one.
     """
-    if out.exists() and not force:
-        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    refuse_existing(out, force)
     if out.exists() and not out.is_dir():
         raise SliceGPTError(f"output path {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +58,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
 @contextmanager
 def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path of `out`; on success it replaces `out` (mode 644), on error it vanishes."""
-    if out.exists() and not force:
-        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from slicegpt.adapters import get_adapter, supported_model_types
+from slicegpt.atomic import refuse_existing
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import DEFAULT_MODEL, load_model
@@ -66,8 +67,7 @@ def cmd_slice(args) -> None:
 
     sliced_dim(8, args.sparsity)  # validate before any slow work
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SliceGPTError(f"output directory {out} already exists; pass --force to overwrite it")
+    refuse_existing(out, args.force, "output directory")
     report_dir = Path(args.report) if args.report else None
     if args.report_bench and report_dir is None:
         raise SliceGPTError("--report-bench applies to --report only")
@@ -75,8 +75,7 @@ def cmd_slice(args) -> None:
         a, b = out.resolve(), report_dir.resolve()
         if a == b or a in b.parents or b in a.parents:  # --force would let one replace the other
             raise SliceGPTError(f"--report {report_dir} and --out {out} must be separate directories")
-        if report_dir.exists() and not args.force:
-            raise SliceGPTError(f"report directory {report_dir} already exists; pass --force to overwrite it")
+        refuse_existing(report_dir, args.force, "report directory")
     quick_bench = report_dir is not None and args.report_bench
     device = _device(args.device)
     calib_text = load_text(args.calibration, "calibration", args.text_field)  # bad data fails before the model loads
@@ -192,8 +191,7 @@ def cmd_export(args) -> None:
     if not (directory / MANIFEST_NAME).is_file():
         raise SliceGPTError(f"{directory} is not a slicegpt output directory (no {MANIFEST_NAME})")
     out = Path(args.out)
-    if out.exists() and not args.force:  # before loading anything
-        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    refuse_existing(out, args.force)  # before loading anything
     loaded = load(directory, dtype="float32")
     slicing = loaded.sliced.get("slicing", {})
     if not slicing.get("standard"):
@@ -265,8 +263,8 @@ def cmd_finetune(args) -> None:
     out = Path(args.out) if args.out else None
     if args.adapters_only and out is None:
         raise SliceGPTError("--adapters-only says how to save; pass --out DIR too")
-    if out is not None and out.exists() and not args.force:
-        raise SliceGPTError(f"output directory {out} already exists; pass --force to overwrite it")
+    if out is not None:
+        refuse_existing(out, args.force, "output directory")
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     kind = ("dense" if loaded.sliced is None else
@@ -315,8 +313,8 @@ def cmd_bench(args) -> None:
     save_path = Path(args.save) if args.save else None
     if save_path is not None and save_path.is_dir():
         raise SliceGPTError(f"--save {save_path} is a directory; give a file name")
-    if save_path is not None and save_path.exists() and not args.force:
-        raise SliceGPTError(f"{save_path} already exists; pass --force to overwrite it")
+    if save_path is not None:
+        refuse_existing(save_path, args.force)
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     compare = args.compare
@@ -368,8 +366,7 @@ def cmd_report(args) -> None:
     from slicegpt.report import gather, write_report
 
     out = Path(args.out)
-    if out.exists() and not args.force:  # before reading anything
-        raise SliceGPTError(f"report directory {out} already exists; pass --force to overwrite it")
+    refuse_existing(out, args.force, "report directory")  # before reading anything
     runs, benches = gather(args.paths)
     page = write_report(runs, benches, out, force=args.force)
     files = sorted(p.name for p in out.iterdir())

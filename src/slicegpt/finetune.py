@@ -299,12 +299,11 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     `PeftModel.from_pretrained(model, "DIR/lora")`). Consumes `result.model`: the returned
     model is the merged one either way. Written atomically; an existing `out` needs `force`.
     """
-    from slicegpt.atomic import atomic_directory
+    from slicegpt.atomic import atomic_directory, refuse_existing
     from slicegpt.io import save
 
     out = Path(out)
-    if out.exists() and not force:
-        raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
+    refuse_existing(out, force, "output directory", "--force (force=True)")
     peft_model = result.model
     if slicing is None and getattr(peft_model.get_base_model(), "slicegpt_structure", None) is not None:
         raise SliceGPTError("this model is sliced: pass its slicing record (slicing=...) to save it")

@@ -286,7 +286,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     """Write `model` (a stock model, e.g. from a uniform slice) as a GGUF file, atomically."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-    from slicegpt.atomic import atomic_file
+    from slicegpt.atomic import atomic_file, refuse_existing
 
     if getattr(model, "slicegpt_structure", None) is not None:
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "
@@ -298,8 +298,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     if dtype not in DTYPES:
         raise SliceGPTError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise SliceGPTError(f"{out} already exists; pass --force to overwrite it")
+    refuse_existing(out, force)  # before the checks and the writing
     config = model.config
     _check_supported(config, layout)
     heads = config.num_attention_heads

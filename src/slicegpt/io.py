@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slicegpt import sliced_modeling
-from slicegpt.atomic import atomic_directory
+from slicegpt.atomic import atomic_directory, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.loading import LoadedModel, _parse_dtype
@@ -118,8 +118,7 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
     files (a LoRA adapter folder); they are checksummed like the rest.
     """
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise SliceGPTError(f"output directory {out} already exists; pass --force (force=True) to overwrite it")
+    refuse_existing(out, force, "output directory", "--force (force=True)")
     slicing = getattr(model, "slicegpt_structure", None)
     if slicing is None and not config.standard:
         raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
