@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.standard import head_dim
 
 DTYPES = ("f16", "f32")
 
@@ -82,10 +83,6 @@ def _rope(config) -> dict:
     return params
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _query_scale(config, layout: Layout) -> float:
     """Factor that makes llama.cpp's fixed Gemma attention scale equal the model's query_pre_attn_scalar.
 
@@ -97,7 +94,7 @@ def _query_scale(config, layout: Layout) -> float:
     if not scalar:
         return 1.0
     big = layout.big_layers and config.num_hidden_layers == layout.big_layers
-    dim = config.hidden_size // config.num_attention_heads if big else _head_dim(config)
+    dim = config.hidden_size // config.num_attention_heads if big else head_dim(config)
     return (dim / scalar) ** 0.5
 
 
@@ -141,9 +138,9 @@ def _name(template, layer: int) -> str:
 def _split_fused(model: nn.Module, layout: Layout):
     """State-dict items, with Phi-3's fused qkv and gate_up projections cut into llama's separate ones."""
     config = model.config
-    head_dim = _head_dim(config)
-    q = config.num_attention_heads * head_dim
-    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    head_width = head_dim(config)
+    q = config.num_attention_heads * head_width
+    kv = (config.num_key_value_heads or config.num_attention_heads) * head_width
     for key, t in model.state_dict().items():
         if layout.split_fused and ".self_attn.qkv_proj." in key:
             for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
@@ -302,7 +299,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     config = model.config
     _check_supported(config, layout)
     heads = config.num_attention_heads
-    head_dim = _head_dim(config)
+    head_width = head_dim(config)
     rope = _rope(config)
     tensors = _tensors(model, layout)
     vocab_size = tensors["token_embd.weight"].shape[0]
@@ -321,9 +318,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count(heads)
         writer.add_head_count_kv(config.num_key_value_heads or heads)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        writer.add_key_length(head_width)
+        writer.add_value_length(head_width)
+        writer.add_rope_dimension_count(int(head_width * rope["partial_rotary_factor"]))
         writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
         if layout.layer_norm:
             writer.add_layer_norm_eps(float(config.layer_norm_eps))

@@ -81,7 +81,8 @@ def check_standard(model: nn.Module, adapter=None, accept_deviation: bool = Fals
     return deviations
 
 
-def _head_dim(config) -> int:
+def head_dim(config) -> int:
+    """Per-head width: explicit in the config, else derived from the (unsliced) hidden size."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -113,7 +114,7 @@ def standard_config(model: nn.Module, adapter: ModelAdapter):
     config = copy.deepcopy(model.config)
     hidden = getattr(config, adapter.config_hidden[0])
     dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
-    config.head_dim = _head_dim(config)  # most families would derive it from the hidden size
+    config.head_dim = head_dim(config)  # most families would derive it from the hidden size
     for attr in adapter.config_hidden:
         setattr(config, attr, dim)
     if adapter.config_eps is not None:
