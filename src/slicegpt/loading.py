@@ -123,6 +123,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
 
 
+def env_flag(name: str) -> bool:
+    """A boolean environment switch as huggingface_hub reads it (1/true/yes/on)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
@@ -211,7 +216,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel
         return LoadedModel(model.to(device).eval(), tokenizer, repo_id)
     except OSError:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if env_flag("HF_HUB_OFFLINE") or not _hub_reachable():
         raise SliceGPTError(
             f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
             "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "

@@ -28,7 +28,6 @@ from slicegpt.errors import SliceGPTError
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # lm-eval tasks shipped with slicegpt, always on the include path
 PAPER_TASKS = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
-_TRUE = ("1", "true", "yes", "on")
 _LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas"}  # datasets' readers of local files
 _HUB_ERRORS = {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
                "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError", "Timeout", "ReadTimeout"}
@@ -82,10 +81,6 @@ class ZeroShotResult:
         return {"tasks": tasks, "average": self.average, "num_fewshot": self.num_fewshot, "limit": self.limit}
 
 
-def _is_true(value: str | None) -> bool:
-    return (value or "").strip().lower() in _TRUE
-
-
 @contextmanager
 def _hub_offline_if_unreachable() -> Iterator[bool]:
     """Yield whether the hub is off limits; if it is unreachable, switch HF libraries offline.
@@ -94,9 +89,9 @@ def _hub_offline_if_unreachable() -> Iterator[bool]:
     failing. `datasets` and `huggingface_hub` read the variable at import, so modules already
     imported get their flag set too; everything is restored afterwards.
     """
-    from slicegpt.loading import _hub_reachable
+    from slicegpt.loading import _hub_reachable, env_flag
 
-    if _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("HF_DATASETS_OFFLINE")):
+    if env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE"):
         yield True
         return
     if _hub_reachable():
