@@ -6,7 +6,7 @@ import torch
 from slicegpt.adapters import get_adapter
 from slicegpt.invariance import fuse_norms
 from slicegpt.sliced_modeling import get_path
-from slicegpt.slicing import rotate_and_slice
+from slicegpt.api import slice_resident
 from conftest import FAMILIES, clone, make_model
 
 IDS = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -27,7 +27,7 @@ def test_rotated_model_at_zero_sparsity_is_equivalent_float64(model_type, exact_
     reference = model(IDS).logits
     rotated = clone(model)
     adapter = get_adapter(rotated.config)
-    rotate_and_slice(rotated, adapter, calibration.batches(4), dim=64, progress=False)
+    slice_resident(rotated, adapter, calibration.batches(4), 64, progress=False)
     # the rotation really happened: in the embeddings, or (tied head) in the first layer's entry matrix
     embedding = adapter.embeddings[0]
     entry = getattr(get_path(rotated, adapter.layers)[0], "entry_rotation", None)
@@ -43,6 +43,6 @@ def test_rotated_model_at_zero_sparsity_is_equivalent_float32(model_type, calibr
     model = make_model(model_type, torch.float32)
     reference = model(IDS).logits
     rotated = clone(model)
-    rotate_and_slice(rotated, get_adapter(rotated.config), calibration.batches(4), dim=64, progress=False)
+    slice_resident(rotated, get_adapter(rotated.config), calibration.batches(4), 64, progress=False)
     error = (rotated(IDS).logits - reference).abs().max() / reference.abs().max()
     assert error < 1e-4

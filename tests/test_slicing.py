@@ -8,8 +8,8 @@ import torch
 import slicegpt
 from slicegpt.adapters import get_adapter
 from slicegpt.data import Windows
-from slicegpt.pca import Covariance
-from slicegpt.slicing import sliced_dim
+from slicegpt.core.bases import Covariance
+from slicegpt.core.bases import sliced_dim
 from conftest import FAMILIES, clone, make_model
 
 V, D, I, H, KV, HD, L = 300, 64, 96, 4, 2, 16, 3

@@ -10,7 +10,7 @@ from slicegpt.api import make_standard
 from slicegpt.adapters import get_adapter
 from slicegpt.errors import SliceGPTError
 from slicegpt.gguf_export import export_gguf
-from slicegpt.slicing import rotate_and_slice
+from slicegpt.api import slice_resident
 from slicegpt.standard import to_standard
 from conftest import FAMILIES, TEXT, clone, make_model
 
@@ -35,7 +35,7 @@ def test_uniform_rotation_without_slicing_is_exact(family, exact_norms):
     expected = model(ids).logits
     adapter = get_adapter(model.config)
     hidden = model.get_submodule(adapter.embeddings[0]).weight.shape[1]  # the residual width
-    rotate_and_slice(model, adapter, [(ids, torch.ones_like(ids))], hidden, rotation="uniform", progress=False)
+    slice_resident(model, adapter, [(ids, torch.ones_like(ids))], hidden, rotation="uniform", progress=False)
     layer = model.get_submodule(adapter.layers)[0]
     assert not [n for n, _ in layer.named_parameters() if "shortcut" in n]
     assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)

@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from slicegpt.adapters import get_adapter
+from slicegpt.adapters.base import branch_groups
 from slicegpt.sliced_modeling import get_path
 from slicegpt.config import SlicingConfig
 from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation import count_parameters
 from slicegpt.loading import load_model
-from slicegpt.invariance import ties_head
-from slicegpt.slicing import rotate_and_slice, sliced_dim
+from slicegpt.core.bases import sliced_dim
+from slicegpt.core.engine import POOLINGS, ROTATIONS, slice_layers, slice_uniform
+from slicegpt.core.onload import ResidentModel
 from slicegpt.standard import check_standard, to_standard
 
 
@@ -41,7 +43,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
 
     `rotation="per-layer"` (the paper's) gives each block boundary its own basis and puts a
     small matrix on every skip connection; a head tied to the embeddings stays tied unless
-    `keep_tied_head` is False or the head is sliced (see `rotate_and_slice`).
+    `keep_tied_head` is False or the head is sliced (see `core.engine.slice_layers`).
     `rotation="uniform"` uses one basis for the whole stream, so with `standard` the result
     is returned as a new stock model of the family (hidden size d') that plain transformers
     loads; families whose stock class would only approximate it are refused before any work
@@ -81,19 +83,42 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                             tokens=windows.tokens)
 
     dense = count_parameters(model)
-    outcome = rotate_and_slice(model, adapter, windows.batches(batch_size), dim, slice_head=slice_head,
-                               keep_tied_head=keep_tied_head, rotation=rotation, fit_tied_head=fit_tied_head,
-                               pooling=pooling, progress=progress)
+    outcome = slice_resident(model, adapter, windows.batches(batch_size), dim, rotation=rotation,
+                             slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
+                             pooling=pooling, progress=progress)
     config = SlicingConfig(
         sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim,
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
-        slice_head=slice_head, tied_head=ties_head(model, adapter) or bool(
-            model.slicegpt_structure["structure"].get("entry_rotation")),
+        slice_head=slice_head, tied_head=outcome.tied_head,
         fit_tied_head=fit_tied_head, pooling=pooling if uniform else "", calibration=calibration_info, source_model=source_model,
         parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra)
     if uniform and standard:
         model = make_standard(model, config, accept_deviation, windows.input_ids[:1])
     return model, config
+
+
+def check_rotation(rotation: str, pooling: str, fit_tied_head: bool) -> None:
+    """Refuse settings that do not go together, before any slow work."""
+    if rotation not in ROTATIONS:
+        raise SliceGPTError(f"rotation must be 'per-layer' or 'uniform', got {rotation!r}")
+    if rotation == "uniform" and pooling not in POOLINGS:
+        raise SliceGPTError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if fit_tied_head and rotation != "uniform":
+        raise SliceGPTError("fitting a tied head's gain applies to --rotation uniform only")
+
+
+def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: str = "per-layer",
+                   slice_head: bool = False, keep_tied_head: bool = True, fit_tied_head: bool = False,
+                   pooling: str = "unit-trace", progress: bool = True):
+    """Slice a model held in memory, in place, with one width `dim` at every boundary."""
+    check_rotation(rotation, pooling, fit_tied_head)
+    view = ResidentModel(model)
+    if rotation == "uniform":
+        return slice_uniform(view, adapter, batches, dim, fit_tied_head=fit_tied_head,
+                             unit_trace=pooling == "unit-trace", progress=progress)
+    steps = len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches))
+    return slice_layers(view, adapter, batches, [dim] * (steps + 1), slice_head=slice_head,
+                        keep_tied_head=keep_tied_head, progress=progress)
 
 
 def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: bool = False,

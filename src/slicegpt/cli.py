@@ -62,7 +62,7 @@ def cmd_slice(args) -> None:
     from slicegpt.evaluation import perplexity
     from slicegpt.io import save
     from slicegpt.report import load_run, write_report
-    from slicegpt.slicing import sliced_dim
+    from slicegpt.core.bases import sliced_dim
     from slicegpt.speed import quick_speed
 
     sliced_dim(8, args.sparsity)  # validate before any slow work

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slicegpt.adapters import ModelAdapter
-from slicegpt.sliced_modeling import get_path, set_parameter, use_rms_norms
+from slicegpt.sliced_modeling import get_path, set_parameter, swap_rms_norm
 from slicegpt.weights import Target, add_input_bias, center_embedding, center_output, resolve, resolve_all, scale_input
 
 
@@ -55,16 +55,6 @@ def center_entry(model: nn.Module, adapter: ModelAdapter) -> None:
         center_output(resolve(model, path))
 
 
-def center_branch_outputs(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Remove the mean of everything the decoder layers write into the residual stream."""
-    for layer in get_path(model, adapter.layers):
-        for branch in adapter.branches:
-            if branch.post_norm:
-                raise NotImplementedError("a LayerNorm model with branch-output norms is not supported")
-            for target in resolve_all(layer, branch.outputs):
-                center_output(target)
-
-
 def _fold_norm(norm: nn.Module, readers: list[Target], adapter: ModelAdapter) -> torch.Tensor:
     """Fold a norm's gain (and LayerNorm bias) into its readers; return the gain folded."""
     weight = getattr(norm, "weight", None)
@@ -86,26 +76,49 @@ def _norm_size(norm: nn.Module) -> int:
     return int(shape[-1]) if shape else norm.weight.shape[-1]
 
 
+def fuse_entry(model: nn.Module, adapter: ModelAdapter, tied_head: bool = False) -> None:
+    """The part of `fuse_norms` before the first layer: a LayerNorm family's zero-mean entry."""
+    if adapter.norm_kind == "layernorm" and not tied_head:
+        untie_head(model, adapter)  # the embeddings change below; the head must not follow them
+        center_entry(model, adapter)
+
+
+def fuse_layer(layer: nn.Module, adapter: ModelAdapter) -> None:
+    """The part of `fuse_norms` for one decoder layer: its norms' gains move into their readers."""
+    if adapter.norm_kind == "layernorm":
+        for branch in adapter.branches:
+            if branch.post_norm:
+                raise NotImplementedError("a LayerNorm model with branch-output norms is not supported")
+            for target in resolve_all(layer, branch.outputs):
+                center_output(target)
+    for norm_name in adapter.norm_names():  # a shared norm (Phi-2) folds into all its readers
+        readers = [t for b in adapter.branches if b.norm == norm_name for t in resolve_all(layer, b.inputs)]
+        _fold_norm(get_path(layer, norm_name), readers, adapter)
+    if adapter.norm_kind == "layernorm":
+        for norm_name in adapter.norm_names():
+            swap_rms_norm(layer, norm_name)
+
+
+def fuse_exit(model: nn.Module, adapter: ModelAdapter, tied_head: bool = False) -> None:
+    """The part of `fuse_norms` after the last layer: the final norm's gain moves into the head."""
+    if tied_head:
+        return
+    final = get_path(model, adapter.final_norm)
+    uniform = adapter.norm_kind == "rmsnorm" and torch.all(final.weight.data + adapter.norm_offset == 1.0)
+    if not uniform:  # a unit gain needs no folding, so the head may stay tied
+        untie_head(model, adapter)
+        _fold_norm(final, [resolve(model, adapter.head)], adapter)
+    if adapter.norm_kind == "layernorm":
+        swap_rms_norm(model, adapter.final_norm)
+
+
 def fuse_norms(model: nn.Module, adapter: ModelAdapter, tied_head: bool = False) -> None:
     """Fold every norm gain into the linears that read the normalised signal.
 
     With `tied_head` the embeddings, the final norm and the head are left as they are (the
-    first layer will take the stream's mean out and rotate it; see slicing).
+    first layer will take the stream's mean out and rotate it; see the engine).
     """
-    if adapter.norm_kind == "layernorm":
-        if not tied_head:
-            untie_head(model, adapter)  # the embeddings change below; the head must not follow them
-            center_entry(model, adapter)
-        center_branch_outputs(model, adapter)
+    fuse_entry(model, adapter, tied_head)
     for layer in get_path(model, adapter.layers):
-        for norm_name in adapter.norm_names():  # a shared norm (Phi-2) folds into all its readers
-            readers = [t for b in adapter.branches if b.norm == norm_name for t in resolve_all(layer, b.inputs)]
-            _fold_norm(get_path(layer, norm_name), readers, adapter)
-    if not tied_head:
-        final = get_path(model, adapter.final_norm)
-        uniform = adapter.norm_kind == "rmsnorm" and torch.all(final.weight.data + adapter.norm_offset == 1.0)
-        if not uniform:  # a unit gain needs no folding, so the head may stay tied
-            untie_head(model, adapter)
-            _fold_norm(final, [resolve(model, adapter.head)], adapter)
-    if adapter.norm_kind == "layernorm":
-        use_rms_norms(model, adapter.structure(tied_head=tied_head))
+        fuse_layer(layer, adapter)
+    fuse_exit(model, adapter, tied_head)

@@ -132,6 +132,19 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def swap_rms_norm(root: nn.Module, path: str) -> None:
+    """Replace the LayerNorm at `path` with an RMSNorm module of the same size, dtype and device."""
+    old = root.get_submodule(path)
+    if isinstance(old, RMSNorm):
+        return
+    reference = next(old.parameters(), None)
+    new = RMSNorm(old.normalized_shape[-1], old.eps)
+    if reference is not None:
+        new = new.to(device=reference.device, dtype=reference.dtype)
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 def use_rms_norms(model: nn.Module, structure: dict) -> None:
     """Replace the LayerNorms named by the structure with RMSNorm modules of the same size."""
     spec = structure.get("rms_norms")
@@ -139,14 +152,8 @@ def use_rms_norms(model: nn.Module, structure: dict) -> None:
         return
     n_layers = len(get_path(model, structure["layers"]))
     paths = [f"{structure['layers']}.{i}.{name}" for i in range(n_layers) for name in spec["layer"]]
-    reference = next(model.parameters())
     for path in paths + list(spec["model"]):
-        old = model.get_submodule(path)
-        if isinstance(old, RMSNorm):
-            continue
-        new = RMSNorm(old.normalized_shape[-1], old.eps).to(device=reference.device, dtype=reference.dtype)
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        swap_rms_norm(model, path)
 
 
 @lru_cache(maxsize=None)

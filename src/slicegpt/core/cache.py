@@ -1,0 +1,140 @@
+"""The calibration activations of one block boundary, held once, on an offload device.
+
+One entry per calibration batch. The engine reads entry i, moves it to the compute device,
+and writes its replacement under the same index, so at most one batch is on the compute
+device and the boundary is never held twice. `offload="cpu"` keeps entries in memory;
+`offload="disk"` keeps each as a file (read back one at a time), so memory does not grow with
+the number of calibration samples. The per-layer arguments the family's forward passes
+each layer (masks, rotary tables) are kept the same way, each distinct one once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slicegpt.errors import SliceGPTError
+
+OFFLOADS = ("cpu", "disk")
+
+
+def move(obj: Any, device: torch.device | str) -> Any:
+    """`obj` (tensors inside tuples, lists and dicts) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(v, device) for v in obj)
+    return obj
+
+
+def _disk_error(e: OSError, where: Path) -> SliceGPTError:
+    return SliceGPTError(f"cannot write calibration activations under {where}: {e.strerror or e}"
+                         + (" (the disk is full)" if e.errno == 28 else ""))
+
+
+class ActivationCache:
+    """Per-batch tensors of the current boundary, on CPU memory or in files under `directory`."""
+
+    def __init__(self, offload: str = "cpu", directory: str | os.PathLike | None = None) -> None:
+        if offload not in OFFLOADS:
+            raise SliceGPTError(f"offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
+        if offload == "disk" and directory is None:
+            raise SliceGPTError("--offload disk needs a directory")
+        self.offload = offload
+        self.entries: list[Any] = []
+        self.directory: Path | None = None
+        if offload == "disk":
+            self.directory = Path(directory) / f"slicegpt-activations-{uuid.uuid4().hex[:12]}"
+            try:
+                self.directory.mkdir(parents=True)
+            except OSError as e:
+                raise _disk_error(e, Path(directory)) from None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _path(self, index: int, kind: str) -> Path:
+        return self.directory / f"{kind}-{index:06d}.pt"
+
+    def _store(self, index: int, value: Any, kind: str) -> Any:
+        if self.offload == "cpu":
+            return move(value, "cpu")
+        path = self._path(index, kind)
+        tmp = path.with_name(path.name + ".tmp")
+        try:  # a new file, never rewritten in place: a resume snapshot may hold a hard link to the old one
+            torch.save(move(value, "cpu"), tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(e, self.directory) from None
+        return path
+
+    def _fetch(self, entry: Any, device) -> Any:
+        if isinstance(entry, Path):
+            try:
+                value = torch.load(entry, weights_only=True)
+            except Exception:  # our own scratch file holding a non-tensor layer argument
+                value = torch.load(entry, weights_only=False)
+            return move(value, device)
+        return move(entry, device)
+
+    def append(self, value: torch.Tensor) -> None:
+        self.entries.append(self._store(len(self.entries), value, "x"))
+
+    def get(self, index: int, device: torch.device | str) -> torch.Tensor:
+        return self._fetch(self.entries[index], device)
+
+    def put(self, index: int, value: torch.Tensor) -> None:
+        """Replace entry `index` (the old value is released first on CPU, overwritten on disk)."""
+        self.entries[index] = None
+        self.entries[index] = self._store(index, value, "x")
+
+    def close(self) -> None:
+        self.entries = []
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "ActivationCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LayerArguments:
+    """What the family's forward passes each decoder layer, per batch, each distinct dict once.
+
+    Layers of one batch usually share one set of arguments (Gemma 2/3 alternate two).
+    """
+
+    def __init__(self, cache: ActivationCache) -> None:
+        self.cache = cache
+        self.per_batch: list[Any] = []  # stored list of distinct dicts
+        self.which: list[list[int]] = []  # per batch, per layer: index into its distinct dicts
+        self._loaded: tuple[int, list[dict]] | None = None
+
+    def add(self, per_layer: list[dict]) -> None:
+        distinct: list[dict] = []
+        keys: list[tuple] = []
+        which = []
+        for kwargs in per_layer:
+            key = tuple((k, id(v)) for k, v in kwargs.items())
+            if key not in keys:
+                keys.append(key)
+                distinct.append(kwargs)
+            which.append(keys.index(key))
+        index = len(self.per_batch)
+        self.per_batch.append(self.cache._store(index, distinct, "kwargs"))
+        self.which.append(which)
+
+    def get(self, layer: int, batch: int, device) -> dict:
+        if self._loaded is None or self._loaded[0] != batch:
+            self._loaded = (batch, self.cache._fetch(self.per_batch[batch], device))
+        return self._loaded[1][self.which[batch][layer]]

@@ -1,0 +1,501 @@
+"""The slicing algorithm, written once: a loop over onloaded layers, one step function per residual step.
+
+Per-layer rotation (the paper's). For each residual step i (attention, MLP, or parallel
+branches) the stream entering it is held sliced, ``z_i = x_i Q_i[:, :k_i]``. The step's readers
+are rotated and sliced first and it runs once on ``z_i``, its writers still in the original
+basis, which gives the full-width signal after it, ``x_{i+1} = z_i Q_i^T + branch(z_i)``,
+exactly the function the sliced model computes (its norms act on k coordinates with
+constants rescaled to match). Its covariance gives Q_{i+1}; then inputs and outputs are
+rotated, the skip gets ``S_i = Q_i[:, :k_i]^T Q_{i+1}[:, :k_{i+1}]``, and
+``z_{i+1} = x_{i+1} Q_{i+1}[:, :k_{i+1}]``. Each branch is evaluated once, and only one
+boundary's activations are held (in an `ActivationCache`, on CPU or disk).
+
+Uniform rotation: one Q for the whole stream (PCA of the pooled covariance of the dense
+stream), so no skip matrices; the result is a stock model of the same family (`standard`).
+It streams in two passes: statistics over the layers, then the weights.
+
+Three concerns stay apart: statistics (`bases.Covariance`, plain sums that merge), the choice
+of a basis from them (`bases`), and the weight changes (`transform`). Where the weights come
+from (`onload`) and where finished parts go (`Hooks`: written as they finish, and a resume
+checkpoint) are the caller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slicegpt.adapters import ModelAdapter
+from slicegpt.adapters.base import Branch, branch_groups
+from slicegpt.core.bases import Covariance, fit_diagonal_gain, zero_mean_basis
+from slicegpt.core.cache import ActivationCache, LayerArguments
+from slicegpt.core.onload import LayeredModel
+from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes
+from slicegpt.errors import SliceGPTError
+from slicegpt.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head, untie_head
+from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch
+from slicegpt.weights import resolve, rotate_input, rotate_output
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
+POOLINGS = ("unit-trace", "tokens")  # how uniform rotation weighs the block boundaries
+ROTATIONS = ("per-layer", "uniform")
+
+
+@dataclass
+class SliceOutcome:
+    """What the engine learned beyond the weights: the record a sliced model is saved with."""
+
+    structure: dict = field(default_factory=dict)  # the layer structure the loader rebuilds
+    module_attributes: ModuleAttributes = field(default_factory=dict)
+    spectra: list[torch.Tensor] = field(default_factory=list)  # eigenvalues per boundary
+    tied_head: bool = False
+
+
+@dataclass
+class Progress:
+    """Where a run stands after a finished layer: everything a resumed run needs but the activations."""
+
+    phase: str  # "layers" (per-layer), "statistics" or "weights" (uniform)
+    next_layer: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # basis, running sums (float64)
+    spectra: list[torch.Tensor] = field(default_factory=list)
+    module_attributes: ModuleAttributes = field(default_factory=dict)
+
+
+class Hooks:
+    """Where the engine hands finished work. The defaults keep everything in memory (no resume)."""
+
+    def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Part 0: before the layers; 1..n: decoder layer part-1; n+1: final norm and head."""
+
+    def checkpoint(self, progress: Progress, cache: ActivationCache | None) -> None:
+        """A layer finished and its part is written: record how to continue from here."""
+
+    def resume(self) -> tuple[Progress, list[torch.Tensor] | None] | None:
+        """The last checkpoint of an interrupted run of the same job, or None."""
+        return None
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], cache: ActivationCache | None,
+            arguments: LayerArguments) -> None:
+    """Run the model's own forward with every decoder layer stubbed out.
+
+    Stores the first layer's input per batch in `cache` (unless None) and, per batch and
+    layer, the keyword arguments the family's forward gives that layer (masks, rotary
+    embeddings, position ids). They differ between layers in some families (Gemma 2/3
+    alternate sliding-window and global attention), so each layer gets its own. Only the
+    embeddings are computed; the layers' weights need not be onloaded.
+    """
+    model = view.model
+    layers = list(get_path(model, adapter.layers))
+    current: list[dict] = []
+
+    def stub(index: int):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw.pop("hidden_states")
+            if index == 0 and cache is not None:
+                cache.append(hidden)
+            current.append(layer_arguments(type(layers[index]), args[1:], kw))
+            if index == len(layers) - 1:
+                raise _StopForward
+            return hidden
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    try:
+        for input_ids, mask in batches:
+            current = []
+            try:
+                model(input_ids=input_ids.to(view.device), attention_mask=mask.to(view.device), use_cache=False)
+            except _StopForward:
+                pass
+            arguments.add(current)
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _outside(model: nn.Module, excluded: Sequence[str]) -> list[str]:
+    """Top-level parameter owners that are none of `excluded` (nor inside one): the model's ends."""
+    names = []
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if not any(name == p or name.startswith(p + ".") for p in excluded):
+            names.append(name.rpartition(".")[0])
+    return list(dict.fromkeys(names))
+
+
+def _tensors(model: nn.Module, prefixes: Sequence[str], skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The state-dict entries under `prefixes` (each parameter once), for writing a finished part."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in skip or not any(name == p or name.startswith(p + ".") for p in prefixes):
+            continue
+        if tensor.device.type == "meta":
+            raise SliceGPTError(f"internal error: {name} was not onloaded before it was written")
+        if id(tensor) in seen:  # a tied parameter, written once (two equal bases may share storage)
+            continue
+        seen.add(id(tensor))
+        out[name] = tensor.detach()
+    return out
+
+
+class _Run:
+    """One slicing job: the model view, the calibration stream and the settings, shared by the steps."""
+
+    def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
+                 progress: bool, offload: str, offload_dir) -> None:
+        self.view, self.adapter, self.hooks, self.progress = view, adapter, hooks, progress
+        self.model = view.model
+        self.batches = batches
+        self.masks = [mask for _, mask in batches]
+        self.layers = get_path(self.model, adapter.layers)
+        self.groups = branch_groups(adapter.branches)
+        self.embedding = adapter.embeddings[0]
+        self.hidden = get_path(self.model, self.embedding).weight.shape[-1]
+        self.dtype = get_path(self.model, self.embedding).weight.dtype
+        self.ends = _outside(self.model, (adapter.layers, adapter.final_norm, adapter.head))
+        self.offload, self.offload_dir = offload, offload_dir
+        self.resumed = hooks.resume()
+
+    @property
+    def device(self) -> torch.device:
+        return self.view.device
+
+    def new_cache(self) -> ActivationCache:
+        return ActivationCache(self.offload, self.offload_dir)
+
+    def onload_ends(self) -> None:
+        for path in self.ends:
+            self.view.onload(path)
+
+    def offload_ends(self) -> None:
+        for path in self.ends:
+            self.view.offload(path)
+
+    def start(self, cache: ActivationCache, arguments: LayerArguments) -> None:
+        """Layer inputs (fresh run) or the checkpointed activations (resumed run), and the layer arguments."""
+        if self.resumed is None:
+            capture(self.view, self.adapter, self.batches, cache, arguments)
+            return
+        capture(self.view, self.adapter, self.batches, None, arguments)
+        for x in self.resumed[1] or []:  # one snapshot file at a time
+            cache.append(x.load() if hasattr(x, "load") else x)
+
+    def write(self, part: int, prefixes: Sequence[str], skip: Sequence[str] = ()) -> None:
+        self.hooks.write(part, _tensors(self.model, prefixes, skip))
+
+    def layer(self, li: int, fuse: bool = True) -> nn.Module:
+        layer = self.view.onload(f"{self.adapter.layers}.{li}")
+        if fuse:
+            fuse_layer(layer, self.adapter)
+        return layer
+
+    def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.progress)
+
+
+def _specs(structure: dict) -> dict[str, dict]:
+    return {b["name"]: b for b in structure["branches"]}
+
+
+def _step_name(group: tuple[Branch, ...]) -> str:
+    return "+".join(b.name for b in group)
+
+
+@torch.no_grad()
+def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], widths: Sequence[int], *,
+                 slice_head: bool = False, keep_tied_head: bool = True, progress: bool = True,
+                 hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None) -> SliceOutcome:
+    """Per-layer rotation: each block boundary b gets its own basis of width `widths[b]`.
+
+    `widths` has one entry per boundary: after the embeddings, then after every residual step
+    (the last one is used only when the head is sliced). A head tied to the embeddings stays
+    tied (`keep_tied_head`, when the head is not sliced): the embedding table keeps its d
+    columns and the first layer multiplies the stream by Q_0[:, :k] (d x k). That is the same
+    function as slicing the embedding columns, and costs d*k parameters instead of an untied
+    vocab x d head (the paper's way).
+    """
+    hooks = hooks or Hooks()
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir)
+    model, hidden, dtype, layers = run.model, run.hidden, run.dtype, run.layers
+    n_steps = len(layers) * len(run.groups)
+    if len(widths) != n_steps + 1:
+        raise SliceGPTError(f"per-layer rotation needs {n_steps + 1} widths (one per boundary), got {len(widths)}")
+    source_ties = view.ties_head(adapter.head, run.embedding)
+    tied = keep_tied_head and not slice_head and not adapter.entry_writers and source_ties
+    outcome = SliceOutcome(structure=adapter.structure(tied_head=tied), tied_head=tied)
+    specs = _specs(outcome.structure)
+
+    if not tied:  # embeddings and head end up in different bases; the head keeps the source's weights
+        untie_head(model, adapter)
+    run.onload_ends()
+    fuse_entry(model, adapter, tied_head=tied)
+    with run.new_cache() as cache:
+        arguments = LayerArguments(cache)
+        run.cache, run.arguments = cache, arguments
+        run.start(cache, arguments)
+        if run.resumed is None:
+            first = 0
+            cov = Covariance(hidden, run.device)
+            for b in range(len(cache)):
+                x = cache.get(b, run.device)
+                if tied and adapter.norm_kind == "layernorm":  # the stream's mean, which every LayerNorm drops
+                    x = x - x.mean(dim=-1, keepdim=True)
+                    cache.put(b, x)
+                check_finite(x, "after the embeddings")
+                cov.update(x, run.masks[b].to(run.device))
+            values, q = cov.eigh()
+            outcome.spectra.append(values)
+            q = q[:, :widths[0]]
+            if not tied:
+                for path in adapter.embeddings:
+                    rotate_input(resolve(model, path), q)
+                for path in adapter.entry_writers:
+                    rotate_output(resolve(model, path), q)
+            q_dtype = q.to(dtype)
+            for b in range(len(cache)):
+                cache.put(b, cache.get(b, run.device) @ q_dtype)
+            run.write(0, run.ends)
+            entry = (q - q.mean(dim=0, keepdim=True) if adapter.norm_kind == "layernorm" else q) if tied else None
+        else:
+            state = run.resumed[0]
+            first, q = state.next_layer, state.tensors["basis"].to(run.device)
+            outcome.spectra, outcome.module_attributes = state.spectra, state.module_attributes
+            entry = None  # only layer 0 takes it, and a checkpoint comes after a whole layer
+        run.offload_ends()
+
+        with run.bar(n_steps, "slicing", first * len(run.groups)) as bar:
+            for li in range(first, len(layers)):
+                layer = run.layer(li)
+                prefix = f"{adapter.layers}.{li}"
+                if li == 0 and entry is not None:  # (I - 11^T/d) Q for LayerNorm families
+                    layer.register_parameter(ENTRY, nn.Parameter(entry.to(device=run.device, dtype=dtype)))
+                for gi, group in enumerate(run.groups):
+                    step = li * len(run.groups) + gi
+                    last = step == n_steps - 1
+                    q = _per_layer_step(run, layer, li, group, specs, q, widths[step + 1],
+                                        exit_basis=last and not slice_head, outcome=outcome, prefix=prefix)
+                    bar.update()
+                run.write(li + 1, [prefix])
+                view.offload(prefix)
+                hooks.checkpoint(Progress("layers", li + 1, {"basis": q}, outcome.spectra,
+                                          outcome.module_attributes), cache)
+
+    view.onload(adapter.final_norm)
+    if not tied:
+        view.onload(adapter.head)
+        fuse_exit(model, adapter)
+        eps = resize_norm(get_path(model, adapter.final_norm), adapter, q.shape[1], hidden)
+        if eps is not None:
+            outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
+        rotate_input(resolve(model, adapter.head), q)
+    run.write(len(layers) + 1, [adapter.final_norm, adapter.head],
+              skip=[f"{adapter.head}.weight"] if tied else [])
+    if view.keeps_changes:
+        attach_structure(model, outcome.structure)
+        model.slicegpt_structure = {"structure": outcome.structure, "module_attributes": outcome.module_attributes}
+    return outcome
+
+
+def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict,
+                    q: torch.Tensor, width: int, exit_basis: bool, outcome: SliceOutcome, prefix: str) -> torch.Tensor:
+    """One residual step: statistics of its output, the next basis, the weight changes; returns the basis."""
+    adapter, cache, device, dtype = run.adapter, run.cache, run.device, run.dtype
+    # The branch runs on the stream as the sliced model will hold it: its norms and input
+    # linears already read z (k wide), its outputs still write the original basis, so
+    # z Q^T + branch(z) is the full-width signal after the step. MoE kernels write as wide
+    # as they read, so there the branch runs on z Q^T through the unrotated weights instead
+    # (the same function) and is rotated afterwards.
+    on_sliced = not any(b.width_attrs for b in group)
+    if on_sliced:
+        rotate_reads(layer, prefix, group, adapter, q, run.hidden, outcome.module_attributes)
+    q_t = q.T.to(dtype)
+    cov = Covariance(run.hidden, q.device)
+    for b in range(len(cache)):
+        zb = cache.get(b, device)
+        kwargs = run.arguments.get(li, b, device)
+        normed: dict = {}
+        x = zb if on_sliced else zb @ q_t
+        h = zb @ q_t if on_sliced else x
+        for branch in group:
+            h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
+        check_finite(h, f"of layer {li} ({_step_name(group)})")
+        cov.update(h, run.masks[b].to(device))
+        cache.put(b, h)
+    if not on_sliced:
+        rotate_reads(layer, prefix, group, adapter, q, run.hidden, outcome.module_attributes)
+    if exit_basis:  # the head reads the original basis
+        q_next = torch.eye(run.hidden, dtype=torch.float64, device=q.device)
+    else:
+        values, q_next = cov.eigh()
+        outcome.spectra.append(values)
+        q_next = q_next[:, :width]
+    layer.register_parameter(group[0].shortcut, nn.Parameter((q.T @ q_next).to(dtype)))
+    rotate_writes(layer, group, q_next, rotate_normed=not exit_basis)
+    q_next_t = q_next.to(dtype)
+    for b in range(len(cache)):
+        cache.put(b, cache.get(b, device) @ q_next_t)
+    return q_next
+
+
+@torch.no_grad()
+def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], width: int, *,
+                  fit_tied_head: bool = False, unit_trace: bool = True, progress: bool = True,
+                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None) -> SliceOutcome:
+    """One rotation Q for the whole stream: no skip matrices, a stock model of the family.
+
+    Two passes over the layers: statistics of the dense stream (the pooled covariance; see
+    `_pooled_add`), then the weights. A tied head stays tied exactly when the final norm's
+    gain is uniform; otherwise it is untied (its gain folds into it) unless `fit_tied_head`
+    keeps it tied and gives the final norm the diagonal of Q^T diag(gain) Q, the least-squares
+    diagonal in the rotated basis (in the PCA basis the signal covariance is diagonal, so
+    weighting by it changes nothing).
+    """
+    hooks = hooks or Hooks()
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir)
+    model, hidden, layers = run.model, run.hidden, run.layers
+    source_ties = view.ties_head(adapter.head, run.embedding)
+    final_norm = view.onload(adapter.final_norm)
+    final_gain = None
+    if fit_tied_head:
+        if adapter.norm_kind != "rmsnorm":
+            raise SliceGPTError(f"fitting a tied head's gain is for RMSNorm families, not {adapter.family}")
+        if not source_ties:
+            raise SliceGPTError("this model's head is not tied to its embeddings; there is no tied head to fit")
+        final_gain = final_norm.weight.data.to(torch.float64) + adapter.norm_offset
+    unit_gain = adapter.norm_kind == "rmsnorm" and bool(torch.all(final_norm.weight.data + adapter.norm_offset == 1.0))
+    tied = source_ties and adapter.norm_kind == "rmsnorm" and (unit_gain or fit_tied_head)
+    if not tied:
+        untie_head(model, adapter)  # before the embeddings change: the head keeps the source's weights
+    outcome = SliceOutcome(structure=adapter.structure(rotation="uniform"), tied_head=tied)
+    specs = _specs(outcome.structure)
+    n_steps = len(layers) * len(run.groups)
+
+    run.onload_ends()
+    fuse_entry(model, adapter)
+    state = run.resumed[0] if run.resumed is not None else None
+    with run.new_cache() as cache:
+        arguments = LayerArguments(cache)
+        run.cache, run.arguments = cache, arguments
+        if state is None or state.phase == "statistics":
+            run.start(cache, arguments)
+            if state is None:
+                first = 0
+                pooled = torch.zeros(hidden, hidden, dtype=torch.float64, device=run.device)
+                for b in range(len(cache)):
+                    check_finite(cache.get(b, run.device), "after the embeddings")
+                _pooled_add(run, pooled, unit_trace)
+            else:
+                first, pooled = state.next_layer, state.tensors["pooled"].to(run.device)
+            run.offload_ends()
+            with run.bar(n_steps, "pooled PCA", first * len(run.groups)) as bar:
+                for li in range(first, len(layers)):
+                    layer = run.layer(li)
+                    for group in run.groups:
+                        for b in range(len(cache)):
+                            x = cache.get(b, run.device)
+                            kwargs = arguments.get(li, b, run.device)
+                            normed: dict = {}
+                            h = x
+                            for branch in group:
+                                h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
+                            check_finite(h, f"of layer {li} ({_step_name(group)})")
+                            cache.put(b, h)
+                        _pooled_add(run, pooled, unit_trace)
+                        bar.update()
+                    view.offload(f"{adapter.layers}.{li}")  # onloaded again (and fused) for the weights
+                    hooks.checkpoint(Progress("statistics", li + 1, {"pooled": pooled}), cache)
+            final = Covariance(hidden, run.device)
+            for b in range(len(cache)):
+                x = cache.get(b, run.device).to(torch.float64)
+                final.update(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)), run.masks[b].to(run.device))
+            pooled = pooled / (n_steps + 1)
+            values, vectors = torch.linalg.eigh(pooled)
+            order = torch.argsort(values, descending=True)
+            outcome.spectra.append(values[order])
+            q = zero_mean_basis(pooled, width) if adapter.norm_kind == "layernorm" else vectors[:, order[:width]]
+            tensors = {"basis": q}
+            if final_gain is not None:  # the embeddings before they are rotated
+                embedding = view.original(f"{run.embedding}.weight")
+                tensors["fit"] = fit_diagonal_gain(q, final_gain, final.matrix / final.tokens, embedding)
+                del embedding
+            first = 0
+        else:
+            tensors = {k: v.to(run.device) for k, v in state.tensors.items()}
+            q, first = tensors["basis"], state.next_layer
+            outcome.spectra, outcome.module_attributes = state.spectra, state.module_attributes
+            run.offload_ends()
+
+    if first == 0:
+        run.onload_ends()
+        if not view.keeps_changes:  # a fresh copy of the source: fuse again (same numbers)
+            fuse_entry(model, adapter)
+        for path in adapter.embeddings:
+            rotate_input(resolve(model, path), q)
+        for path in adapter.entry_writers:
+            rotate_output(resolve(model, path), q)
+        run.write(0, run.ends)
+        run.offload_ends()
+        hooks.checkpoint(Progress("weights", 0, tensors, outcome.spectra, outcome.module_attributes), None)
+    with run.bar(len(layers), "rotating", first) as bar:
+        for li in range(first, len(layers)):
+            layer = run.layer(li, fuse=not view.keeps_changes)
+            prefix = f"{adapter.layers}.{li}"
+            for group in run.groups:
+                rotate_reads(layer, prefix, group, adapter, q, hidden, outcome.module_attributes)
+                rotate_writes(layer, group, q)
+            run.write(li + 1, [prefix])
+            view.offload(prefix)
+            hooks.checkpoint(Progress("weights", li + 1, tensors, outcome.spectra, outcome.module_attributes), None)
+            bar.update()
+
+    view.onload(adapter.final_norm)
+    if not tied:
+        view.onload(adapter.head)
+        fuse_exit(model, adapter)
+    final_norm = get_path(model, adapter.final_norm)  # LayerNorm families: now an RMSNorm module
+    eps = resize_norm(final_norm, adapter, width, hidden)
+    if eps is not None:
+        outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
+    if final_gain is not None:
+        w = final_norm.weight.data
+        fit = tensors["fit"]
+        final_norm.weight.data = ((w.to(torch.float64) + adapter.norm_offset) * fit - adapter.norm_offset).to(w.dtype)
+    if tied:
+        if view.keeps_changes:
+            tie_head(model, adapter)
+    else:
+        rotate_input(resolve(model, adapter.head), q)
+    run.write(len(layers) + 1, [adapter.final_norm, adapter.head], skip=[f"{adapter.head}.weight"] if tied else [])
+    if view.keeps_changes:
+        attach_structure(model, outcome.structure)
+        model.slicegpt_structure = {"structure": outcome.structure, "module_attributes": outcome.module_attributes}
+    return outcome
+
+
+def _pooled_add(run: _Run, pooled: torch.Tensor, unit_trace: bool) -> None:
+    """Add the covariance of the stream now in the cache to the pool of every block boundary.
+
+    Each boundary's covariance is scaled to unit trace before pooling: the norms that read
+    the stream divide by its RMS, so what matters at each boundary is the *share* of energy
+    a direction carries, and the growing later boundaries must not drown the early ones
+    (SmolLM2 at 25%: perplexity 76 against 98 unscaled). Gemma 3 270M is the opposite case
+    (10%: 72.6 unscaled, 1.3e5 at unit trace), hence `unit_trace=False` ("tokens" pooling);
+    bench/uniform_pooling.py measures both.
+    """
+    cov = Covariance(run.hidden, pooled.device)
+    for b in range(len(run.cache)):
+        cov.update(run.cache.get(b, run.device), run.masks[b].to(run.device))
+    matrix = cov.matrix / cov.tokens
+    pooled.add_(matrix / matrix.trace() if unit_trace else matrix)

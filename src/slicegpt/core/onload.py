@@ -1,0 +1,324 @@
+"""Where a model's weights live while it is sliced: one module on the compute device at a time.
+
+A `LayeredModel` wraps a model skeleton whose parameters may sit on the meta device. The
+engine asks it to `onload` a submodule (embeddings, one decoder layer, the head) before it
+works on it and to `offload` it afterwards. Two kinds:
+
+- `CheckpointModel` reads a transformers safetensors checkpoint (one file or sharded with an
+  index) lazily through `safetensors.safe_open`: only the tensors of the module asked for are
+  read, so peak memory is one layer, not the model.
+- `ResidentModel` wraps a model already in memory (the Python API given a model object):
+  onloading moves nothing and offloading keeps the changes, so the model is sliced in place.
+
+Both run the same algorithm; only where the weights come from and go to differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slicegpt.errors import SliceGPTError
+from slicegpt.sliced_modeling import (attach_structure, get_path, set_module_attributes, set_parameter,
+                                      use_rms_norms)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class LayeredModel:
+    """A model whose submodules are brought to the compute device one at a time."""
+
+    model: nn.Module
+    device: torch.device
+    keeps_changes: bool = True  # offloading keeps a module's changed weights (resident models)
+
+    def onload(self, path: str) -> nn.Module:
+        raise NotImplementedError
+
+    def offload(self, path: str) -> None:
+        raise NotImplementedError
+
+    def original(self, name: str) -> torch.Tensor:
+        """A tensor as the source holds it, before any change (for a head untied from changed embeddings)."""
+        raise NotImplementedError
+
+    def ties_head(self, head: str, embedding: str) -> bool:
+        return getattr(get_path(self.model, head), "weight", None) is get_path(self.model, embedding).weight
+
+
+class ResidentModel(LayeredModel):
+    """A model already in memory: nothing moves, changes stay (sliced in place)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def onload(self, path: str) -> nn.Module:
+        return get_path(self.model, path) if path else self.model
+
+    def offload(self, path: str) -> None:
+        pass
+
+    def original(self, name: str) -> torch.Tensor:
+        return self.model.get_parameter(name).detach().clone()
+
+
+def _describe_oserror(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+class CheckpointModel(LayeredModel):
+    """A transformers safetensors checkpoint read one module at a time (meta skeleton + safe_open)."""
+
+    keeps_changes = False
+
+    def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", sliced: dict | None = None) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.directory = Path(directory)
+        self.device = torch.device(device)
+        self.files = checkpoint_files(self.directory)  # tensor name -> file
+        config = read_config(self.directory)
+        self.config = config
+        self.dtype = dtype or _checkpoint_dtype(config)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        self.model = model.eval()
+        if self.dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+            try:  # fused MoE kernels (grouped_mm) have no float64 version
+                model.set_experts_implementation("eager")
+            except (ValueError, AttributeError):
+                pass
+        self.sliced = sliced  # the slicegpt block of a sliced model's config: its layer structure
+        if sliced is not None:
+            use_rms_norms(model, sliced["structure"])
+            attach_structure(model, sliced["structure"])
+            set_module_attributes(model, sliced.get("module_attributes", {}))
+        self._skeleton_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        tied = getattr(config, "tie_word_embeddings", False) or getattr(
+            config.get_text_config(), "tie_word_embeddings", False)
+        self.aliases = dict(getattr(model, "all_tied_weights_keys", None) or {}) if tied else {}
+        missing = [n for n, _ in model.named_parameters() if n not in self.files and n not in self.aliases
+                   and not (sliced is not None and n.endswith(".bias"))]
+        self.targets: dict[str, str] | None = None  # checkpoint key -> module name, where they differ
+        if missing and sliced is None:
+            self.targets = _conversion_targets(model, self.files)
+            found = set(self.targets.values())
+            missing = [n for n in missing if n not in found]
+        if missing:
+            raise SliceGPTError(f"{self.directory} does not hold every weight of its config: "
+                                f"{', '.join(missing[:3])} missing from its safetensors files")
+        for head, embedding in self.aliases.items():  # share one Parameter, as a loaded model does
+            owner, _, leaf = head.rpartition(".")
+            setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(embedding))
+        for name, buffer in list(self.model.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            module._buffers[leaf] = buffer.to(self.device)
+        self._pristine: dict[str, nn.Module] = {}
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        key = name if name in self.files else self.aliases.get(name, name)
+        path = self.files.get(key)
+        if path is None:
+            raise SliceGPTError(f"{self.directory}: no tensor {name} in its safetensors files")
+        if not os.path.isfile(path):
+            raise SliceGPTError(f"{self.directory} is incomplete: {os.path.basename(path)} is missing")
+        try:  # opened per read: a mapping kept open would keep every page read so far resident
+            with safe_open(path, framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            detail = _describe_oserror(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+            raise SliceGPTError(f"{path} is corrupted or truncated ({detail})") from None
+        return tensor
+
+    def original(self, name: str) -> torch.Tensor:
+        return self._read(name).to(device=self.device, dtype=self.dtype)
+
+    def onload(self, path: str) -> nn.Module:
+        """Read the module's tensors from the files; a sliced checkpoint's shapes and extra matrices
+        (skip connections) come from the file, so one reader serves dense and sliced models."""
+        module = get_path(self.model, path) if path else self.model
+        if path and path not in self._pristine:
+            self._pristine[path] = copy.deepcopy(module)
+        prefix = f"{path}." if path else ""
+        wanted = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
+        if not wanted:
+            return module
+        if self.targets is not None:
+            return self._onload_converted(module, prefix, wanted)
+        names = [n for n in self._by_prefix(prefix) if n in wanted or n not in self._skeleton_names]
+        names += [n for n in wanted if n not in self.files and n in self.aliases]
+        seen: dict[str, nn.Parameter] = {}
+        for full in names:
+            owner_name, _, leaf = full[len(prefix):].rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            key = self.aliases.get(full, full) if full not in self.files else full
+            if key in seen:  # a tied alias inside this module
+                owner._parameters[leaf] = seen[key]
+                continue
+            tensor = self._read(full).to(device=self.device, dtype=self.dtype)
+            current = owner._parameters.get(leaf)
+            if current is not None and not self.sliced and tuple(tensor.shape) != tuple(current.shape):
+                raise SliceGPTError(f"{os.path.basename(self.files.get(key, key))}: {key} has shape "
+                                    f"{tuple(tensor.shape)}, its config says {tuple(current.shape)}")
+            set_parameter(owner, leaf, tensor)
+            owner._parameters[leaf].requires_grad_(False)
+            seen[key] = owner._parameters[leaf]
+        left = [n for n, p in module.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+        if left:
+            raise SliceGPTError(f"{self.directory}: {prefix}{left[0]} is in no safetensors file")
+        return module
+
+    def _onload_converted(self, module: nn.Module, prefix: str, wanted: set[str]) -> nn.Module:
+        """A checkpoint whose names differ from the modules' (renamed heads, per-expert MoE weights
+        fused on load): transformers' own conversion, given just this module's checkpoint tensors."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        tied = {self.aliases[n] for n in wanted if n in self.aliases}
+        part = {src: self._read(src) for src, target in self.targets.items()
+                if target in wanted or target.startswith(prefix) or target in tied}
+        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype)
+        try:
+            convert_and_load_state_dict_in_model(self.model, part, config)
+        except Exception as e:  # transformers' many error types for tensors that do not fit
+            raise SliceGPTError(f"cannot load {prefix.rstrip('.') or 'the model'} from {self.directory}: "
+                                f"{str(e).splitlines()[0]}") from None
+        for name in wanted & set(self.aliases):  # a tied alias: the embedding just read
+            owner, _, leaf = name.rpartition(".")
+            self.model.get_submodule(owner)._parameters[leaf] = self.model.get_parameter(self.aliases[name])
+        for name, param in list(module.named_parameters(remove_duplicate=False)):
+            if param.device.type == "meta":
+                raise SliceGPTError(f"{self.directory}: {prefix}{name} is in no safetensors file")
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if param.device != self.device or param.dtype != self.dtype or param.requires_grad:
+                owner._parameters[leaf] = nn.Parameter(param.data.to(self.device, self.dtype), requires_grad=False)
+        return module
+
+    def _by_prefix(self, prefix: str) -> list[str]:
+        if not prefix:
+            return list(self.files)
+        # layers share a prefix pattern ("model.layers.1." vs "model.layers.10."): the dot ends it
+        return [n for n in self.files if n.startswith(prefix)]
+
+    def offload(self, path: str) -> None:
+        """Put the module back as it was before onloading (meta weights, its original norms and
+        no added matrices): the engine has written what it needs, and a later pass reads it again."""
+        pristine = self._pristine.get(path)
+        if pristine is None:
+            return
+        parent, _, leaf = path.rpartition(".")
+        setattr(get_path(self.model, parent) if parent else self.model, leaf, copy.deepcopy(pristine))
+
+    def fingerprint(self) -> str:
+        """A checksum of the source: its config and every file's safetensors header and size.
+
+        The headers name every tensor with its dtype, shape and byte range; hashing all the
+        bytes of a 140 GB checkpoint would take minutes at every start.
+        """
+        digest = hashlib.sha256((self.directory / "config.json").read_bytes())
+        for path in sorted(set(self.files.values())):
+            with open(path, "rb") as f:
+                head = f.read(8)
+                size = int.from_bytes(head, "little") if len(head) == 8 else 0
+                digest.update(head + f.read(min(size, 100_000_000)))
+            digest.update(str(os.path.getsize(path)).encode())
+        return digest.hexdigest()
+
+
+def _conversion_targets(model: nn.Module, files: dict[str, str]) -> dict[str, str]:
+    """Checkpoint key -> the module parameter transformers loads it into (its renames and fusions)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:
+        return {k: k for k in files}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = dict(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+    return {k: rename_source_key(k, renamings, converters, prefix, meta)[0] for k in files}
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def read_config(directory: Path):
+    """The model's config, refusing with one line what transformers would answer with a traceback."""
+    from transformers import AutoConfig
+
+    from slicegpt.adapters import require_decoder
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise SliceGPTError(f"{directory} has no config.json: it is not a model directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise SliceGPTError(f"{path} has no model_type: cannot tell which architecture the model is "
+                            "(add e.g. \"model_type\": \"llama\")")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as e:
+        raise SliceGPTError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    require_decoder(config)
+    return config
+
+
+def checkpoint_files(directory: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
+    from safetensors import SafetensorError, safe_open
+
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SliceGPTError(f"{index} is corrupted: {e}") from None
+        files = {name: str(directory / shard) for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not os.path.isfile(shard):
+                raise SliceGPTError(f"{directory} is incomplete: {os.path.basename(shard)} (named by "
+                                    f"{INDEX_NAME}) is missing")
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    present = set(f.keys())
+            except (SafetensorError, OSError) as e:
+                raise SliceGPTError(f"{shard} is corrupted or truncated ({str(e).splitlines()[0]})") from None
+            absent = [n for n, s in files.items() if s == shard and n not in present]
+            if absent:
+                raise SliceGPTError(f"{INDEX_NAME} names tensors that {os.path.basename(shard)} does not hold: "
+                                    f"{', '.join(absent[:3])}")
+        return files
+    single = directory / SINGLE_NAME
+    if not single.is_file():
+        if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+            raise SliceGPTError(f"{directory} holds PyTorch pickles, not safetensors; convert it with "
+                                "transformers (save_pretrained) first")
+        raise SliceGPTError(f"{directory} has no {SINGLE_NAME} or {INDEX_NAME}")
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: str(single) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SliceGPTError(f"{single} is corrupted or truncated ({str(e).splitlines()[0]})") from None

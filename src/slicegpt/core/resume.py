@@ -1,0 +1,214 @@
+"""A run that survives a crash: finished parts on disk, and a progress record after every layer.
+
+The work of `slicegpt slice ... --out OUT` lives in a hidden sibling, ``.OUT.slicegpt-run/``:
+
+- ``staging/``: the output being built; each finished part is a safetensors shard. When the
+  run ends it is completed (config, tokenizer, index, manifest) and renamed to OUT in one
+  step, so nothing half-written is ever visible at OUT.
+- ``progress.json``: replaced atomically (fsync + rename) after every finished layer. It
+  names the settings of the run, a fingerprint of the source, the shards written with their
+  SHA-256, the state tensors (current basis, running sums) and the activation snapshot, and
+  carries a checksum of itself.
+- ``state-N.safetensors`` and ``activations-N/``: what the engine needs to continue after
+  layer N (float64 basis and sums; the calibration stream at that boundary).
+
+Running the same command again continues from the last finished layer; the computation
+after it is the same as in an uninterrupted run, so the output is bit-identical. A record
+that does not match the command, or is damaged, is refused with a one-line error naming
+`--restart`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from slicegpt.core.cache import ActivationCache
+from slicegpt.core.engine import Hooks, Progress
+from slicegpt.errors import SliceGPTError
+from slicegpt.formats.shards import sha256, write_shard
+
+RECORD_VERSION = 1
+PROGRESS_NAME = "progress.json"
+KILL_SWITCH = "SLICEGPT_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL the process after this many layers
+
+
+def run_directory(out: Path) -> Path:
+    return out.parent / f".{out.name}.slicegpt-run"
+
+
+def _checksum(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class RunDirectory(Hooks):
+    """The engine's hooks for a run written to disk: shards as they finish, checkpoints, resume."""
+
+    def __init__(self, out: Path, parts: int, settings: dict, fingerprint: str, restart: bool = False,
+                 checkpoint_every: int = 1) -> None:
+        self.out = Path(out)
+        self.root = run_directory(self.out)
+        self.staging = self.root / "staging"
+        self.parts = parts
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.every = max(1, checkpoint_every)
+        self.shards: dict[str, str] = {}
+        self.record: dict | None = None
+        self.checkpoints = 0
+        if restart and self.root.exists():
+            shutil.rmtree(self.root)
+        self.record = self._read_record()
+        if self.record is None and self.root.exists():
+            shutil.rmtree(self.root)  # a run that died before its first record: nothing to keep
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SliceGPTError(f"cannot create {self.root}: {e.strerror or e}") from None
+        if self.record is not None:
+            self.shards = dict(self.record["shards"])
+
+    @property
+    def resuming(self) -> bool:
+        return self.record is not None
+
+    def _refuse(self, why: str) -> SliceGPTError:
+        return SliceGPTError(f"the interrupted run in {self.root} {why}; pass --restart to start over "
+                             f"(or remove {self.root})")
+
+    def _read_record(self) -> dict | None:
+        path = self.root / PROGRESS_NAME
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            raise self._refuse("has a damaged progress record (not valid JSON)") from None
+        if not isinstance(record, dict) or record.get("checksum") != _checksum(record):
+            raise self._refuse("has a damaged progress record (checksum mismatch)")
+        if record.get("version") != RECORD_VERSION:
+            raise self._refuse(f"was written by another slicegpt version (record {record.get('version')!r})")
+        if record.get("fingerprint") != self.fingerprint:
+            raise self._refuse("sliced another model (the source's fingerprint differs)")
+        if record.get("settings") != self.settings:
+            old, new = record.get("settings", {}), self.settings
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise self._refuse(f"used other settings ({', '.join(diff)} differ)")
+        for name, digest in record["shards"].items():
+            path = self.staging / name
+            if not path.is_file() or sha256(path) != digest:
+                raise self._refuse(f"is damaged: its finished shard {name} is missing or changed")
+        state = self.root / record["state"]
+        if not state.is_file() or sha256(state) != record["state_sha256"]:
+            raise self._refuse("is damaged: its state file is missing or changed")
+        return record
+
+    # --- Hooks ---
+
+    def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
+        name, digest = write_shard(self.staging, part, self.parts, tensors)
+        self.shards[name] = digest
+
+    def checkpoint(self, progress: Progress, cache: ActivationCache | None) -> None:
+        self.checkpoints += 1
+        final = progress.phase == "weights"  # no activations to snapshot: cheap, always recorded
+        if not final and self.checkpoints % self.every:
+            return
+        n = f"{progress.phase}-{progress.next_layer}"
+        from safetensors.torch import save_file
+
+        tensors = {f"tensor.{k}": v.detach().to("cpu", torch.float64).contiguous() for k, v in progress.tensors.items()}
+        tensors.update({f"spectrum.{i}": v.detach().to("cpu", torch.float64).contiguous()
+                        for i, v in enumerate(progress.spectra)})
+        state = self.root / f"state-{n}.safetensors"
+        try:
+            save_file(tensors, str(state))
+            activations = self._snapshot(cache, n) if cache is not None else None
+        except OSError as e:
+            raise SliceGPTError(f"cannot record progress in {self.root}: {e.strerror or e}"
+                                + (" (the disk is full)" if e.errno == 28 else "")) from None
+        old = self.record
+        record = {"version": RECORD_VERSION, "settings": self.settings, "fingerprint": self.fingerprint,
+                  "phase": progress.phase, "next_layer": progress.next_layer, "shards": dict(self.shards),
+                  "state": state.name, "state_sha256": sha256(state), "tensors": sorted(progress.tensors),
+                  "spectra": len(progress.spectra), "module_attributes": progress.module_attributes,
+                  "activations": activations}
+        record["checksum"] = _checksum(record)
+        from slicegpt.atomic import write_json
+
+        write_json(self.root / PROGRESS_NAME, record)
+        self.record = record
+        if old is not None:  # the previous checkpoint is superseded
+            if old["state"] != record["state"]:
+                (self.root / old["state"]).unlink(missing_ok=True)
+            if old.get("activations") and old["activations"] != activations:
+                shutil.rmtree(self.root / old["activations"], ignore_errors=True)
+        kill = os.environ.get(KILL_SWITCH, "")  # "k" (first phase to reach layer k) or "phase:k"
+        if kill and kill in (str(progress.next_layer), f"{progress.phase}:{progress.next_layer}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _snapshot(self, cache: ActivationCache, n: str) -> str:
+        """The calibration stream at this boundary, one file per batch (hard links for disk offload)."""
+        name = f"activations-{n}"
+        target = self.root / name
+        tmp = self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for i, entry in enumerate(cache.entries):
+            path = tmp / f"x-{i:06d}.pt"
+            if isinstance(entry, Path):
+                try:
+                    os.link(entry, path)  # the cache replaces files, never rewrites them in place
+                except OSError:
+                    shutil.copyfile(entry, path)
+            else:
+                torch.save(entry, path)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return name
+
+    def resume(self) -> tuple[Progress, list[torch.Tensor] | None] | None:
+        if self.record is None:
+            return None
+        from safetensors.torch import load_file
+
+        record = self.record
+        state = load_file(str(self.root / record["state"]))
+        tensors = {k: state[f"tensor.{k}"] for k in record["tensors"]}
+        spectra = [state[f"spectrum.{i}"] for i in range(record["spectra"])]
+        progress = Progress(record["phase"], record["next_layer"], tensors, spectra,
+                            record["module_attributes"])
+        activations = None
+        if record.get("activations"):
+            directory = self.root / record["activations"]
+            files = sorted(directory.glob("x-*.pt"))
+            activations = [_LazyTensor(p) for p in files]
+        return progress, activations
+
+    def finish(self) -> Path:
+        """The finished staging directory (to be completed and published by the caller)."""
+        return self.staging
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _LazyTensor:
+    """A snapshot file the activation cache reads when it is first needed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> torch.Tensor:
+        try:
+            return torch.load(self.path, weights_only=True)
+        except Exception as e:
+            raise SliceGPTError(f"the interrupted run's activation snapshot {self.path} is damaged ({e}); "
+                                "pass --restart to start over") from None

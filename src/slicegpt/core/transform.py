@@ -1,0 +1,98 @@
+"""Weight changes of one residual step: its readers take the sliced stream, its writers the next basis.
+
+Each function acts on one decoder layer (or the model's ends) in place; the engine calls them
+in the same order whatever the source of the weights (resident or onloaded one layer at a time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slicegpt.adapters import ModelAdapter
+from slicegpt.adapters.base import Branch
+from slicegpt.errors import SliceGPTError
+from slicegpt.sliced_modeling import get_path, set_parameter
+from slicegpt.weights import Target, resolve_all, rotate_input, rotate_output
+
+ModuleAttributes = dict[str, dict[str, float]]  # plain attributes to restore on load (norm epsilons, widths)
+
+
+def targets(layer: nn.Module, branch: Branch, role: str) -> list[Target]:
+    targets = resolve_all(layer, getattr(branch, role))
+    if not targets:
+        raise SliceGPTError(f"branch '{branch.name}' of {type(layer).__name__} has none of its {role}")
+    return targets
+
+
+def _set_width(layer: nn.Module, path: str, dim: int) -> tuple[str, str] | None:
+    """Set a plain attribute holding the residual width (``mlp.gate.hidden_dim``); ``?`` = optional."""
+    owner_path, _, attr = path.rstrip("?").rpartition(".")
+    try:
+        owner = get_path(layer, owner_path)
+    except AttributeError:
+        owner = None
+    if owner is None or not hasattr(owner, attr):
+        if path.endswith("?"):
+            return None
+        raise SliceGPTError(f"{type(layer).__name__} has no attribute {path}")
+    setattr(owner, attr, dim)
+    return owner_path, attr
+
+
+def check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        hint = "load it with --dtype float32" if x.dtype in (torch.float16, torch.bfloat16) else "check its weights"
+        raise SliceGPTError(
+            f"non-finite values (NaN/inf) in the activations {where} on the calibration data "
+            f"({str(x.dtype).replace('torch.', '')}); {hint}"
+        )
+
+
+def resize_norm(norm: nn.Module, adapter: ModelAdapter, dim: int, hidden: int) -> float | None:
+    """Make a fused (unit-gain) RMSNorm act on `dim` kept coordinates as it did on `hidden`.
+
+    RMS over k coordinates is sqrt(d/k) times RMS over d, so the gain becomes sqrt(d/k)
+    and epsilon becomes eps * d/k: x / sqrt(sum/k + eps d/k) * sqrt(d/k) = x / sqrt(sum/d + eps).
+    Returns the new epsilon, or None when nothing changed.
+    """
+    w = norm.weight.data
+    gain = math.sqrt(hidden / dim) - adapter.norm_offset
+    set_parameter(norm, "weight", torch.full((dim,), gain, dtype=w.dtype, device=w.device))
+    if dim == hidden:
+        return None
+    eps = getattr(norm, adapter.norm_eps_attr) * hidden / dim
+    setattr(norm, adapter.norm_eps_attr, eps)
+    return eps
+
+
+def rotate_reads(layer: nn.Module, prefix: str, group: tuple[Branch, ...], adapter: ModelAdapter,
+                  q: torch.Tensor, hidden: int, attributes: ModuleAttributes) -> None:
+    """The branches of one step read the stream in basis q (d x k): norms, input linears, widths."""
+    dim = q.shape[1]
+    for norm_name in dict.fromkeys(b.norm for b in group):
+        eps = resize_norm(get_path(layer, norm_name), adapter, dim, hidden)
+        if eps is not None:
+            attributes[f"{prefix}.{norm_name}"] = {adapter.norm_eps_attr: eps}
+    for branch in group:
+        for target in targets(layer, branch, "inputs"):
+            rotate_input(target, q)
+        for path in branch.width_attrs:
+            changed = _set_width(layer, path, dim)
+            if changed:
+                attributes.setdefault(f"{prefix}.{changed[0]}", {})[changed[1]] = dim
+
+
+def rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor, rotate_normed: bool = True) -> None:
+    """The branches of one step write in basis q; a post-normed output is rotated after its norm."""
+    dtype = next(layer.parameters()).dtype
+    for branch in group:
+        if not branch.post_norm:
+            for target in targets(layer, branch, "outputs"):
+                rotate_output(target, q)
+        elif rotate_normed:
+            layer.register_parameter(branch.out_rotation, nn.Parameter(q.to(dtype)))
+
+

@@ -1,0 +1,1 @@
+"""What goes to and comes from disk: sharded safetensors, saved sliced models, GGUF."""

@@ -1,0 +1,74 @@
+"""Sharded safetensors output, one part at a time, as transformers writes large models.
+
+`model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json` (its `weight_map` names
+the file of every tensor). The engine hands each finished part (the embeddings, one decoder
+layer, the final norm and head) to `write`, so the sliced model never has to be whole in
+memory. Each file is written under a temporary name and renamed, and its SHA-256 recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from slicegpt.errors import SliceGPTError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_name(part: int, parts: int) -> str:
+    return f"model-{part + 1:05d}-of-{parts:05d}.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shard(directory: Path, part: int, parts: int, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """Write one part durably; returns (file name, SHA-256)."""
+    from safetensors.torch import save_file
+
+    name = shard_name(part, parts)
+    tmp = directory / f".{name}.tmp"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SliceGPTError(f"cannot write {directory / name}: {e.strerror or e}"
+                            + (" (the disk is full)" if e.errno == 28 else "")) from None
+    return name, sha256(directory / name)
+
+
+def write_index(directory: Path, shards: dict[str, list[str]]) -> None:
+    """The index transformers reads: every tensor's file, and the total byte size of the tensors."""
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for name in sorted(shards):
+        with safe_open(str(directory / name), framework="pt") as f:
+            for key in f.keys():
+                weight_map[key] = name
+                sl = f.get_slice(key)
+                shape, dtype = sl.get_shape(), sl.get_dtype()
+                numel = 1
+                for n in shape:
+                    numel *= n
+                total += numel * _DTYPE_BYTES.get(dtype, 4)
+    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                    "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
