@@ -32,17 +32,17 @@ def untie_head(model: nn.Module, adapter: ModelAdapter) -> bool:
         return False
     head = get_path(model, adapter.head)
     set_parameter(head, "weight", head.weight.detach().clone())
-    _record_tie(model, False)
+    record_tie(model, False)
     return True
 
 
 def tie_head(model: nn.Module, adapter: ModelAdapter) -> None:
     """Make the head share the (first) embedding table's weight, and say so in the config."""
     get_path(model, adapter.head).weight = get_path(model, adapter.embeddings[0]).weight
-    _record_tie(model, True)
+    record_tie(model, True)
 
 
-def _record_tie(model: nn.Module, tied: bool) -> None:
+def record_tie(model: nn.Module, tied: bool) -> None:
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = tied
 

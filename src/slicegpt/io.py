@@ -44,17 +44,17 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Persistent tensors, each storage once (a tied head is restored from the config)."""
     seen: set[int] = set()
     state = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen:
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # a tied parameter (equal bases of two branches may share storage: kept)
             continue
-        seen.add(key)
+        seen.add(id(tensor))
         state[name] = tensor.detach().contiguous().cpu()
     return state
 
 
-def _config_dict(model: nn.Module, structure: dict, module_attributes: dict) -> dict:
-    config = model.config.to_dict()
+def sliced_config_dict(model_config, structure: dict, module_attributes: dict) -> dict:
+    """config.json of a per-layer sliced model: the family's config, the structure, the loader."""
+    config = model_config.to_dict()
     config.pop("quantization_config", None)
     config["auto_map"] = {"AutoModelForCausalLM": f"{CODE_NAME[:-3]}.SlicedModelForCausalLM"}
     config[CONFIG_KEY] = {"format_version": FORMAT_VERSION, "structure": structure,
@@ -67,10 +67,16 @@ def _save_sliced(model: nn.Module, slicing: dict, tmp: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    config_dict = _config_dict(model, slicing["structure"], slicing["module_attributes"])
+    write_sliced_config(model.config, getattr(model, "generation_config", None), slicing["structure"],
+                        slicing["module_attributes"], tmp)
+
+
+def write_sliced_config(model_config, generation_config, structure: dict, module_attributes: dict, tmp: Path) -> None:
+    """config.json with the slicing structure, generation config, and the loader code for trust_remote_code."""
+    config_dict = sliced_config_dict(model_config, structure, module_attributes)
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
     shutil.copyfile(sliced_modeling.__file__, tmp / CODE_NAME)
 
 
@@ -127,17 +133,27 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
             model.save_pretrained(tmp)
         else:
             _save_sliced(model, slicing, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if config.spectra:
-            save_spectra(config.spectra, tmp / SPECTRA_NAME)
         if fill_extra is not None:
             fill_extra(tmp)
-        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files,
-                    **(extra or {})}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        finish_directory(tmp, tokenizer, config, extra)
     return out
+
+
+def finish_directory(tmp: Path, tokenizer, config: SlicingConfig, extra: dict | None = None,
+                     known: dict[str, str] | None = None) -> None:
+    """Tokenizer, spectra and the manifest (the run record, with a SHA-256 for every file).
+
+    `known` holds digests already computed (shards hashed as they were written).
+    """
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if config.spectra:
+        save_spectra(config.spectra, tmp / SPECTRA_NAME)
+    known = known or {}
+    files = {p.relative_to(tmp).as_posix(): known.get(p.relative_to(tmp).as_posix()) or _sha256(p)
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files, **(extra or {})}
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

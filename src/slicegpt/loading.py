@@ -205,6 +205,64 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     return _load_from_hub(spec, torch_dtype, device)
 
 
+def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """A dense model as a safetensors directory that can be read one layer at a time, and its name.
+
+    A GGUF file is dequantized once into the cache (as `load_model` does); a hub id is
+    downloaded into the Hugging Face cache (safetensors, config and tokenizer files only).
+    """
+    spec = str(source) if source is not None else DEFAULT_MODEL
+    if spec in EMBEDDED_MODELS and not Path(spec).exists():
+        path = EMBEDDED_MODELS[spec]()
+    else:
+        path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise SliceGPTError(f"model file not found: {path}")
+        if path.suffix != ".gguf":
+            raise SliceGPTError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
+        cached = _gguf_cache_path(path)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(path, cached)
+        return cached, str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return checkpoint_directory(ggufs[0])
+            raise SliceGPTError(f"{path} has no config.json: it is not a model directory")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise SliceGPTError(f"{path / 'config.json'} is corrupted: {e}") from None
+        if isinstance(config, dict) and (CONFIG_KEY in config or (path / MANIFEST_NAME).is_file()):
+            raise SliceGPTError(f"{path} is already a sliced model; slice the dense model instead")
+        return path, str(path)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~")):
+        raise SliceGPTError(f"model path not found: {spec}")
+    return _snapshot_from_hub(spec), spec
+
+
+def _snapshot_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
+    try:  # already in the Hugging Face cache: no network needed
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # huggingface_hub raises several types for "not cached"
+        pass
+    if env_flag("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise SliceGPTError(
+            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
+            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
+            "(or `default` for the embedded SmolLM2)"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise SliceGPTError(f"cannot download '{repo_id}' from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+
+
 def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
     from transformers import AutoConfig
 

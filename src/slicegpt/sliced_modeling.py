@@ -31,6 +31,7 @@ FORMAT_VERSION = 3  # 2: parallel branches, RMSNorm swaps, post-norm output rota
 READABLE_VERSIONS = (2, 3)
 CONFIG_KEY = "slicegpt"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # sharded weights: model-0000N-of-0000M.safetensors
 MANIFEST_NAME = "slicegpt.json"  # slicing record and checksums, written by slicegpt.save
 ENTRY = "entry_rotation"  # on the first layer when the embeddings stay tied to the head, unsliced
 
@@ -248,6 +249,25 @@ def check_slicing_config(raw: dict, directory: str) -> dict:
     return meta
 
 
+def _weight_files(directory: str) -> tuple[str, list[str]]:
+    """(name for messages, safetensors files): one model.safetensors, or the shards its index names."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is corrupted: {e}") from None
+        for shard in shards:
+            if not os.path.isfile(os.path.join(directory, shard)):
+                raise CheckpointError(f"{directory} is incomplete: {shard} is missing")
+        return INDEX_NAME, [os.path.join(directory, shard) for shard in shards]
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{directory} is incomplete: {WEIGHTS_NAME} is missing")
+    return weights, [weights]
+
+
 def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: str | None = None,
                       config=None) -> nn.Module:
     """Rebuild a sliced model from a directory written by `slicegpt.save`."""
@@ -256,19 +276,19 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
 
     directory = os.fspath(directory)
     meta = check_slicing_config(_read_config(directory), directory)
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"{directory} is incomplete: {WEIGHTS_NAME} is missing")
+    weights, files = _weight_files(directory)
     if config is None:
         config = AutoConfig.from_pretrained(directory)
     model = build_skeleton(config)
     use_rms_norms(model, meta["structure"])
     attach_structure(model, meta["structure"])
-    try:
-        with safe_open(weights, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights} is corrupted or truncated: {e}") from None
+    state = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupted or truncated: {e}") from None
 
     expected = dict(model.named_parameters(remove_duplicate=False))
     for name, tensor in state.items():

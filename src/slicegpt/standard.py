@@ -28,7 +28,6 @@ from torch import nn
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
 from slicegpt.sliced_modeling import build_skeleton, get_path, set_parameter
-from slicegpt.weights import resolve_all, rotate_output
 
 
 @dataclass
@@ -86,34 +85,65 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _fold_post_norms(model: nn.Module, adapter: ModelAdapter) -> None:
-    """Approximate `out_rotation(post_norm(y))` by `post_norm'(y Q)` at width d'.
+def stock_tensors(tensors: dict[str, torch.Tensor], adapter: ModelAdapter, hidden: int, dim: int, tied: bool,
+                  bias_norms: set[str]) -> dict[str, torch.Tensor]:
+    """The stock model's tensors for (part of) a uniformly sliced model's state dict.
 
-    The writer's rows are rotated and sliced, the norm's RMS is then taken over d' instead
-    of d (equal when y lies in the kept subspace), and its per-coordinate gain becomes the
-    least-squares diagonal of Q^T diag(gain) Q, times sqrt(d/d').
+    Works on the whole state dict or on one part of it (the embeddings, one layer, the final
+    norm and head), so a streamed run converts each part as it is written:
+
+    - a branch-output norm's rotation is folded: `out_rotation(post_norm(y))` becomes
+      `post_norm'(y Q)` at width d': the writer's rows are rotated and sliced, the norm's RMS is
+      then taken over d' instead of d (equal when y lies in the kept subspace), and its gain
+      becomes the least-squares diagonal of Q^T diag(gain) Q, times sqrt(d/d');
+    - Gemma multiplies embeddings by sqrt(config hidden size): they keep sqrt(d) although the
+      config says d' (and a tied head's final norm shrinks to match);
+    - stock LayerNorms get their bias back, zero (the kept coordinates sum to zero).
     """
-    for layer in get_path(model, adapter.layers):
-        for branch in adapter.branches:
-            rotation = getattr(layer, branch.out_rotation, None) if branch.post_norm else None
-            if rotation is None:
-                continue
-            q = rotation.data.to(torch.float64)
-            hidden, dim = q.shape
-            for target in resolve_all(layer, branch.outputs):
-                rotate_output(target, q)
-            norm = get_path(layer, branch.post_norm)
-            gain = norm.weight.data.to(torch.float64) + adapter.norm_offset
+    out = dict(tensors)
+    for branch in adapter.branches:
+        if not branch.post_norm:
+            continue
+        suffix = f".{branch.out_rotation}"
+        for key in [k for k in out if k.endswith(suffix)]:
+            prefix = key[: -len(suffix)]
+            q = out.pop(key).to(torch.float64)
+            for path in branch.outputs:
+                w = out[f"{prefix}.{path}.weight"]
+                out[f"{prefix}.{path}.weight"] = (q.T @ w.to(torch.float64)).to(w.dtype)
+                bias = out.get(f"{prefix}.{path}.bias")
+                if bias is not None:
+                    out[f"{prefix}.{path}.bias"] = (bias.to(torch.float64) @ q).to(bias.dtype)
+            norm = f"{prefix}.{branch.post_norm}.weight"
+            gain = out[norm].to(torch.float64) + adapter.norm_offset
             fitted = (q * q * gain[:, None]).sum(dim=0) * math.sqrt(hidden / dim)
-            set_parameter(norm, "weight", (fitted - adapter.norm_offset).to(norm.weight.dtype))
-            delattr(layer, branch.out_rotation)
+            out[norm] = (fitted - adapter.norm_offset).to(out[norm].dtype)
+    if adapter.scales_embeddings:
+        factor = math.sqrt(hidden / dim)
+        embedding = f"{adapter.embeddings[0]}.weight"
+        if embedding in out:
+            out[embedding] = (out[embedding].to(torch.float64) * factor).to(out[embedding].dtype)
+        final = f"{adapter.final_norm}.weight"
+        if tied and final in out:
+            gain = (out[final].to(torch.float64) + adapter.norm_offset) / factor
+            out[final] = (gain - adapter.norm_offset).to(out[final].dtype)
+    for name in bias_norms:  # LayerNorm on a stream whose kept coordinates sum to zero: no bias
+        weight = out.get(f"{name}.weight")
+        if weight is not None and f"{name}.bias" not in out:
+            out[f"{name}.bias"] = torch.zeros_like(weight)
+    return out
 
 
-def standard_config(model: nn.Module, adapter: ModelAdapter):
+def layernorms_with_bias(model: nn.Module) -> set[str]:
+    """The stock model's LayerNorms that have a bias (named as in the state dict)."""
+    return {name for name, module in model.named_modules()
+            if isinstance(module, nn.LayerNorm) and getattr(module, "bias", None) is not None}
+
+
+def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool):
     """The family's config with hidden size d' and the epsilon the resized norms use."""
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(config)
     hidden = getattr(config, adapter.config_hidden[0])
-    dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
     config.head_dim = head_dim(config)  # most families would derive it from the hidden size
     for attr in adapter.config_hidden:
         setattr(config, attr, dim)
@@ -122,7 +152,16 @@ def standard_config(model: nn.Module, adapter: ModelAdapter):
     for attr in ("slicegpt", "auto_map", "quantization_config"):
         if hasattr(config, attr):
             delattr(config, attr)
+    config.tie_word_embeddings = tied
+    if config.get_text_config() is not config:
+        config.get_text_config().tie_word_embeddings = tied
     return config
+
+
+def standard_config(model: nn.Module, adapter: ModelAdapter):
+    """The family's config with hidden size d' and the epsilon the resized norms use."""
+    dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
+    return standard_config_from(model.config, adapter, dim, bool(getattr(model.config, "tie_word_embeddings", False)))
 
 
 @torch.no_grad()
@@ -145,27 +184,22 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
 
     device = next(model.parameters()).device
     reference = model(sample.to(device)).logits if sample is not None else None
-    changes_weights = adapter.scales_embeddings or any(b.post_norm for b in adapter.branches)
-    working = copy.deepcopy(model) if changes_weights else model  # the sliced model stays intact
-    _fold_post_norms(working, adapter)
-    config = standard_config(working, adapter)
-    if adapter.scales_embeddings:
-        _rescale_embeddings(working, adapter, getattr(model.config, adapter.config_hidden[0]))
-    dtype = next(working.parameters()).dtype
+    hidden = getattr(model.config, adapter.config_hidden[0])
+    dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    config = standard_config(model, adapter)
+    dtype = next(model.parameters()).dtype
     stock = build_skeleton(config, dtype).to(device)
-    state = {k: v for k, v in working.state_dict().items()}
+    state = stock_tensors({k: v for k, v in model.state_dict().items()}, adapter, hidden, dim, tied,
+                          layernorms_with_bias(stock))
     expected = stock.state_dict()
     problems = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
                 if k in expected and v.shape != expected[k].shape]
     unexpected = [k for k in state if k not in expected]
-    missing = [k for k in expected if k not in state]
-    norm_biases = [k for k in missing if k.endswith(".bias") and _is_norm(stock.get_submodule(k.rpartition(".")[0]))]
-    missing = [k for k in missing if k not in norm_biases and not _tied_alias(stock, k)]
+    missing = [k for k in expected if k not in state and not _tied_alias(stock, k)]
     if problems or unexpected or missing:
         detail = (problems + [f"unexpected {k}" for k in unexpected] + [f"missing {k}" for k in missing])[:3]
         raise SliceGPTError(f"the stock {type(stock).__name__} does not match the sliced weights: {', '.join(detail)}")
-    for k in norm_biases:  # LayerNorm on a stream whose kept coordinates sum to zero: no bias
-        state[k] = torch.zeros_like(expected[k])
     stock.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         stock.tie_weights()
@@ -175,22 +209,6 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
     if reference is not None:
         report.max_logit_deviation = float((stock(sample.to(device)).logits - reference).abs().max())
     return stock, report
-
-
-def _rescale_embeddings(model: nn.Module, adapter: ModelAdapter, hidden: int) -> None:
-    """Gemma multiplies embeddings by sqrt(hidden size): keep sqrt(d) although the config says d'.
-
-    A tied head reads the same (now larger) table, so the final norm's gain shrinks to match.
-    """
-    embedding = get_path(model, adapter.embeddings[0])
-    dim = embedding.weight.shape[1]
-    factor = math.sqrt(hidden / dim)
-    tied = model.get_output_embeddings().weight is embedding.weight
-    embedding.weight.data = (embedding.weight.data.to(torch.float64) * factor).to(embedding.weight.dtype)
-    if tied:
-        norm = get_path(model, adapter.final_norm)
-        gain = (norm.weight.data.to(torch.float64) + adapter.norm_offset) / factor
-        norm.weight.data = (gain - adapter.norm_offset).to(norm.weight.dtype)
 
 
 def _tied_alias(model: nn.Module, name: str) -> bool:

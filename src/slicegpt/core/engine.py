@@ -36,7 +36,7 @@ from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes
 from slicegpt.errors import SliceGPTError
-from slicegpt.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head, untie_head
+from slicegpt.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
 from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch
 from slicegpt.weights import resolve, rotate_input, rotate_output
 
@@ -238,7 +238,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     specs = _specs(outcome.structure)
 
     if not tied:  # embeddings and head end up in different bases; the head keeps the source's weights
-        untie_head(model, adapter)
+        view.untie_head(adapter)
     run.onload_ends()
     fuse_entry(model, adapter, tied_head=tied)
     with run.new_cache() as cache:
@@ -377,7 +377,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     unit_gain = adapter.norm_kind == "rmsnorm" and bool(torch.all(final_norm.weight.data + adapter.norm_offset == 1.0))
     tied = source_ties and adapter.norm_kind == "rmsnorm" and (unit_gain or fit_tied_head)
     if not tied:
-        untie_head(model, adapter)  # before the embeddings change: the head keeps the source's weights
+        view.untie_head(adapter)  # before the embeddings change: the head keeps the source's weights
     outcome = SliceOutcome(structure=adapter.structure(rotation="uniform"), tied_head=tied)
     specs = _specs(outcome.structure)
     n_steps = len(layers) * len(run.groups)

@@ -28,7 +28,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.sliced_modeling import (attach_structure, get_path, set_module_attributes, set_parameter,
                                       use_rms_norms)
 
-INDEX_NAME = "model.safetensors.index.json"
+from slicegpt.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
 SINGLE_NAME = "model.safetensors"
 
 
@@ -51,6 +51,12 @@ class LayeredModel:
 
     def ties_head(self, head: str, embedding: str) -> bool:
         return getattr(get_path(self.model, head), "weight", None) is get_path(self.model, embedding).weight
+
+    def untie_head(self, adapter) -> None:
+        """The head gets its own weight (the source's), so the embeddings may change alone."""
+        from slicegpt.invariance import untie_head
+
+        untie_head(self.model, adapter)
 
 
 class ResidentModel(LayeredModel):
@@ -117,6 +123,7 @@ class CheckpointModel(LayeredModel):
         if missing:
             raise SliceGPTError(f"{self.directory} does not hold every weight of its config: "
                                 f"{', '.join(missing[:3])} missing from its safetensors files")
+        self.tied_heads = dict(self.aliases)  # head -> embedding while they stay tied
         for head, embedding in self.aliases.items():  # share one Parameter, as a loaded model does
             owner, _, leaf = head.rpartition(".")
             setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(embedding))
@@ -145,6 +152,16 @@ class CheckpointModel(LayeredModel):
 
     def original(self, name: str) -> torch.Tensor:
         return self._read(name).to(device=self.device, dtype=self.dtype)
+
+    def ties_head(self, head: str, embedding: str) -> bool:
+        """Tied in the source and not untied since (identity is not kept across onloads here)."""
+        return self.tied_heads.get(f"{head}.weight") == f"{embedding}.weight"
+
+    def untie_head(self, adapter) -> None:
+        from slicegpt.invariance import record_tie
+
+        if self.tied_heads.pop(f"{adapter.head}.weight", None) is not None:
+            record_tie(self.model, False)
 
     def onload(self, path: str) -> nn.Module:
         """Read the module's tensors from the files; a sliced checkpoint's shapes and extra matrices

@@ -17,7 +17,7 @@ import torch
 
 from slicegpt.errors import SliceGPTError
 
-INDEX_NAME = "model.safetensors.index.json"
+from slicegpt.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
 
 
 def shard_name(part: int, parts: int) -> str:

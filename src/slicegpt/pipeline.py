@@ -1,0 +1,269 @@
+"""The whole slicing job as one call: source -> calibration -> dense perplexity -> slice -> save.
+
+`slicegpt slice` is a thin layer over `slice_and_save`; Python users get the same run. The
+model is never whole in memory: it is read one layer at a time from its safetensors files
+(`core.onload`), the calibration activations live on an offload device (`core.cache`), each
+finished layer is written as a shard of the output, and progress is recorded after every
+layer so that running the same call again after a crash continues where it stopped
+(`core.resume`). The output appears at `out` only when it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slicegpt.adapters import get_adapter
+from slicegpt.adapters.base import branch_groups
+from slicegpt.atomic import publish, refuse_existing, write_json
+from slicegpt.config import SlicingConfig
+from slicegpt.core.bases import sliced_dim
+from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform
+from slicegpt.core.forward import streamed_perplexity
+from slicegpt.core.onload import CheckpointModel, LayeredModel
+from slicegpt.core.resume import RunDirectory
+from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
+from slicegpt.errors import SliceGPTError
+from slicegpt.formats.shards import write_index
+from slicegpt.loading import _parse_dtype, checkpoint_directory
+from slicegpt.measure import measure
+from slicegpt.sliced_modeling import CONFIG_KEY, get_path
+from slicegpt.standard import check_standard, layernorms_with_bias, standard_config_from, stock_tensors
+
+DENSE_FIGURES = "dense.json"  # the dense model's perplexity, kept in the run directory across a resume
+
+
+@dataclass
+class SliceRun:
+    """What `slice_and_save` did: where the model went, its record, and the measured figures."""
+
+    out: Path
+    config: SlicingConfig
+    figures: dict = field(default_factory=dict)
+    resumed_from_layer: int | None = None
+
+
+class _StockHooks(Hooks):
+    """Uniform rotation written as the family's stock model: each part converted as it is written."""
+
+    def __init__(self, inner: Hooks, adapter, hidden: int, dim: int, tied: bool, bias_norms: set[str]) -> None:
+        self.inner, self.adapter, self.hidden, self.dim, self.tied, self.bias_norms = inner, adapter, hidden, dim, tied, bias_norms
+
+    def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.inner.write(part, stock_tensors(tensors, self.adapter, self.hidden, self.dim, self.tied, self.bias_norms))
+
+    def checkpoint(self, progress: Progress, cache) -> None:
+        self.inner.checkpoint(progress, cache)
+
+    def resume(self):
+        return self.inner.resume()
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _count(directory: Path) -> int:
+    """Parameters in a written model: every tensor of its shards, each stored once (a tied head is not stored)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(directory.glob("model-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                numel = 1
+                for n in f.get_slice(key).get_shape():
+                    numel *= n
+                total += numel
+    return total
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared (tied) once; works on meta tensors
+
+
+def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike = "", sparsity: float = 0.25, *,
+                   calibration: str | os.PathLike = DEFAULT_DATA, samples: int = 32, seqlen: int = 1024,
+                   seed: int = 0, text_field: str = "text", batch_size: int = 4, round_to: int = 8,
+                   rotation: str = "per-layer", slice_head: bool = False, keep_tied_head: bool = True,
+                   fit_tied_head: bool = False, pooling: str = "unit-trace", accept_deviation: bool = False,
+                   evaluate: bool = True, eval_data: str | os.PathLike | None = None, eval_samples: int = 16,
+                   eval_seqlen: int | None = None, eval_batch_size: int = 2, dtype: str | torch.dtype | None = None,
+                   device: str = "cpu", offload: str = "cpu", offload_dir: str | os.PathLike | None = None,
+                   restart: bool = False, force: bool = False, checkpoint_every: int = 1,
+                   progress: bool = True) -> SliceRun:
+    """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
+
+    Only one decoder layer is on `device` at a time; the calibration activations live on
+    `offload` ("cpu", or "disk" under `offload_dir`). `out` appears only when complete; an
+    interrupted call resumes when called again with the same arguments (`restart=True`
+    starts over). `checkpoint_every` layers the activations are saved for resuming.
+    `rotation="uniform"` writes a stock model of the family (plain `from_pretrained`).
+    """
+    from transformers import AutoTokenizer
+
+    from slicegpt.api import check_rotation
+
+    sliced_dim(8, sparsity)  # validate before any slow work
+    check_rotation(rotation, pooling, fit_tied_head)
+    if not out:
+        raise SliceGPTError("an output directory is needed (--out)")
+    out = Path(out)
+    refuse_existing(out, force, "output directory")
+    if offload == "disk" and offload_dir is None:
+        raise SliceGPTError("--offload disk needs a directory: --offload-dir DIR")
+    if offload not in ("cpu", "disk"):
+        raise SliceGPTError(f"offload must be cpu or disk, got {offload!r}")
+    calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
+    directory, source_name = checkpoint_directory(model)
+    view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
+    adapter = get_adapter(view.config)
+    uniform = rotation == "uniform"
+    slice_head = uniform or slice_head or adapter.slice_head_required
+    hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
+    dim = sliced_dim(hidden, sparsity, round_to)
+    deviations = check_standard(view.model, adapter, accept_deviation) if uniform else []
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise SliceGPTError(f"cannot load the tokenizer of {directory}: {str(e).splitlines()[0]}") from None
+
+    eval_source = eval_data or calibration
+    if eval_source == calibration and Path(str(eval_source)).is_file():
+        calib_text, eval_text = split_text(calib_text)  # one local file: keep the parts disjoint
+    else:
+        eval_text = load_text(eval_source, "evaluation", text_field) if evaluate else ""
+    windows = calibration_windows(tokenize(tokenizer, calib_text), samples, seqlen, seed, bos=bos_token(tokenizer))
+    eval_windows = (evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen or seqlen, eval_samples,
+                                       bos=bos_token(tokenizer)) if evaluate else None)
+
+    layers = get_path(view.model, adapter.layers)
+    n_steps = len(layers) * len(branch_groups(adapter.branches))
+    settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
+                "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
+                "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(view.dtype),
+                "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
+                "torch": torch.__version__, "slicegpt": _version()}
+    run_dir = RunDirectory(out, len(layers) + 2, settings, view.fingerprint(), restart=restart,
+                           checkpoint_every=checkpoint_every)
+    resumed = run_dir.record["next_layer"] if run_dir.resuming else None
+
+    figures: dict = {"model": str(model), "sparsity": sparsity}
+    bias_norms = layernorms_with_bias(view.model)
+    dense_parameters = _parameters(view.model)
+    if eval_windows is not None:
+        figures["perplexity_dense"] = _dense_perplexity(run_dir.root, view, adapter.layers, eval_windows,
+                                                        eval_batch_size, offload, offload_dir, progress)
+
+    calibration_batches = windows.batches(batch_size)
+    with measure(device) as m:
+        if uniform:
+            tied_hint = _uniform_ties(view, adapter, fit_tied_head)
+            hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms)
+            outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
+                                    unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
+                                    offload=offload, offload_dir=offload_dir)
+        else:
+            outcome = slice_layers(view, adapter, calibration_batches, [dim] * (n_steps + 1), slice_head=slice_head,
+                                   keep_tied_head=keep_tied_head, progress=progress, hooks=run_dir,
+                                   offload=offload, offload_dir=offload_dir)
+
+    staging = run_dir.staging
+    generation = _generation_config(directory)
+    if uniform:
+        stock = standard_config_from(view.model.config, adapter, dim, outcome.tied_head)
+        for attr in (CONFIG_KEY,):
+            if hasattr(stock, attr):
+                delattr(stock, attr)
+        stock.save_pretrained(staging)
+        if generation is not None:
+            generation.save_pretrained(staging)
+    else:
+        from slicegpt.io import write_sliced_config
+
+        write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
+    write_index(staging, run_dir.shards)
+    config = SlicingConfig(
+        sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim, model_type=view.config.model_type,
+        family=adapter.family, rotation=rotation, round_to=round_to, slice_head=slice_head,
+        tied_head=outcome.tied_head, fit_tied_head=fit_tied_head, pooling=pooling if uniform else "",
+        standard=uniform, deviations=deviations,
+        calibration={"source": str(calibration), "seed": seed, "samples": len(windows.input_ids),
+                     "seqlen": windows.input_ids.shape[1], "tokens": windows.tokens},
+        source_model=source_name, parameters_dense=dense_parameters, parameters_sliced=_count(staging),
+        spectra=outcome.spectra)
+    figures.update(rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
+                   parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
+                   parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,
+                   sliced_hidden_size=dim, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
+                   offload=offload, resumed_from_layer=resumed)
+    if eval_windows is not None:
+        sliced_view = _output_view(staging, view.dtype, device)
+        figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_view.layers_path,
+                                                           eval_windows.batches(eval_batch_size), offload,
+                                                           offload_dir, progress)
+        figures["eval_tokens"] = eval_windows.tokens
+        figures["eval_data"] = str(eval_source)
+    from slicegpt.io import finish_directory
+
+    finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
+    publish(staging, out)
+    run_dir.remove()
+    figures["out"] = str(out)
+    return SliceRun(out=out, config=config, figures=figures, resumed_from_layer=resumed)
+
+
+def _version() -> str:
+    from slicegpt import __version__
+
+    return __version__
+
+
+def _uniform_ties(view: LayeredModel, adapter, fit_tied_head: bool) -> bool:
+    """Whether uniform rotation keeps the head tied (the engine decides the same way; see slice_uniform)."""
+    final = view.onload(adapter.final_norm)
+    unit = adapter.norm_kind == "rmsnorm" and bool(torch.all(final.weight.data + adapter.norm_offset == 1.0))
+    return view.ties_head(adapter.head, adapter.embeddings[0]) and adapter.norm_kind == "rmsnorm" and (
+        unit or fit_tied_head)
+
+
+def _generation_config(directory: Path):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        return None
+
+
+def _dense_perplexity(root: Path, view: LayeredModel, layers: str, windows, batch_size: int, offload: str,
+                      offload_dir, progress: bool) -> float:
+    """The dense perplexity, computed once per run (a resumed run reads it back)."""
+    path = root / DENSE_FIGURES
+    key = _digest(windows.input_ids, windows.attention_mask) + f":{batch_size}"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("windows") == key:
+                return float(saved["perplexity"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass
+    value = streamed_perplexity(view, layers, windows.batches(batch_size), offload, offload_dir, progress)
+    write_json(path, {"windows": key, "perplexity": value})
+    return value
+
+
+def _output_view(directory: Path, dtype: torch.dtype, device: str) -> CheckpointModel:
+    """The written model, read one layer at a time (its own structure for per-layer outputs)."""
+    raw = json.loads((directory / "config.json").read_text())
+    view = CheckpointModel(directory, dtype=dtype, device=device, sliced=raw.get(CONFIG_KEY))
+    view.layers_path = (raw.get(CONFIG_KEY) or {}).get("structure", {}).get("layers") or get_adapter(view.config).layers
+    return view
