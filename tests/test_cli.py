@@ -47,7 +47,8 @@ def test_slice_eval_generate_on_a_local_model(tiny_model_dir, tmp_path):
     assert figures["parameters_sliced"] > 0 and figures["parameters_dense"] > 0
     for key in ("perplexity_dense", "perplexity_sliced", "slicing_seconds", "peak_memory_bytes"):
         assert figures[key] > 0
-    assert (out / "model.safetensors").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # sharded: one file per layer
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
     assert "perplexity" in result.stdout and "parameters" in result.stdout
 
     result = run("eval", out, "--data", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--json")

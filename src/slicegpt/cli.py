@@ -57,17 +57,10 @@ def _eval_windows(tokenizer, text: str, args) -> object:
 
 
 def cmd_slice(args) -> None:
-    from slicegpt.api import make_standard, slice_model
-    from slicegpt.data import calibration_windows
-    from slicegpt.evaluation import perplexity
-    from slicegpt.io import save
+    from slicegpt.pipeline import slice_and_save
     from slicegpt.report import load_run, write_report
-    from slicegpt.core.bases import sliced_dim
-    from slicegpt.speed import quick_speed
 
-    sliced_dim(8, args.sparsity)  # validate before any slow work
     out = Path(args.out)
-    refuse_existing(out, args.force, "output directory")
     report_dir = Path(args.report) if args.report else None
     if args.report_bench and report_dir is None:
         raise SliceGPTError("--report-bench applies to --report only")
@@ -76,59 +69,23 @@ def cmd_slice(args) -> None:
         if a == b or a in b.parents or b in a.parents:  # --force would let one replace the other
             raise SliceGPTError(f"--report {report_dir} and --out {out} must be separate directories")
         refuse_existing(report_dir, args.force, "report directory")
-    quick_bench = report_dir is not None and args.report_bench
-    device = _device(args.device)
-    calib_text = load_text(args.calibration, "calibration", args.text_field)  # bad data fails before the model loads
-    loaded = load_model(args.model, dtype=args.dtype, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if loaded.sliced is not None:
-        raise SliceGPTError(f"{args.model} is already a sliced model; slice the dense model instead")
-    adapter = get_adapter(model.config)  # an unsupported family fails before the slow dense evaluation
     uniform = args.rotation == "uniform"
     if args.fit_tied_head and not uniform:
         raise SliceGPTError("--fit-tied-head applies to --rotation uniform only")
     if args.pooling and not uniform:
         raise SliceGPTError("--pooling applies to --rotation uniform only")
-    args.pooling = args.pooling or "unit-trace"
-    deviations = check_standard(model, adapter, args.accept_deviation) if uniform else []
-
-    eval_source = args.eval_data or args.calibration
-    if eval_source == args.calibration and Path(str(eval_source)).is_file():
-        calib_text, eval_text = split_text(calib_text)  # one local file: keep the parts disjoint
-    else:
-        eval_text = load_text(eval_source, "evaluation", args.text_field)
-    windows = calibration_windows(tokenize(tokenizer, calib_text), args.samples, args.seqlen, args.seed,
-                                  bos=bos_token(tokenizer))
-    eval_windows = None if args.no_eval else _eval_windows(tokenizer, eval_text, args)
-
-    figures: dict = {"model": str(args.model), "sparsity": args.sparsity}
-    if eval_windows is not None:
-        figures["perplexity_dense"] = perplexity(model, eval_windows, args.eval_batch_size)
-    speed = quick_speed("dense", model) if quick_bench else []  # slicing changes the model in place
-    with measure(device) as m:
-        model, config = slice_model(model, tokenizer, windows, args.sparsity, batch_size=args.batch_size,
-                                    round_to=args.round_to, slice_head=args.slice_head,
-                                    keep_tied_head=not args.untie_head, rotation=args.rotation,
-                                    standard=False, fit_tied_head=args.fit_tied_head, pooling=args.pooling)
-    if deviations and eval_windows is not None:  # what the approximation costs, measured
-        figures["perplexity_exact"] = perplexity(model, eval_windows, args.eval_batch_size)
-    if uniform:
-        model = make_standard(model, config, args.accept_deviation, windows.input_ids[:1])
-    config.source_model = str(loaded.source)
-    config.calibration.update(source=str(args.calibration), seed=args.seed)
-    figures.update(rotation=config.rotation, standard=config.standard, deviations=config.deviations,
-                   max_logit_deviation=config.max_logit_deviation, parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
-                   parameter_ratio=config.parameters_sliced / config.parameters_dense,
-                   hidden_size=config.hidden_size, sliced_hidden_size=config.sliced_hidden_size,
-                   slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes)
-    if eval_windows is not None:
-        figures["perplexity_sliced"] = perplexity(model, eval_windows, args.eval_batch_size)
-        figures["eval_tokens"] = eval_windows.tokens
-        figures["eval_data"] = str(eval_source)
-    if quick_bench:
-        figures["speed"] = speed + quick_speed("sliced", model)
-    save(model, tokenizer, config, out, force=args.force, extra={"results": figures})  # the run record
-    figures["out"] = str(out)
+    if args.offload_dir and args.offload != "disk":
+        raise SliceGPTError("--offload-dir applies to --offload disk only")
+    run = slice_and_save(
+        args.model, out, args.sparsity, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
+        seed=args.seed, text_field=args.text_field, batch_size=args.batch_size, round_to=args.round_to,
+        rotation=args.rotation, slice_head=args.slice_head, keep_tied_head=not args.untie_head,
+        fit_tied_head=args.fit_tied_head, pooling=args.pooling or "unit-trace", accept_deviation=args.accept_deviation,
+        evaluate=not args.no_eval, eval_data=args.eval_data, eval_samples=args.eval_samples,
+        eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size, dtype=args.dtype,
+        device=_device(args.device), offload=args.offload, offload_dir=args.offload_dir, restart=args.restart,
+        force=args.force, checkpoint_every=args.checkpoint_every, speed=bool(report_dir and args.report_bench))
+    figures, config = run.figures, run.config
     if report_dir is not None:  # from what was just saved, as `slicegpt report` would read it
         figures["report"] = str(write_report([load_run(out)], [], report_dir, force=args.force))
 
@@ -139,14 +96,18 @@ def cmd_slice(args) -> None:
     if uniform:
         rows.append(("format", f"standard {config.model_type} model (plain transformers from_pretrained; "
                                f"head {'tied' if config.tied_head else 'untied'})"))
-    if eval_windows is not None:
+    if "perplexity_sliced" in figures:
         rows.append(("perplexity", f"{figures['perplexity_dense']:.3f} -> {figures['perplexity_sliced']:.3f} "
-                                   f"({eval_windows.tokens:,} tokens of {eval_source})"))
+                                   f"({figures['eval_tokens']:,} tokens of {figures['eval_data']})"))
     if config.deviations:
         exact = f"; exact sliced model {figures['perplexity_exact']:.3f}" if "perplexity_exact" in figures else ""
-        rows.append(("deviation", f"max |logit difference| {config.max_logit_deviation:.3g}{exact} "
-                                  f"({'; '.join(config.deviations)})"))
-    rows += [("slicing time", f"{m.seconds:.1f} s"), ("peak memory", _gib(m.peak_bytes)), ("saved to", str(out))]
+        deviation = figures.get("max_logit_deviation")
+        rows.append(("deviation", (f"max |logit difference| {deviation:.3g}{exact} " if deviation is not None else "")
+                     + f"({'; '.join(config.deviations)})"))
+    if run.resumed_from_layer is not None:
+        rows.append(("resumed", f"after layer {run.resumed_from_layer} of an interrupted run"))
+    rows += [("slicing time", f"{figures['slicing_seconds']:.1f} s"), ("peak memory", _gib(figures["peak_memory_bytes"])),
+             ("saved to", str(out))]
     if report_dir is not None:
         rows.append(("report", figures["report"]))
     _emit(args, rows, figures)
@@ -432,8 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="DIR",
                    help="also write an HTML report of this run (spectra, perplexity) to DIR")
     p.add_argument("--report-bench", action="store_true",
-                   help="add a quick speed check to --report (batch 1, 128-token prompt; dense before slicing, "
-                        "sliced after, so not in turns: `slicegpt bench --save` is the careful measurement)")
+                   help="add a quick speed check to --report (batch 1, 128-token prompt; dense then sliced, "
+                        "not in turns: `slicegpt bench --save` is the careful measurement; loads both models whole)")
+    p.add_argument("--offload", choices=("cpu", "disk"), default="cpu",
+                   help="where the calibration activations of the current layer live: CPU memory (default) or "
+                        "files under --offload-dir (memory then stays flat however many samples)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for --offload disk")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the progress of an interrupted run with the same --out and start over "
+                        "(by default the same command continues where it stopped)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="save the calibration activations for resuming every N layers (default 1; a crash "
+                        "redoes at most N-1 layers)")
     _common(p)
     p.set_defaults(func=cmd_slice)
 

@@ -24,12 +24,12 @@ from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform
-from slicegpt.core.forward import streamed_perplexity
+from slicegpt.core.forward import streamed_logits, streamed_perplexity
 from slicegpt.core.onload import CheckpointModel, LayeredModel
 from slicegpt.core.resume import RunDirectory
 from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.shards import write_index
+from slicegpt.formats.shards import write_index, write_shard
 from slicegpt.loading import _parse_dtype, checkpoint_directory
 from slicegpt.measure import measure
 from slicegpt.sliced_modeling import CONFIG_KEY, get_path
@@ -49,12 +49,22 @@ class SliceRun:
 
 
 class _StockHooks(Hooks):
-    """Uniform rotation written as the family's stock model: each part converted as it is written."""
+    """Uniform rotation written as the family's stock model: each part converted as it is written.
 
-    def __init__(self, inner: Hooks, adapter, hidden: int, dim: int, tied: bool, bias_norms: set[str]) -> None:
+    Where the stock class only approximates the sliced model (`deviations`), the exact parts go
+    to `exact` too, so the cost of the approximation can be measured against them.
+    """
+
+    def __init__(self, inner: RunDirectory, adapter, hidden: int, dim: int, tied: bool, bias_norms: set[str],
+                 exact: Path | None = None) -> None:
         self.inner, self.adapter, self.hidden, self.dim, self.tied, self.bias_norms = inner, adapter, hidden, dim, tied, bias_norms
+        self.exact = exact
+        if exact is not None:
+            exact.mkdir(exist_ok=True)
 
     def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
+        if self.exact is not None:
+            write_shard(self.exact, part, self.inner.parts, tensors)
         self.inner.write(part, stock_tensors(tensors, self.adapter, self.hidden, self.dim, self.tied, self.bias_norms))
 
     def checkpoint(self, progress: Progress, cache) -> None:
@@ -98,14 +108,15 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    evaluate: bool = True, eval_data: str | os.PathLike | None = None, eval_samples: int = 16,
                    eval_seqlen: int | None = None, eval_batch_size: int = 2, dtype: str | torch.dtype | None = None,
                    device: str = "cpu", offload: str = "cpu", offload_dir: str | os.PathLike | None = None,
-                   restart: bool = False, force: bool = False, checkpoint_every: int = 1,
+                   restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
                    progress: bool = True) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
     Only one decoder layer is on `device` at a time; the calibration activations live on
     `offload` ("cpu", or "disk" under `offload_dir`). `out` appears only when complete; an
     interrupted call resumes when called again with the same arguments (`restart=True`
-    starts over). `checkpoint_every` layers the activations are saved for resuming.
+    starts over). `checkpoint_every` layers the activations are saved for resuming. `speed`
+    adds a quick throughput check of the dense and the sliced model (both loaded whole).
     `rotation="uniform"` writes a stock model of the family (plain `from_pretrained`).
     """
     from transformers import AutoTokenizer
@@ -167,7 +178,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     with measure(device) as m:
         if uniform:
             tied_hint = _uniform_ties(view, adapter, fit_tied_head)
-            hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms)
+            exact = run_dir.root / "exact" if deviations else None
+            hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms, exact)
             outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
                                     unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
                                     offload=offload, offload_dir=offload_dir)
@@ -205,6 +217,21 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,
                    sliced_hidden_size=dim, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
                    offload=offload, resumed_from_layer=resumed)
+    if uniform and deviations:  # what the stock approximation costs, measured against the exact model
+        from slicegpt.io import write_sliced_config
+
+        exact = run_dir.root / "exact"
+        write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
+        write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
+        sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
+        stock_view, exact_view = _output_view(staging, view.dtype, device), _output_view(exact, view.dtype, device)
+        reference = next(iter(streamed_logits(exact_view, exact_view.layers_path, sample, progress=False)))
+        approx = next(iter(streamed_logits(stock_view, stock_view.layers_path, sample, progress=False)))
+        figures["max_logit_deviation"] = config.max_logit_deviation = float((approx - reference).abs().max())
+        if eval_windows is not None:
+            figures["perplexity_exact"] = streamed_perplexity(exact_view, exact_view.layers_path,
+                                                              eval_windows.batches(eval_batch_size), offload,
+                                                              offload_dir, progress)
     if eval_windows is not None:
         sliced_view = _output_view(staging, view.dtype, device)
         figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_view.layers_path,
@@ -212,6 +239,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                                            offload_dir, progress)
         figures["eval_tokens"] = eval_windows.tokens
         figures["eval_data"] = str(eval_source)
+    if speed:
+        figures["speed"] = _quick_speed(model, staging, device)
     from slicegpt.io import finish_directory
 
     finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
@@ -219,6 +248,25 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     run_dir.remove()
     figures["out"] = str(out)
     return SliceRun(out=out, config=config, figures=figures, resumed_from_layer=resumed)
+
+
+def _quick_speed(model, staging: Path, device: str) -> list:
+    from slicegpt.loading import load_model
+    from slicegpt.speed import quick_speed
+
+    dense = load_model(model, device=device).model
+    rows = quick_speed("dense", dense)
+    del dense
+    raw = json.loads((staging / "config.json").read_text())
+    if CONFIG_KEY in raw:
+        from slicegpt.sliced_modeling import load_sliced_model
+
+        sliced = load_sliced_model(str(staging), device=device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        sliced = AutoModelForCausalLM.from_pretrained(str(staging)).to(device).eval()
+    return rows + quick_speed("sliced", sliced)
 
 
 def _version() -> str:
