@@ -20,6 +20,7 @@
 
 from slicegpt.adapters import get_adapter, supported_model_types
 from slicegpt.api import calibration_data, generate, make_standard, slice_model
+from slicegpt.pipeline import SliceRun, slice_and_save
 from slicegpt.config import SlicingConfig
 from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
@@ -37,5 +38,5 @@ __all__ = [
     "FinetuneResult", "LoadedModel", "SliceGPTError", "SlicingConfig", "ZeroShotResult", "bos_token",
     "calibration_data", "count_parameters", "evaluation_windows", "export_gguf", "finetune", "generate",
     "get_adapter", "load", "load_model", "load_tasks", "load_text", "make_standard", "perplexity", "save",
-    "save_finetuned", "slice_model", "supported_model_types", "to_standard", "tokenize", "zero_shot",
+    "save_finetuned", "slice_and_save", "slice_model", "SliceRun", "supported_model_types", "to_standard", "tokenize", "zero_shot",
 ]

@@ -519,7 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         print("slicegpt: interrupted", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
-        print("slicegpt: error: out of memory; use a smaller --batch-size or --samples", file=sys.stderr)
+        print("slicegpt: error: out of memory; use a smaller --batch-size or --samples, or --offload disk "
+              "(an interrupted slice resumes when run again)", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a vanished file: the system's words, without a traceback
+        full = " (the disk is full; free space and run the same command again to resume)" if e.errno == 28 else ""
+        where = f": {e.filename}" if e.filename else ""
+        print(f"slicegpt: error: {e.strerror or e}{where}{full}", file=sys.stderr)
         return 1
     return 0
 

@@ -186,11 +186,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             from slicegpt.io import load
 
             return load(path, dtype=dtype, device=device)
-        from transformers import AutoConfig
+        from slicegpt.core.onload import read_config
 
-        from slicegpt.adapters import require_decoder
-
-        require_decoder(AutoConfig.from_pretrained(path))
+        read_config(path)  # a config without model_type, or an encoder, ends in one line
         try:
             model, tokenizer = _from_pretrained(str(path), torch_dtype)
         except (OSError, ValueError) as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         raise SliceGPTError("--offload disk needs a directory: --offload-dir DIR")
     if offload not in ("cpu", "disk"):
         raise SliceGPTError(f"offload must be cpu or disk, got {offload!r}")
+    if offload_dir is not None:  # this run's own folder: what a killed run left there is removed
+        offload_dir = Path(offload_dir) / f"slicegpt-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
+        shutil.rmtree(offload_dir, ignore_errors=True)
     calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
     directory, source_name = checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
@@ -246,6 +250,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
     publish(staging, out)
     run_dir.remove()
+    if offload_dir is not None:
+        shutil.rmtree(offload_dir, ignore_errors=True)
     figures["out"] = str(out)
     return SliceRun(out=out, config=config, figures=figures, resumed_from_layer=resumed)
 

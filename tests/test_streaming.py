@@ -1,0 +1,292 @@
+"""The layer-streaming engine: equal to the in-memory path, sharded output, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import slicegpt
+from conftest import DATA, FAMILIES, make_model
+from slicegpt.adapters import get_adapter
+from slicegpt.adapters.base import branch_groups
+from slicegpt.core.engine import Hooks, slice_layers, slice_uniform
+from slicegpt.core.onload import CheckpointModel, ResidentModel
+from slicegpt.sliced_modeling import get_path
+
+TEXT_FILE = str(DATA / "tempest_excerpt.txt")
+
+
+class Collect(Hooks):
+    def __init__(self):
+        self.tensors, self.parts = {}, []
+
+    def write(self, part, tensors):
+        self.parts.append(part)
+        self.tensors.update({k: v.clone() for k, v in tensors.items()})
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (8, 32), generator=g)
+    return [(ids[i:i + 4], torch.ones_like(ids[i:i + 4])) for i in range(0, 8, 4)]
+
+
+@pytest.mark.parametrize("rotation", ["per-layer", "uniform"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_from_disk_equals_in_memory(family, rotation, tmp_path):
+    """Every family, both rotations: one layer onloaded at a time gives the very same tensors."""
+    model = make_model(family, torch.float64)
+    model.save_pretrained(tmp_path)
+    adapter = get_adapter(model.config)
+    widths = [48] * (len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches)) + 1)
+    hooks = Collect()
+    view = CheckpointModel(tmp_path, dtype=torch.float64)
+    if rotation == "uniform":
+        streamed = slice_uniform(view, adapter, _batches(), 48, progress=False, hooks=hooks)
+        resident = slice_uniform(ResidentModel(model), adapter, _batches(), 48, progress=False)
+    else:
+        head = adapter.slice_head_required
+        streamed = slice_layers(view, adapter, _batches(), widths, slice_head=head, progress=False, hooks=hooks)
+        resident = slice_layers(ResidentModel(model), adapter, _batches(), widths, slice_head=head, progress=False)
+    n = len(get_path(model, adapter.layers))
+    assert sorted(hooks.parts) == list(range(n + 2))  # embeddings, each layer, final norm and head
+    state = dict(model.state_dict())
+    tied_head = f"{adapter.head}.weight"
+    assert set(hooks.tensors) == set(state) - ({tied_head} if resident.tied_head else set())
+    for name, tensor in hooks.tensors.items():
+        assert torch.equal(tensor, state[name]), name
+    assert streamed.module_attributes == resident.module_attributes and streamed.tied_head == resident.tied_head
+    assert all(torch.equal(a, b) for a, b in zip(streamed.spectra, resident.spectra))
+    assert view.model.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+
+def _model_dir(path, family, tokenizer, dtype=torch.float32):
+    make_model(family, dtype).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+SLICE = dict(calibration=TEXT_FILE, samples=8, seqlen=64, eval_samples=2, eval_seqlen=64, progress=False)
+
+
+@pytest.mark.parametrize("family,rotation", [("llama", "per-layer"), ("llama", "uniform"), ("gemma2", "per-layer"),
+                                             ("opt", "per-layer"), ("phi", "uniform"), ("mixtral", "per-layer")])
+def test_slice_and_save_equals_slice_model_and_loads_every_way(family, rotation, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from slicegpt.data import calibration_windows, split_text, tokenize
+
+    source = _model_dir(tmp_path / "dense", family, tokenizer)
+    run = slicegpt.slice_and_save(source, tmp_path / "out", 0.25, rotation=rotation, **SLICE)
+    out = run.out
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    n_layers = make_model(family).config.num_hidden_layers
+    assert len(set(index["weight_map"].values())) == n_layers + 2
+    assert not any(p.name.endswith(".slicegpt-run") for p in tmp_path.iterdir())  # the run directory is gone
+
+    calibration = calibration_windows(tokenize(tokenizer, split_text(open(TEXT_FILE).read())[0]), 8, 64, 0,
+                                      bos=slicegpt.bos_token(tokenizer))
+    reference, config = slicegpt.slice_model(make_model(family), tokenizer, calibration, 0.25, rotation=rotation,
+                                             progress=False)
+    assert run.config.parameters_sliced == config.parameters_sliced
+    assert run.config.parameters_dense == config.parameters_dense
+    ids = calibration.input_ids[:2]
+    expected = reference(ids).logits
+    assert torch.equal(slicegpt.load(out).model(ids).logits, expected)
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=rotation == "per-layer").eval()
+    assert torch.equal(plain(ids).logits, expected)
+    # the streamed perplexity equals the in-memory one on the saved model
+    from slicegpt.data import evaluation_windows
+
+    eval_text = split_text(open(TEXT_FILE).read())[1]
+    windows = evaluation_windows(tokenize(tokenizer, eval_text), 64, 2, bos=slicegpt.bos_token(tokenizer))
+    assert run.figures["perplexity_sliced"] == pytest.approx(slicegpt.perplexity(plain, windows, 2, progress=False),
+                                                             rel=1e-6)
+    text = slicegpt.generate(slicegpt.load(out).model, tokenizer, "To be", max_new_tokens=8)
+    assert text == slicegpt.generate(reference, tokenizer, "To be", max_new_tokens=8)
+
+
+def run_cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "slicegpt", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=timeout)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _same_output(a: Path, b: Path) -> None:
+    """Byte-equal files; the run record differs only in what it measured (time, memory, the resume)."""
+    fa, fb = _files(a), _files(b)
+    assert set(fa) == set(fb)
+    for name in fa:
+        if name != "slicegpt.json":
+            assert fa[name] == fb[name], name
+    ma, mb = json.loads(fa["slicegpt.json"]), json.loads(fb["slicegpt.json"])
+    assert ma["slicing"] == mb["slicing"] and ma["files"] == mb["files"]
+    for key in ("perplexity_dense", "perplexity_sliced", "parameters_sliced"):
+        assert ma["results"][key] == mb["results"][key]
+
+
+ARGS = ("--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64", "--eval-samples", "2")
+
+
+@pytest.mark.parametrize("rotation,kill,offload", [("per-layer", "2", "cpu"), ("per-layer", "1", "disk"),
+                                                   ("uniform", "statistics:2", "cpu"), ("uniform", "weights:1", "disk")])
+def test_killed_run_resumes_to_a_bit_identical_output(rotation, kill, offload, tmp_path, tokenizer):
+    source = _model_dir(tmp_path / "dense", "llama", tokenizer)
+    extra = ("--rotation", rotation) + (("--offload", "disk", "--offload-dir", tmp_path / "acts") if offload == "disk"
+                                        else ())
+    whole = run_cli("slice", source, *ARGS, *extra, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "resumed"
+    killed = run_cli("slice", source, *ARGS, *extra, "--out", out, env={"SLICEGPT_TEST_KILL_AFTER_LAYER": kill})
+    assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
+    assert not out.exists()  # nothing half-written is visible
+    record = json.loads((tmp_path / ".resumed.slicegpt-run" / "progress.json").read_text())
+    assert record["next_layer"] == int(kill.rpartition(":")[2])
+    again = run_cli("slice", source, *ARGS, *extra, "--out", out, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["resumed_from_layer"] == record["next_layer"]
+    _same_output(tmp_path / "whole", out)
+    assert not (tmp_path / ".resumed.slicegpt-run").exists()
+    if offload == "disk":
+        assert not any((tmp_path / "acts").iterdir())  # the activation files are cleaned up
+
+
+def _interrupted(tmp_path, tokenizer, *extra):
+    source = _model_dir(tmp_path / "dense", "llama", tokenizer)
+    out = tmp_path / "out"
+    killed = run_cli("slice", source, *ARGS, "--no-eval", *extra, "--out", out,
+                     env={"SLICEGPT_TEST_KILL_AFTER_LAYER": "1"})
+    assert killed.returncode == -9, killed.stderr
+    return source, out, tmp_path / ".out.slicegpt-run"
+
+
+def test_mismatched_or_damaged_progress_is_refused_and_restart_starts_over(tmp_path, tokenizer):
+    from test_cli import assert_one_line_error
+
+    source, out, run_dir = _interrupted(tmp_path, tokenizer)
+    other = run_cli("slice", source, *ARGS, "--no-eval", "--sparsity", "0.5", "--out", out)
+    assert_one_line_error(other, r"other settings \(.*sparsity.*\).*--restart")
+    record = json.loads((run_dir / "progress.json").read_text())
+    record["next_layer"] = 2  # edited by hand: the checksum no longer matches
+    (run_dir / "progress.json").write_text(json.dumps(record))
+    damaged = run_cli("slice", source, *ARGS, "--no-eval", "--out", out)
+    assert_one_line_error(damaged, r"damaged progress record.*--restart")
+    (run_dir / "progress.json").write_text("{not json")
+    assert_one_line_error(run_cli("slice", source, *ARGS, "--no-eval", "--out", out), r"damaged.*--restart")
+    restarted = run_cli("slice", source, *ARGS, "--no-eval", "--out", out, "--restart", "--json")
+    assert restarted.returncode == 0, restarted.stderr
+    assert json.loads(restarted.stdout.splitlines()[-1])["resumed_from_layer"] is None
+
+
+def test_progress_of_another_model_or_a_changed_shard_is_refused(tmp_path, tokenizer):
+    from test_cli import assert_one_line_error
+
+    source, out, run_dir = _interrupted(tmp_path, tokenizer)
+    shard = next(run_dir.glob("staging/model-00002-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-16] + bytes(16))
+    assert_one_line_error(run_cli("slice", source, *ARGS, "--no-eval", "--out", out),
+                          r"finished shard model-00002.* missing or changed.*--restart")
+    other = _model_dir(tmp_path / "other", "llama", tokenizer, torch.float64)
+    assert_one_line_error(run_cli("slice", other, *ARGS, "--no-eval", "--out", out),
+                          r"another model.*--restart")
+
+
+@pytest.fixture
+def sharded_llama(tmp_path, tokenizer):
+    """A dense tiny Llama saved in several safetensors shards with an index, as big models are."""
+    path = tmp_path / "sharded"
+    make_model("llama", tie_word_embeddings=False).save_pretrained(path, max_shard_size="60KB")
+    tokenizer.save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 2
+    return path
+
+
+def test_sharded_source_slices_like_a_single_file(sharded_llama, tmp_path, tokenizer):
+    single = _model_dir(tmp_path / "single", "llama", tokenizer)
+    make_model("llama", tie_word_embeddings=False).save_pretrained(single)
+    a = slicegpt.slice_and_save(sharded_llama, tmp_path / "a", 0.25, evaluate=False, **{
+        k: v for k, v in SLICE.items() if not k.startswith("eval")})
+    b = slicegpt.slice_and_save(single, tmp_path / "b", 0.25, evaluate=False, **{
+        k: v for k, v in SLICE.items() if not k.startswith("eval")})
+    assert _files(a.out)["model-00003-of-00005.safetensors"] == _files(b.out)["model-00003-of-00005.safetensors"]
+
+
+def test_bad_sharded_sources_end_in_one_line(sharded_llama, tmp_path):
+    from test_cli import assert_one_line_error
+
+    shards = sorted(sharded_llama.glob("model-*.safetensors"))
+    index = sharded_llama / "model.safetensors.index.json"
+    original = index.read_text()
+
+    def slice_it():
+        return run_cli("slice", sharded_llama, *ARGS, "--no-eval", "--out", tmp_path / "out")
+
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])  # truncated
+    assert_one_line_error(slice_it(), rf"{shards[1].name} is corrupted or truncated")
+    shards[1].unlink()
+    assert_one_line_error(slice_it(), rf"incomplete: {shards[1].name} .*is missing")
+    shards[1].write_bytes(data)
+    mapping = json.loads(original)
+    mapping["weight_map"]["model.layers.0.mlp.not_there.weight"] = shards[0].name
+    index.write_text(json.dumps(mapping))
+    assert_one_line_error(slice_it(), r"names tensors that .* does not hold: model.layers.0.mlp.not_there.weight")
+    index.write_text(original)
+    config = json.loads((sharded_llama / "config.json").read_text())
+    del config["model_type"]
+    (sharded_llama / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(slice_it(), r"config.json has no model_type")
+    for command in ("eval", "generate"):  # every command reads configs the same way
+        result = run_cli(command, sharded_llama, *(["hello"] if command == "generate" else []))
+        assert_one_line_error(result, r"config.json has no model_type")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path, tokenizer, monkeypatch):
+    import errno
+
+    import slicegpt.formats.shards as shards
+
+    source = _model_dir(tmp_path / "dense", "llama", tokenizer)
+    real = shards.write_shard
+    calls = []
+
+    def full_after_two(directory, part, parts, tensors):
+        calls.append(part)
+        if len(calls) == 3:
+            raise slicegpt.SliceGPTError(f"cannot write {directory}: {os.strerror(errno.ENOSPC)} (the disk is full)")
+        return real(directory, part, parts, tensors)
+
+    monkeypatch.setattr("slicegpt.core.resume.write_shard", full_after_two)
+    with pytest.raises(slicegpt.SliceGPTError, match="the disk is full"):
+        slicegpt.slice_and_save(source, tmp_path / "out", 0.25, evaluate=False, calibration=TEXT_FILE, samples=8,
+                                seqlen=64, progress=False)
+    assert not (tmp_path / "out").exists()
+    record = json.loads((tmp_path / ".out.slicegpt-run" / "progress.json").read_text())
+    assert record["next_layer"] == 1  # the embeddings and layer 0 were kept
+    monkeypatch.setattr("slicegpt.core.resume.write_shard", real)
+    run = slicegpt.slice_and_save(source, tmp_path / "out", 0.25, evaluate=False, calibration=TEXT_FILE, samples=8,
+                                  seqlen=64, progress=False)
+    assert run.resumed_from_layer == 1
+
+
+def test_shard_writer_turns_enospc_into_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from slicegpt.formats import shards
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("safetensors.torch.save_file", no_space)
+    with pytest.raises(slicegpt.SliceGPTError, match=r"cannot write .*model-00001-of-00003.safetensors.*disk is full"):
+        shards.write_shard(tmp_path, 0, 3, {"a": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []  # no partial file left
