@@ -290,3 +290,35 @@ def test_shard_writer_turns_enospc_into_one_line(tmp_path, monkeypatch):
     with pytest.raises(slicegpt.SliceGPTError, match=r"cannot write .*model-00001-of-00003.safetensors.*disk is full"):
         shards.write_shard(tmp_path, 0, 3, {"a": torch.zeros(2)})
     assert list(tmp_path.iterdir()) == []  # no partial file left
+
+
+PEAK_RSS = """
+import resource, sys
+from slicegpt.cli import main
+code = main(sys.argv[1:])
+print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def peak_rss_of_slice(*args) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `slicegpt slice ...` in a fresh process and return its own peak RSS in bytes."""
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, "slice", *map(str, args)], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("PEAK_RSS_KIB")]
+    return result, int(lines[-1].split()[1]) * 1024 if lines else 0
+
+
+def test_a_model_twice_the_memory_cap_slices_in_half_its_size(tmp_path, tokenizer):
+    """A 1.9 GB random Llama in 34 shards: the slicing process never holds half of it."""
+    from slicegpt.testing import write_random_llama
+
+    size = write_random_llama(tmp_path / "big", layers=32, tokenizer=tokenizer)
+    assert size > 1.8e9
+    result, peak = peak_rss_of_slice(tmp_path / "big", "--sparsity", "0.25", "--calibration", TEXT_FILE,
+                                     "--samples", "4", "--seqlen", "64", "--no-eval", "--out", tmp_path / "out",
+                                     "--json")
+    assert result.returncode == 0, result.stderr
+    assert 0 < peak < size / 2, f"peak RSS {peak / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB"
+    figures = json.loads(result.stdout.splitlines()[-2])
+    assert figures["parameters_sliced"] < figures["parameters_dense"]

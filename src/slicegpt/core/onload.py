@@ -92,6 +92,7 @@ class CheckpointModel(LayeredModel):
 
         self.directory = Path(directory)
         self.device = torch.device(device)
+        steady_allocator()
         self.files = checkpoint_files(self.directory)  # tensor name -> file
         config = read_config(self.directory)
         self.config = config
@@ -240,6 +241,8 @@ class CheckpointModel(LayeredModel):
             return
         parent, _, leaf = path.rpartition(".")
         setattr(get_path(self.model, parent) if parent else self.model, leaf, copy.deepcopy(pristine))
+        release_memory()
+
 
     def fingerprint(self) -> str:
         """A checksum of the source: its config and every file's safetensors header and size.
@@ -339,3 +342,35 @@ def checkpoint_files(directory: Path) -> dict[str, str]:
             return {name: str(single) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise SliceGPTError(f"{single} is corrupted or truncated ({str(e).splitlines()[0]})") from None
+
+
+def steady_allocator() -> None:
+    """Serve blocks of 4 MiB and more by mmap, always: a freed layer then goes straight back to the
+    system instead of fragmenting glibc's heap (which grows the peak by several layers)."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; setting it also stops glibc from raising it
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system (glibc keeps freed layer-sized blocks in its heap).
+
+    After a large block is freed, glibc raises its mmap threshold, so the next layer's tensors
+    come from the heap, which it trims only from the top: without this, the process's memory
+    grows by about a layer per layer although every layer is freed.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
