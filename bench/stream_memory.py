@@ -1,0 +1,128 @@
+"""Benchmark: peak memory of the streaming engine against model depth and calibration size.
+
+Every slice runs in a fresh process (`python -m slicegpt slice ...`); its peak RSS is the
+process's own high-water mark (`resource.getrusage`), read at its end.
+
+    .venv/bin/python bench/stream_memory.py depth        # random Llama, width 1024, 8/16/32/64 layers
+    .venv/bin/python bench/stream_memory.py calibration  # default model, 32/64/128 x 1024 tokens, --offload disk
+
+depth: the same width at 8, 16, 32 and 64 layers (0.5 to 3.8 GB in float32 on disk); peak RSS
+should stay flat as depth grows, and far below the model's size for the deepest one.
+calibration: the embedded SmolLM2 with 32, 64 and 128 calibration windows of 1024 tokens and
+the activations on disk; peak RSS should stay flat as the calibration set grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEXT = HERE.parent / "tests" / "data" / "tempest_excerpt.txt"
+WRAPPER = """
+import resource, sys
+from slicegpt.cli import main
+code = main(sys.argv[1:])
+print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def slice_process(*args) -> tuple[float, int, dict]:
+    """Wall seconds, peak RSS in bytes and the JSON figures of one `slicegpt slice` process."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", WRAPPER, "slice", *map(str, args), "--json"], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"slice failed: {result.stderr.strip().splitlines()[-1]}")
+    lines = result.stdout.splitlines()
+    peak = int(next(line for line in lines if line.startswith("PEAK_RSS_KIB")).split()[1]) * 1024
+    figures = json.loads([line for line in lines if line.startswith("{")][-1])
+    return seconds, peak, figures
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT.read_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def depth(args) -> None:
+    from slicegpt.testing import write_random_llama
+
+    tokenizer = _tokenizer()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        for layers in args.layers:
+            model = Path(work) / f"llama-{layers}"
+            size = write_random_llama(model, layers=layers, hidden=args.hidden, intermediate=4 * args.hidden,
+                                      tokenizer=tokenizer)
+            seconds, peak, figures = slice_process(model, "--sparsity", "0.25", "--calibration", TEXT, "--samples", "8",
+                                                   "--seqlen", "256", "--no-eval", "--out", Path(work) / "out",
+                                                   "--force")
+            rows.append((layers, size, peak, seconds, figures["slicing_seconds"]))
+            shutil.rmtree(model)
+            shutil.rmtree(Path(work) / "out", ignore_errors=True)
+            print(f"{layers} layers done", file=sys.stderr)
+    base = rows[0][2]
+    print(f"random Llama, hidden {args.hidden}, ffn {4 * args.hidden}, float32; 8 x 256 calibration tokens; "
+          "per-layer rotation, 25%")
+    print("| layers | model on disk | peak RSS | RSS / model | RSS vs 8 layers | slicing s | process s |")
+    print("|---|---|---|---|---|---|---|")
+    for layers, size, peak, seconds, slicing in rows:
+        print(f"| {layers} | {size / 2**30:.2f} GiB | {peak / 2**30:.2f} GiB | {peak / size:.2f} | "
+              f"{peak / base - 1:+.1%} | {slicing:.1f} | {seconds:.1f} |")
+
+
+def calibration(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        for samples in args.samples:
+            seconds, peak, figures = slice_process(args.model, "--sparsity", "0.25", "--samples", samples, "--seqlen",
+                                                   "1024", "--no-eval", "--offload", "disk", "--offload-dir",
+                                                   Path(work) / "acts", "--out", Path(work) / "out", "--force")
+            rows.append((samples, peak, figures["slicing_seconds"], seconds))
+            print(f"{samples} samples done", file=sys.stderr)
+    base = rows[0][1]
+    print(f"{args.model}, per-layer rotation 25%, --offload disk, calibration windows of 1024 tokens")
+    print("| samples | tokens | peak RSS | RSS vs 32 samples | slicing s | process s |")
+    print("|---|---|---|---|---|---|")
+    for samples, peak, slicing, seconds in rows:
+        print(f"| {samples} | {samples * 1024:,} | {peak / 2**30:.2f} GiB | {peak / base - 1:+.1%} | {slicing:.1f} | "
+              f"{seconds:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="which", required=True)
+    p = sub.add_parser("depth")
+    p.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--workdir", default=None, help="where the random models are written (default: system temp)")
+    p.set_defaults(func=depth)
+    p = sub.add_parser("calibration")
+    p.add_argument("--model", default="default")
+    p.add_argument("--samples", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--workdir", default=None)
+    p.set_defaults(func=calibration)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
