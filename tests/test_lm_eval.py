@@ -15,7 +15,7 @@ TASK = "tempest_next_line"
 @pytest.fixture(scope="module")
 def tempest_tasks(tmp_path_factory):
     """Two next-line tasks from the two halves of the shipped Tempest excerpt (lm-eval YAML + JSONL)."""
-    from slicegpt.next_line import write_next_line_task
+    from slicegpt.evaluation.next_line import write_next_line_task
 
     directory = tmp_path_factory.mktemp("tasks")
     lines = TEXT.splitlines()
@@ -53,7 +53,7 @@ def test_per_layer_sliced_model_scores_like_the_dense_one(tempest_tasks, tokeniz
     import copy
     import json as _json
 
-    from slicegpt.zero_shot import load_tasks, zero_shot
+    from slicegpt.evaluation.zero_shot import load_tasks, zero_shot
 
     dense = make_model("llama", dtype=torch.float64)
     reference = copy.deepcopy(dense)
@@ -99,7 +99,7 @@ def test_per_layer_sliced_model_scores_like_the_dense_one(tempest_tasks, tokeniz
 
 def test_cli_on_a_sliced_directory_prints_the_table_and_json(tempest_tasks, tokenizer, tmp_path):
     from slicegpt import load, save
-    from slicegpt.zero_shot import zero_shot
+    from slicegpt.evaluation.zero_shot import zero_shot
 
     model, config = _slice(make_model("llama"), tokenizer, 0.25)
     out = save(model, tokenizer, config, tmp_path / "sliced")
@@ -124,7 +124,7 @@ def test_cli_on_a_sliced_directory_prints_the_table_and_json(tempest_tasks, toke
 
 
 def test_hub_task_offline_is_a_one_line_error(tiny_model_dir, tmp_path):
-    from slicegpt.loading import _hub_reachable
+    from slicegpt.formats.loading import _hub_reachable
 
     # unreachable hub: leave HF_HUB_OFFLINE unset so slicegpt must notice by itself; reachable: force offline
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if _hub_reachable() else "0"}
@@ -137,7 +137,7 @@ def test_hub_task_offline_is_a_one_line_error(tiny_model_dir, tmp_path):
 
 def test_unknown_task_names_the_close_ones(tmp_path):
     from slicegpt.errors import SliceGPTError
-    from slicegpt.zero_shot import load_tasks
+    from slicegpt.evaluation.zero_shot import load_tasks
 
     close = r"unknown lm-eval task 'arc_easyy' \(close names: arc_easy.*lm-eval ls tasks"
     with pytest.raises(SliceGPTError, match=close):
@@ -152,11 +152,11 @@ def test_unreachable_hub_switches_datasets_offline_and_back(monkeypatch, tmp_pat
     import datasets
     import huggingface_hub
 
-    from slicegpt.zero_shot import _hub_offline_if_unreachable
+    from slicegpt.evaluation.zero_shot import _hub_offline_if_unreachable
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr("slicegpt.loading._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("slicegpt.formats.loading._hub_reachable", lambda timeout=3.0: False)
     before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     with _hub_offline_if_unreachable() as offline:
         assert offline and datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
@@ -172,7 +172,7 @@ def test_default_model_beats_chance_on_the_shipped_shakespeare_task():
     import math
 
     import slicegpt
-    from slicegpt.zero_shot import zero_shot
+    from slicegpt.evaluation.zero_shot import zero_shot
 
     loaded = slicegpt.load_model("default")
     result = zero_shot(loaded.model, loaded.tokenizer, "shakespeare_next_line", limit=60, progress=False)

@@ -16,8 +16,8 @@ import torch
 import slicegpt
 from conftest import DATA, TEXT, make_model
 from slicegpt import cli
-from slicegpt.io import SPECTRA_NAME, load_spectra
-from slicegpt.report import (explained_variance, gather, load_bench, load_run, perplexity_series, spectra_figure,
+from slicegpt.formats.io import SPECTRA_NAME, load_spectra
+from slicegpt.evaluation.report import (explained_variance, gather, load_bench, load_run, perplexity_series, spectra_figure,
                              throughput_data, write_report)
 
 TEXT_FILE = str(DATA / "tempest_excerpt.txt")

@@ -52,8 +52,8 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     ids = tokenizer("Now is the winter of our discontent", return_tensors="pt")["input_ids"]
     assert torch.allclose(plain(ids).logits, stock(ids).logits, atol=1e-4)
 
-    from slicegpt.gguf_export import export_gguf
-    from slicegpt.loading import default_model_path
+    from slicegpt.formats.gguf import export_gguf
+    from slicegpt.formats.loading import default_model_path
 
     path = export_gguf(plain, tokenizer, tmp_path / "uniform.gguf", dtype="f32", source_gguf=default_model_path())
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)

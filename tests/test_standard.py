@@ -9,9 +9,9 @@ import slicegpt
 from slicegpt.api import make_standard
 from slicegpt.adapters import get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.gguf_export import export_gguf
+from slicegpt.formats.gguf import export_gguf
 from slicegpt.api import slice_resident
-from slicegpt.standard import to_standard
+from slicegpt.formats.standard import to_standard
 from conftest import FAMILIES, TEXT, clone, make_model
 
 EXACT = ["gemma", "llama", "mistral", "mixtral", "phi", "phi3", "qwen2", "qwen2_moe"]

@@ -15,7 +15,7 @@ from slicegpt.adapters import get_adapter
 from slicegpt.adapters.base import branch_groups
 from slicegpt.core.engine import Hooks, slice_layers, slice_uniform
 from slicegpt.core.onload import CheckpointModel, ResidentModel
-from slicegpt.sliced_modeling import get_path
+from slicegpt.formats.sliced_modeling import get_path
 
 TEXT_FILE = str(DATA / "tempest_excerpt.txt")
 

@@ -24,13 +24,14 @@ from slicegpt.pipeline import SliceRun, slice_and_save
 from slicegpt.config import SlicingConfig
 from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.evaluation import count_parameters, perplexity
+from slicegpt.evaluation.perplexity import count_parameters, perplexity
 from slicegpt.finetune import FinetuneResult, finetune, save_finetuned
-from slicegpt.gguf_export import export_gguf
-from slicegpt.io import load, save
-from slicegpt.loading import LoadedModel, load_model
-from slicegpt.standard import to_standard
-from slicegpt.zero_shot import ZeroShotResult, load_tasks, zero_shot
+from slicegpt.formats.gguf import export_gguf
+from slicegpt.formats.io import save
+from slicegpt.formats.loading import load
+from slicegpt.formats.loading import LoadedModel, load_model
+from slicegpt.formats.standard import to_standard
+from slicegpt.evaluation.zero_shot import ZeroShotResult, load_tasks, zero_shot
 
 __version__ = "0.1.0"
 

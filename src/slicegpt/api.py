@@ -9,16 +9,16 @@ from torch import nn
 
 from slicegpt.adapters import get_adapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.sliced_modeling import get_path
+from slicegpt.formats.sliced_modeling import get_path
 from slicegpt.config import SlicingConfig
 from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.evaluation import count_parameters
-from slicegpt.loading import load_model
+from slicegpt.evaluation.perplexity import count_parameters
+from slicegpt.formats.loading import load_model
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.engine import POOLINGS, ROTATIONS, slice_layers, slice_uniform
 from slicegpt.core.onload import ResidentModel
-from slicegpt.standard import check_standard, to_standard
+from slicegpt.formats.standard import check_standard, to_standard
 
 
 def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, samples: int = 32,

@@ -18,12 +18,12 @@ from slicegpt.adapters import get_adapter, supported_model_types
 from slicegpt.atomic import refuse_existing
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.loading import DEFAULT_MODEL, load_model
-from slicegpt.measure import measure
-from slicegpt.report import BENCH_KIND
-from slicegpt.sliced_modeling import MANIFEST_NAME, CheckpointError
-from slicegpt.standard import check_standard
-from slicegpt.zero_shot import PAPER_TASKS
+from slicegpt.formats.loading import DEFAULT_MODEL, load_model
+from slicegpt.evaluation.measure import measure
+from slicegpt.evaluation.report import BENCH_KIND
+from slicegpt.formats.sliced_modeling import MANIFEST_NAME, CheckpointError
+from slicegpt.formats.standard import check_standard
+from slicegpt.evaluation.zero_shot import PAPER_TASKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +58,7 @@ def _eval_windows(tokenizer, text: str, args) -> object:
 
 def cmd_slice(args) -> None:
     from slicegpt.pipeline import slice_and_save
-    from slicegpt.report import load_run, write_report
+    from slicegpt.evaluation.report import load_run, write_report
 
     out = Path(args.out)
     report_dir = Path(args.report) if args.report else None
@@ -114,7 +114,7 @@ def cmd_slice(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from slicegpt.evaluation import count_parameters, perplexity
+    from slicegpt.evaluation.perplexity import count_parameters, perplexity
 
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
@@ -144,9 +144,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from slicegpt.gguf_export import export_gguf
-    from slicegpt.io import load
-    from slicegpt.loading import EMBEDDED_MODELS
+    from slicegpt.formats.gguf import export_gguf
+    from slicegpt.formats.loading import load
+    from slicegpt.formats.loading import EMBEDDED_MODELS
 
     directory = Path(args.model)
     if not (directory / MANIFEST_NAME).is_file():
@@ -185,7 +185,7 @@ def _limit(text: str) -> int | float:
 def cmd_lm_eval(args) -> None:
     import logging
 
-    from slicegpt.zero_shot import load_tasks, zero_shot
+    from slicegpt.evaluation.zero_shot import load_tasks, zero_shot
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on pre-built models would bury ours
     tasks = load_tasks(args.tasks, args.include_path)  # unknown or unreachable tasks fail before the model loads
@@ -268,7 +268,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_bench(args) -> None:
-    from slicegpt.speed import speed_report
+    from slicegpt.evaluation.speed import speed_report
 
     batch_sizes, seqlens = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.seqlens, "--seqlens")
     save_path = Path(args.save) if args.save else None
@@ -324,7 +324,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from slicegpt.report import gather, write_report
+    from slicegpt.evaluation.report import gather, write_report
 
     out = Path(args.out)
     refuse_existing(out, args.force, "report directory")  # before reading anything

@@ -22,7 +22,7 @@ import torch
 
 from slicegpt.atomic import atomic_directory
 from slicegpt.errors import SliceGPTError
-from slicegpt.loading import cache_dir
+from slicegpt.formats.loading import cache_dir
 
 Role = Literal["calibration", "evaluation"]
 DEFAULT_DATA = "shakespeare"

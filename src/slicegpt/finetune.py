@@ -14,8 +14,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -28,11 +26,11 @@ from slicegpt.config import SlicingConfig
 from slicegpt.data import (DEFAULT_DATA, Windows, bos_token, calibration_windows, evaluation_windows, load_text,
                            split_text, tokenize)
 from slicegpt.errors import SliceGPTError
-from slicegpt.evaluation import count_parameters, perplexity
-from slicegpt.measure import measure
-from slicegpt.sliced_modeling import get_path
+from slicegpt.evaluation.perplexity import count_parameters, perplexity
+from slicegpt.evaluation.measure import measure
+from slicegpt.formats.lora import ADAPTER_DIR, load_adapter, peft_quietly
+from slicegpt.formats.sliced_modeling import get_path
 
-ADAPTER_DIR = "lora"  # the peft adapter of an --adapters-only output, beside the model files
 RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
 
 
@@ -63,14 +61,6 @@ class FinetuneResult:
                 "eval_tokens": self.eval_tokens, "seconds": round(self.seconds, 2),
                 "loss_start": self.loss_summary()[0], "loss_end": self.loss_summary()[1],
                 "losses": [round(x, 4) for x in self.losses]}
-
-
-@contextmanager
-def _peft_quietly():
-    """peft (0.21) reads a property transformers 5 deprecated; the warning is theirs, not the user's."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def check_settings(lora_r: int, lora_alpha: float, lora_dropout: float, steps: int, lr: float,
@@ -230,7 +220,7 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
     conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.endswith(tuple(targets)))
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                         fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
-    with _peft_quietly():
+    with peft_quietly():
         peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -260,24 +250,6 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
                           m.seconds, m.peak_bytes, eval_windows.tokens if eval_windows is not None else 0, settings)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """`model` with the peft adapter in `directory` merged into its weights."""
-    from peft import PeftModel
-
-    with _peft_quietly():
-        return PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
-
-
-def has_adapter(directory: str | os.PathLike) -> bool:
-    """Whether a model directory carries an --adapters-only LoRA adapter beside its weights."""
-    return (Path(directory) / ADAPTER_DIR / "adapter_config.json").is_file()
-
-
-def with_saved_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """`model` loaded from `directory`, with the directory's --adapters-only LoRA adapter (lora/) merged, if any."""
-    return load_adapter(model, Path(directory) / ADAPTER_DIR) if has_adapter(directory) else model
-
-
 def _save_adapter(peft_model: nn.Module, target: Path, source: str) -> None:
     peft_model.peft_config["default"].base_model_name_or_path = source or None
     peft_model.save_pretrained(str(target))
@@ -300,7 +272,7 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     model is the merged one either way. Written atomically; an existing `out` needs `force`.
     """
     from slicegpt.atomic import atomic_directory, refuse_existing
-    from slicegpt.io import save
+    from slicegpt.formats.io import save
 
     out = Path(out)
     refuse_existing(out, force, "output directory", "--force (force=True)")

@@ -31,10 +31,10 @@ from slicegpt.core.resume import RunDirectory
 from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.shards import write_index, write_shard
-from slicegpt.loading import _parse_dtype, checkpoint_directory
-from slicegpt.measure import measure
-from slicegpt.sliced_modeling import CONFIG_KEY, get_path
-from slicegpt.standard import check_standard, layernorms_with_bias, standard_config_from, stock_tensors
+from slicegpt.formats.loading import _parse_dtype, checkpoint_directory
+from slicegpt.evaluation.measure import measure
+from slicegpt.formats.sliced_modeling import CONFIG_KEY, get_path
+from slicegpt.formats.standard import check_standard, layernorms_with_bias, standard_config_from, stock_tensors
 
 DENSE_FIGURES = "dense.json"  # the dense model's perplexity, kept in the run directory across a resume
 
@@ -203,7 +203,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         if generation is not None:
             generation.save_pretrained(staging)
     else:
-        from slicegpt.io import write_sliced_config
+        from slicegpt.formats.io import write_sliced_config
 
         write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
     write_index(staging, run_dir.shards)
@@ -222,7 +222,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    sliced_hidden_size=dim, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
                    offload=offload, resumed_from_layer=resumed)
     if uniform and deviations:  # what the stock approximation costs, measured against the exact model
-        from slicegpt.io import write_sliced_config
+        from slicegpt.formats.io import write_sliced_config
 
         exact = run_dir.root / "exact"
         write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
@@ -245,7 +245,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         figures["eval_data"] = str(eval_source)
     if speed:
         figures["speed"] = _quick_speed(model, staging, device)
-    from slicegpt.io import finish_directory
+    from slicegpt.formats.io import finish_directory
 
     finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
     publish(staging, out)
@@ -257,15 +257,15 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
 
 
 def _quick_speed(model, staging: Path, device: str) -> list:
-    from slicegpt.loading import load_model
-    from slicegpt.speed import quick_speed
+    from slicegpt.formats.loading import load_model
+    from slicegpt.evaluation.speed import quick_speed
 
     dense = load_model(model, device=device).model
     rows = quick_speed("dense", dense)
     del dense
     raw = json.loads((staging / "config.json").read_text())
     if CONFIG_KEY in raw:
-        from slicegpt.sliced_modeling import load_sliced_model
+        from slicegpt.formats.sliced_modeling import load_sliced_model
 
         sliced = load_sliced_model(str(staging), device=device)
     else:

@@ -1,0 +1,1 @@
+"""The algorithm: invariance, statistics and bases, weight transforms, and the layer-streaming engine."""

@@ -36,9 +36,9 @@ from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes
 from slicegpt.errors import SliceGPTError
-from slicegpt.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
-from slicegpt.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch
-from slicegpt.weights import resolve, rotate_input, rotate_output
+from slicegpt.core.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
+from slicegpt.formats.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch
+from slicegpt.core.weights import resolve, rotate_input, rotate_output
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
 POOLINGS = ("unit-trace", "tokens")  # how uniform rotation weighs the block boundaries

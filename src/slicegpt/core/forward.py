@@ -20,7 +20,7 @@ from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.engine import Batch, capture
 from slicegpt.core.onload import LayeredModel
 from slicegpt.errors import SliceGPTError
-from slicegpt.sliced_modeling import get_path
+from slicegpt.formats.sliced_modeling import get_path
 
 
 class _Adapterless:

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.sliced_modeling import (attach_structure, get_path, set_module_attributes, set_parameter,
+from slicegpt.formats.sliced_modeling import (attach_structure, get_path, set_module_attributes, set_parameter,
                                       use_rms_norms)
 
-from slicegpt.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
+from slicegpt.formats.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
 SINGLE_NAME = "model.safetensors"
 
 
@@ -54,7 +54,7 @@ class LayeredModel:
 
     def untie_head(self, adapter) -> None:
         """The head gets its own weight (the source's), so the embeddings may change alone."""
-        from slicegpt.invariance import untie_head
+        from slicegpt.core.invariance import untie_head
 
         untie_head(self.model, adapter)
 
@@ -159,7 +159,7 @@ class CheckpointModel(LayeredModel):
         return self.tied_heads.get(f"{head}.weight") == f"{embedding}.weight"
 
     def untie_head(self, adapter) -> None:
-        from slicegpt.invariance import record_tie
+        from slicegpt.core.invariance import record_tie
 
         if self.tied_heads.pop(f"{adapter.head}.weight", None) is not None:
             record_tie(self.model, False)

@@ -14,8 +14,8 @@ from torch import nn
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch
 from slicegpt.errors import SliceGPTError
-from slicegpt.sliced_modeling import get_path, set_parameter
-from slicegpt.weights import Target, resolve_all, rotate_input, rotate_output
+from slicegpt.formats.sliced_modeling import get_path, set_parameter
+from slicegpt.core.weights import Target, resolve_all, rotate_input, rotate_output
 
 ModuleAttributes = dict[str, dict[str, float]]  # plain attributes to restore on load (norm epsilons, widths)
 

@@ -17,7 +17,7 @@ import torch
 
 from slicegpt.errors import SliceGPTError
 
-from slicegpt.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
+from slicegpt.formats.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
 
 
 def shard_name(part: int, parts: int) -> str:

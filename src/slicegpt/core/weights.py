@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slicegpt.sliced_modeling import get_path, set_parameter
+from slicegpt.formats.sliced_modeling import get_path, set_parameter
 
 ROWS_PER_BLOCK = 4096
 Target = tuple[nn.Module, str]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from slicegpt.adapters import ModelAdapter
-from slicegpt.sliced_modeling import get_path, set_parameter, swap_rms_norm
-from slicegpt.weights import Target, add_input_bias, center_embedding, center_output, resolve, resolve_all, scale_input
+from slicegpt.formats.sliced_modeling import get_path, set_parameter, swap_rms_norm
+from slicegpt.core.weights import Target, add_input_bias, center_embedding, center_output, resolve, resolve_all, scale_input
 
 
 def ties_head(model: nn.Module, adapter: ModelAdapter) -> bool:

@@ -92,8 +92,8 @@ class ThroughputGroup:
 
 def load_run(directory: str | os.PathLike) -> Run:
     """A run from a slicegpt output directory; SliceGPTError if it is not one."""
-    from slicegpt.io import load_spectra, read_manifest
-    from slicegpt.sliced_modeling import MANIFEST_NAME
+    from slicegpt.formats.io import load_spectra, read_manifest
+    from slicegpt.formats.sliced_modeling import MANIFEST_NAME
 
     path = Path(directory)
     if not path.exists():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.standard import head_dim
+from slicegpt.formats.standard import head_dim
 
 DTYPES = ("f16", "f32")
 

@@ -1,4 +1,4 @@
-"""Save and load sliced models: safetensors weights, stock config, tokenizer, loader code.
+"""Save sliced models (loading: `formats.loading`): safetensors weights, stock config, tokenizer, loader code.
 
 A directory is written to a temporary sibling and renamed into place, so an interrupted
 save leaves nothing half-written. `slicegpt.json` lists a SHA-256 for every file, so a
@@ -18,13 +18,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slicegpt import sliced_modeling
+from slicegpt.formats import sliced_modeling
 from slicegpt.atomic import atomic_directory, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
-from slicegpt.loading import LoadedModel, _parse_dtype
-from slicegpt.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
-                                      CheckpointError, load_sliced_model)
+from slicegpt.formats.sliced_modeling import CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME
 
 CODE_NAME = "modeling_slicegpt.py"
 # safetensors bytes (float64, keys boundary.{i}), deliberately not named *.safetensors: vLLM
@@ -185,27 +183,3 @@ def verify(directory: str | os.PathLike) -> dict:
         if _sha256(path) != digest:
             raise SliceGPTError(f"{directory} is corrupted: {name} does not match its checksum")
     return manifest
-
-
-def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
-         check: bool = True) -> LoadedModel:
-    """Load a slicegpt output directory (model, tokenizer, slicing record)."""
-    from transformers import AutoTokenizer
-
-    from slicegpt.finetune import with_saved_adapter  # finetune imports this module
-
-    manifest = verify(directory) if check else read_manifest(directory)
-    if manifest.get("slicing", {}).get("standard"):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return LoadedModel(with_saved_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
-                           sliced=manifest)
-    try:
-        model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
-    except CheckpointError as e:
-        raise SliceGPTError(str(e)) from None
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return LoadedModel(with_saved_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
-

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicegpt.measure import measure
+from slicegpt.evaluation.measure import measure
 
 
 @dataclass

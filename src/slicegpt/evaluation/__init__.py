@@ -1,0 +1,1 @@
+"""Measuring models: perplexity, zero-shot accuracy (lm-eval), speed, memory, and HTML reports."""
