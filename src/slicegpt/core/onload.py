@@ -28,8 +28,8 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.formats.sliced_modeling import (attach_structure, get_path, set_module_attributes, set_parameter,
                                       use_rms_norms)
 
-from slicegpt.formats.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
-SINGLE_NAME = "model.safetensors"
+from slicegpt.formats.loading import read_config
+from slicegpt.formats.shards import checkpoint_files
 
 
 class LayeredModel:
@@ -280,68 +280,6 @@ def _checkpoint_dtype(config) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def read_config(directory: Path):
-    """The model's config, refusing with one line what transformers would answer with a traceback."""
-    from transformers import AutoConfig
-
-    from slicegpt.adapters import require_decoder
-
-    path = directory / "config.json"
-    if not path.is_file():
-        raise SliceGPTError(f"{directory} has no config.json: it is not a model directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SliceGPTError(f"{path} is corrupted: {e}") from None
-    if not isinstance(raw, dict) or not raw.get("model_type"):
-        raise SliceGPTError(f"{path} has no model_type: cannot tell which architecture the model is "
-                            "(add e.g. \"model_type\": \"llama\")")
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError, OSError) as e:
-        raise SliceGPTError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    require_decoder(config)
-    return config
-
-
-def checkpoint_files(directory: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
-    from safetensors import SafetensorError, safe_open
-
-    index = directory / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SliceGPTError(f"{index} is corrupted: {e}") from None
-        files = {name: str(directory / shard) for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not os.path.isfile(shard):
-                raise SliceGPTError(f"{directory} is incomplete: {os.path.basename(shard)} (named by "
-                                    f"{INDEX_NAME}) is missing")
-            try:
-                with safe_open(shard, framework="pt") as f:
-                    present = set(f.keys())
-            except (SafetensorError, OSError) as e:
-                raise SliceGPTError(f"{shard} is corrupted or truncated ({str(e).splitlines()[0]})") from None
-            absent = [n for n, s in files.items() if s == shard and n not in present]
-            if absent:
-                raise SliceGPTError(f"{INDEX_NAME} names tensors that {os.path.basename(shard)} does not hold: "
-                                    f"{', '.join(absent[:3])}")
-        return files
-    single = directory / SINGLE_NAME
-    if not single.is_file():
-        if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
-            raise SliceGPTError(f"{directory} holds PyTorch pickles, not safetensors; convert it with "
-                                "transformers (save_pretrained) first")
-        raise SliceGPTError(f"{directory} has no {SINGLE_NAME} or {INDEX_NAME}")
-    try:
-        with safe_open(str(single), framework="pt") as f:
-            return {name: str(single) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise SliceGPTError(f"{single} is corrupted or truncated ({str(e).splitlines()[0]})") from None
 
 
 def steady_allocator() -> None:

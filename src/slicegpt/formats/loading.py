@@ -185,8 +185,6 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             raise SliceGPTError(f"{config_file} is corrupted: {e}") from None
         if CONFIG_KEY in config or (path / MANIFEST_NAME).is_file():  # a slicegpt output
             return load(path, dtype=dtype, device=device)
-        from slicegpt.core.onload import read_config
-
         read_config(path)  # a config without model_type, or an encoder, ends in one line
         try:
             model, tokenizer = _from_pretrained(str(path), torch_dtype)
@@ -198,6 +196,30 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~")):
         raise SliceGPTError(f"model path not found: {spec}")
     return _load_from_hub(spec, torch_dtype, device)
+
+
+def read_config(directory: Path):
+    """The model's config, refusing with one line what transformers would answer with a traceback."""
+    from transformers import AutoConfig
+
+    from slicegpt.adapters import require_decoder
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise SliceGPTError(f"{directory} has no config.json: it is not a model directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise SliceGPTError(f"{path} has no model_type: cannot tell which architecture the model is "
+                            "(add e.g. \"model_type\": \"llama\")")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as e:
+        raise SliceGPTError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    require_decoder(config)
+    return config
 
 
 def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path, str]:

@@ -17,7 +17,8 @@ import torch
 
 from slicegpt.errors import SliceGPTError
 
-from slicegpt.formats.sliced_modeling import INDEX_NAME  # noqa: E402  (one name for the index)
+from slicegpt.formats.sliced_modeling import INDEX_NAME
+from slicegpt.formats.sliced_modeling import WEIGHTS_NAME as SINGLE_NAME
 
 
 def shard_name(part: int, parts: int) -> str:
@@ -72,3 +73,40 @@ def write_index(directory: Path, shards: dict[str, list[str]]) -> None:
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
+
+def checkpoint_files(directory: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
+    from safetensors import SafetensorError, safe_open
+
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SliceGPTError(f"{index} is corrupted: {e}") from None
+        files = {name: str(directory / shard) for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not os.path.isfile(shard):
+                raise SliceGPTError(f"{directory} is incomplete: {os.path.basename(shard)} (named by "
+                                    f"{INDEX_NAME}) is missing")
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    present = set(f.keys())
+            except (SafetensorError, OSError) as e:
+                raise SliceGPTError(f"{shard} is corrupted or truncated ({str(e).splitlines()[0]})") from None
+            absent = [n for n, s in files.items() if s == shard and n not in present]
+            if absent:
+                raise SliceGPTError(f"{INDEX_NAME} names tensors that {os.path.basename(shard)} does not hold: "
+                                    f"{', '.join(absent[:3])}")
+        return files
+    single = directory / SINGLE_NAME
+    if not single.is_file():
+        if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+            raise SliceGPTError(f"{directory} holds PyTorch pickles, not safetensors; convert it with "
+                                "transformers (save_pretrained) first")
+        raise SliceGPTError(f"{directory} has no {SINGLE_NAME} or {INDEX_NAME}")
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: str(single) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SliceGPTError(f"{single} is corrupted or truncated ({str(e).splitlines()[0]})") from None
