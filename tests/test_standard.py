@@ -9,6 +9,7 @@ import slicegpt
 from slicegpt.api import make_standard
 from slicegpt.adapters import get_adapter
 from slicegpt.errors import SliceGPTError
+from slicegpt.formats.sliced_modeling import sliced_structure
 from slicegpt.formats.gguf import export_gguf
 from slicegpt.api import slice_resident
 from slicegpt.formats.standard import to_standard
@@ -53,7 +54,7 @@ def test_standard_model_equals_the_sliced_model_and_loads_with_plain_transformer
     expected = sliced(ids).logits
     stock = make_standard(sliced, config, sample=ids)
     assert type(stock).__module__.startswith("transformers.models.")
-    assert getattr(stock, "slicegpt_structure", None) is None
+    assert sliced_structure(stock) is None and "slicegpt" not in stock.config.to_dict()
     assert stock.get_input_embeddings().weight.shape[1] == config.sliced_hidden_size == 48
     # Gemma's stock embedding scale sqrt(d') is a float32 buffer: 1e-8 relative rounding
     tolerance = 1e-7 if family == "gemma" else 1e-10
@@ -96,11 +97,11 @@ def test_approximate_families_need_accept_deviation_and_report_it(family, calibr
                                          accept_deviation=True, progress=False)
     assert config.standard and config.deviations
     assert config.max_logit_deviation is not None and config.max_logit_deviation > 0
-    assert getattr(stock, "slicegpt_structure", None) is None
+    assert sliced_structure(stock) is None and "slicegpt" not in stock.config.to_dict()
     # the exact uniform model is still available without the standard conversion
     exact, exact_config = slicegpt.slice_model(make_model(family), None, calibration, 0.25, rotation="uniform",
                                                standard=False, progress=False)
-    assert not exact_config.standard and exact.slicegpt_structure["structure"]["rotation"] == "uniform"
+    assert not exact_config.standard and sliced_structure(exact)["structure"]["rotation"] == "uniform"
 
 
 def test_per_layer_models_have_no_standard_form(calibration):

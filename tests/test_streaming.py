@@ -110,6 +110,15 @@ def test_slice_and_save_equals_slice_model_and_loads_every_way(family, rotation,
     assert text == slicegpt.generate(reference, tokenizer, "To be", max_new_tokens=8)
 
 
+@pytest.mark.parametrize("rotation", ["per-layer", "uniform"])
+def test_weights_in_memory_give_the_same_files_as_weights_read_from_disk(rotation, tmp_path, tokenizer):
+    source = _model_dir(tmp_path / "dense", "gemma2", tokenizer)
+    settings = dict(rotation=rotation, accept_deviation=True, **SLICE)
+    from_disk = slicegpt.slice_and_save(source, tmp_path / "disk", 0.25, weights="disk", **settings)
+    in_memory = slicegpt.slice_and_save(source, tmp_path / "cpu", 0.25, weights="cpu", **settings)
+    _same_output(from_disk.out, in_memory.out)
+
+
 def run_cli(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "slicegpt", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=timeout)
@@ -136,11 +145,12 @@ ARGS = ("--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8", "--s
 
 
 @pytest.mark.parametrize("rotation,kill,offload", [("per-layer", "2", "cpu"), ("per-layer", "1", "disk"),
-                                                   ("uniform", "statistics:2", "cpu"), ("uniform", "weights:1", "disk")])
+                                                   ("uniform", "statistics:2", "cpu"), ("uniform", "weights:1", "disk"),
+                                                   ("uniform", "weights:2", "weights-in-memory")])
 def test_killed_run_resumes_to_a_bit_identical_output(rotation, kill, offload, tmp_path, tokenizer):
     source = _model_dir(tmp_path / "dense", "llama", tokenizer)
     extra = ("--rotation", rotation) + (("--offload", "disk", "--offload-dir", tmp_path / "acts") if offload == "disk"
-                                        else ())
+                                        else ("--weights", "cpu") if offload == "weights-in-memory" else ())
     whole = run_cli("slice", source, *ARGS, *extra, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
 

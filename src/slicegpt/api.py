@@ -9,7 +9,7 @@ from torch import nn
 
 from slicegpt.adapters import get_adapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.formats.sliced_modeling import get_path, sliced_structure
 from slicegpt.config import SlicingConfig
 from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
@@ -57,7 +57,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
         source_model = str(model)
         loaded = load_model(model)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
-    if getattr(model, "slicegpt_structure", None) is not None:
+    if sliced_structure(model) is not None:
         raise SliceGPTError("this model is already sliced; slice the dense model instead")
     adapter = get_adapter(model.config)
     hidden = get_path(model, adapter.embeddings[0]).weight.shape[1]  # the residual width

@@ -83,7 +83,7 @@ def cmd_slice(args) -> None:
         fit_tied_head=args.fit_tied_head, pooling=args.pooling or "unit-trace", accept_deviation=args.accept_deviation,
         evaluate=not args.no_eval, eval_data=args.eval_data, eval_samples=args.eval_samples,
         eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size, dtype=args.dtype,
-        device=_device(args.device), offload=args.offload, offload_dir=args.offload_dir, restart=args.restart,
+        device=_device(args.device), weights=args.weights, offload=args.offload, offload_dir=args.offload_dir, restart=args.restart,
         force=args.force, checkpoint_every=args.checkpoint_every, speed=bool(report_dir and args.report_bench))
     figures, config = run.figures, run.config
     if report_dir is not None:  # from what was just saved, as `slicegpt report` would read it
@@ -395,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-bench", action="store_true",
                    help="add a quick speed check to --report (batch 1, 128-token prompt; dense then sliced, "
                         "not in turns: `slicegpt bench --save` is the careful measurement; loads both models whole)")
+    p.add_argument("--weights", choices=("disk", "cpu"), default="disk",
+                   help="where the dense weights wait for their turn: read from the model's files one layer at a "
+                        "time (disk, default) or loaded into CPU memory first (cpu; a GPU run of a model that fits "
+                        "in RAM)")
     p.add_argument("--offload", choices=("cpu", "disk"), default="cpu",
                    help="where the calibration activations of the current layer live: CPU memory (default) or "
                         "files under --offload-dir (memory then stays flat however many samples)")

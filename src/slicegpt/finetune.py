@@ -29,7 +29,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters, perplexity
 from slicegpt.evaluation.measure import measure
 from slicegpt.formats.lora import ADAPTER_DIR, load_adapter, peft_quietly
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.formats.sliced_modeling import get_path, sliced_structure
 
 RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
 
@@ -277,7 +277,7 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     out = Path(out)
     refuse_existing(out, force, "output directory", "--force (force=True)")
     peft_model = result.model
-    if slicing is None and getattr(peft_model.get_base_model(), "slicegpt_structure", None) is not None:
+    if slicing is None and sliced_structure(peft_model.get_base_model()) is not None:
         raise SliceGPTError("this model is sliced: pass its slicing record (slicing=...) to save it")
     record = dict(result.record(), saved="adapter in lora/" if adapters_only else "merged", source_model=source)
     staging = None

@@ -26,7 +26,7 @@ from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform
 from slicegpt.core.forward import streamed_logits, streamed_perplexity
-from slicegpt.core.onload import CheckpointModel, LayeredModel
+from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel
 from slicegpt.core.resume import RunDirectory
 from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
@@ -108,13 +108,16 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    fit_tied_head: bool = False, pooling: str = "unit-trace", accept_deviation: bool = False,
                    evaluate: bool = True, eval_data: str | os.PathLike | None = None, eval_samples: int = 16,
                    eval_seqlen: int | None = None, eval_batch_size: int = 2, dtype: str | torch.dtype | None = None,
-                   device: str = "cpu", offload: str = "cpu", offload_dir: str | os.PathLike | None = None,
+                   device: str = "cpu", weights: str = "disk", offload: str = "cpu",
+                   offload_dir: str | os.PathLike | None = None,
                    restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
                    progress: bool = True) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
-    Only one decoder layer is on `device` at a time; the calibration activations live on
-    `offload` ("cpu", or "disk" under `offload_dir`). `out` appears only when complete; an
+    Only one decoder layer is on `device` at a time; the other weights wait on `weights`
+    ("disk": read from the safetensors files when their turn comes; "cpu": the dense model loaded
+    into CPU memory first, for a GPU run of a model that fits in RAM), the calibration
+    activations on `offload` ("cpu", or "disk" under `offload_dir`). `out` appears only when complete; an
     interrupted call resumes when called again with the same arguments (`restart=True`
     starts over). `checkpoint_every` layers the activations are saved for resuming. `speed`
     adds a quick throughput check of the dense and the sliced model (both loaded whole).
@@ -132,6 +135,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     refuse_existing(out, force, "output directory")
     if offload == "disk" and offload_dir is None:
         raise SliceGPTError("--offload disk needs a directory: --offload-dir DIR")
+    if weights not in ("cpu", "disk"):
+        raise SliceGPTError(f"weights must wait on cpu or disk, got {weights!r}")
     if offload not in ("cpu", "disk"):
         raise SliceGPTError(f"offload must be cpu or disk, got {offload!r}")
     if offload_dir is not None:  # this run's own folder: what a killed run left there is removed
@@ -140,7 +145,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
     directory, source_name = checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
-    adapter = get_adapter(view.config)
+    fingerprint, source_config, work_dtype = view.fingerprint(), view.config, view.dtype
+    adapter = get_adapter(source_config)
     uniform = rotation == "uniform"
     slice_head = uniform or slice_head or adapter.slice_head_required
     hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
@@ -164,10 +170,12 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     n_steps = len(layers) * len(branch_groups(adapter.branches))
     settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
-                "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(view.dtype),
+                "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
                 "torch": torch.__version__, "slicegpt": _version()}
-    run_dir = RunDirectory(out, len(layers) + 2, settings, view.fingerprint(), restart=restart,
+    if weights == "cpu":  # the same engine over the model in memory, moving one layer at a time to the device
+        view = _in_memory(directory, work_dtype, device)
+    run_dir = RunDirectory(out, len(layers) + 2, settings, fingerprint, restart=restart,
                            checkpoint_every=checkpoint_every)
     resumed = run_dir.record["next_layer"] if run_dir.resuming else None
 
@@ -208,7 +216,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
     write_index(staging, run_dir.shards)
     config = SlicingConfig(
-        sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim, model_type=view.config.model_type,
+        sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim, model_type=source_config.model_type,
         family=adapter.family, rotation=rotation, round_to=round_to, slice_head=slice_head,
         tied_head=outcome.tied_head, fit_tied_head=fit_tied_head, pooling=pooling if uniform else "",
         standard=uniform, deviations=deviations,
@@ -228,7 +236,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
         write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
         sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
-        stock_view, exact_view = _output_view(staging, view.dtype, device), _output_view(exact, view.dtype, device)
+        stock_view, exact_view = _output_view(staging, work_dtype, device), _output_view(exact, work_dtype, device)
         reference = next(iter(streamed_logits(exact_view, exact_view.layers_path, sample, progress=False)))
         approx = next(iter(streamed_logits(stock_view, stock_view.layers_path, sample, progress=False)))
         figures["max_logit_deviation"] = config.max_logit_deviation = float((approx - reference).abs().max())
@@ -237,7 +245,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                                               eval_windows.batches(eval_batch_size), offload,
                                                               offload_dir, progress)
     if eval_windows is not None:
-        sliced_view = _output_view(staging, view.dtype, device)
+        sliced_view = _output_view(staging, work_dtype, device)
         figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_view.layers_path,
                                                            eval_windows.batches(eval_batch_size), offload,
                                                            offload_dir, progress)
@@ -273,6 +281,18 @@ def _quick_speed(model, staging: Path, device: str) -> list:
 
         sliced = AutoModelForCausalLM.from_pretrained(str(staging)).to(device).eval()
     return rows + quick_speed("sliced", sliced)
+
+
+def _in_memory(directory: Path, dtype: torch.dtype, device: str) -> ResidentModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, disable_mmap=True)
+    except (OSError, ValueError) as e:
+        raise SliceGPTError(f"cannot load the model in {directory}: {str(e).splitlines()[0]}") from None
+    if dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # fused MoE kernels have no float64 version
+    return ResidentModel(model.eval(), device)
 
 
 def _version() -> str:

@@ -37,7 +37,8 @@ from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes
 from slicegpt.errors import SliceGPTError
 from slicegpt.core.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
-from slicegpt.formats.sliced_modeling import ENTRY, attach_structure, get_path, layer_arguments, run_branch
+from slicegpt.formats.sliced_modeling import (ENTRY, attach_structure, get_path, layer_arguments, record_structure,
+                                              run_branch)
 from slicegpt.core.weights import resolve, rotate_input, rotate_output
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
@@ -167,6 +168,8 @@ class _Run:
         self.ends = _outside(self.model, (adapter.layers, adapter.final_norm, adapter.head))
         self.offload, self.offload_dir = offload, offload_dir
         self.resumed = hooks.resume()
+        self.fused: set[int] = set()  # layers whose norms are folded in the copy now held
+        self.entry_fused = False
 
     @property
     def device(self) -> torch.device:
@@ -175,13 +178,18 @@ class _Run:
     def new_cache(self) -> ActivationCache:
         return ActivationCache(self.offload, self.offload_dir)
 
-    def onload_ends(self) -> None:
+    def onload_ends(self, tied_head: bool = False) -> None:
+        """The model's ends (embeddings, entry linears), their LayerNorm entry made zero-mean once per copy."""
         for path in self.ends:
             self.view.onload(path)
+        if not self.entry_fused:
+            fuse_entry(self.model, self.adapter, tied_head=tied_head)
+            self.entry_fused = True
 
     def offload_ends(self) -> None:
         for path in self.ends:
             self.view.offload(path)
+        self.entry_fused = self.entry_fused and self.view.keeps_changes  # a fresh copy comes next time
 
     def start(self, cache: ActivationCache, arguments: LayerArguments) -> None:
         """Layer inputs (fresh run) or the checkpointed activations (resumed run), and the layer arguments."""
@@ -195,11 +203,18 @@ class _Run:
     def write(self, part: int, prefixes: Sequence[str], skip: Sequence[str] = ()) -> None:
         self.hooks.write(part, _tensors(self.model, prefixes, skip))
 
-    def layer(self, li: int, fuse: bool = True) -> nn.Module:
+    def layer(self, li: int) -> nn.Module:
+        """Decoder layer `li` on the device with its norms folded (once per copy of its weights)."""
         layer = self.view.onload(f"{self.adapter.layers}.{li}")
-        if fuse:
+        if li not in self.fused:
             fuse_layer(layer, self.adapter)
+            self.fused.add(li)
         return layer
+
+    def release(self, li: int) -> None:
+        self.view.offload(f"{self.adapter.layers}.{li}")
+        if not self.view.keeps_changes:  # the next onload reads the source again
+            self.fused.discard(li)
 
     def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
         return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.progress)
@@ -239,8 +254,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
 
     if not tied:  # embeddings and head end up in different bases; the head keeps the source's weights
         view.untie_head(adapter)
-    run.onload_ends()
-    fuse_entry(model, adapter, tied_head=tied)
+    run.onload_ends(tied_head=tied)
     with run.new_cache() as cache:
         arguments = LayerArguments(cache)
         run.cache, run.arguments = cache, arguments
@@ -288,7 +302,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                                         exit_basis=last and not slice_head, outcome=outcome, prefix=prefix)
                     bar.update()
                 run.write(li + 1, [prefix])
-                view.offload(prefix)
+                run.release(li)
                 hooks.checkpoint(Progress("layers", li + 1, {"basis": q}, outcome.spectra,
                                           outcome.module_attributes), cache)
 
@@ -304,7 +318,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
               skip=[f"{adapter.head}.weight"] if tied else [])
     if view.keeps_changes:
         attach_structure(model, outcome.structure)
-        model.slicegpt_structure = {"structure": outcome.structure, "module_attributes": outcome.module_attributes}
+        record_structure(model, outcome.structure, outcome.module_attributes)
     return outcome
 
 
@@ -383,7 +397,6 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     n_steps = len(layers) * len(run.groups)
 
     run.onload_ends()
-    fuse_entry(model, adapter)
     state = run.resumed[0] if run.resumed is not None else None
     with run.new_cache() as cache:
         arguments = LayerArguments(cache)
@@ -414,7 +427,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                             cache.put(b, h)
                         _pooled_add(run, pooled, unit_trace)
                         bar.update()
-                    view.offload(f"{adapter.layers}.{li}")  # onloaded again (and fused) for the weights
+                    run.release(li)  # onloaded again for the weights
                     hooks.checkpoint(Progress("statistics", li + 1, {"pooled": pooled}), cache)
             final = Covariance(hidden, run.device)
             for b in range(len(cache)):
@@ -438,9 +451,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
             run.offload_ends()
 
     if first == 0:
-        run.onload_ends()
-        if not view.keeps_changes:  # a fresh copy of the source: fuse again (same numbers)
-            fuse_entry(model, adapter)
+        run.onload_ends()  # a fresh copy of the source is fused again (same numbers)
         for path in adapter.embeddings:
             rotate_input(resolve(model, path), q)
         for path in adapter.entry_writers:
@@ -450,13 +461,13 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
         hooks.checkpoint(Progress("weights", 0, tensors, outcome.spectra, outcome.module_attributes), None)
     with run.bar(len(layers), "rotating", first) as bar:
         for li in range(first, len(layers)):
-            layer = run.layer(li, fuse=not view.keeps_changes)
+            layer = run.layer(li)
             prefix = f"{adapter.layers}.{li}"
             for group in run.groups:
                 rotate_reads(layer, prefix, group, adapter, q, hidden, outcome.module_attributes)
                 rotate_writes(layer, group, q)
             run.write(li + 1, [prefix])
-            view.offload(prefix)
+            run.release(li)
             hooks.checkpoint(Progress("weights", li + 1, tensors, outcome.spectra, outcome.module_attributes), None)
             bar.update()
 
@@ -480,7 +491,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     run.write(len(layers) + 1, [adapter.final_norm, adapter.head], skip=[f"{adapter.head}.weight"] if tied else [])
     if view.keeps_changes:
         attach_structure(model, outcome.structure)
-        model.slicegpt_structure = {"structure": outcome.structure, "module_attributes": outcome.module_attributes}
+        record_structure(model, outcome.structure, outcome.module_attributes)
     return outcome
 
 

@@ -60,20 +60,31 @@ class LayeredModel:
 
 
 class ResidentModel(LayeredModel):
-    """A model already in memory: nothing moves, changes stay (sliced in place)."""
+    """A model held in memory: changes stay (sliced in place).
 
-    def __init__(self, model: nn.Module) -> None:
+    With a `device` other than the model's, each module is moved there when onloaded and back
+    when offloaded: the whole model waits in CPU memory, one layer at a time is on the GPU.
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
         self.model = model
-        self.device = next(model.parameters()).device
+        self.home = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else self.home
+        if self.device != self.home:  # buffers (rotary tables) are small: they live on the device
+            for name, buffer in list(model.named_buffers()):
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = buffer.to(self.device)
 
     def onload(self, path: str) -> nn.Module:
-        return get_path(self.model, path) if path else self.model
+        module = get_path(self.model, path) if path else self.model
+        return module.to(self.device) if self.device != self.home else module
 
     def offload(self, path: str) -> None:
-        pass
+        if self.device != self.home and path:
+            get_path(self.model, path).to(self.home)
 
     def original(self, name: str) -> torch.Tensor:
-        return self.model.get_parameter(name).detach().clone()
+        return self.model.get_parameter(name).detach().clone().to(self.device)
 
 
 def _describe_oserror(e: OSError) -> str:

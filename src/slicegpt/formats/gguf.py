@@ -285,7 +285,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 
     from slicegpt.atomic import atomic_file, refuse_existing
 
-    if getattr(model, "slicegpt_structure", None) is not None:
+    from slicegpt.formats.sliced_modeling import sliced_structure
+
+    if sliced_structure(model) is not None:
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "
                             "(skip-connection matrices); slice it with --rotation uniform")
     model_type = model.config.model_type

@@ -22,7 +22,8 @@ from slicegpt.formats import sliced_modeling
 from slicegpt.atomic import atomic_directory, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME
+from slicegpt.formats.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
+                                              sliced_structure)
 
 CODE_NAME = "modeling_slicegpt.py"
 # safetensors bytes (float64, keys boundary.{i}), deliberately not named *.safetensors: vLLM
@@ -123,7 +124,7 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
     """
     out = Path(out_dir)
     refuse_existing(out, force, "output directory", "--force (force=True)")
-    slicing = getattr(model, "slicegpt_structure", None)
+    slicing = sliced_structure(model)
     if slicing is None and not config.standard:
         raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
     with atomic_directory(out, force=True) as tmp:

@@ -36,6 +36,22 @@ MANIFEST_NAME = "slicegpt.json"  # slicing record and checksums, written by slic
 ENTRY = "entry_rotation"  # on the first layer when the embeddings stay tied to the head, unsliced
 
 
+def sliced_structure(model: nn.Module) -> dict | None:
+    """How a sliced model is built (``{"format_version", "structure", "module_attributes"}``), or None.
+
+    It lives in the model's config, under the key config.json gives it, so the model in memory,
+    a reloaded one and the saved file carry the same description.
+    """
+    meta = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    return meta if isinstance(meta, dict) else None
+
+
+def record_structure(model: nn.Module, structure: dict, module_attributes: dict) -> None:
+    """Attach the structure description to a model just sliced in memory (see `sliced_structure`)."""
+    setattr(model.config, CONFIG_KEY, {"format_version": FORMAT_VERSION, "structure": structure,
+                                       "module_attributes": module_attributes})
+
+
 class CheckpointError(ValueError):
     """A sliced-model directory that cannot be loaded (incomplete, corrupt, incompatible)."""
 
@@ -315,8 +331,7 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
     if missing:
         raise CheckpointError(f"{weights} is incomplete: missing tensors {missing[:3]}")
     set_module_attributes(model, meta.get("module_attributes", {}))
-    model.slicegpt_structure = {"structure": meta["structure"],
-                                "module_attributes": meta.get("module_attributes", {})}
+    model.config.slicegpt = meta  # already there from config.json; the one description of the structure
     if dtype is not None:
         model.to(dtype)
     if device is not None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import build_skeleton, get_path, set_parameter
+from slicegpt.formats.sliced_modeling import build_skeleton, get_path, set_parameter, sliced_structure
 
 
 @dataclass
@@ -173,7 +173,7 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
     something different and `accept_deviation` is False. `sample` ([b, L] token ids) is run
     through both models to measure the largest logit difference.
     """
-    slicing = getattr(model, "slicegpt_structure", None)
+    slicing = sliced_structure(model)
     if slicing is None:
         raise SliceGPTError("this model was not sliced by slicegpt")
     if slicing["structure"].get("rotation") != "uniform":
