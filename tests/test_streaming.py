@@ -332,3 +332,32 @@ def test_a_model_twice_the_memory_cap_slices_in_half_its_size(tmp_path, tokenize
     assert 0 < peak < size / 2, f"peak RSS {peak / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB"
     figures = json.loads(result.stdout.splitlines()[-2])
     assert figures["parameters_sliced"] < figures["parameters_dense"]
+
+
+def test_unequal_widths_per_boundary_save_load_and_generate(tmp_path, tokenizer, calibration):
+    """The engine gives every block boundary its own width; such a model saves, loads and decodes."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_model("llama")
+    adapter = get_adapter(model.config)
+    widths = [56, 48, 40, 48, 56, 40, 64]  # after the embeddings, then after each of the 6 steps
+    outcome = slice_layers(ResidentModel(model), adapter, calibration.batches(4), widths, progress=False)
+    layers = model.model.layers
+    assert layers[0].entry_rotation.shape == (64, 56)
+    assert [tuple(layer.attn_shortcut.shape) for layer in layers] == [(56, 48), (40, 48), (56, 40)]
+    assert [tuple(layer.mlp_shortcut.shape) for layer in layers] == [(48, 40), (48, 56), (40, 64)]
+    config = slicegpt.SlicingConfig(sparsity=0.25, hidden_size=64, sliced_hidden_size=max(widths[:-1]),
+                                    model_type="llama", family="llama", tied_head=outcome.tied_head)
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    ids = calibration.input_ids[:2]
+    expected = model(ids).logits
+    loaded = slicegpt.load(out).model
+    assert torch.equal(loaded(ids).logits, expected)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert torch.equal(remote(ids).logits, expected)
+    prompt = calibration.input_ids[:1, :8]  # the KV cache path: greedy decoding, token by token
+    cached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    uncached = prompt
+    for _ in range(6):
+        uncached = torch.cat([uncached, model(uncached).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, uncached)

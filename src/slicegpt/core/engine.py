@@ -416,15 +416,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                 for li in range(first, len(layers)):
                     layer = run.layer(li)
                     for group in run.groups:
-                        for b in range(len(cache)):
-                            x = cache.get(b, run.device)
-                            kwargs = arguments.get(li, b, run.device)
-                            normed: dict = {}
-                            h = x
-                            for branch in group:
-                                h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
-                            check_finite(h, f"of layer {li} ({_step_name(group)})")
-                            cache.put(b, h)
+                        _dense_step(run, layer, li, group, specs)
                         _pooled_add(run, pooled, unit_trace)
                         bar.update()
                     run.release(li)  # onloaded again for the weights
@@ -493,6 +485,19 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
         attach_structure(model, outcome.structure)
         record_structure(model, outcome.structure, outcome.module_attributes)
     return outcome
+
+
+def _dense_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict) -> None:
+    """One residual step of the dense model over every batch: the stream after it replaces the one before."""
+    for b in range(len(run.cache)):
+        x = run.cache.get(b, run.device)
+        kwargs = run.arguments.get(li, b, run.device)
+        normed: dict = {}
+        h = x
+        for branch in group:
+            h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
+        check_finite(h, f"of layer {li} ({_step_name(group)})")
+        run.cache.put(b, h)
 
 
 def _pooled_add(run: _Run, pooled: torch.Tensor, unit_trace: bool) -> None:
