@@ -361,3 +361,13 @@ def test_unequal_widths_per_boundary_save_load_and_generate(tmp_path, tokenizer,
     for _ in range(6):
         uncached = torch.cat([uncached, model(uncached).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(cached, uncached)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    from slicegpt.core.resume import RunDirectory
+
+    first = RunDirectory(tmp_path / "out", 5, {"a": 1}, "fingerprint")
+    with pytest.raises(slicegpt.SliceGPTError, match="another slicegpt run is writing"):
+        RunDirectory(tmp_path / "out", 5, {"a": 1}, "fingerprint")
+    first.remove()
+    RunDirectory(tmp_path / "out", 5, {"a": 1}, "fingerprint").remove()  # free again

@@ -63,17 +63,35 @@ class RunDirectory(Hooks):
         self.shards: dict[str, str] = {}
         self.record: dict | None = None
         self.checkpoints = 0
+        self._lock = self._take_lock()
         if restart and self.root.exists():
-            shutil.rmtree(self.root)
+            _clear(self.root)
         self.record = self._read_record()
         if self.record is None and self.root.exists():
-            shutil.rmtree(self.root)  # a run that died before its first record: nothing to keep
+            _clear(self.root)  # a run that died before its first record: nothing to keep
         try:
             self.staging.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SliceGPTError(f"cannot create {self.root}: {e.strerror or e}") from None
         if self.record is not None:
             self.shards = dict(self.record["shards"])
+
+    def _take_lock(self):
+        """One run per output at a time (the kernel drops the lock of a killed process)."""
+        import fcntl
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / "lock", "a")
+        except OSError as e:
+            raise SliceGPTError(f"cannot create {self.root}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise SliceGPTError(f"another slicegpt run is writing {self.out} (it holds {self.root / 'lock'}); "
+                                "wait for it to finish or stop it") from None
+        return handle
 
     @property
     def resuming(self) -> bool:
@@ -198,6 +216,14 @@ class RunDirectory(Hooks):
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        self._lock.close()
+
+
+def _clear(root: Path) -> None:
+    """Everything of an old run but the lock this run holds."""
+    for path in root.iterdir():
+        if path.name != "lock":
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 class _LazyTensor:
