@@ -71,3 +71,26 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     expected = torch.softmax(plain(ids).logits[0, 3:].double(), -1)
     assert (got - expected).abs().max() < 1e-3
     assert tokens == tokenizer(text)["input_ids"]  # SmolLM2's own pre-tokenizer, copied from the source GGUF
+
+
+def test_default_model_streamed_from_its_gguf_equals_the_in_memory_slice(tmp_path):
+    """`slice_and_save("default")`: the GGUF is converted to the safetensors cache, read one layer at a
+    time, written in shards; the result is the in-memory API's, bit for bit, and generates the same text."""
+    run = slicegpt.slice_and_save("default", tmp_path / "streamed", 0.25, samples=8, seqlen=256, eval_samples=2,
+                                  eval_seqlen=256, progress=False)
+    assert run.config.sliced_hidden_size == 432 and run.config.source_model.endswith(".gguf")
+    assert len(list((tmp_path / "streamed").glob("model-*-of-00032.safetensors"))) == 32  # 30 layers + 2 ends
+    loaded = slicegpt.load_model("default")
+    reference, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25, samples=8,
+                                             seqlen=256, progress=False)
+    assert run.config.parameters_sliced == config.parameters_sliced
+    streamed = slicegpt.load(run.out)
+    windows = evaluation_windows(tokenize(loaded.tokenizer, load_text("shakespeare", "evaluation")), seqlen=256,
+                                 samples=2)
+    ids = windows.input_ids[:1, :64]
+    assert torch.equal(streamed.model(ids).logits, reference(ids).logits)
+    assert run.figures["perplexity_sliced"] == pytest.approx(slicegpt.perplexity(reference, windows, progress=False),
+                                                             rel=1e-6)
+    prompt = "The king said to his daughter"
+    assert (slicegpt.generate(streamed.model, streamed.tokenizer, prompt, max_new_tokens=12)
+            == slicegpt.generate(reference, loaded.tokenizer, prompt, max_new_tokens=12))

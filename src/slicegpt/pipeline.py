@@ -139,9 +139,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         raise SliceGPTError(f"weights must wait on cpu or disk, got {weights!r}")
     if offload not in ("cpu", "disk"):
         raise SliceGPTError(f"offload must be cpu or disk, got {offload!r}")
-    if offload_dir is not None:  # this run's own folder: what a killed run left there is removed
+    if offload_dir is not None:  # this run's own folder (emptied below, once the run holds its lock)
         offload_dir = Path(offload_dir) / f"slicegpt-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
-        shutil.rmtree(offload_dir, ignore_errors=True)
     calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
     directory, source_name = checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
@@ -178,6 +177,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     run_dir = RunDirectory(out, len(layers) + 2, settings, fingerprint, restart=restart,
                            checkpoint_every=checkpoint_every)
     resumed = run_dir.record["next_layer"] if run_dir.resuming else None
+    if offload_dir is not None:  # what a killed run left there
+        shutil.rmtree(offload_dir, ignore_errors=True)
 
     figures: dict = {"model": str(model), "sparsity": sparsity}
     bias_norms = layernorms_with_bias(view.model)

@@ -26,7 +26,7 @@ from torch import nn
 
 from slicegpt.errors import SliceGPTError
 
-TASKS_DIR = Path(__file__).parent / "tasks"  # lm-eval tasks shipped with slicegpt, always on the include path
+TASKS_DIR = Path(__file__).parent.parent / "tasks"  # lm-eval tasks shipped with slicegpt, always on the include path
 PAPER_TASKS = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 _LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas"}  # datasets' readers of local files
 _HUB_ERRORS = {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
