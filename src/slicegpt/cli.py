@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from slicegpt.adapters import get_adapter, supported_model_types
+from slicegpt.adapters import supported_model_types
 from slicegpt.atomic import refuse_existing
-from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, split_text, tokenize
+from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.loading import DEFAULT_MODEL, load_model
 from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.report import BENCH_KIND
 from slicegpt.formats.sliced_modeling import MANIFEST_NAME, CheckpointError
-from slicegpt.formats.standard import check_standard
 from slicegpt.evaluation.zero_shot import PAPER_TASKS
 
 

@@ -25,7 +25,8 @@ from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform
-from slicegpt.core.forward import streamed_logits, streamed_perplexity
+from slicegpt.core.forward import streamed_logits
+from slicegpt.evaluation.perplexity import streamed_perplexity
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel
 from slicegpt.core.resume import RunDirectory
 from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize

@@ -23,7 +23,7 @@ checkpoint) are the caller's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""A forward pass over many windows with one layer onloaded at a time (perplexity of big models).
+"""A forward pass over many windows with one layer onloaded at a time (for the perplexity of big models).
 
 The same onloading as slicing: the embeddings (and the per-layer arguments the family's
 forward computes) by the model's own forward with the layers stubbed out, then each layer
@@ -9,7 +9,6 @@ whatever the family does after them (logit soft-capping) are the family's own co
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import torch
@@ -19,7 +18,6 @@ from tqdm.auto import tqdm
 from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.engine import Batch, capture
 from slicegpt.core.onload import LayeredModel
-from slicegpt.errors import SliceGPTError
 from slicegpt.formats.sliced_modeling import get_path
 
 
@@ -57,25 +55,6 @@ def streamed_logits(view: LayeredModel, layers_path: str, batches: Sequence[Batc
     finally:
         for path in ends:
             view.offload(path)
-
-
-def streamed_perplexity(view: LayeredModel, layers_path: str, batches: Sequence[Batch], offload: str = "cpu",
-                        offload_dir=None, progress: bool = True) -> float:
-    """exp of the mean next-token NLL, computed layer by layer (equal to `evaluation.perplexity`)."""
-    total_nll, total_tokens = 0.0, 0
-    for (input_ids, mask), logits in zip(batches, streamed_logits(view, layers_path, batches, offload, offload_dir,
-                                                                  progress)):
-        targets = input_ids[:, 1:].to(logits.device).masked_fill(mask[:, 1:].to(logits.device) == 0, -100)
-        nll = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                          targets.reshape(-1), ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
-    if total_tokens == 0:
-        raise SliceGPTError("no tokens to evaluate")
-    value = math.exp(total_nll / total_tokens)
-    if not math.isfinite(value):
-        raise SliceGPTError("perplexity is not finite: the model produces NaN/inf logits")
-    return value
 
 
 def _logits(model: nn.Module, layers, input_ids: torch.Tensor, mask: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -99,7 +98,7 @@ class CheckpointModel(LayeredModel):
     def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu", sliced: dict | None = None) -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.directory = Path(directory)
         self.device = torch.device(device)

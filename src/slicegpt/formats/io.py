@@ -8,7 +8,6 @@ The PCA eigenvalues of every block boundary go beside it (`slicegpt.spectra`), f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from slicegpt.formats import sliced_modeling
 from slicegpt.atomic import atomic_directory, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
+from slicegpt.formats.shards import sha256 as _sha256
 from slicegpt.formats.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
                                               sliced_structure)
 
@@ -29,14 +29,6 @@ CODE_NAME = "modeling_slicegpt.py"
 # safetensors bytes (float64, keys boundary.{i}), deliberately not named *.safetensors: vLLM
 # loads every top-level *.safetensors file of a directory without an index as weights.
 SPECTRA_NAME = "slicegpt.spectra"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -147,6 +147,26 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
     return model, tokenizer
 
 
+def _resolve(source: str | os.PathLike | None) -> tuple[str, Path]:
+    """(the name as given, a path): the embedded models' names become their GGUF files."""
+    spec = str(source) if source is not None else DEFAULT_MODEL
+    if spec in EMBEDDED_MODELS and not Path(spec).exists():
+        return spec, EMBEDDED_MODELS[spec]()
+    return spec, Path(spec).expanduser()
+
+
+def _gguf_checkpoint(path: Path) -> Path:
+    """The safetensors directory a GGUF file is dequantized into, once (checked: it is a .gguf file)."""
+    if not path.is_file():
+        raise SliceGPTError(f"model file not found: {path}")
+    if path.suffix != ".gguf":
+        raise SliceGPTError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
+    cached = _gguf_cache_path(path)
+    if not (cached / "config.json").is_file():
+        _convert_gguf(path, cached)
+    return cached
+
+
 def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
                device: str = "cpu") -> LoadedModel:
     """Load a dense or sliced model with its tokenizer.
@@ -155,21 +175,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     file, a directory (a transformers checkpoint or a slicegpt output), or a hub id.
     """
     torch_dtype = _parse_dtype(dtype)
-    spec = str(source) if source is not None else DEFAULT_MODEL
-    if spec in EMBEDDED_MODELS and not Path(spec).exists():
-        path = EMBEDDED_MODELS[spec]()
-    else:
-        path = Path(spec).expanduser()
-
+    spec, path = _resolve(source)
     if path.suffix == ".gguf" or path.is_file():
-        if not path.is_file():
-            raise SliceGPTError(f"model file not found: {path}")
-        if path.suffix != ".gguf":
-            raise SliceGPTError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
-        cached = _gguf_cache_path(path)
-        if not (cached / "config.json").is_file():
-            _convert_gguf(path, cached)
-        model, tokenizer = _from_pretrained(str(cached), torch_dtype)
+        model, tokenizer = _from_pretrained(str(_gguf_checkpoint(path)), torch_dtype)
         return LoadedModel(model.to(device).eval(), tokenizer, str(path))
 
     if path.is_dir():
@@ -228,20 +236,9 @@ def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path,
     A GGUF file is dequantized once into the cache (as `load_model` does); a hub id is
     downloaded into the Hugging Face cache (safetensors, config and tokenizer files only).
     """
-    spec = str(source) if source is not None else DEFAULT_MODEL
-    if spec in EMBEDDED_MODELS and not Path(spec).exists():
-        path = EMBEDDED_MODELS[spec]()
-    else:
-        path = Path(spec).expanduser()
+    spec, path = _resolve(source)
     if path.suffix == ".gguf" or path.is_file():
-        if not path.is_file():
-            raise SliceGPTError(f"model file not found: {path}")
-        if path.suffix != ".gguf":
-            raise SliceGPTError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
-        cached = _gguf_cache_path(path)
-        if not (cached / "config.json").is_file():
-            _convert_gguf(path, cached)
-        return cached, str(path)
+        return _gguf_checkpoint(path), str(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
@@ -260,6 +257,16 @@ def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path,
     return _snapshot_from_hub(spec), spec
 
 
+def _require_hub(repo_id: str) -> None:
+    """Refuse at once, in one line, a download the machine cannot make."""
+    if env_flag("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise SliceGPTError(
+            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
+            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
+            "(or `default` for the embedded SmolLM2)"
+        )
+
+
 def _snapshot_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -268,12 +275,7 @@ def _snapshot_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # huggingface_hub raises several types for "not cached"
         pass
-    if env_flag("HF_HUB_OFFLINE") or not _hub_reachable():
-        raise SliceGPTError(
-            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
-            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
-            "(or `default` for the embedded SmolLM2)"
-        )
+    _require_hub(repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
@@ -291,12 +293,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel
         return LoadedModel(model.to(device).eval(), tokenizer, repo_id)
     except OSError:
         pass
-    if env_flag("HF_HUB_OFFLINE") or not _hub_reachable():
-        raise SliceGPTError(
-            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
-            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
-            "(or `default` for the embedded SmolLM2)"
-        )
+    _require_hub(repo_id)
     try:
         require_decoder(AutoConfig.from_pretrained(repo_id))
         model, tokenizer = _from_pretrained(repo_id, dtype)

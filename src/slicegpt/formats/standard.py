@@ -27,7 +27,7 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import build_skeleton, get_path, set_parameter, sliced_structure
+from slicegpt.formats.sliced_modeling import build_skeleton, get_path, sliced_structure
 
 
 @dataclass
