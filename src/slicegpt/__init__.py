@@ -6,6 +6,9 @@
     slicegpt.save(model, loaded.tokenizer, config, "out/smollm2-25")
     again = slicegpt.load("out/smollm2-25")
 
+    # the whole job, streamed: one layer at a time from disk, sharded output, resumable
+    run = slicegpt.slice_and_save("default", "out/smollm2-25", 0.25, offload="disk", offload_dir="/scratch")
+
     # one basis for the whole stream: a stock LlamaForCausalLM with hidden size 432, and GGUF
     stock, config = slicegpt.slice_model("default", sparsity=0.25, rotation="uniform")
     slicegpt.export_gguf(stock, loaded.tokenizer, "out/smollm2-25.gguf")

@@ -103,8 +103,8 @@ class CheckpointModel(LayeredModel):
         self.directory = Path(directory)
         self.device = torch.device(device)
         steady_allocator()
+        config = read_config(self.directory)  # what the model is, before where its weights are
         self.files = checkpoint_files(self.directory)  # tensor name -> file
-        config = read_config(self.directory)
         self.config = config
         self.dtype = dtype or _checkpoint_dtype(config)
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
