@@ -52,23 +52,12 @@ def slice_process(*args) -> tuple[float, int, dict]:
     return seconds, peak, figures
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT.read_text()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 def depth(args) -> None:
     from slicegpt.testing import write_random_llama
 
-    tokenizer = _tokenizer()
+    from slicegpt.testing import train_tokenizer
+
+    tokenizer = train_tokenizer(TEXT.read_text())
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         for layers in args.layers:

@@ -60,6 +60,16 @@ def publish(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def read_json(path: Path) -> object:
+    """A small JSON file, or a one-line SliceGPTError naming it as corrupted."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+
+
 def write_json(path: Path, data: dict) -> None:
     """Replace a small JSON file atomically and durably (a crash leaves the old or the new one)."""
     import json

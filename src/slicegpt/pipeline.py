@@ -24,14 +24,14 @@ from slicegpt.adapters.base import branch_groups
 from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
-from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform
+from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform, uniform_ties
 from slicegpt.core.forward import streamed_logits
 from slicegpt.evaluation.perplexity import streamed_perplexity
-from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel
+from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
 from slicegpt.core.resume import RunDirectory
 from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.shards import write_index, write_shard
+from slicegpt.formats.shards import tensor_sizes, write_index, write_shard
 from slicegpt.formats.loading import _parse_dtype, checkpoint_directory
 from slicegpt.evaluation.measure import measure
 from slicegpt.formats.sliced_modeling import CONFIG_KEY, get_path
@@ -85,17 +85,7 @@ def _digest(*tensors: torch.Tensor) -> str:
 
 def _count(directory: Path) -> int:
     """Parameters in a written model: every tensor of its shards, each stored once (a tied head is not stored)."""
-    from safetensors import safe_open
-
-    total = 0
-    for shard in sorted(directory.glob("model-*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                numel = 1
-                for n in f.get_slice(key).get_shape():
-                    numel *= n
-                total += numel
-    return total
+    return sum(numel for shard in directory.glob("model-*.safetensors") for numel, _ in tensor_sizes(shard).values())
 
 
 def _parameters(model: torch.nn.Module) -> int:
@@ -191,7 +181,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     calibration_batches = windows.batches(batch_size)
     with measure(device) as m:
         if uniform:
-            tied_hint = _uniform_ties(view, adapter, fit_tied_head)
+            tied_hint = uniform_ties(view, adapter, fit_tied_head)
             exact = run_dir.root / "exact" if deviations else None
             hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms, exact)
             outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
@@ -238,17 +228,18 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
         write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
         sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
-        stock_view, exact_view = _output_view(staging, work_dtype, device), _output_view(exact, work_dtype, device)
-        reference = next(iter(streamed_logits(exact_view, exact_view.layers_path, sample, progress=False)))
-        approx = next(iter(streamed_logits(stock_view, stock_view.layers_path, sample, progress=False)))
+        (stock_view, stock_layers), (exact_view, exact_layers) = (_output_view(staging, work_dtype, device),
+                                                                  _output_view(exact, work_dtype, device))
+        reference = next(iter(streamed_logits(exact_view, exact_layers, sample, progress=False)))
+        approx = next(iter(streamed_logits(stock_view, stock_layers, sample, progress=False)))
         figures["max_logit_deviation"] = config.max_logit_deviation = float((approx - reference).abs().max())
         if eval_windows is not None:
-            figures["perplexity_exact"] = streamed_perplexity(exact_view, exact_view.layers_path,
+            figures["perplexity_exact"] = streamed_perplexity(exact_view, exact_layers,
                                                               eval_windows.batches(eval_batch_size), offload,
                                                               offload_dir, progress)
     if eval_windows is not None:
-        sliced_view = _output_view(staging, work_dtype, device)
-        figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_view.layers_path,
+        sliced_view, sliced_layers = _output_view(staging, work_dtype, device)
+        figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_layers,
                                                            eval_windows.batches(eval_batch_size), offload,
                                                            offload_dir, progress)
         figures["eval_tokens"] = eval_windows.tokens
@@ -292,8 +283,7 @@ def _in_memory(directory: Path, dtype: torch.dtype, device: str) -> ResidentMode
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, disable_mmap=True)
     except (OSError, ValueError) as e:
         raise SliceGPTError(f"cannot load the model in {directory}: {str(e).splitlines()[0]}") from None
-    if dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("eager")  # fused MoE kernels have no float64 version
+    eager_experts_for_float64(model, dtype)
     return ResidentModel(model.eval(), device)
 
 
@@ -301,14 +291,6 @@ def _version() -> str:
     from slicegpt import __version__
 
     return __version__
-
-
-def _uniform_ties(view: LayeredModel, adapter, fit_tied_head: bool) -> bool:
-    """Whether uniform rotation keeps the head tied (the engine decides the same way; see slice_uniform)."""
-    final = view.onload(adapter.final_norm)
-    unit = adapter.norm_kind == "rmsnorm" and bool(torch.all(final.weight.data + adapter.norm_offset == 1.0))
-    return view.ties_head(adapter.head, adapter.embeddings[0]) and adapter.norm_kind == "rmsnorm" and (
-        unit or fit_tied_head)
 
 
 def _generation_config(directory: Path):
@@ -337,9 +319,9 @@ def _dense_perplexity(root: Path, view: LayeredModel, layers: str, windows, batc
     return value
 
 
-def _output_view(directory: Path, dtype: torch.dtype, device: str) -> CheckpointModel:
-    """The written model, read one layer at a time (its own structure for per-layer outputs)."""
-    raw = json.loads((directory / "config.json").read_text())
-    view = CheckpointModel(directory, dtype=dtype, device=device, sliced=raw.get(CONFIG_KEY))
-    view.layers_path = (raw.get(CONFIG_KEY) or {}).get("structure", {}).get("layers") or get_adapter(view.config).layers
-    return view
+def _output_view(directory: Path, dtype: torch.dtype, device: str) -> tuple[CheckpointModel, str]:
+    """The written model, read one layer at a time (its own structure for per-layer outputs), and
+    where its layers are."""
+    sliced = json.loads((directory / "config.json").read_text()).get(CONFIG_KEY)
+    view = CheckpointModel(directory, dtype=dtype, device=device, sliced=sliced)
+    return view, sliced["structure"]["layers"] if sliced else get_adapter(view.config).layers

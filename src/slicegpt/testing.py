@@ -1,4 +1,4 @@
-"""Random-weight checkpoints of any size, written one layer at a time (for memory tests and benchmarks).
+"""Test material: random-weight checkpoints of any size, written one layer at a time, and a small tokenizer.
 
 A model bigger than memory cannot be built with `from_config` and saved; this writes its
 shards directly, as a sharded transformers checkpoint (`model-0000N-of-0000M.safetensors` and
@@ -67,3 +67,17 @@ def write_random_llama(path: str | os.PathLike, layers: int, hidden: int = 1024,
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     return sum(f.stat().st_size for f in path.glob("model-*.safetensors"))
+
+
+def train_tokenizer(text: str, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on `text` (with <unk>, <s>, </s>), for tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

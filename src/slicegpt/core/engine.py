@@ -379,17 +379,15 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     hooks = hooks or Hooks()
     run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir)
     model, hidden, layers = run.model, run.hidden, run.layers
-    source_ties = view.ties_head(adapter.head, run.embedding)
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
     if fit_tied_head:
         if adapter.norm_kind != "rmsnorm":
             raise SliceGPTError(f"fitting a tied head's gain is for RMSNorm families, not {adapter.family}")
-        if not source_ties:
+        if not view.ties_head(adapter.head, run.embedding):
             raise SliceGPTError("this model's head is not tied to its embeddings; there is no tied head to fit")
         final_gain = final_norm.weight.data.to(torch.float64) + adapter.norm_offset
-    unit_gain = adapter.norm_kind == "rmsnorm" and bool(torch.all(final_norm.weight.data + adapter.norm_offset == 1.0))
-    tied = source_ties and adapter.norm_kind == "rmsnorm" and (unit_gain or fit_tied_head)
+    tied = uniform_ties(view, adapter, fit_tied_head)
     if not tied:
         view.untie_head(adapter)  # before the embeddings change: the head keeps the source's weights
     outcome = SliceOutcome(structure=adapter.structure(rotation="uniform"), tied_head=tied)
@@ -498,6 +496,15 @@ def _dense_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...],
             h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
         check_finite(h, f"of layer {li} ({_step_name(group)})")
         run.cache.put(b, h)
+
+
+def uniform_ties(view: LayeredModel, adapter: ModelAdapter, fit_tied_head: bool) -> bool:
+    """Whether uniform rotation keeps a tied head tied: exact only with a unit final-norm gain
+    (RMSNorm families), or approximately with `fit_tied_head`."""
+    final = view.onload(adapter.final_norm)
+    unit_gain = adapter.norm_kind == "rmsnorm" and bool(torch.all(final.weight.data + adapter.norm_offset == 1.0))
+    return (view.ties_head(adapter.head, adapter.embeddings[0]) and adapter.norm_kind == "rmsnorm"
+            and (unit_gain or fit_tied_head))
 
 
 def _pooled_add(run: _Run, pooled: torch.Tensor, unit_trace: bool) -> None:

@@ -69,10 +69,8 @@ class ResidentModel(LayeredModel):
         self.model = model
         self.home = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.home
-        if self.device != self.home:  # buffers (rotary tables) are small: they live on the device
-            for name, buffer in list(model.named_buffers()):
-                owner, _, leaf = name.rpartition(".")
-                model.get_submodule(owner)._buffers[leaf] = buffer.to(self.device)
+        if self.device != self.home:
+            _buffers_to(model, self.device)
 
     def onload(self, path: str) -> nn.Module:
         module = get_path(self.model, path) if path else self.model
@@ -86,8 +84,20 @@ class ResidentModel(LayeredModel):
         return self.model.get_parameter(name).detach().clone().to(self.device)
 
 
-def _describe_oserror(e: OSError) -> str:
-    return e.strerror or str(e)
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Buffers (rotary tables, embedding scales) are small: they stay on the compute device."""
+    for name, buffer in list(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer.to(device)
+
+
+def eager_experts_for_float64(model: nn.Module, dtype: torch.dtype) -> None:
+    """Fused MoE kernels (grouped_mm) have no float64 version: float64 models use the eager loop."""
+    if dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, AttributeError):
+            pass
 
 
 class CheckpointModel(LayeredModel):
@@ -110,11 +120,7 @@ class CheckpointModel(LayeredModel):
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model = model.eval()
-        if self.dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
-            try:  # fused MoE kernels (grouped_mm) have no float64 version
-                model.set_experts_implementation("eager")
-            except (ValueError, AttributeError):
-                pass
+        eager_experts_for_float64(model, self.dtype)
         self.sliced = sliced  # the slicegpt block of a sliced model's config: its layer structure
         if sliced is not None:
             use_rms_norms(model, sliced["structure"])
@@ -138,10 +144,7 @@ class CheckpointModel(LayeredModel):
         for head, embedding in self.aliases.items():  # share one Parameter, as a loaded model does
             owner, _, leaf = head.rpartition(".")
             setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(embedding))
-        for name, buffer in list(self.model.named_buffers()):
-            owner, _, leaf = name.rpartition(".")
-            module = self.model.get_submodule(owner)
-            module._buffers[leaf] = buffer.to(self.device)
+        _buffers_to(self.model, self.device)
         self._pristine: dict[str, nn.Module] = {}
 
     def _read(self, name: str) -> torch.Tensor:
@@ -157,7 +160,7 @@ class CheckpointModel(LayeredModel):
             with safe_open(path, framework="pt") as handle:
                 tensor = handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            detail = _describe_oserror(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+            detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0]
             raise SliceGPTError(f"{path} is corrupted or truncated ({detail})") from None
         return tensor
 
@@ -252,7 +255,6 @@ class CheckpointModel(LayeredModel):
         parent, _, leaf = path.rpartition(".")
         setattr(get_path(self.model, parent) if parent else self.model, leaf, copy.deepcopy(pristine))
         release_memory()
-
 
     def fingerprint(self) -> str:
         """A checksum of the source: its config and every file's safetensors header and size.

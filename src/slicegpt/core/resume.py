@@ -210,10 +210,6 @@ class RunDirectory(Hooks):
             activations = [_LazyTensor(p) for p in files]
         return progress, activations
 
-    def finish(self) -> Path:
-        """The finished staging directory (to be completed and published by the caller)."""
-        return self.staging
-
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         self._lock.close()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from slicegpt.formats import sliced_modeling
-from slicegpt.atomic import atomic_directory, refuse_existing
+from slicegpt.atomic import atomic_directory, read_json, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.shards import sha256 as _sha256
@@ -151,10 +151,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise SliceGPTError(f"{directory} is not a complete sliced model: {MANIFEST_NAME} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+    manifest = read_json(path)
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS:
         raise SliceGPTError(

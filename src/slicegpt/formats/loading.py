@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slicegpt.atomic import atomic_directory
+from slicegpt.atomic import atomic_directory, read_json
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.lora import with_saved_adapter
 from slicegpt.formats.sliced_modeling import CONFIG_KEY, MANIFEST_NAME, CheckpointError, load_sliced_model
@@ -181,17 +181,10 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
         return LoadedModel(model.to(device).eval(), tokenizer, str(path))
 
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return load_model(ggufs[0], dtype=torch_dtype, device=device)
-            raise SliceGPTError(f"{path} has no config.json: it is not a model directory")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SliceGPTError(f"{config_file} is corrupted: {e}") from None
-        if CONFIG_KEY in config or (path / MANIFEST_NAME).is_file():  # a slicegpt output
+        kind, found = _directory_kind(path)
+        if kind == "gguf":
+            return load_model(found, dtype=torch_dtype, device=device)
+        if kind == "sliced":
             return load(path, dtype=dtype, device=device)
         read_config(path)  # a config without model_type, or an encoder, ends in one line
         try:
@@ -206,6 +199,18 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     return _load_from_hub(spec, torch_dtype, device)
 
 
+def _directory_kind(path: Path) -> tuple[str, Path]:
+    """("dense" | "sliced", path), or ("gguf", the file) for a folder holding one GGUF and no config."""
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise SliceGPTError(f"{path} has no config.json: it is not a model directory")
+    config = read_json(path / "config.json")
+    sliced = isinstance(config, dict) and CONFIG_KEY in config or (path / MANIFEST_NAME).is_file()
+    return ("sliced" if sliced else "dense"), path
+
+
 def read_config(directory: Path):
     """The model's config, refusing with one line what transformers would answer with a traceback."""
     from transformers import AutoConfig
@@ -215,10 +220,7 @@ def read_config(directory: Path):
     path = directory / "config.json"
     if not path.is_file():
         raise SliceGPTError(f"{directory} has no config.json: it is not a model directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SliceGPTError(f"{path} is corrupted: {e}") from None
+    raw = read_json(path)
     if not isinstance(raw, dict) or not raw.get("model_type"):
         raise SliceGPTError(f"{path} has no model_type: cannot tell which architecture the model is "
                             "(add e.g. \"model_type\": \"llama\")")
@@ -240,16 +242,10 @@ def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path,
     if path.suffix == ".gguf" or path.is_file():
         return _gguf_checkpoint(path), str(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return checkpoint_directory(ggufs[0])
-            raise SliceGPTError(f"{path} has no config.json: it is not a model directory")
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise SliceGPTError(f"{path / 'config.json'} is corrupted: {e}") from None
-        if isinstance(config, dict) and (CONFIG_KEY in config or (path / MANIFEST_NAME).is_file()):
+        kind, found = _directory_kind(path)
+        if kind == "gguf":
+            return checkpoint_directory(found)
+        if kind == "sliced":
             raise SliceGPTError(f"{path} is already a sliced model; slice the dense model instead")
         return path, str(path)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~")):

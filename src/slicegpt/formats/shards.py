@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from slicegpt.errors import SliceGPTError
-
 from slicegpt.formats.sliced_modeling import INDEX_NAME
 from slicegpt.formats.sliced_modeling import WEIGHTS_NAME as SINGLE_NAME
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def shard_name(part: int, parts: int) -> str:
@@ -52,26 +54,29 @@ def write_shard(directory: Path, part: int, parts: int, tensors: dict[str, torch
     return name, sha256(directory / name)
 
 
-def write_index(directory: Path, shards: dict[str, list[str]]) -> None:
-    """The index transformers reads: every tensor's file, and the total byte size of the tensors."""
+def tensor_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (elements, bytes) of a safetensors file, from its header alone."""
     from safetensors import safe_open
 
+    sizes = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            numel = math.prod(sl.get_shape())
+            sizes[key] = (numel, numel * _DTYPE_BYTES.get(sl.get_dtype(), 4))
+    return sizes
+
+
+def write_index(directory: Path, shards: dict[str, str]) -> None:
+    """The index transformers reads: every tensor's file, and the total byte size of the tensors."""
     weight_map, total = {}, 0
     for name in sorted(shards):
-        with safe_open(str(directory / name), framework="pt") as f:
-            for key in f.keys():
-                weight_map[key] = name
-                sl = f.get_slice(key)
-                shape, dtype = sl.get_shape(), sl.get_dtype()
-                numel = 1
-                for n in shape:
-                    numel *= n
-                total += numel * _DTYPE_BYTES.get(dtype, 4)
+        for key, (_, size) in tensor_sizes(directory / name).items():
+            weight_map[key] = name
+            total += size
     (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                     "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def checkpoint_files(directory: Path) -> dict[str, str]:
