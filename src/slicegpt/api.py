@@ -16,6 +16,12 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model
 from slicegpt.core.bases import sliced_dim
+from slicegpt.core.compensation import RIDGE, summarize
+from slicegpt.core.engine import per_layer_ties, uniform_ties
+from slicegpt.core.widths import WIDTHS, plan_widths
+
+METHODS = ("default", "paper")
+DEFAULT_WIDTHS = "adaptive"  # README "Quality": measured against equal widths
 from slicegpt.core.engine import POOLINGS, ROTATIONS, slice_layers, slice_uniform
 from slicegpt.core.onload import ResidentModel
 from slicegpt.formats.standard import check_standard, to_standard
@@ -33,8 +39,9 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 sparsity: float = 0.25, *, samples: int = 32, seqlen: int = 1024, seed: int = 0,
                 batch_size: int = 4, round_to: int = 8, slice_head: bool = False, keep_tied_head: bool = True,
                 rotation: str = "per-layer", standard: bool = True, accept_deviation: bool = False,
-                fit_tied_head: bool = False, pooling: str = "unit-trace",
-                progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
+                fit_tied_head: bool = False, pooling: str = "unit-trace", method: str = "default",
+                compensate: bool | None = None, widths: str | None = None, parameters: float | None = None,
+                ridge: float = RIDGE, progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` with SliceGPT and return the sliced model with the record of what was done.
 
     `model` may be a loaded causal LM (sliced in place), a hub id, a directory or a .gguf
@@ -51,7 +58,15 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     cost of a fitted final-norm gain (measure its perplexity). `pooling` weighs the block
     boundaries of the uniform basis: "unit-trace" (each boundary equally) or "tokens" (by raw
     energy); which is better depends on the model (README).
+
+    `method="default"` turns on every lever measured to help (README, "Quality");
+    `method="paper"` is the paper's algorithm. Each lever can be set alone: `compensate`
+    (refit readers and writers against the dense model, `core.compensation`, with `ridge`),
+    `widths` ("adaptive": each boundary its own width within the same parameter count;
+    "equal"), and `parameters` (a fraction of the dense parameter count, every added matrix
+    counted, instead of `sparsity`).
     """
+    compensate, widths = resolve_levers(method, compensate, widths)
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
         source_model = str(model)
@@ -83,11 +98,22 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                             tokens=windows.tokens)
 
     dense = count_parameters(model)
-    outcome = slice_resident(model, adapter, windows.batches(batch_size), dim, rotation=rotation,
+    batches = windows.batches(batch_size)
+    check_rotation(rotation, pooling, fit_tied_head)
+    view = ResidentModel(model)
+    tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
+            else per_layer_ties(view, adapter, keep_tied_head, slice_head))
+    plan = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
+                       parameters=parameters, dense_parameters=dense, round_to=round_to, tied=tied,
+                       slice_head=slice_head, progress=progress)
+    outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,
                              slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
-                             pooling=pooling, progress=progress)
+                             pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan)
     config = SlicingConfig(
-        sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim,
+        sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
+        sliced_hidden_size=round(sum(plan[:-1]) / (len(plan) - 1)) if not uniform else plan[0],
+        method=method, compensate=compensate, ridge=ridge if compensate else None, widths_rule=widths,
+        parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
         slice_head=slice_head, tied_head=outcome.tied_head,
         fit_tied_head=fit_tied_head, pooling=pooling if uniform else "", calibration=calibration_info, source_model=source_model,
@@ -95,6 +121,21 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     if uniform and standard:
         model = make_standard(model, config, accept_deviation, windows.input_ids[:1])
     return model, config
+
+
+def resolve_levers(method: str, compensate: bool | None, widths: str | None) -> tuple[bool, str]:
+    """The levers a method turns on, each overridable: (compensate, widths rule)."""
+    if method not in METHODS:
+        raise SliceGPTError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    paper = method == "paper"
+    if widths is not None and widths not in WIDTHS:
+        raise SliceGPTError(f"widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+    return (not paper if compensate is None else compensate), (widths or ("equal" if paper else DEFAULT_WIDTHS))
+
+
+def effective_sparsity(widths: list[int], hidden: int) -> float:
+    """1 - mean width / d over the boundaries the layers read (what `--parameters` came to)."""
+    return round(1.0 - sum(widths[:-1]) / ((len(widths) - 1) * hidden), 4)
 
 
 def check_rotation(rotation: str, pooling: str, fit_tied_head: bool) -> None:
@@ -109,16 +150,18 @@ def check_rotation(rotation: str, pooling: str, fit_tied_head: bool) -> None:
 
 def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: str = "per-layer",
                    slice_head: bool = False, keep_tied_head: bool = True, fit_tied_head: bool = False,
-                   pooling: str = "unit-trace", progress: bool = True):
-    """Slice a model held in memory, in place, with one width `dim` at every boundary."""
+                   pooling: str = "unit-trace", progress: bool = True, compensate: bool = False,
+                   ridge: float = RIDGE, widths: list[int] | None = None):
+    """Slice a model held in memory, in place, with one width `dim` at every boundary (or `widths`)."""
     check_rotation(rotation, pooling, fit_tied_head)
     view = ResidentModel(model)
     if rotation == "uniform":
-        return slice_uniform(view, adapter, batches, dim, fit_tied_head=fit_tied_head,
-                             unit_trace=pooling == "unit-trace", progress=progress)
+        return slice_uniform(view, adapter, batches, widths[0] if widths else dim, fit_tied_head=fit_tied_head,
+                             unit_trace=pooling == "unit-trace", progress=progress, compensate=compensate,
+                             ridge=ridge)
     steps = len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches))
-    return slice_layers(view, adapter, batches, [dim] * (steps + 1), slice_head=slice_head,
-                        keep_tied_head=keep_tied_head, progress=progress)
+    return slice_layers(view, adapter, batches, widths or [dim] * (steps + 1), slice_head=slice_head,
+                        keep_tied_head=keep_tied_head, progress=progress, compensate=compensate, ridge=ridge)
 
 
 def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: bool = False,

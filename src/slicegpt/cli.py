@@ -16,6 +16,7 @@ import torch
 
 from slicegpt.adapters import supported_model_types
 from slicegpt.atomic import refuse_existing
+from slicegpt.core.compensation import RIDGE
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.loading import DEFAULT_MODEL, load_model
@@ -76,7 +77,8 @@ def cmd_slice(args) -> None:
     if args.offload_dir and args.offload != "disk":
         raise SliceGPTError("--offload-dir applies to --offload disk only")
     run = slice_and_save(
-        args.model, out, args.sparsity, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
+        args.model, out, args.sparsity if args.sparsity is not None else 0.25, parameters=args.parameters,
+        method=args.method, compensate=args.compensate, widths=args.widths, ridge=args.ridge, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
         seed=args.seed, text_field=args.text_field, batch_size=args.batch_size, round_to=args.round_to,
         rotation=args.rotation, slice_head=args.slice_head, keep_tied_head=not args.untie_head,
         fit_tied_head=args.fit_tied_head, pooling=args.pooling or "unit-trace", accept_deviation=args.accept_deviation,
@@ -92,6 +94,10 @@ def cmd_slice(args) -> None:
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
                            f"({figures['parameter_ratio']:.1%}, "
                            f"{'every matrix included' if uniform else 'skip matrices included'})")]
+    rows.append(("method", f"{config.method}: compensation {'on' if config.compensate else 'off'}, "
+                           f"{config.widths_rule} widths"
+                           + (f" (budget {config.parameters_budget:.0%} of the dense parameters)"
+                              if config.parameters_budget is not None else "")))
     if uniform:
         rows.append(("format", f"standard {config.model_type} model (plain transformers from_pretrained; "
                                f"head {'tied' if config.tied_head else 'untied'})"))
@@ -357,7 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("slice", help="slice a model, report perplexity and parameters, save it")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden size to remove, in [0, 1)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--sparsity", type=float, help="fraction of the hidden size to remove, in [0, 1)")
+    size.add_argument("--parameters", type=float, metavar="FRACTION",
+                      help="keep this fraction of the dense parameter count (every added matrix counted), "
+                           "e.g. 0.75; slicegpt finds the widths")
+    p.add_argument("--method", choices=("default", "paper"), default="default",
+                   help="default: every quality lever measured to help (compensation, adaptive widths); "
+                        "paper: the paper's algorithm, to reproduce it")
+    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit each step's weights against the dense model after the cut (default: on, "
+                        "off with --method paper)")
+    p.add_argument("--widths", choices=("adaptive", "equal"), default=None,
+                   help="per-layer: each block boundary its own width within the same parameter count "
+                        "(adaptive; default) or one width everywhere (equal; --method paper)")
+    p.add_argument("--ridge", type=float, default=RIDGE,
+                   help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
     p.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)
     p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")

@@ -21,6 +21,14 @@ class SlicingConfig:
     standard: bool = False  # saved as the family's stock architecture (uniform rotation)
     deviations: list = field(default_factory=list)  # why the stock model is only approximate
     max_logit_deviation: float | None = None  # stock vs exact sliced model, one calibration window
+    # Quality levers (README "Quality"); a record without them was sliced by the paper's algorithm.
+    method: str = "paper"
+    compensate: bool = False  # readers and writers refitted against the dense model
+    ridge: float | None = None  # compensation's relative regulariser
+    widths_rule: str = "equal"  # "adaptive": each boundary its own width within the budget
+    parameters_budget: float | None = None  # --parameters: fraction of the dense count asked for
+    widths: list = field(default_factory=list)  # one width per block boundary
+    compensation: dict = field(default_factory=dict)  # summed calibration errors, paper's weights vs fitted
     calibration: dict = field(default_factory=dict)  # source, samples, seqlen, seed, tokens
     source_model: str = ""
     parameters_dense: int = 0

@@ -24,7 +24,9 @@ from slicegpt.adapters.base import branch_groups
 from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
-from slicegpt.core.engine import Hooks, Progress, slice_layers, slice_uniform, uniform_ties
+from slicegpt.core.compensation import RIDGE, summarize
+from slicegpt.core.engine import Hooks, Progress, per_layer_ties, slice_layers, slice_uniform, uniform_ties
+from slicegpt.core.widths import plan_widths
 from slicegpt.core.forward import streamed_logits
 from slicegpt.evaluation.perplexity import streamed_perplexity
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
@@ -102,7 +104,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    device: str = "cpu", weights: str = "disk", offload: str = "cpu",
                    offload_dir: str | os.PathLike | None = None,
                    restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
-                   progress: bool = True) -> SliceRun:
+                   method: str = "default", compensate: bool | None = None, widths: str | None = None,
+                   parameters: float | None = None, ridge: float = RIDGE, progress: bool = True) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
     Only one decoder layer is on `device` at a time; the other weights wait on `weights`
@@ -113,13 +116,18 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     starts over). `checkpoint_every` layers the activations are saved for resuming. `speed`
     adds a quick throughput check of the dense and the sliced model (both loaded whole).
     `rotation="uniform"` writes a stock model of the family (plain `from_pretrained`).
+    `method`, `compensate`, `widths`, `parameters` and `ridge` are the quality levers of
+    `slicegpt.slice_model`.
     """
     from transformers import AutoTokenizer
 
-    from slicegpt.api import check_rotation
+    from slicegpt.api import check_rotation, effective_sparsity, resolve_levers
 
     sliced_dim(8, sparsity)  # validate before any slow work
     check_rotation(rotation, pooling, fit_tied_head)
+    compensate, widths = resolve_levers(method, compensate, widths)
+    if parameters is not None and not 0.0 < parameters <= 2.0:
+        raise SliceGPTError(f"--parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
     if not out:
         raise SliceGPTError("an output directory is needed (--out)")
     out = Path(out)
@@ -161,6 +169,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
                 "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
+                "compensate": compensate, "ridge": ridge if compensate else None, "widths": widths,
+                "parameters": parameters,
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
                 "torch": torch.__version__, "slicegpt": _version()}
     if weights == "cpu":  # the same engine over the model in memory, moving one layer at a time to the device
@@ -180,17 +190,23 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
 
     calibration_batches = windows.batches(batch_size)
     with measure(device) as m:
+        tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
+                else per_layer_ties(view, adapter, keep_tied_head, slice_head))
+        plan = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths, sparsity=sparsity,
+                           parameters=parameters, dense_parameters=dense_parameters, round_to=round_to, tied=tied,
+                           slice_head=slice_head, offload=offload, offload_dir=offload_dir, progress=progress)
+        dim = plan[0]
         if uniform:
             tied_hint = uniform_ties(view, adapter, fit_tied_head)
             exact = run_dir.root / "exact" if deviations else None
             hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms, exact)
             outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
                                     unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
-                                    offload=offload, offload_dir=offload_dir)
+                                    offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge)
         else:
-            outcome = slice_layers(view, adapter, calibration_batches, [dim] * (n_steps + 1), slice_head=slice_head,
+            outcome = slice_layers(view, adapter, calibration_batches, plan, slice_head=slice_head,
                                    keep_tied_head=keep_tied_head, progress=progress, hooks=run_dir,
-                                   offload=offload, offload_dir=offload_dir)
+                                   offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge)
 
     staging = run_dir.staging
     generation = _generation_config(directory)
@@ -208,7 +224,11 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
     write_index(staging, run_dir.shards)
     config = SlicingConfig(
-        sparsity=sparsity, hidden_size=hidden, sliced_hidden_size=dim, model_type=source_config.model_type,
+        sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
+        sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
+        method=method, compensate=compensate, ridge=ridge if compensate else None, widths_rule=widths,
+        parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
+        model_type=source_config.model_type,
         family=adapter.family, rotation=rotation, round_to=round_to, slice_head=slice_head,
         tied_head=outcome.tied_head, fit_tied_head=fit_tied_head, pooling=pooling if uniform else "",
         standard=uniform, deviations=deviations,
@@ -216,10 +236,11 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                      "seqlen": windows.input_ids.shape[1], "tokens": windows.tokens},
         source_model=source_name, parameters_dense=dense_parameters, parameters_sliced=_count(staging),
         spectra=outcome.spectra)
-    figures.update(rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
+    figures.update(method=method, compensate=compensate, widths=widths,
+                   rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
                    parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
                    parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,
-                   sliced_hidden_size=dim, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
+                   sliced_hidden_size=config.sliced_hidden_size, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
                    offload=offload, resumed_from_layer=resumed)
     if uniform and deviations:  # what the stock approximation costs, measured against the exact model
         from slicegpt.formats.io import write_sliced_config

@@ -32,14 +32,15 @@ from tqdm.auto import tqdm
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch, branch_groups
 from slicegpt.core.bases import Covariance, fit_diagonal_gain, zero_mean_basis
+from slicegpt.core.compensation import RIDGE, FitRecord, LeastSquares
 from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.onload import LayeredModel
-from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes
+from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes, targets
 from slicegpt.errors import SliceGPTError
 from slicegpt.core.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
 from slicegpt.formats.sliced_modeling import (ENTRY, attach_structure, get_path, layer_arguments, record_structure,
                                               run_branch)
-from slicegpt.core.weights import resolve, rotate_input, rotate_output
+from slicegpt.core.weights import output_matrix, resolve, rotate_input, rotate_output, set_output_matrix
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
 POOLINGS = ("unit-trace", "tokens")  # how uniform rotation weighs the block boundaries
@@ -54,6 +55,7 @@ class SliceOutcome:
     module_attributes: ModuleAttributes = field(default_factory=dict)
     spectra: list[torch.Tensor] = field(default_factory=list)  # eigenvalues per boundary
     tied_head: bool = False
+    fits: list[FitRecord] = field(default_factory=list)  # compensation: each fit's calibration error
 
 
 @dataclass
@@ -155,11 +157,13 @@ class _Run:
     """One slicing job: the model view, the calibration stream and the settings, shared by the steps."""
 
     def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
-                 progress: bool, offload: str, offload_dir) -> None:
+                 progress: bool, offload: str, offload_dir, compensate: bool = False, ridge: float = RIDGE) -> None:
         self.view, self.adapter, self.hooks, self.progress = view, adapter, hooks, progress
         self.model = view.model
         self.batches = batches
         self.masks = [mask for _, mask in batches]
+        self.n = len(self.masks)  # cache entries [0, n): the sliced stream; [n, 2n): the dense one (compensation)
+        self.compensate, self.ridge = compensate, ridge
         self.layers = get_path(self.model, adapter.layers)
         self.groups = branch_groups(adapter.branches)
         self.embedding = adapter.embeddings[0]
@@ -231,8 +235,12 @@ def _step_name(group: tuple[Branch, ...]) -> str:
 @torch.no_grad()
 def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], widths: Sequence[int], *,
                  slice_head: bool = False, keep_tied_head: bool = True, progress: bool = True,
-                 hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None) -> SliceOutcome:
+                 hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: bool = False,
+                 ridge: float = RIDGE) -> SliceOutcome:
     """Per-layer rotation: each block boundary b gets its own basis of width `widths[b]`.
+
+    `compensate` refits every step's readers and writers against the dense model (see
+    `core.compensation`); the dense stream then travels beside the sliced one.
 
     `widths` has one entry per boundary: after the embeddings, then after every residual step
     (the last one is used only when the head is sliced). A head tied to the embeddings stays
@@ -242,13 +250,12 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     vocab x d head (the paper's way).
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge)
     model, hidden, dtype, layers = run.model, run.hidden, run.dtype, run.layers
     n_steps = len(layers) * len(run.groups)
     if len(widths) != n_steps + 1:
         raise SliceGPTError(f"per-layer rotation needs {n_steps + 1} widths (one per boundary), got {len(widths)}")
-    source_ties = view.ties_head(adapter.head, run.embedding)
-    tied = keep_tied_head and not slice_head and not adapter.entry_writers and source_ties
+    tied = per_layer_ties(view, adapter, keep_tied_head, slice_head)
     outcome = SliceOutcome(structure=adapter.structure(tied_head=tied), tied_head=tied)
     specs = _specs(outcome.structure)
 
@@ -262,7 +269,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
         if run.resumed is None:
             first = 0
             cov = Covariance(hidden, run.device)
-            for b in range(len(cache)):
+            for b in range(run.n):
                 x = cache.get(b, run.device)
                 if tied and adapter.norm_kind == "layernorm":  # the stream's mean, which every LayerNorm drops
                     x = x - x.mean(dim=-1, keepdim=True)
@@ -278,7 +285,9 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                 for path in adapter.entry_writers:
                     rotate_output(resolve(model, path), q)
             q_dtype = q.to(dtype)
-            for b in range(len(cache)):
+            for b in range(run.n):
+                if compensate:
+                    cache.append(cache.get(b, run.device))  # the dense stream, entry n + b
                 cache.put(b, cache.get(b, run.device) @ q_dtype)
             run.write(0, run.ends)
             entry = (q - q.mean(dim=0, keepdim=True) if adapter.norm_kind == "layernorm" else q) if tied else None
@@ -299,7 +308,8 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                     step = li * len(run.groups) + gi
                     last = step == n_steps - 1
                     q = _per_layer_step(run, layer, li, group, specs, q, widths[step + 1],
-                                        exit_basis=last and not slice_head, outcome=outcome, prefix=prefix)
+                                        exit_basis=last and not slice_head, outcome=outcome, prefix=prefix,
+                                        step=step)
                     bar.update()
                 run.write(li + 1, [prefix])
                 run.release(li)
@@ -322,9 +332,19 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     return outcome
 
 
+def per_layer_ties(view: LayeredModel, adapter: ModelAdapter, keep_tied_head: bool, slice_head: bool) -> bool:
+    """Whether per-layer rotation keeps a tied head tied (with an entry matrix instead of sliced embeddings)."""
+    return (keep_tied_head and not slice_head and not adapter.entry_writers
+            and view.ties_head(adapter.head, adapter.embeddings[0]))
+
+
 def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict,
-                    q: torch.Tensor, width: int, exit_basis: bool, outcome: SliceOutcome, prefix: str) -> torch.Tensor:
-    """One residual step: statistics of its output, the next basis, the weight changes; returns the basis."""
+                    q: torch.Tensor, width: int, exit_basis: bool, outcome: SliceOutcome, prefix: str,
+                    step: int, fixed_basis: torch.Tensor | None = None) -> torch.Tensor:
+    """One residual step: statistics of its output, the next basis, the weight changes; returns the basis.
+
+    With `fixed_basis` (uniform rotation with compensation) the stream keeps that basis: no
+    statistics, no skip matrix."""
     adapter, cache, device, dtype = run.adapter, run.cache, run.device, run.dtype
     # The branch runs on the stream as the sliced model will hold it: its norms and input
     # linears already read z (k wide), its outputs still write the original basis, so
@@ -332,11 +352,22 @@ def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, .
     # as they read, so there the branch runs on z Q^T through the unrotated weights instead
     # (the same function) and is rotated afterwards.
     on_sliced = not any(b.width_attrs for b in group)
-    if on_sliced:
+    done, skip = False, None  # whether the cache already holds the stream after the step; a fitted skip
+    if run.compensate and on_sliced:  # reads rotated (fitted), writers refitted in the original basis
+        done, skip = _refit(run, layer, li, group, specs, q, prefix, outcome, step,
+                            writers=not (exit_basis and any(b.post_norm for b in group)),
+                            fit_skip=fixed_basis is None)
+    elif run.compensate:  # MoE kernels: no fit, but the dense stream moves on
+        _dense_step(run, layer, li, group, specs, offset=run.n)
+    if on_sliced and not run.compensate:
         rotate_reads(layer, prefix, group, adapter, q, run.hidden, outcome.module_attributes)
     q_t = q.T.to(dtype)
     cov = Covariance(run.hidden, q.device)
-    for b in range(len(cache)):
+    for b in range(run.n):
+        if done:
+            if fixed_basis is None:
+                cov.update(cache.get(b, device), run.masks[b].to(device))
+            continue
         zb = cache.get(b, device)
         kwargs = run.arguments.get(li, b, device)
         normed: dict = {}
@@ -345,28 +376,156 @@ def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, .
         for branch in group:
             h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
         check_finite(h, f"of layer {li} ({_step_name(group)})")
-        cov.update(h, run.masks[b].to(device))
+        if fixed_basis is None:
+            cov.update(h, run.masks[b].to(device))
         cache.put(b, h)
     if not on_sliced:
         rotate_reads(layer, prefix, group, adapter, q, run.hidden, outcome.module_attributes)
-    if exit_basis:  # the head reads the original basis
+    if fixed_basis is not None:
+        q_next = fixed_basis
+    elif exit_basis:  # the head reads the original basis
         q_next = torch.eye(run.hidden, dtype=torch.float64, device=q.device)
     else:
         values, q_next = cov.eigh()
         outcome.spectra.append(values)
         q_next = q_next[:, :width]
-    layer.register_parameter(group[0].shortcut, nn.Parameter((q.T @ q_next).to(dtype)))
+    if fixed_basis is None:
+        shortcut = (q.T if skip is None else skip) @ q_next
+        layer.register_parameter(group[0].shortcut, nn.Parameter(shortcut.to(dtype)))
     rotate_writes(layer, group, q_next, rotate_normed=not exit_basis)
     q_next_t = q_next.to(dtype)
-    for b in range(len(cache)):
+    for b in range(run.n):
         cache.put(b, cache.get(b, device) @ q_next_t)
     return q_next
+
+
+def _refit(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict, q: torch.Tensor,
+           prefix: str, outcome: SliceOutcome, step: int, writers: bool = True,
+           fit_skip: bool = False) -> tuple[bool, torch.Tensor | None]:
+    """Compensation for one step (`core.compensation`): two passes over the calibration batches.
+
+    First the dense step runs on the dense stream (which it advances), and the readers' fit
+    pairs the dense normalised input with the sliced one, ``norm(z Q^T) Q`` (what the sliced
+    norm computes); the readers then take the fitted map. Then the sliced step runs with them,
+    and the writers' fit pairs the inputs of its output linears (or the output of a post-norm,
+    whose d x d matrix is fitted) with ``h_dense - z Q^T``. Leaves the writers in the original
+    basis, for the caller to rotate. With `writers`, the stream after the step (full width)
+    replaces the sliced input in the cache, computed from the fit's own inputs (no third
+    pass); returns whether it did, and with `fit_skip` (per-layer rotation, where the skip
+    connection is a matrix of its own) the k x d skip fitted with the writers, which then
+    replaces Q^T.
+    """
+    adapter, cache, device, dtype, n, d = run.adapter, run.cache, run.device, run.dtype, run.n, run.hidden
+    k = q.shape[1]
+    q_d, q_t = q.to(dtype), q.T.to(dtype)
+    norms = list(dict.fromkeys(b.norm for b in group))
+    reads = {name: LeastSquares(k, d, device) for name in norms}
+    for b in range(n):
+        xd, z = cache.get(n + b, device), cache.get(b, device)
+        kwargs, mask = run.arguments.get(li, b, device), run.masks[b].to(device)
+        normed: dict = {}
+        hd = xd
+        for branch in group:
+            hd = hd + run_branch(layer, specs[branch.name], xd, kwargs, normed)
+        check_finite(hd, f"of the dense layer {li} ({_step_name(group)})")
+        cache.put(n + b, hd)
+        z_full = z @ q_t
+        for name in norms:
+            reads[name].update(get_path(layer, name)(z_full) @ q_d, normed[name], mask)
+    maps = {}
+    for name, fit in reads.items():
+        prior = q.T.to(torch.float64)
+        m = fit.solve(prior, run.ridge)
+        outcome.fits.append(FitRecord(step, f"readers:{name}", fit.error(prior), fit.error(m)))
+        maps[name] = m.T
+    rotate_reads(layer, prefix, group, adapter, q, d, outcome.module_attributes, maps)
+    if writers:
+        return True, _refit_writers(run, layer, li, group, specs, q, outcome, step, fit_skip)
+    return False, None
+
+
+def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict,
+                   q: torch.Tensor, outcome: SliceOutcome, step: int, fit_skip: bool = False) -> torch.Tensor | None:
+    """Fit the step's output linears (or a post-norm's d x d output matrix) to land on the dense stream.
+
+    The fit's inputs X are kept per batch, so the stream after the step is z Q^T + X W
+    without running the branch again."""
+    cache, device, dtype, n, d = run.cache, run.device, run.dtype, run.n, run.hidden
+    blocks: list[tuple[Branch, object]] = []  # (branch, target) per fitted output; target None: post-norm
+    for branch in group:
+        if branch.post_norm:
+            blocks.append((branch, None))
+        else:
+            blocks.extend((branch, t) for t in targets(layer, branch, "outputs"))
+    priors = [q.T.to(torch.float64)] if fit_skip else []  # the skip z -> z Q^T, refitted beside the writers
+    for branch, target in blocks:
+        if target is None:
+            priors.append(torch.eye(d, dtype=torch.float64, device=device))
+            continue
+        w, bias = output_matrix(target)
+        priors.append(w.T.to(torch.float64))
+        if bias is not None:
+            priors.append(bias.to(torch.float64)[None, :])
+    prior = torch.cat(priors)
+    fit = LeastSquares(prior.shape[0], d, device)
+    captured: dict[int, torch.Tensor] = {}
+    handles = [target[0].register_forward_pre_hook(
+        lambda module, args, i=i: captured.__setitem__(i, args[0])) for i, (_, target) in enumerate(blocks)
+        if target is not None]
+    q_t = q.T.to(dtype)
+    inputs = run.new_cache()
+    try:
+        for b in range(n):
+            z, hd = cache.get(b, device), cache.get(n + b, device)
+            kwargs, mask = run.arguments.get(li, b, device), run.masks[b].to(device)
+            normed: dict = {}
+            outputs = {branch.name: run_branch(layer, specs[branch.name], z, kwargs, normed) for branch in group}
+            columns = [z] if fit_skip else []
+            for i, (branch, target) in enumerate(blocks):
+                if target is None:
+                    columns.append(outputs[branch.name])
+                    continue
+                columns.append(captured[i])
+                if output_matrix(target)[1] is not None:
+                    columns.append(torch.ones_like(captured[i][..., :1]))
+            x = torch.cat(columns, dim=-1)
+            fit.update(x, hd if fit_skip else hd - z @ q_t, mask)
+            inputs.append(x)
+        w = fit.solve(prior, run.ridge)
+        w_d = w.to(dtype)
+        for b in range(n):
+            h = inputs.get(b, device) @ w_d
+            if not fit_skip:
+                h = h + cache.get(b, device) @ q_t
+            check_finite(h, f"of layer {li} ({_step_name(group)})")
+            cache.put(b, h)
+    finally:
+        for handle in handles:
+            handle.remove()
+        inputs.close()
+    outcome.fits.append(FitRecord(step, "writers", fit.error(prior), fit.error(w)))
+    row = q.shape[1] if fit_skip else 0
+    for branch, target in blocks:
+        if target is None:
+            layer.register_parameter(branch.out_rotation, nn.Parameter(w[row:row + d].to(dtype)))
+            row += d
+            continue
+        width = output_matrix(target)[0].shape[-1]
+        block = w[row:row + width].T
+        row += width
+        bias = None
+        if output_matrix(target)[1] is not None:
+            bias = w[row]
+            row += 1
+        set_output_matrix(target, block, bias)
+    return w[:q.shape[1]] if fit_skip else None
 
 
 @torch.no_grad()
 def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], width: int, *,
                   fit_tied_head: bool = False, unit_trace: bool = True, progress: bool = True,
-                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None) -> SliceOutcome:
+                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: bool = False,
+                  ridge: float = RIDGE) -> SliceOutcome:
     """One rotation Q for the whole stream: no skip matrices, a stock model of the family.
 
     Two passes over the layers: statistics of the dense stream (the pooled covariance; see
@@ -375,9 +534,12 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     keeps it tied and gives the final norm the diagonal of Q^T diag(gain) Q, the least-squares
     diagonal in the rotated basis (in the PCA basis the signal covariance is diagonal, so
     weighting by it changes nothing).
+
+    `compensate` makes the weights pass a forward pass too: the sliced and the dense stream
+    run beside each other and every step is refitted (`_refit`) in the one basis.
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge)
     model, hidden, layers = run.model, run.hidden, run.layers
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
@@ -404,7 +566,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
             if state is None:
                 first = 0
                 pooled = torch.zeros(hidden, hidden, dtype=torch.float64, device=run.device)
-                for b in range(len(cache)):
+                for b in range(run.n):
                     check_finite(cache.get(b, run.device), "after the embeddings")
                 _pooled_add(run, pooled, unit_trace)
             else:
@@ -420,7 +582,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                     run.release(li)  # onloaded again for the weights
                     hooks.checkpoint(Progress("statistics", li + 1, {"pooled": pooled}), cache)
             final = Covariance(hidden, run.device)
-            for b in range(len(cache)):
+            for b in range(run.n):
                 x = cache.get(b, run.device).to(torch.float64)
                 final.update(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)), run.masks[b].to(run.device))
             pooled = pooled / (n_steps + 1)
@@ -440,26 +602,49 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
             outcome.spectra, outcome.module_attributes = state.spectra, state.module_attributes
             run.offload_ends()
 
-    if first == 0:
-        run.onload_ends()  # a fresh copy of the source is fused again (same numbers)
-        for path in adapter.embeddings:
-            rotate_input(resolve(model, path), q)
-        for path in adapter.entry_writers:
-            rotate_output(resolve(model, path), q)
-        run.write(0, run.ends)
-        run.offload_ends()
-        hooks.checkpoint(Progress("weights", 0, tensors, outcome.spectra, outcome.module_attributes), None)
-    with run.bar(len(layers), "rotating", first) as bar:
-        for li in range(first, len(layers)):
-            layer = run.layer(li)
-            prefix = f"{adapter.layers}.{li}"
-            for group in run.groups:
-                rotate_reads(layer, prefix, group, adapter, q, hidden, outcome.module_attributes)
-                rotate_writes(layer, group, q)
-            run.write(li + 1, [prefix])
-            run.release(li)
-            hooks.checkpoint(Progress("weights", li + 1, tensors, outcome.spectra, outcome.module_attributes), None)
-            bar.update()
+    cache = run.new_cache() if compensate else None
+    try:
+        if cache is not None:
+            run.cache, run.arguments = cache, LayerArguments(cache)
+        if first == 0:
+            run.onload_ends()  # a fresh copy of the source is fused again (same numbers)
+            if cache is not None:  # the dense stream [n, 2n) and the sliced one [0, n)
+                capture(view, adapter, batches, cache, run.arguments)
+                q_dtype = q.to(run.dtype)
+                for b in range(run.n):
+                    x = cache.get(b, run.device)
+                    cache.append(x)
+                    cache.put(b, x @ q_dtype)
+            for path in adapter.embeddings:
+                rotate_input(resolve(model, path), q)
+            for path in adapter.entry_writers:
+                rotate_output(resolve(model, path), q)
+            run.write(0, run.ends)
+            run.offload_ends()
+            hooks.checkpoint(Progress("weights", 0, tensors, outcome.spectra, outcome.module_attributes), cache)
+        elif cache is not None:
+            run.onload_ends()  # the layer arguments come from the model's own forward
+            run.start(cache, run.arguments)
+            run.offload_ends()
+        with run.bar(len(layers), "rotating" if cache is None else "rotating and refitting", first) as bar:
+            for li in range(first, len(layers)):
+                layer = run.layer(li)
+                prefix = f"{adapter.layers}.{li}"
+                for gi, group in enumerate(run.groups):
+                    if cache is None:
+                        rotate_reads(layer, prefix, group, adapter, q, hidden, outcome.module_attributes)
+                        rotate_writes(layer, group, q)
+                    else:
+                        _per_layer_step(run, layer, li, group, specs, q, width, exit_basis=False, outcome=outcome,
+                                        prefix=prefix, step=li * len(run.groups) + gi, fixed_basis=q)
+                run.write(li + 1, [prefix])
+                run.release(li)
+                hooks.checkpoint(Progress("weights", li + 1, tensors, outcome.spectra, outcome.module_attributes),
+                                 cache)
+                bar.update()
+    finally:
+        if cache is not None:
+            cache.close()
 
     view.onload(adapter.final_norm)
     if not tied:
@@ -485,11 +670,14 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     return outcome
 
 
-def _dense_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict) -> None:
-    """One residual step of the dense model over every batch: the stream after it replaces the one before."""
-    for b in range(len(run.cache)):
+def _dense_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict,
+                offset: int = 0) -> None:
+    """One residual step of the dense model over every batch: the stream after it replaces the one before.
+
+    The dense stream is cache entries [offset, offset + n)."""
+    for b in range(offset, offset + run.n):
         x = run.cache.get(b, run.device)
-        kwargs = run.arguments.get(li, b, run.device)
+        kwargs = run.arguments.get(li, b - offset, run.device)
         normed: dict = {}
         h = x
         for branch in group:
@@ -518,7 +706,7 @@ def _pooled_add(run: _Run, pooled: torch.Tensor, unit_trace: bool) -> None:
     bench/uniform_pooling.py measures both.
     """
     cov = Covariance(run.hidden, pooled.device)
-    for b in range(len(run.cache)):
+    for b in range(run.n):
         cov.update(run.cache.get(b, run.device), run.masks[b].to(run.device))
     matrix = cov.matrix / cov.tokens
     pooled.add_(matrix / matrix.trace() if unit_trace else matrix)

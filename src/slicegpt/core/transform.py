@@ -69,8 +69,12 @@ def resize_norm(norm: nn.Module, adapter: ModelAdapter, dim: int, hidden: int) -
 
 
 def rotate_reads(layer: nn.Module, prefix: str, group: tuple[Branch, ...], adapter: ModelAdapter,
-                  q: torch.Tensor, hidden: int, attributes: ModuleAttributes) -> None:
-    """The branches of one step read the stream in basis q (d x k): norms, input linears, widths."""
+                  q: torch.Tensor, hidden: int, attributes: ModuleAttributes,
+                  maps: dict[str, torch.Tensor] | None = None) -> None:
+    """The branches of one step read the stream in basis q (d x k): norms, input linears, widths.
+
+    `maps` gives, per norm, the d x k matrix its readers take instead of q (compensation's fit).
+    """
     dim = q.shape[1]
     for norm_name in dict.fromkeys(b.norm for b in group):
         eps = resize_norm(get_path(layer, norm_name), adapter, dim, hidden)
@@ -78,7 +82,7 @@ def rotate_reads(layer: nn.Module, prefix: str, group: tuple[Branch, ...], adapt
             attributes[f"{prefix}.{norm_name}"] = {adapter.norm_eps_attr: eps}
     for branch in group:
         for target in targets(layer, branch, "inputs"):
-            rotate_input(target, q)
+            rotate_input(target, maps[branch.norm] if maps and branch.norm in maps else q)
         for path in branch.width_attrs:
             changed = _set_width(layer, path, dim)
             if changed:
@@ -86,13 +90,16 @@ def rotate_reads(layer: nn.Module, prefix: str, group: tuple[Branch, ...], adapt
 
 
 def rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor, rotate_normed: bool = True) -> None:
-    """The branches of one step write in basis q; a post-normed output is rotated after its norm."""
+    """The branches of one step write in basis q; a post-normed output is rotated after its norm
+    (after the d x d matrix compensation fitted there, when it did)."""
     dtype = next(layer.parameters()).dtype
     for branch in group:
         if not branch.post_norm:
             for target in targets(layer, branch, "outputs"):
                 rotate_output(target, q)
         elif rotate_normed:
-            layer.register_parameter(branch.out_rotation, nn.Parameter(q.to(dtype)))
+            fitted = getattr(layer, branch.out_rotation, None)
+            rotation = q if fitted is None else fitted.data.to(torch.float64) @ q
+            layer.register_parameter(branch.out_rotation, nn.Parameter(rotation.to(dtype)))
 
 

@@ -116,3 +116,17 @@ def center_output(target: Target) -> None:
 def center_embedding(target: Target) -> None:
     """Each embedding row (a vector written into the stream) minus its mean."""
     _put(target, map_rows(_get(target), lambda w: w - w.mean(dim=-1, keepdim=True)))
+
+
+def output_matrix(target: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A writer's weight as [d, m] and its bias [d] (None without one), as stored."""
+    bias = _bias(target)
+    return _get(target), (bias.data if bias is not None else None)
+
+
+def set_output_matrix(target: Target, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Replace a writer's weight ([d, m], float64 or not) and bias, keeping their dtypes."""
+    old, old_bias = output_matrix(target)
+    _put(target, w.to(old.dtype))
+    if bias is not None and old_bias is not None:
+        set_parameter(target[0], "bias", bias.to(old_bias.dtype))

@@ -1,0 +1,147 @@
+"""Parameter counts of a sliced model as a function of its widths, before any slicing.
+
+A sliced model's parameter count is ``constant + sum_b a_b k_b (+ sum_s k_s k_{s+1})``: every
+reader of boundary b loses columns, every writer loses rows, each norm keeps k_b gains, and
+per-layer rotation adds a k_s x k_{s+1} skip matrix per step. The coefficients come from the
+dense model's shapes only (a meta skeleton is enough), so `--parameters` can choose widths
+before the first layer is read. Every added matrix is counted: skip, entry and branch-output
+rotations, and a head that slicing unties from the embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slicegpt.adapters import ModelAdapter
+from slicegpt.adapters.base import branch_groups
+from slicegpt.core.weights import _bias, _get, resolve_all
+from slicegpt.formats.sliced_modeling import get_path
+
+
+@dataclass
+class ParameterModel:
+    """count(widths) = constant + linear . widths (+ products of neighbouring widths, per-layer)."""
+
+    constant: int
+    linear: list[int]  # per boundary
+    skip: bool  # per-layer rotation: step s adds widths[s] * widths[s + 1]
+    fixed: dict[int, int] = field(default_factory=dict)  # boundaries whose width is not free (the exit)
+
+    def count(self, widths: list[int]) -> int:
+        widths = [self.fixed.get(b, w) for b, w in enumerate(widths)]
+        total = self.constant + sum(a * w for a, w in zip(self.linear, widths))
+        if self.skip:
+            total += sum(widths[s] * widths[s + 1] for s in range(len(widths) - 1))
+        return total
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # each shared parameter once
+
+
+def _per_unit(w: torch.Tensor, hidden: int) -> int:
+    return w.numel() // hidden
+
+
+def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, tied: bool, source_tied: bool,
+                    slice_head: bool, total: int | None = None) -> ParameterModel:
+    """The count of `model` sliced with these settings, as a function of the boundary widths.
+
+    `total` is the dense count (each shared parameter once) when `model`'s own tensors do not
+    say it (a meta skeleton need not share its tied head). `tied`: the sliced model keeps the head tied to the embeddings (per-layer: with an entry
+    matrix; uniform: with the table sliced). `source_tied`: the dense model ties them.
+    """
+    hidden = get_path(model, adapter.embeddings[0]).weight.shape[-1]
+    groups = branch_groups(adapter.branches)
+    layers = list(get_path(model, adapter.layers))
+    n_steps = len(layers) * len(groups)
+    linear = [0] * (n_steps + 1)
+    constant = _numel(model) if total is None else total
+    layernorm = adapter.norm_kind == "layernorm"
+
+    def norm_terms(norm: nn.Module, readers) -> int:
+        """Moves the norm's weight to the boundary; a LayerNorm bias folds into reader biases."""
+        nonlocal constant
+        constant -= norm.weight.numel()
+        bias = getattr(norm, "bias", None) if layernorm else None
+        if bias is not None:
+            constant -= bias.numel()
+            for target in readers:
+                if _bias(target) is None:  # folding creates one
+                    constant += _get(target).shape[-2]
+        return 1
+
+    for li, layer in enumerate(layers):
+        for gi, group in enumerate(groups):
+            s = li * len(groups) + gi
+            for name in dict.fromkeys(b.norm for b in group):
+                readers = [t for b in adapter.branches if b.norm == name for t in resolve_all(layer, b.inputs)]
+                linear[s] += norm_terms(get_path(layer, name), readers)
+            for branch in group:
+                for target in resolve_all(layer, branch.inputs):
+                    w = _get(target)
+                    constant -= w.numel()
+                    linear[s] += _per_unit(w, hidden)
+                if branch.post_norm:
+                    if not (rotation == "per-layer" and s + 1 == n_steps and not slice_head):
+                        linear[s + 1] += hidden  # d x k rotation after the norm (none at the exit)
+                    continue
+                for target in resolve_all(layer, branch.outputs):
+                    w, bias = _get(target), _bias(target)
+                    constant -= w.numel()
+                    linear[s + 1] += _per_unit(w, hidden)
+                    if bias is not None:
+                        constant -= bias.numel()
+                        linear[s + 1] += 1
+
+    embeddings = [get_path(model, p).weight for p in adapter.embeddings]
+    head = get_path(model, adapter.head).weight
+    final = get_path(model, adapter.final_norm)
+    fixed: dict[int, int] = {}
+    if rotation == "per-layer":
+        if tied:
+            linear[0] += hidden  # the entry matrix; embeddings, final norm and head unchanged
+        else:
+            if source_tied:
+                constant += head.numel()  # untied: the head is a parameter of its own
+            for w in embeddings:
+                constant -= w.numel()
+                linear[0] += _per_unit(w, hidden)
+            for target in resolve_all(model, adapter.entry_writers):
+                w, bias = _get(target), _bias(target)
+                constant -= w.numel() + (bias.numel() if bias is not None else 0)
+                linear[0] += _per_unit(w, hidden) + (1 if bias is not None else 0)
+            head_module = get_path(model, adapter.head)
+            if layernorm and getattr(final, "bias", None) is not None:  # folded into the head's bias
+                constant -= final.bias.numel()
+                if getattr(head_module, "bias", None) is None:
+                    constant += head.shape[0]
+            if slice_head:
+                constant -= head.numel() + final.weight.numel()
+                linear[n_steps] += _per_unit(head, hidden) + 1  # head columns and the final norm's gains
+        if not slice_head:
+            fixed[n_steps] = hidden  # the head reads the original basis
+        return ParameterModel(constant, linear, skip=True, fixed=fixed)
+
+    # uniform: one width everywhere, embeddings and head sliced, no skip matrices
+    for w in embeddings:
+        constant -= w.numel()
+        linear[0] += _per_unit(w, hidden)
+    for target in resolve_all(model, adapter.entry_writers):
+        w, bias = _get(target), _bias(target)
+        constant -= w.numel() + (bias.numel() if bias is not None else 0)
+        linear[0] += _per_unit(w, hidden) + (1 if bias is not None else 0)
+    constant -= final.weight.numel()
+    linear[n_steps] += 1
+    if layernorm and getattr(final, "bias", None) is not None:  # folded into the head's bias
+        constant -= final.bias.numel()
+        if getattr(get_path(model, adapter.head), "bias", None) is None:
+            constant += head.shape[0]
+    if not tied:
+        if not source_tied:
+            constant -= head.numel()
+        linear[n_steps] += _per_unit(head, hidden)
+    return ParameterModel(constant, linear, skip=False)

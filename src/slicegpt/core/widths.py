@@ -1,0 +1,201 @@
+"""How wide each block boundary stays: equal widths (the paper's) or chosen under a parameter budget.
+
+`allocate` spends a parameter budget where the signal is: it starts from full width and
+repeatedly removes one `round_to` block of directions at the boundary where that loses the
+least of the stream's energy per parameter saved (the energy share of the removed
+eigenvalues of the *dense* stream's covariance at that boundary, from `probe_spectra`).
+The norms that read the stream divide by its RMS, so what a cut costs is the *share* of
+energy removed, not its absolute size; a boundary whose spectrum is steep gives up many
+directions for little, a flat one keeps them. bench/quality.py measures it against equal widths.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import torch
+
+from slicegpt.adapters import ModelAdapter
+from slicegpt.core.bases import Covariance
+from slicegpt.core.budget import ParameterModel
+from slicegpt.core.cache import ActivationCache, LayerArguments
+from slicegpt.core.onload import LayeredModel
+from slicegpt.errors import SliceGPTError
+from slicegpt.formats.sliced_modeling import get_path, run_branch
+from slicegpt.adapters.base import branch_groups
+
+WIDTHS = ("adaptive", "equal")
+
+
+@torch.no_grad()
+def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, offload: str = "cpu",
+                  offload_dir=None, progress: bool = True) -> list[torch.Tensor]:
+    """Eigenvalues (descending) of the dense stream's covariance at every block boundary.
+
+    Runs the layers as they are (no fusion, nothing changed); for LayerNorm families the
+    stream's mean, which every LayerNorm drops, is removed first.
+    """
+    from tqdm.auto import tqdm
+
+    from slicegpt.core.engine import _outside, capture
+
+    model = view.model
+    layer_paths = [f"{adapter.layers}.{i}" for i in range(len(get_path(model, adapter.layers)))]
+    ends = _outside(model, (adapter.layers, adapter.final_norm, adapter.head))
+    structure = adapter.structure()
+    specs = {b["name"]: b for b in structure["branches"]}
+    groups = branch_groups(adapter.branches)
+    masks = [mask for _, mask in batches]
+    spectra = []
+
+    def add(cache: ActivationCache) -> None:
+        dim = view.model.get_submodule(adapter.embeddings[0]).weight.shape[-1]
+        cov = Covariance(dim, view.device)
+        total = torch.zeros(dim, dtype=torch.float64, device=view.device)
+        for b in range(len(cache)):
+            x = cache.get(b, view.device).to(torch.float64)
+            if adapter.norm_kind == "layernorm":
+                x = x - x.mean(dim=-1, keepdim=True)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)  # what the norms pass on
+            keep = masks[b].to(view.device).reshape(-1).bool()
+            total += x.reshape(-1, dim)[keep].sum(0)
+            cov.update(x, masks[b].to(view.device))
+        mean = total / max(cov.tokens, 1)
+        matrix = cov.matrix / cov.tokens - torch.outer(mean, mean)  # the mean direction carries no information
+        spectra.append(torch.linalg.eigvalsh(matrix).flip(0).cpu())
+
+    for path in ends:
+        view.onload(path)
+    with ActivationCache(offload, offload_dir) as cache:
+        arguments = LayerArguments(cache)
+        capture(view, adapter, batches, cache, arguments)
+        for path in ends:
+            view.offload(path)
+        add(cache)
+        with tqdm(total=len(layer_paths), desc="probing widths", unit="layer", disable=not progress) as bar:
+            for li, path in enumerate(layer_paths):
+                layer = view.onload(path)
+                for group in groups:
+                    for b in range(len(cache)):
+                        x = cache.get(b, view.device)
+                        kwargs = arguments.get(li, b, view.device)
+                        normed: dict = {}
+                        h = x
+                        for branch in group:
+                            h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
+                        cache.put(b, h)
+                    add(cache)
+                view.offload(path)
+                bar.update()
+    return spectra
+
+
+def allocate(spectra: Sequence[torch.Tensor], params: ParameterModel, budget: int, round_to: int,
+             hidden: int) -> list[int]:
+    """Widths (multiples of `round_to`) whose parameter count is at most `budget`, losing the least energy."""
+    n = len(spectra)
+    widths = [params.fixed.get(b, hidden) for b in range(n)]
+    shares = [(s.clamp_min(0) / s.clamp_min(0).sum()).tolist() for s in spectra]
+    free = [b for b in range(n) if b not in params.fixed]
+
+    def cut(b: int) -> tuple[float, int] | None:
+        k = widths[b]
+        step = k - (k - 1) // round_to * round_to if k % round_to else round_to  # back onto the grid
+        if k - step < round_to:
+            return None
+        lost = sum(shares[b][k - step:k])
+        trial = widths.copy()
+        trial[b] = k - step
+        saved = params.count(widths) - params.count(trial)
+        return (lost / saved if saved > 0 else float("inf")), step
+
+    count = params.count(widths)
+    heap = [(c[0], b) for b in free if (c := cut(b)) is not None]
+    heapq.heapify(heap)
+    while count > budget:
+        if not heap:
+            raise SliceGPTError(f"no widths of at least {round_to} meet a budget of {budget:,} parameters")
+        priority, b = heapq.heappop(heap)
+        current = cut(b)
+        if current is None:
+            continue
+        if current[0] > priority + 1e-15:  # a neighbour's width changed its price: requeue
+            heapq.heappush(heap, (current[0], b))
+            continue
+        widths[b] -= current[1]
+        count = params.count(widths)
+        following = cut(b)
+        if following is not None:
+            heapq.heappush(heap, (following[0], b))
+    # The last cut may have overshot: give back steps, the most valuable first, while they fit,
+    # so that no single round-to step could be added without breaking the budget.
+    while True:
+        best = None
+        for b in free:
+            k = widths[b]
+            if k >= hidden:
+                continue
+            grow = min(round_to, hidden - k)
+            trial = widths.copy()
+            trial[b] = k + grow
+            extra = params.count(trial) - count
+            if params.count(trial) <= budget:
+                value = sum(shares[b][k:k + grow]) / max(extra, 1)
+                if best is None or value > best[0]:
+                    best = (value, b, trial)
+        if best is None:
+            return widths
+        widths = best[2]
+        count = params.count(widths)
+
+
+def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: int, n: int) -> list[int]:
+    """The largest equal width (multiple of `round_to`) whose count is at most `budget`."""
+    for k in range(hidden // round_to * round_to, 0, -round_to):
+        if params.count([k] * n) <= budget:
+            return [k] * n
+    raise SliceGPTError(f"no width of at least {round_to} meets a budget of {budget:,} parameters")
+
+
+def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *, rotation: str, rule: str,
+                sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
+                slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
+                progress: bool = True) -> list[int]:
+    """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
+
+    The budget is `parameters` x the dense count when given, else the count the equal widths
+    of `sparsity` would have; `rule="adaptive"` (per-layer rotation) spends it by `allocate`
+    on the spectra of the first `probe_samples` calibration windows, `"equal"` takes the
+    largest equal width that fits.
+    """
+    from slicegpt.core.bases import sliced_dim
+    from slicegpt.core.budget import parameter_model
+
+    if rule not in WIDTHS:
+        raise SliceGPTError(f"widths must be one of {', '.join(WIDTHS)}, got {rule!r}")
+    hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
+    n = len(get_path(view.model, adapter.layers)) * len(branch_groups(adapter.branches)) + 1
+    dim = sliced_dim(hidden, sparsity, round_to)
+    if parameters is None and (rule == "equal" or rotation == "uniform"):
+        return [dim] * n
+    source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
+    model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
+                            slice_head=slice_head, total=dense_parameters)
+    if parameters is not None:
+        if not 0.0 < parameters <= 2.0:
+            raise SliceGPTError(f"parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
+        budget = int(parameters * dense_parameters)
+    else:
+        budget = model.count([dim] * n)
+    if rule == "equal" or rotation == "uniform":
+        return budget_widths(model, budget, round_to, hidden, n)
+    rows = 0
+    probe = []
+    for batch in batches:  # the first windows, up to probe_samples of them
+        if rows >= probe_samples:
+            break
+        probe.append(batch)
+        rows += batch[0].shape[0]
+    spectra = probe_spectra(view, adapter, probe, offload, offload_dir, progress)
+    return allocate(spectra, model, budget, round_to, hidden)
