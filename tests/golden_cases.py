@@ -200,8 +200,9 @@ def run_case(case: Case) -> Result:
         vocab = model.config.get_text_config().vocab_size
         calibration = token_ids(CALIBRATION_SHAPE, CALIBRATION_SEED, vocab)
         eval_ids = token_ids(EVAL_SHAPE, EVAL_SEED, vocab)
+        options = {"method": "paper", **case.options}  # the paper's numbers unless a case names its levers
         sliced, config = slicegpt.slice_model(model, None, calibration, case.sparsity, progress=False, batch_size=4,
-                                              **case.options)
+                                              **options)
         with torch.no_grad():
             logits = sliced(input_ids=eval_ids, use_cache=False).logits.detach().to(torch.float64).contiguous()
     spectra = [s.detach().to("cpu", torch.float64).reshape(-1) for s in config.spectra]

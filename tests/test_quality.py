@@ -58,7 +58,7 @@ def test_compensation_at_sparsity_zero_changes_nothing(family, exact_norms, cali
     adapter = get_adapter(model.config)
     d = get_path(model, adapter.embeddings[0]).weight.shape[-1]
     outcome = slice_layers(ResidentModel(model), adapter, calibration.batches(4), [d] * (_steps(model) + 1),
-                           progress=False, compensate=True, slice_head=adapter.slice_head_required)
+                           progress=False, compensate="all", slice_head=adapter.slice_head_required)
     assert outcome.fits
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)
@@ -72,7 +72,7 @@ def test_uniform_compensation_at_sparsity_zero_changes_nothing(family, exact_nor
         expected = model(ids).logits
     adapter = get_adapter(model.config)
     d = get_path(model, adapter.embeddings[0]).weight.shape[-1]
-    slice_uniform(ResidentModel(model), adapter, calibration.batches(4), d, progress=False, compensate=True)
+    slice_uniform(ResidentModel(model), adapter, calibration.batches(4), d, progress=False, compensate="all")
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)
 
@@ -88,10 +88,10 @@ def test_compensation_never_makes_a_step_worse(family, rotation, calibration):
     if rotation == "uniform":
         if family in ("gpt2", "opt"):
             pytest.skip("uniform rotation is exact only where the stock class allows it; compensation is the same code")
-        outcome = slice_uniform(view, adapter, calibration.batches(4), 40, progress=False, compensate=True)
+        outcome = slice_uniform(view, adapter, calibration.batches(4), 40, progress=False, compensate="all")
     else:
         outcome = slice_layers(view, adapter, calibration.batches(4), [40] * (_steps(model) + 1), progress=False,
-                               compensate=True, slice_head=adapter.slice_head_required)
+                               compensate="all", slice_head=adapter.slice_head_required)
     steps = {f.step for f in outcome.fits}
     assert steps == set(range(_steps(model)))
     assert any(f.part == "writers" for f in outcome.fits) and any(f.part.startswith("readers") for f in outcome.fits)
@@ -179,7 +179,7 @@ def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, to
     paper, paper_config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3,
                                                method="paper", progress=False)
     model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3, progress=False)
-    assert config.method == "default" and config.compensate and config.widths_rule == "adaptive"
+    assert config.method == "default" and config.compensate == "writers" and config.widths_rule == "adaptive"
     assert len(set(config.widths[:-1])) > 1, config.widths
     assert config.parameters_sliced <= paper_config.parameters_sliced
     assert config.compensation["writers"]["error_fitted"] < config.compensation["writers"]["error_paper"]
@@ -196,7 +196,7 @@ def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, to
         uncached = torch.cat([uncached, model(uncached).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(cached, uncached)
     again = slicegpt.SlicingConfig.from_dict(json.loads((out / "slicegpt.json").read_text())["slicing"])
-    assert again.widths == config.widths and again.compensate and again.method == "default"
+    assert again.widths == config.widths and again.compensate == "writers" and again.method == "default"
 
 
 def test_bad_lever_settings_are_refused_in_one_line(calibration):
@@ -204,6 +204,11 @@ def test_bad_lever_settings_are_refused_in_one_line(calibration):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, method="best")
     with pytest.raises(SliceGPTError, match="widths must be one of"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, widths="random")
+    with pytest.raises(SliceGPTError, match="compensate must be one of"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, compensate="some")
+    with pytest.raises(SliceGPTError, match="adaptive widths apply to per-layer"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, rotation="uniform",
+                             widths="adaptive")
     with pytest.raises(SliceGPTError, match="fraction of the dense count"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, parameters=75)
     with pytest.raises(SliceGPTError, match="budget"):

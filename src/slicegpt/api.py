@@ -17,11 +17,12 @@ from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.compensation import RIDGE, summarize
-from slicegpt.core.engine import per_layer_ties, uniform_ties
+from slicegpt.core.engine import COMPENSATIONS, per_layer_ties, uniform_ties
 from slicegpt.core.widths import WIDTHS, plan_widths
 
 METHODS = ("default", "paper")
 DEFAULT_WIDTHS = "adaptive"  # README "Quality": measured against equal widths
+DEFAULT_COMPENSATION = "writers"  # refitting the readers too measured no better (README "Quality")
 from slicegpt.core.engine import POOLINGS, ROTATIONS, slice_layers, slice_uniform
 from slicegpt.core.onload import ResidentModel
 from slicegpt.formats.standard import check_standard, to_standard
@@ -40,7 +41,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 batch_size: int = 4, round_to: int = 8, slice_head: bool = False, keep_tied_head: bool = True,
                 rotation: str = "per-layer", standard: bool = True, accept_deviation: bool = False,
                 fit_tied_head: bool = False, pooling: str = "unit-trace", method: str = "default",
-                compensate: bool | None = None, widths: str | None = None, parameters: float | None = None,
+                compensate: str | bool | None = None, widths: str | None = None, parameters: float | None = None,
                 ridge: float = RIDGE, progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` with SliceGPT and return the sliced model with the record of what was done.
 
@@ -61,12 +62,13 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
 
     `method="default"` turns on every lever measured to help (README, "Quality");
     `method="paper"` is the paper's algorithm. Each lever can be set alone: `compensate`
-    (refit readers and writers against the dense model, `core.compensation`, with `ridge`),
+    ("writers": refit each step's output weights against the dense model, `core.compensation`,
+    with `ridge`; "all": its input weights too; "off"),
     `widths` ("adaptive": each boundary its own width within the same parameter count;
     "equal"), and `parameters` (a fraction of the dense parameter count, every added matrix
     counted, instead of `sparsity`).
     """
-    compensate, widths = resolve_levers(method, compensate, widths)
+    compensate, widths = resolve_levers(method, compensate, widths, rotation)
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
         source_model = str(model)
@@ -112,7 +114,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     config = SlicingConfig(
         sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
         sliced_hidden_size=round(sum(plan[:-1]) / (len(plan) - 1)) if not uniform else plan[0],
-        method=method, compensate=compensate, ridge=ridge if compensate else None, widths_rule=widths,
+        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None, widths_rule=widths,
         parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
         slice_head=slice_head, tied_head=outcome.tied_head,
@@ -123,14 +125,24 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     return model, config
 
 
-def resolve_levers(method: str, compensate: bool | None, widths: str | None) -> tuple[bool, str]:
+def resolve_levers(method: str, compensate: str | bool | None, widths: str | None,
+                   rotation: str = "per-layer") -> tuple[str, str]:
     """The levers a method turns on, each overridable: (compensate, widths rule)."""
     if method not in METHODS:
         raise SliceGPTError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     paper = method == "paper"
     if widths is not None and widths not in WIDTHS:
         raise SliceGPTError(f"widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
-    return (not paper if compensate is None else compensate), (widths or ("equal" if paper else DEFAULT_WIDTHS))
+    if rotation == "uniform":  # one basis, one width
+        if widths == "adaptive":
+            raise SliceGPTError("adaptive widths apply to per-layer rotation (uniform has one basis, one width)")
+        widths = "equal"
+    if compensate is None or isinstance(compensate, bool):
+        on = not paper if compensate is None else compensate
+        compensate = DEFAULT_COMPENSATION if on else "off"
+    if compensate not in COMPENSATIONS:
+        raise SliceGPTError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
+    return compensate, (widths or ("equal" if paper else DEFAULT_WIDTHS))
 
 
 def effective_sparsity(widths: list[int], hidden: int) -> float:
@@ -150,7 +162,7 @@ def check_rotation(rotation: str, pooling: str, fit_tied_head: bool) -> None:
 
 def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: str = "per-layer",
                    slice_head: bool = False, keep_tied_head: bool = True, fit_tied_head: bool = False,
-                   pooling: str = "unit-trace", progress: bool = True, compensate: bool = False,
+                   pooling: str = "unit-trace", progress: bool = True, compensate: str = "off",
                    ridge: float = RIDGE, widths: list[int] | None = None):
     """Slice a model held in memory, in place, with one width `dim` at every boundary (or `widths`)."""
     check_rotation(rotation, pooling, fit_tied_head)

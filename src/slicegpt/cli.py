@@ -94,7 +94,7 @@ def cmd_slice(args) -> None:
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
                            f"({figures['parameter_ratio']:.1%}, "
                            f"{'every matrix included' if uniform else 'skip matrices included'})")]
-    rows.append(("method", f"{config.method}: compensation {'on' if config.compensate else 'off'}, "
+    rows.append(("method", f"{config.method}: compensation {config.compensate}, "
                            f"{config.widths_rule} widths"
                            + (f" (budget {config.parameters_budget:.0%} of the dense parameters)"
                               if config.parameters_budget is not None else "")))
@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("default", "paper"), default="default",
                    help="default: every quality lever measured to help (compensation, adaptive widths); "
                         "paper: the paper's algorithm, to reproduce it")
-    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
-                   help="refit each step's weights against the dense model after the cut (default: on, "
-                        "off with --method paper)")
+    p.add_argument("--compensate", choices=("off", "writers", "all"), default=None,
+                   help="after each cut, refit the step's output weights (writers; default) or its input "
+                        "weights too (all) against the dense model; off with --method paper")
     p.add_argument("--widths", choices=("adaptive", "equal"), default=None,
                    help="per-layer: each block boundary its own width within the same parameter count "
                         "(adaptive; default) or one width everywhere (equal; --method paper)")

@@ -23,7 +23,7 @@ class SlicingConfig:
     max_logit_deviation: float | None = None  # stock vs exact sliced model, one calibration window
     # Quality levers (README "Quality"); a record without them was sliced by the paper's algorithm.
     method: str = "paper"
-    compensate: bool = False  # readers and writers refitted against the dense model
+    compensate: str = "off"  # "writers" (or "all": readers too) refitted against the dense model
     ridge: float | None = None  # compensation's relative regulariser
     widths_rule: str = "equal"  # "adaptive": each boundary its own width within the budget
     parameters_budget: float | None = None  # --parameters: fraction of the dense count asked for

@@ -104,7 +104,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    device: str = "cpu", weights: str = "disk", offload: str = "cpu",
                    offload_dir: str | os.PathLike | None = None,
                    restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
-                   method: str = "default", compensate: bool | None = None, widths: str | None = None,
+                   method: str = "default", compensate: str | bool | None = None, widths: str | None = None,
                    parameters: float | None = None, ridge: float = RIDGE, progress: bool = True) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
@@ -125,7 +125,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
 
     sliced_dim(8, sparsity)  # validate before any slow work
     check_rotation(rotation, pooling, fit_tied_head)
-    compensate, widths = resolve_levers(method, compensate, widths)
+    compensate, widths = resolve_levers(method, compensate, widths, rotation)
     if parameters is not None and not 0.0 < parameters <= 2.0:
         raise SliceGPTError(f"--parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
     if not out:
@@ -169,7 +169,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
                 "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
-                "compensate": compensate, "ridge": ridge if compensate else None, "widths": widths,
+                "compensate": compensate, "ridge": ridge if compensate != "off" else None, "widths": widths,
                 "parameters": parameters,
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
                 "torch": torch.__version__, "slicegpt": _version()}
@@ -226,7 +226,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     config = SlicingConfig(
         sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
         sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
-        method=method, compensate=compensate, ridge=ridge if compensate else None, widths_rule=widths,
+        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None, widths_rule=widths,
         parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
         model_type=source_config.model_type,
         family=adapter.family, rotation=rotation, round_to=round_to, slice_head=slice_head,

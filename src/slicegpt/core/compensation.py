@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-RIDGE = 1e-2  # default relative regulariser (bench/quality.py measures others)
+RIDGE = 0.1  # default relative regulariser: SmolLM2 25% held-out ppl 54.9 / 53.6 / 51.4 / 50.1 / 50.9 at 1e-4 ... 1
 
 
 class LeastSquares:

@@ -1,0 +1,190 @@
+"""Benchmark: the quality levers against the paper's algorithm and against removing whole blocks.
+
+Per model and sparsity, each in a fresh process, same calibration (32 x 1024 Shakespeare
+tokens by default) and held-out text as bench/slice_default.py:
+
+- paper: `--method paper` (equal widths, no compensation);
+- compensation alone, adaptive widths alone, and the default (both);
+- uniform rotation (stock model) with the paper's algorithm and with compensation (`--uniform`);
+- ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
+  output are most alike (angular distance on the calibration tokens) until the model is no
+  larger than the paper's sliced one. Implemented here only, as a baseline.
+
+Every parameter is counted (skip, entry and branch-output matrices, an untied head). "x floor"
+is slicing wall time over one dense forward pass through the decoder over the calibration tokens.
+
+    .venv/bin/python bench/quality.py                                 # SmolLM2, 25%, every row
+    .venv/bin/python bench/quality.py --sparsities 0.1,0.2,0.3 --rows paper,default
+    .venv/bin/python bench/quality.py --model gemma3-270m --eval-samples 8 --rows paper,default,shortgpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+
+import torch
+
+ROWS = {
+    "paper": {"method": "paper"},
+    "compensation": {"method": "paper", "compensate": True},
+    "adaptive widths": {"method": "paper", "widths": "adaptive"},
+    "default": {"method": "default"},
+    "uniform paper": {"method": "paper", "rotation": "uniform", "standard": False},
+    "uniform compensation": {"method": "default", "rotation": "uniform", "standard": False},
+    "shortgpt": None,
+}
+
+
+def _evaluation(tokenizer, args):
+    import slicegpt
+
+    ids = slicegpt.tokenize(tokenizer, slicegpt.load_text(args.data, "evaluation"))
+    return slicegpt.evaluation_windows(ids, args.eval_seqlen, args.eval_samples, bos=slicegpt.bos_token(tokenizer))
+
+
+def _load(args):
+    import slicegpt
+
+    loaded = slicegpt.load_model(args.model)
+    calibration = slicegpt.calibration_data(loaded.tokenizer, args.data, args.samples, args.seqlen, args.seed)
+    return loaded.model, loaded.tokenizer, calibration
+
+
+@torch.no_grad()
+def block_distances(model, calibration, batch_size: int) -> list[float]:
+    """ShortGPT's score per block: mean angular distance between its input and output (padding excluded)."""
+    layers = model.model.layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+    for ids, mask in calibration.batches(batch_size):
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        keep = mask.reshape(-1).bool()
+        for i in range(len(layers)):
+            a = hidden[i].reshape(-1, hidden[i].shape[-1])[keep].double()
+            b = hidden[i + 1].reshape(-1, hidden[i + 1].shape[-1])[keep].double()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
+            sums[i] += (torch.arccos(cos) / math.pi).sum()
+        tokens += int(keep.sum())
+    return (sums / tokens).tolist()
+
+
+def remove_blocks(model, calibration, budget: int, batch_size: int) -> list[int]:
+    """Drop the most redundant blocks until the parameter count is at most `budget`; returns them."""
+    import slicegpt
+
+    scores = block_distances(model, calibration, batch_size)
+    layers = model.model.layers
+    order = sorted(range(len(layers)), key=lambda i: scores[i])
+    per_block = sum(p.numel() for p in layers[0].parameters())
+    dense = slicegpt.count_parameters(model)
+    drop = sorted(order[:max(0, math.ceil((dense - budget) / per_block))])
+    keep = [i for i in range(len(layers)) if i not in drop]
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new, layer in enumerate(model.model.layers):
+        if hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    return drop
+
+
+def child(args) -> dict:
+    import slicegpt
+    from slicegpt.evaluation.measure import measure
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    model, tokenizer, calibration = _load(args)
+    windows = _evaluation(tokenizer, args)
+    if args.child == "dense":
+        with measure() as m:
+            for ids, mask in calibration.batches(args.batch_size):
+                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        return {"floor_seconds": m.seconds, "perplexity": slicegpt.perplexity(model, windows, progress=False),
+                "parameters": slicegpt.count_parameters(model)}
+    sparsity, name = args.child.split("/", 1)
+    sparsity = float(sparsity)
+    if name == "shortgpt":
+        budget = json.loads(args.budget)
+        with measure() as m, torch.no_grad():
+            dropped = remove_blocks(model, calibration, budget, args.batch_size)
+        model.config.use_cache = False
+        return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
+                "parameters": slicegpt.count_parameters(model), "dropped": dropped}
+    options = dict(ROWS[name])
+    with measure() as m:
+        model, config = slicegpt.slice_model(model, tokenizer, calibration, sparsity, batch_size=args.batch_size,
+                                             progress=False, **options)
+    return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
+            "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-seqlen", type=int, default=1024)
+    p.add_argument("--sparsities", default="0.25")
+    p.add_argument("--rows", default="paper,compensation,adaptive widths,default,shortgpt",
+                   help=f"comma-separated, from: {', '.join(ROWS)}")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    rows = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows: {', '.join(unknown)}")
+
+    def run(which: str, budget: int | None = None) -> dict:
+        cmd = [sys.executable, __file__, "--child", which] + sys.argv[1:]
+        if budget is not None:
+            cmd += ["--budget", str(budget)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    started = time.time()
+    dense = run("dense")
+    print(f"model {args.model}; calibration {args.samples} x {args.seqlen} tokens of {args.data}; perplexity on "
+          f"{args.eval_samples} x {args.eval_seqlen} held-out tokens; dense perplexity {dense['perplexity']:.2f}, "
+          f"{dense['parameters'] / 1e6:.1f}M parameters; floor {dense['floor_seconds']:.1f} s\n", flush=True)
+    print("| sparsity | method | ppl | params | ratio | slicing s | x floor |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    results = []
+    for sparsity in args.sparsities.split(","):
+        paper_params = None
+        for name in rows:
+            if name == "shortgpt":
+                if paper_params is None:
+                    paper_params = run(f"{sparsity}/paper")["parameters"]
+                r = run(f"{sparsity}/shortgpt", budget=paper_params)
+                label = f"ShortGPT (drop {len(r['dropped'])} blocks: {r['dropped']})"
+            else:
+                r = run(f"{sparsity}/{name}")
+                label = name
+                if name == "paper":
+                    paper_params = r["parameters"]
+            results.append({"sparsity": float(sparsity), "row": name, **r})
+            print(f"| {float(sparsity):.0%} | {label} | {r['perplexity']:.2f} | {r['parameters'] / 1e6:.1f}M | "
+                  f"{r['parameters'] / dense['parameters']:.3f} | {r['seconds']:.1f} | "
+                  f"{r['seconds'] / dense['floor_seconds']:.2f} |", flush=True)
+    print(f"\n(total {time.time() - started:.0f} s)")
+    print(json.dumps({"dense": dense, "rows": results}))
+
+
+if __name__ == "__main__":
+    main()
