@@ -21,6 +21,7 @@ from slicegpt.core.bases import Covariance
 from slicegpt.core.budget import ParameterModel
 from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.onload import LayeredModel
+from slicegpt.core.transform import check_finite
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.sliced_modeling import get_path, run_branch
 from slicegpt.adapters.base import branch_groups
@@ -49,12 +50,14 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
     masks = [mask for _, mask in batches]
     spectra = []
 
-    def add(cache: ActivationCache) -> None:
+    def add(cache: ActivationCache, where: str) -> None:
         dim = view.model.get_submodule(adapter.embeddings[0]).weight.shape[-1]
         cov = Covariance(dim, view.device)
         total = torch.zeros(dim, dtype=torch.float64, device=view.device)
         for b in range(len(cache)):
-            x = cache.get(b, view.device).to(torch.float64)
+            x = cache.get(b, view.device)
+            check_finite(x, where)
+            x = x.to(torch.float64)
             if adapter.norm_kind == "layernorm":
                 x = x - x.mean(dim=-1, keepdim=True)
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)  # what the norms pass on
@@ -72,7 +75,7 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
         capture(view, adapter, batches, cache, arguments)
         for path in ends:
             view.offload(path)
-        add(cache)
+        add(cache, "after the embeddings")
         with tqdm(total=len(layer_paths), desc="probing widths", unit="layer", disable=not progress) as bar:
             for li, path in enumerate(layer_paths):
                 layer = view.onload(path)
@@ -85,7 +88,7 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
                         for branch in group:
                             h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
                         cache.put(b, h)
-                    add(cache)
+                    add(cache, f"of layer {li} ({'+'.join(b.name for b in group)})")
                 view.offload(path)
                 bar.update()
     return spectra
