@@ -26,9 +26,10 @@ def test_gemma3_slices_saves_loads_and_generates(tmp_path):
 
     model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=8, seqlen=256,
                                          progress=False)
-    assert config.sliced_hidden_size == 480 and config.family == "gemma2"
+    assert config.family == "gemma2" and config.widths_rule == "adaptive" and config.compensate == "writers"
+    assert all(w % 8 == 0 for w in config.widths) and config.widths[-1] == 640  # the head reads d
     layer = model.model.layers[0]
-    assert layer.attn_out_rotation.shape == (640, 480)  # branch-output norms run at full width
+    assert layer.attn_out_rotation.shape == (640, config.widths[1])  # branch-output norms run at full width
     assert config.parameters_sliced == slicegpt.count_parameters(model)
     sliced = slicegpt.perplexity(model, windows, progress=False)
     assert math.isfinite(dense) and 10 < dense < 200, dense

@@ -29,7 +29,8 @@ def test_round_trip_both_load_paths(model_type, tmp_path, calibration, tokenizer
     expected = model(IDS).logits
     loaded = slicegpt.load(out)
     assert torch.equal(loaded.model(IDS).logits, expected)
-    assert loaded.sliced["slicing"]["sliced_hidden_size"] == 48
+    assert loaded.sliced["slicing"]["sliced_hidden_size"] == config.sliced_hidden_size
+    assert loaded.sliced["slicing"]["widths"] == config.widths
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert torch.equal(remote(IDS).logits, expected)
     prompt = IDS[:1, :5]

@@ -1,5 +1,6 @@
 """The quality levers: compensation, per-boundary widths, a parameter budget (core.compensation, widths, budget)."""
 
+import copy
 import json
 import random
 
@@ -37,11 +38,14 @@ def test_ridge_fit_toward_the_prior_never_loses_to_it_and_keeps_an_exact_prior()
     fit.update(x[:200], x[:200] @ true)
     fit.update(x[200:], x[200:] @ true)  # a running sum over batches
     prior = true + 0.1 * torch.randn_like(true)
-    for ridge in (1e-4, 1e-2, 1.0):
-        w = fit.solve(prior, ridge)
-        assert fit.error(w) <= fit.error(prior)
-    assert torch.allclose(fit.solve(true, 1.0), true, atol=1e-12)  # an exact prior is kept at any ridge
     assert fit.error(true) < 1e-10  # per token, against a mean |y|^2 of about 60
+    for ridge in (1e-4, 1e-2, 1.0):
+        again = copy.deepcopy(fit)  # solving consumes the sums
+        w, error_prior, error_fit = again.solve(prior, ridge)
+        assert error_prior == pytest.approx(fit.error(prior)) and error_fit == pytest.approx(fit.error(w))
+        assert error_fit <= error_prior
+    w, _, error_fit = copy.deepcopy(fit).solve(true, 1.0)
+    assert torch.allclose(w, true, atol=1e-12) and error_fit < 1e-10  # an exact prior is kept at any ridge
     masked = LeastSquares(12, 5)
     masked.update(x[:4][None], (x[:4] @ true)[None] + 1e3 * torch.tensor([0, 0, 0, 1.0])[None, :, None],
                   mask=torch.tensor([[1, 1, 1, 0]]))

@@ -200,7 +200,8 @@ def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration, 
     from slicegpt.formats.sliced_modeling import RMSNorm
 
     model = make_model("opt")
-    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, keep_tied_head=keep_tied, progress=False)
+    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, keep_tied_head=keep_tied, progress=False,
+                                          method="paper")  # equal widths: the shapes below
     layer = sliced.model.decoder.layers[0]
     assert isinstance(layer.self_attn_layer_norm, RMSNorm) and isinstance(layer.final_layer_norm, RMSNorm)
     assert layer.self_attn_layer_norm.weight.shape == (48,)
@@ -215,7 +216,8 @@ def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration, 
 
 def test_post_norm_branches_keep_full_width_writers_and_count_their_rotations(calibration):
     """Gemma 2/3: the branch-output norm needs all d coordinates, then a d x k matrix rotates and slices."""
-    sliced, config = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, progress=False)
+    sliced, config = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, progress=False,
+                                          widths="equal")  # the shapes below
     first, last = sliced.model.layers[0], sliced.model.layers[-1]
     assert first.self_attn.o_proj.weight.shape == (D, H * 16) and first.mlp.down_proj.weight.shape == (D, I)
     assert first.attn_out_rotation.shape == (D, 48) and first.mlp_out_rotation.shape == (D, 48)

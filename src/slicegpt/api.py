@@ -105,7 +105,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     view = ResidentModel(model)
     tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
             else per_layer_ties(view, adapter, keep_tied_head, slice_head))
-    plan = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
+    plan, widths = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
                        parameters=parameters, dense_parameters=dense, round_to=round_to, tied=tied,
                        slice_head=slice_head, progress=progress)
     outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,

@@ -192,7 +192,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     with measure(device) as m:
         tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
                 else per_layer_ties(view, adapter, keep_tied_head, slice_head))
-        plan = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths, sparsity=sparsity,
+        plan, widths = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths, sparsity=sparsity,
                            parameters=parameters, dense_parameters=dense_parameters, round_to=round_to, tied=tied,
                            slice_head=slice_head, offload=offload, offload_dir=offload_dir, progress=progress)
         dim = plan[0]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slicegpt.errors import SliceGPTError
+
 RIDGE = 0.1  # default relative regulariser: SmolLM2 25% held-out ppl 54.9 / 53.6 / 51.4 / 50.1 / 50.9 at 1e-4 ... 1
 
 
@@ -61,19 +63,29 @@ class LeastSquares:
         total = (w * (self.xx @ w)).sum() - 2 * (w * self.xy).sum() + self.yy
         return float(total.clamp_min(0)) / max(self.tokens, 1)
 
-    def solve(self, prior: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
-        """The ridge fit toward `prior` ([n_in, n_out], float64)."""
+    def solve(self, prior: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float, float]:
+        """The ridge fit toward `prior` ([n_in, n_out], float64), with the per-token calibration
+        errors of the prior and of the fit. Consumes the statistics: they are changed in place,
+        so a wide fit (an MLP's down projection) needs one n x n matrix beyond them, not three."""
+        error_prior = self.error(prior)
         n = self.xx.shape[0]
         lam = ridge * float(self.xx.diagonal().sum()) / n
         if lam <= 0:  # no signal at all: keep the prior
-            return prior.clone()
-        a = self.xx + lam * torch.eye(n, dtype=torch.float64, device=self.xx.device)
-        b = self.xy + lam * prior
-        try:
-            chol = torch.linalg.cholesky(a)
-            return torch.cholesky_solve(b, chol)
-        except RuntimeError:  # not numerically positive definite: a least-squares solve instead
-            return torch.linalg.lstsq(a, b).solution
+            return prior.clone(), error_prior, error_prior
+        self.xx.diagonal().add_(lam)
+        self.xy.add_(prior, alpha=lam)  # b = X^T Y + lam P
+        info = torch.zeros((), dtype=torch.int32, device=self.xx.device)
+        torch.linalg.cholesky_ex(self.xx, out=(self.xx, info))  # in place: X^T X + lam I is positive definite
+        if int(info) != 0:
+            raise SliceGPTError("compensation's least-squares fit has non-finite statistics; "
+                                "try --compensate off or a larger --ridge")
+        w = torch.cholesky_solve(self.xy, self.xx)
+        self.xx = None
+        # the fit's error against the original sums, with w^T (X^T X + lam I) w = w . b
+        wb = (w * self.xy).sum()
+        total = wb - lam * w.pow(2).sum() - 2 * (wb - lam * (w * prior).sum()) + self.yy
+        self.xy = None
+        return w, error_prior, float(total.clamp_min(0)) / max(self.tokens, 1)
 
 
 @dataclass

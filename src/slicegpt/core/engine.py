@@ -68,6 +68,7 @@ class Progress:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # basis, running sums (float64)
     spectra: list[torch.Tensor] = field(default_factory=list)
     module_attributes: ModuleAttributes = field(default_factory=dict)
+    fits: list[FitRecord] = field(default_factory=list)  # compensation's records so far
 
 
 class Hooks:
@@ -297,7 +298,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
         else:
             state = run.resumed[0]
             first, q = state.next_layer, state.tensors["basis"].to(run.device)
-            outcome.spectra, outcome.module_attributes = state.spectra, state.module_attributes
+            outcome.spectra, outcome.module_attributes, outcome.fits = state.spectra, state.module_attributes, state.fits
             entry = None  # only layer 0 takes it, and a checkpoint comes after a whole layer
         run.offload_ends()
 
@@ -317,7 +318,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                 run.write(li + 1, [prefix])
                 run.release(li)
                 hooks.checkpoint(Progress("layers", li + 1, {"basis": q}, outcome.spectra,
-                                          outcome.module_attributes), cache)
+                                          outcome.module_attributes, outcome.fits), cache)
 
     view.onload(adapter.final_norm)
     if not tied:
@@ -436,9 +437,8 @@ def _refit(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], spec
                 reads[name].update(get_path(layer, name)(z_full) @ q_d, normed[name], mask)
     maps = {}
     for name, fit in reads.items():
-        prior = q.T.to(torch.float64)
-        m = fit.solve(prior, run.ridge)
-        outcome.fits.append(FitRecord(step, f"readers:{name}", fit.error(prior), fit.error(m)))
+        m, error_prior, error_fit = fit.solve(q.T.to(torch.float64), run.ridge)
+        outcome.fits.append(FitRecord(step, f"readers:{name}", error_prior, error_fit))
         maps[name] = m.T
     rotate_reads(layer, prefix, group, adapter, q, d, outcome.module_attributes, maps)
     if writers:
@@ -493,7 +493,8 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             x = torch.cat(columns, dim=-1)
             fit.update(x, hd - z @ q_t, mask)
             inputs.append(x)
-        w = fit.solve(prior, run.ridge)
+        w, error_prior, error_fit = fit.solve(prior, run.ridge)
+        del fit, prior
         w_d = w.to(dtype)
         for b in range(n):
             h = cache.get(b, device) @ q_t + inputs.get(b, device) @ w_d
@@ -503,7 +504,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
         for handle in handles:
             handle.remove()
         inputs.close()
-    outcome.fits.append(FitRecord(step, "writers", fit.error(prior), fit.error(w)))
+    outcome.fits.append(FitRecord(step, "writers", error_prior, error_fit))
     row = 0
     for branch, target in blocks:
         if target is None:
@@ -598,7 +599,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
         else:
             tensors = {k: v.to(run.device) for k, v in state.tensors.items()}
             q, first = tensors["basis"], state.next_layer
-            outcome.spectra, outcome.module_attributes = state.spectra, state.module_attributes
+            outcome.spectra, outcome.module_attributes, outcome.fits = state.spectra, state.module_attributes, state.fits
             run.offload_ends()
 
     cache = run.new_cache() if run.compensate else None
@@ -638,8 +639,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                                         prefix=prefix, step=li * len(run.groups) + gi, fixed_basis=q)
                 run.write(li + 1, [prefix])
                 run.release(li)
-                hooks.checkpoint(Progress("weights", li + 1, tensors, outcome.spectra, outcome.module_attributes),
-                                 cache)
+                hooks.checkpoint(Progress("weights", li + 1, tensors, outcome.spectra, outcome.module_attributes,
+                                          outcome.fits), cache)
                 bar.update()
     finally:
         if cache is not None:

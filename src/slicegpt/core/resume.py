@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from slicegpt.core.cache import ActivationCache
+from slicegpt.core.compensation import FitRecord
 from slicegpt.core.engine import Hooks, Progress
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.shards import sha256, write_shard
@@ -136,7 +137,7 @@ class RunDirectory(Hooks):
 
     def checkpoint(self, progress: Progress, cache: ActivationCache | None) -> None:
         self.checkpoints += 1
-        final = progress.phase == "weights"  # no activations to snapshot: cheap, always recorded
+        final = progress.phase == "weights" and cache is None  # no activations to snapshot: cheap, always recorded
         if not final and self.checkpoints % self.every:
             return
         n = f"{progress.phase}-{progress.next_layer}"
@@ -157,6 +158,7 @@ class RunDirectory(Hooks):
                   "phase": progress.phase, "next_layer": progress.next_layer, "shards": dict(self.shards),
                   "state": state.name, "state_sha256": sha256(state), "tensors": sorted(progress.tensors),
                   "spectra": len(progress.spectra), "module_attributes": progress.module_attributes,
+                  "fits": [f.to_dict() for f in progress.fits],
                   "activations": activations}
         record["checksum"] = _checksum(record)
         from slicegpt.atomic import write_json
@@ -202,7 +204,7 @@ class RunDirectory(Hooks):
         tensors = {k: state[f"tensor.{k}"] for k in record["tensors"]}
         spectra = [state[f"spectrum.{i}"] for i in range(record["spectra"])]
         progress = Progress(record["phase"], record["next_layer"], tensors, spectra,
-                            record["module_attributes"])
+                            record["module_attributes"], [FitRecord(**f) for f in record.get("fits", [])])
         activations = None
         if record.get("activations"):
             directory = self.root / record["activations"]

@@ -164,13 +164,15 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
 def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *, rotation: str, rule: str,
                 sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
                 slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
-                progress: bool = True) -> list[int]:
+                progress: bool = True) -> tuple[list[int], str]:
     """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
 
     The budget is `parameters` x the dense count when given, else the count the equal widths
     of `sparsity` would have; `rule="adaptive"` (per-layer rotation) spends it by `allocate`
     on the spectra of the first `probe_samples` calibration windows, `"equal"` takes the
-    largest equal width that fits.
+    largest equal width that fits. Returns the widths and the rule used: families whose
+    forward needs one width throughout (GPT-2 reshapes the final stream to the embedding
+    width; MoE kernels write as wide as they read) get equal widths.
     """
     from slicegpt.core.bases import sliced_dim
     from slicegpt.core.budget import parameter_model
@@ -180,8 +182,10 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
     n = len(get_path(view.model, adapter.layers)) * len(branch_groups(adapter.branches)) + 1
     dim = sliced_dim(hidden, sparsity, round_to)
-    if parameters is None and (rule == "equal" or rotation == "uniform"):
-        return [dim] * n
+    if rotation == "uniform" or adapter.slice_head_required:
+        rule = "equal"
+    if parameters is None and rule == "equal":
+        return [dim] * n, rule
     source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
     model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
                             slice_head=slice_head, total=dense_parameters)
@@ -191,8 +195,8 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         budget = int(parameters * dense_parameters)
     else:
         budget = model.count([dim] * n)
-    if rule == "equal" or rotation == "uniform":
-        return budget_widths(model, budget, round_to, hidden, n)
+    if rule == "equal":
+        return budget_widths(model, budget, round_to, hidden, n), rule
     rows = 0
     probe = []
     for batch in batches:  # the first windows, up to probe_samples of them
@@ -201,4 +205,4 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         probe.append(batch)
         rows += batch[0].shape[0]
     spectra = probe_spectra(view, adapter, probe, offload, offload_dir, progress)
-    return allocate(spectra, model, budget, round_to, hidden)
+    return allocate(spectra, model, budget, round_to, hidden), rule
