@@ -58,7 +58,7 @@ def child(args) -> dict:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, float(sparsity), rotation=rotation,
                                              standard=False, fit_tied_head=variant == "fit",
                                              pooling=args.pooling if rotation == "uniform" else "unit-trace",
-                                             batch_size=args.batch_size, progress=False)
+                                             batch_size=args.batch_size, progress=False, method=args.method)
     row = {"sparsity": float(sparsity), "rotation": rotation + (" (fitted tied head)" if variant == "fit" else ""),
            "seconds": m.seconds, "peak_bytes": m.peak_bytes}
     if rotation == "uniform":
@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--method", choices=("paper", "default"), default="paper",
+                   help="the paper's algorithm (these tables) or slicegpt's default levers (bench/quality.py)")
     p.add_argument("--rotation", choices=("per-layer", "uniform", "both"), default="per-layer")
     p.add_argument("--fit-tied-head", action="store_true", help="uniform: also the fitted tied head variant")
     p.add_argument("--pooling", choices=("unit-trace", "tokens"), default="unit-trace", help="uniform: see slicegpt slice")

@@ -80,7 +80,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     hidden = get_path(model, adapter.embeddings[0]).weight.shape[1]  # the residual width
     uniform = rotation == "uniform"
     slice_head = uniform or slice_head or adapter.slice_head_required
-    dim = sliced_dim(hidden, sparsity, round_to)
+    sliced_dim(hidden, sparsity, round_to)  # validate before any slow work
     if uniform and standard:
         check_standard(model, adapter, accept_deviation)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from slicegpt.adapters import get_adapter
-from slicegpt.adapters.base import branch_groups
 from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
@@ -165,7 +164,6 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                        bos=bos_token(tokenizer)) if evaluate else None)
 
     layers = get_path(view.model, adapter.layers)
-    n_steps = len(layers) * len(branch_groups(adapter.branches))
     settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
                 "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),

@@ -107,18 +107,7 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         else:
             if source_tied:
                 constant += head.numel()  # untied: the head is a parameter of its own
-            for w in embeddings:
-                constant -= w.numel()
-                linear[0] += _per_unit(w, hidden)
-            for target in resolve_all(model, adapter.entry_writers):
-                w, bias = _get(target), _bias(target)
-                constant -= w.numel() + (bias.numel() if bias is not None else 0)
-                linear[0] += _per_unit(w, hidden) + (1 if bias is not None else 0)
-            head_module = get_path(model, adapter.head)
-            if layernorm and getattr(final, "bias", None) is not None:  # folded into the head's bias
-                constant -= final.bias.numel()
-                if getattr(head_module, "bias", None) is None:
-                    constant += head.shape[0]
+            constant += _entry_terms(model, adapter, embeddings, hidden, linear) + _final_bias(model, adapter)
             if slice_head:
                 constant -= head.numel() + final.weight.numel()
                 linear[n_steps] += _per_unit(head, hidden) + 1  # head columns and the final norm's gains
@@ -127,21 +116,35 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         return ParameterModel(constant, linear, skip=True, fixed=fixed)
 
     # uniform: one width everywhere, embeddings and head sliced, no skip matrices
-    for w in embeddings:
-        constant -= w.numel()
-        linear[0] += _per_unit(w, hidden)
-    for target in resolve_all(model, adapter.entry_writers):
-        w, bias = _get(target), _bias(target)
-        constant -= w.numel() + (bias.numel() if bias is not None else 0)
-        linear[0] += _per_unit(w, hidden) + (1 if bias is not None else 0)
+    constant += _entry_terms(model, adapter, embeddings, hidden, linear) + _final_bias(model, adapter)
     constant -= final.weight.numel()
     linear[n_steps] += 1
-    if layernorm and getattr(final, "bias", None) is not None:  # folded into the head's bias
-        constant -= final.bias.numel()
-        if getattr(get_path(model, adapter.head), "bias", None) is None:
-            constant += head.shape[0]
     if not tied:
         if not source_tied:
             constant -= head.numel()
         linear[n_steps] += _per_unit(head, hidden)
     return ParameterModel(constant, linear, skip=False)
+
+
+def _entry_terms(model: nn.Module, adapter: ModelAdapter, embeddings: list[torch.Tensor], hidden: int,
+                 linear: list[int]) -> int:
+    """Sliced embedding tables and entry writers (OPT's project_in): boundary 0's terms; returns
+    the change to the constant."""
+    change = 0
+    for w in embeddings:
+        change -= w.numel()
+        linear[0] += _per_unit(w, hidden)
+    for target in resolve_all(model, adapter.entry_writers):
+        w, bias = _get(target), _bias(target)
+        change -= w.numel() + (bias.numel() if bias is not None else 0)
+        linear[0] += _per_unit(w, hidden) + (1 if bias is not None else 0)
+    return change
+
+
+def _final_bias(model: nn.Module, adapter: ModelAdapter) -> int:
+    """A final LayerNorm's bias folds into the head's bias (created if the head has none)."""
+    final = get_path(model, adapter.final_norm)
+    if adapter.norm_kind != "layernorm" or getattr(final, "bias", None) is None:
+        return 0
+    head = get_path(model, adapter.head)
+    return -final.bias.numel() + (head.weight.shape[0] if getattr(head, "bias", None) is None else 0)

@@ -43,8 +43,8 @@ from slicegpt.formats.sliced_modeling import (ENTRY, attach_structure, get_path,
 from slicegpt.core.weights import output_matrix, resolve, rotate_input, rotate_output, set_output_matrix
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [b, L], attention_mask [b, L]
-POOLINGS = ("unit-trace", "tokens")
-COMPENSATIONS = ("off", "writers", "all")  # "all": the readers are refitted too  # how uniform rotation weighs the block boundaries
+POOLINGS = ("unit-trace", "tokens")  # how uniform rotation weighs the block boundaries
+COMPENSATIONS = ("off", "writers", "all")  # "all": the readers are refitted too
 ROTATIONS = ("per-layer", "uniform")
 
 
