@@ -229,3 +229,30 @@ def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
     assert max(sliced_weights) < min(r["weight_bytes"] for r in dense)
     assert "decode speedup" in result.stdout
     assert_one_line_error(run("bench", out, "--seqlens", "0"), "--seqlens must be comma-separated positive integers")
+
+
+def test_a_parameter_budget_and_the_papers_method_from_the_command_line(tiny_model_dir, tmp_path):
+    result = run("slice", tiny_model_dir, "--parameters", "0.8", "--calibration", TEXT_FILE, "--samples", "8",
+                 "--seqlen", "64", "--no-eval", "--out", tmp_path / "budget", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["parameters_sliced"] <= 0.8 * figures["parameters_dense"]
+    record = json.loads((tmp_path / "budget" / "slicegpt.json").read_text())["slicing"]
+    assert record["parameters_budget"] == 0.8 and record["method"] == "default"
+    assert record["compensate"] == "writers" and record["widths_rule"] == "adaptive"
+    assert record["compensation"]["writers"]["error_fitted"] <= record["compensation"]["writers"]["error_paper"]
+
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--method", "paper", "--calibration", TEXT_FILE,
+                 "--samples", "8", "--seqlen", "64", "--no-eval", "--out", tmp_path / "paper", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "paper" / "slicegpt.json").read_text())["slicing"]
+    assert record["method"] == "paper" and record["compensate"] == "off" and record["widths"] == [48] * 6 + [64]
+    assert "method" in result.stdout and "compensation off" in result.stdout
+
+
+def test_sparsity_and_a_parameter_budget_together_are_refused(tiny_model_dir, tmp_path):
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--parameters", "0.8", "--out", tmp_path / "o")
+    assert_one_line_error(result, "not allowed with argument")
+    result = run("slice", tiny_model_dir, "--parameters", "80", "--out", tmp_path / "o")
+    assert_one_line_error(result, "fraction of the dense count")
+    assert not (tmp_path / "o").exists()

@@ -109,6 +109,8 @@ def summarize(fits: list[FitRecord]) -> dict:
     out: dict = {"fits": len(fits)}
     for part in ("readers", "writers"):
         chosen = [f for f in fits if f.part.startswith(part)]
+        if not chosen:
+            continue
         out[part] = {"error_paper": sum(f.error_paper for f in chosen),
                      "error_fitted": sum(f.error_fitted for f in chosen)}
     return out
