@@ -93,6 +93,8 @@ def _cases() -> list[Case]:
     cases.append(Case("compensation-writers/gemma2", "gemma2", {"method": "paper", "compensate": "writers"}))
     cases.append(Case("adaptive-widths/llama", "llama", {"method": "paper", "widths": "adaptive"}, sparsity=0.4))
     cases.append(Case("parameters-0.8/llama", "llama", {"method": "default", "parameters": 0.8}))
+    cases.append(Case("parameters-0.8-adaptive/llama", "llama", {"method": "default", "parameters": 0.8,
+                                                                  "widths": "adaptive"}))
     cases.append(Case("uniform-compensation/llama", "llama", {"method": "default", "rotation": "uniform",
                                                               "standard": False}))
     cases.append(Case("uniform-standard-compensation/qwen2", "qwen2", {"method": "default", "rotation": "uniform",

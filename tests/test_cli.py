@@ -239,7 +239,7 @@ def test_a_parameter_budget_and_the_papers_method_from_the_command_line(tiny_mod
     assert figures["parameters_sliced"] <= 0.8 * figures["parameters_dense"]
     record = json.loads((tmp_path / "budget" / "slicegpt.json").read_text())["slicing"]
     assert record["parameters_budget"] == 0.8 and record["method"] == "default"
-    assert record["compensate"] == "writers" and record["widths_rule"] == "adaptive"
+    assert record["compensate"] == "writers" and record["widths_rule"] == "equal"
     assert record["compensation"]["writers"]["error_fitted"] <= record["compensation"]["writers"]["error_paper"]
 
     result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--method", "paper", "--calibration", TEXT_FILE,

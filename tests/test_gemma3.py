@@ -26,7 +26,7 @@ def test_gemma3_slices_saves_loads_and_generates(tmp_path):
 
     model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=8, seqlen=256,
                                          progress=False)
-    assert config.family == "gemma2" and config.widths_rule == "adaptive" and config.compensate == "writers"
+    assert config.family == "gemma2" and config.widths_rule == "equal" and config.compensate == "writers"
     assert all(w % 8 == 0 for w in config.widths) and config.widths[-1] == 640  # the head reads d
     layer = model.model.layers[0]
     assert layer.attn_out_rotation.shape == (640, config.widths[1])  # branch-output norms run at full width

@@ -176,13 +176,14 @@ def test_a_parameter_budget_is_met_within_one_round_to_step(widths, calibration)
 
 
 def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, tokenizer, calibration):
-    """Default method on a tiny model: unequal widths, no more parameters than the paper's at the
+    """Compensation with adaptive widths on a tiny model: unequal widths, no more parameters than the paper's at the
     same sparsity, saved and loaded both ways, KV-cache generation equal to no cache."""
     from transformers import AutoModelForCausalLM
 
     paper, paper_config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3,
                                                method="paper", progress=False)
-    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3, progress=False)
+    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3, progress=False,
+                                         widths="adaptive")
     assert config.method == "default" and config.compensate == "writers" and config.widths_rule == "adaptive"
     assert len(set(config.widths[:-1])) > 1, config.widths
     assert config.parameters_sliced <= paper_config.parameters_sliced

@@ -26,7 +26,7 @@ def test_default_model_slices_saves_loads_and_generates(tmp_path):
     del paper
     model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=16, seqlen=256,
                                          progress=False)
-    assert config.method == "default" and config.widths_rule == "adaptive" and config.compensate == "writers"
+    assert config.method == "default" and config.widths_rule == "equal" and config.compensate == "writers"
     assert config.parameters_sliced == slicegpt.count_parameters(model) <= paper_config.parameters_sliced
     sliced = slicegpt.perplexity(model, windows, progress=False)
     assert math.isfinite(dense) and math.isfinite(sliced)
@@ -84,7 +84,7 @@ def test_default_model_streamed_from_its_gguf_equals_the_in_memory_slice(tmp_pat
     time, written in shards; the result is the in-memory API's, bit for bit, and generates the same text."""
     run = slicegpt.slice_and_save("default", tmp_path / "streamed", 0.25, samples=8, seqlen=256, eval_samples=2,
                                   eval_seqlen=256, progress=False)
-    assert run.config.widths_rule == "adaptive" and run.config.source_model.endswith(".gguf")
+    assert run.config.compensate == "writers" and run.config.source_model.endswith(".gguf")
     assert len(list((tmp_path / "streamed").glob("model-*-of-00032.safetensors"))) == 32  # 30 layers + 2 ends
     loaded = slicegpt.load_model("default")
     reference, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25, samples=8,

@@ -369,14 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep this fraction of the dense parameter count (every added matrix counted), "
                            "e.g. 0.75; slicegpt finds the widths")
     p.add_argument("--method", choices=("default", "paper"), default="default",
-                   help="default: every quality lever measured to help (compensation, adaptive widths); "
+                   help="default: the quality levers measured to help (compensation of the writers); "
                         "paper: the paper's algorithm, to reproduce it")
     p.add_argument("--compensate", choices=("off", "writers", "all"), default=None,
                    help="after each cut, refit the step's output weights (writers; default) or its input "
                         "weights too (all) against the dense model; off with --method paper")
     p.add_argument("--widths", choices=("adaptive", "equal"), default=None,
-                   help="per-layer: each block boundary its own width within the same parameter count "
-                        "(adaptive; default) or one width everywhere (equal; --method paper)")
+                   help="per-layer: one width everywhere (equal; default) or each block boundary its own "
+                        "width within the same parameter count (adaptive; measured to help SmolLM2, hurt Gemma 3)")
     p.add_argument("--ridge", type=float, default=RIDGE,
                    help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
     p.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)
