@@ -157,7 +157,7 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
     """The largest equal width (multiple of `round_to`) whose count is at most `budget`."""
     for k in range(hidden // round_to * round_to, 0, -round_to):
         if params.count([k] * n) <= budget:
-            return [k] * n
+            return [params.fixed.get(b, k) for b in range(n)]  # the exit stays full width where fixed
     raise SliceGPTError(f"no width of at least {round_to} meets a budget of {budget:,} parameters")
 
 
@@ -185,7 +185,10 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     if rotation == "uniform" or adapter.slice_head_required:
         rule = "equal"
     if parameters is None and rule == "equal":
-        return [dim] * n, rule
+        widths = [dim] * n
+        if rotation == "per-layer" and not slice_head:
+            widths[-1] = hidden  # the head reads the original basis
+        return widths, rule
     source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
     model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
                             slice_head=slice_head, total=dense_parameters)
