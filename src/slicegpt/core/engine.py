@@ -453,26 +453,25 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
     The fit's inputs X are kept per batch, so the stream after the step is z Q^T + X W
     without running the branch again."""
     cache, device, dtype, n, d = run.cache, run.device, run.dtype, run.n, run.hidden
-    blocks: list[tuple[Branch, object]] = []  # (branch, target) per fitted output; target None: post-norm
+    # per fitted output: (branch, target, has a bias); target None: a post-norm's d x d matrix
+    blocks: list[tuple[Branch, object, bool]] = []
+    priors = []
     for branch in group:
         if branch.post_norm:
-            blocks.append((branch, None))
-        else:
-            blocks.extend((branch, t) for t in targets(layer, branch, "outputs"))
-    priors = []
-    for branch, target in blocks:
-        if target is None:
+            blocks.append((branch, None, False))
             priors.append(torch.eye(d, dtype=torch.float64, device=device))
             continue
-        w, bias = output_matrix(target)
-        priors.append(w.T.to(torch.float64))
-        if bias is not None:
-            priors.append(bias.to(torch.float64)[None, :])
+        for target in targets(layer, branch, "outputs"):
+            w, bias = output_matrix(target)
+            blocks.append((branch, target, bias is not None))
+            priors.append(w.T.to(torch.float64))
+            if bias is not None:
+                priors.append(bias.to(torch.float64)[None, :])
     prior = torch.cat(priors)
     fit = LeastSquares(prior.shape[0], d, device)
     captured: dict[int, torch.Tensor] = {}
     handles = [target[0].register_forward_pre_hook(
-        lambda module, args, i=i: captured.__setitem__(i, args[0])) for i, (_, target) in enumerate(blocks)
+        lambda module, args, i=i: captured.__setitem__(i, args[0])) for i, (_, target, _) in enumerate(blocks)
         if target is not None]
     q_t = q.T.to(dtype)
     inputs = run.new_cache()
@@ -483,12 +482,12 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             normed: dict = {}
             outputs = {branch.name: run_branch(layer, specs[branch.name], z, kwargs, normed) for branch in group}
             columns = []
-            for i, (branch, target) in enumerate(blocks):
+            for i, (branch, target, has_bias) in enumerate(blocks):
                 if target is None:
                     columns.append(outputs[branch.name])
                     continue
                 columns.append(captured[i])
-                if output_matrix(target)[1] is not None:
+                if has_bias:
                     columns.append(torch.ones_like(captured[i][..., :1]))
             x = torch.cat(columns, dim=-1)
             fit.update(x, hd - z @ q_t, mask)
@@ -506,7 +505,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
         inputs.close()
     outcome.fits.append(FitRecord(step, "writers", error_prior, error_fit))
     row = 0
-    for branch, target in blocks:
+    for branch, target, has_bias in blocks:
         if target is None:
             layer.register_parameter(branch.out_rotation, nn.Parameter(w[row:row + d].to(dtype)))
             row += d
@@ -514,11 +513,8 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
         width = output_matrix(target)[0].shape[-1]
         block = w[row:row + width].T
         row += width
-        bias = None
-        if output_matrix(target)[1] is not None:
-            bias = w[row]
-            row += 1
-        set_output_matrix(target, block, bias)
+        set_output_matrix(target, block, w[row] if has_bias else None)
+        row += int(has_bias)
 
 
 @torch.no_grad()
