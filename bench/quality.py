@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from common import add_data_arguments, evaluation  # bench/common.py
+
 ROWS = {
     "paper": {"method": "paper"},
     "compensation": {"method": "paper", "compensate": True},
@@ -38,13 +40,6 @@ ROWS = {
     "uniform compensation": {"method": "default", "rotation": "uniform", "standard": False},
     "shortgpt": None,
 }
-
-
-def _evaluation(tokenizer, args):
-    import slicegpt
-
-    ids = slicegpt.tokenize(tokenizer, slicegpt.load_text(args.data, "evaluation"))
-    return slicegpt.evaluation_windows(ids, args.eval_seqlen, args.eval_samples, bos=slicegpt.bos_token(tokenizer))
 
 
 def _load(args):
@@ -101,7 +96,7 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads) if args.threads else None
     model, tokenizer, calibration = _load(args)
-    windows = _evaluation(tokenizer, args)
+    windows = evaluation(tokenizer, args)
     if args.child == "dense":
         with measure() as m:
             for ids, mask in calibration.batches(args.batch_size):
@@ -127,14 +122,7 @@ def child(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--data", default="shakespeare")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-samples", type=int, default=16)
-    p.add_argument("--eval-seqlen", type=int, default=1024)
+    add_data_arguments(p)
     p.add_argument("--sparsities", default="0.25")
     p.add_argument("--rows", default="paper,compensation,adaptive widths,default,shortgpt",
                    help=f"comma-separated, from: {', '.join(ROWS)}")

@@ -26,12 +26,7 @@ import time
 
 import torch
 
-
-def _evaluation(tokenizer, args):
-    import slicegpt
-
-    ids = slicegpt.tokenize(tokenizer, slicegpt.load_text(args.data, "evaluation"))
-    return slicegpt.evaluation_windows(ids, args.eval_seqlen, args.eval_samples, bos=slicegpt.bos_token(tokenizer))
+from common import add_data_arguments, evaluation  # bench/common.py
 
 
 def child(args) -> dict:
@@ -47,13 +42,13 @@ def child(args) -> dict:
         with measure() as m, torch.no_grad():
             for ids, mask in calibration.batches(args.batch_size):
                 model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        ppl = slicegpt.perplexity(model, _evaluation(tokenizer, args), progress=False)
+        ppl = slicegpt.perplexity(model, evaluation(tokenizer, args), progress=False)
         return {"floor_seconds": m.seconds, "floor_peak_bytes": m.peak_bytes, "perplexity": ppl,
                 "parameters": slicegpt.count_parameters(model)}
     from slicegpt.api import make_standard
 
     sparsity, rotation, variant = (args.child.split("/") + ["", ""])[:3]
-    windows = _evaluation(tokenizer, args)
+    windows = evaluation(tokenizer, args)
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, float(sparsity), rotation=rotation,
                                              standard=False, fit_tied_head=variant == "fit",
@@ -73,14 +68,7 @@ def child(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--data", default="shakespeare")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-samples", type=int, default=16)
-    p.add_argument("--eval-seqlen", type=int, default=1024)
+    add_data_arguments(p)
     p.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--method", choices=("paper", "default"), default="paper",
