@@ -17,6 +17,7 @@ from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.compensation import RIDGE, summarize
+from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import COMPENSATIONS, per_layer_ties, uniform_ties
 from slicegpt.core.widths import WIDTHS, plan_widths
 
@@ -67,6 +68,9 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     `widths` ("adaptive": each boundary its own width within the same parameter count;
     "equal"), and `parameters` (a fraction of the dense parameter count, every added matrix
     counted, instead of `sparsity`).
+
+    Called on every rank of an initialised torch.distributed process group, each rank
+    calibrates on its share of the windows and all return the same sliced model.
     """
     compensate, widths = resolve_levers(method, compensate, widths, rotation)
     source_model = ""
@@ -100,17 +104,22 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                             tokens=windows.tokens)
 
     dense = count_parameters(model)
-    batches = windows.batches(batch_size)
+    ranks = Ranks.current()
+    if len(windows) < ranks.world_size:
+        raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes")
+    batches = windows.select(ranks.share(len(windows))).batches(batch_size)
+    progress = progress and ranks.writer
     check_rotation(rotation, pooling, fit_tied_head)
     view = ResidentModel(model)
     tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
             else per_layer_ties(view, adapter, keep_tied_head, slice_head))
     plan, widths = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
                        parameters=parameters, dense_parameters=dense, round_to=round_to, tied=tied,
-                       slice_head=slice_head, progress=progress)
+                       slice_head=slice_head, progress=progress, ranks=ranks)
     outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,
                              slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
-                             pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan)
+                             pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan,
+                             ranks=ranks)
     config = SlicingConfig(
         sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
         sliced_hidden_size=round(sum(plan[:-1]) / (len(plan) - 1)) if not uniform else plan[0],
@@ -119,7 +128,9 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
         slice_head=slice_head, tied_head=outcome.tied_head,
         fit_tied_head=fit_tied_head, pooling=pooling if uniform else "", calibration=calibration_info, source_model=source_model,
-        parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra)
+        parameters_dense=dense, parameters_sliced=count_parameters(model), spectra=outcome.spectra,
+        distributed={"world_size": ranks.world_size,
+                     "tokens_per_rank": ranks.gather(sum(int(mask.sum()) for _, mask in batches))})
     if uniform and standard:
         model = make_standard(model, config, accept_deviation, windows.input_ids[:1])
     return model, config
@@ -163,17 +174,20 @@ def check_rotation(rotation: str, pooling: str, fit_tied_head: bool) -> None:
 def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: str = "per-layer",
                    slice_head: bool = False, keep_tied_head: bool = True, fit_tied_head: bool = False,
                    pooling: str = "unit-trace", progress: bool = True, compensate: str = "off",
-                   ridge: float = RIDGE, widths: list[int] | None = None):
-    """Slice a model held in memory, in place, with one width `dim` at every boundary (or `widths`)."""
+                   ridge: float = RIDGE, widths: list[int] | None = None, ranks: Ranks | None = None):
+    """Slice a model held in memory, in place, with one width `dim` at every boundary (or `widths`).
+
+    `batches`: this rank's share of the calibration windows when `ranks` is distributed."""
     check_rotation(rotation, pooling, fit_tied_head)
     view = ResidentModel(model)
     if rotation == "uniform":
         return slice_uniform(view, adapter, batches, widths[0] if widths else dim, fit_tied_head=fit_tied_head,
                              unit_trace=pooling == "unit-trace", progress=progress, compensate=compensate,
-                             ridge=ridge)
+                             ridge=ridge, ranks=ranks)
     steps = len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches))
     return slice_layers(view, adapter, batches, widths or [dim] * (steps + 1), slice_head=slice_head,
-                        keep_tied_head=keep_tied_head, progress=progress, compensate=compensate, ridge=ridge)
+                        keep_tied_head=keep_tied_head, progress=progress, compensate=compensate, ridge=ridge,
+                        ranks=ranks)
 
 
 def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: bool = False,

@@ -3,12 +3,17 @@
 Progress bars go to stderr; results to stdout, and with --json the last stdout line is one
 JSON object. Bad input ends with a one-line `slicegpt: error: ...` and exit status 1 (2 for
 malformed arguments), never a traceback.
+
+`slice` and `eval` also run as a distributed job under `torchrun` (`core.distributed`): every
+rank takes its share of the windows, rank 0 prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import torch
 from slicegpt.adapters import supported_model_types
 from slicegpt.atomic import refuse_existing
 from slicegpt.core.compensation import RIDGE
+from slicegpt.core import distributed
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.loading import DEFAULT_MODEL, load_model
@@ -36,6 +42,8 @@ def _gib(n: int) -> str:
 
 
 def _emit(args, rows: list[tuple[str, str]], figures: dict) -> None:
+    if not getattr(args, "ranks", distributed.Ranks()).writer:  # rank 0 speaks for a distributed job
+        return
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -121,15 +129,17 @@ def cmd_slice(args) -> None:
 def cmd_eval(args) -> None:
     from slicegpt.evaluation.perplexity import count_parameters, perplexity
 
-    device = _device(args.device)
+    ranks = args.ranks
+    ranks.agree({k: v for k, v in vars(args).items() if k not in ("func", "ranks")})
+    device = distributed.local_device(_device(args.device), ranks)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     windows = evaluation_windows(tokenize(loaded.tokenizer, load_text(args.data, "evaluation", args.text_field)),
                                  args.seqlen, args.samples, bos=bos_token(loaded.tokenizer))
     with measure(device) as m:
-        ppl = perplexity(loaded.model, windows, args.batch_size)
+        ppl = perplexity(loaded.model, windows, args.batch_size, ranks=ranks)  # each rank its share of the windows
     figures = {"model": str(args.model), "sliced": loaded.sliced is not None, "perplexity": ppl,
                "parameters": count_parameters(loaded.model), "tokens": windows.tokens,
-               "seconds": m.seconds, "peak_memory_bytes": m.peak_bytes}
+               "seconds": m.seconds, "peak_memory_bytes": m.peak_bytes, "world_size": ranks.world_size}
     _emit(args, [("model", figures["model"] + (" (sliced)" if figures["sliced"] else "")),
                  ("perplexity", f"{ppl:.3f} ({windows.tokens:,} tokens of {args.data})"),
                  ("parameters", f"{figures['parameters']:,}"), ("time", f"{m.seconds:.1f} s"),
@@ -354,6 +364,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
+def _distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective or at the start "
+                        f"before the job ends with an error (default {distributed.TIMEOUT_S:.0f}, or "
+                        f"${distributed.TIMEOUT_ENV})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     data_help = f"'{DEFAULT_DATA}' (offline default), {', '.join(HUB_DATASETS)} (hub), or a .txt/.jsonl path"
     model_help = (f"'{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct), 'gemma3-270m', a hub id, a model directory or a .gguf "
@@ -430,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the calibration activations for resuming every N layers (default 1; a crash "
                         "redoes at most N-1 layers)")
     _common(p)
+    _distributed_options(p)
     p.set_defaults(func=cmd_slice)
 
     p = sub.add_parser("eval", help="perplexity of a dense or sliced model")
@@ -439,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)
     _common(p)
+    _distributed_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a dense or sliced model")
@@ -529,15 +548,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("slice", "eval")
+
+
+def _stopped(signum, frame):
+    raise SliceGPTError(f"stopped by signal {signum} (under torchrun: another rank failed and the launcher "
+                        "ended the job); nothing was published, run the same command again to resume")
+
+
+def _start_ranks(args) -> distributed.Ranks:
+    """Join the torchrun job this process belongs to, if any (slice and eval only)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        raise SliceGPTError(f"`slicegpt {args.command}` runs in one process; only "
+                            f"{' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun (WORLD_SIZE is {world})")
+    if world <= 1:
+        return distributed.Ranks()
+    signal.signal(signal.SIGTERM, _stopped)  # the launcher stops the survivors of a failed rank
+    return distributed.init(_device(args.device), args.dist_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # third-party warnings would bury our one-line messages
+    args.ranks = distributed.Ranks()
     try:
+        args.ranks = _start_ranks(args)
         args.func(args)
+        distributed.finish()  # not after a failure: a dead peer could hold up the goodbye
     except (SliceGPTError, CheckpointError) as e:
-        print(f"slicegpt: error: {e}", file=sys.stderr)
+        ranks = args.ranks
+        if ranks.writer or not getattr(e, "shared", False):  # an error every rank raised is shown once
+            message = str(e)
+            if ranks.distributed and not message.startswith("rank "):
+                message = f"rank {ranks.rank}: {message}"
+            print(f"slicegpt: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("slicegpt: interrupted", file=sys.stderr)

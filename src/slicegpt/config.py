@@ -33,6 +33,7 @@ class SlicingConfig:
     source_model: str = ""
     parameters_dense: int = 0
     parameters_sliced: int = 0
+    distributed: dict = field(default_factory=dict)  # world_size, samples and tokens per rank
     finetune: list = field(default_factory=list)  # one record per recovery fine-tuning run (finetune.py)
     # Eigenvalues per boundary (for reports); kept in memory, not in the JSON record.
     spectra: list = field(default_factory=list, repr=False)

@@ -191,6 +191,16 @@ class Windows:
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def select(self, indices: list[int]) -> "Windows":
+        """The windows at `indices` (a rank's share of them)."""
+        if len(indices) == len(self) and indices == list(range(len(self))):
+            return self
+        index = torch.tensor(indices, dtype=torch.long)
+        return Windows(self.input_ids[index], self.attention_mask[index])
+
 
 def _check_sizes(samples: int | None, seqlen: int) -> None:
     if seqlen < 2:

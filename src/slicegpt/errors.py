@@ -5,4 +5,9 @@ class SliceGPTError(Exception):
     """A problem the user can fix (bad input, missing file, unsupported model).
 
     The message is a complete sentence meant to be shown as-is, without a traceback.
+    `shared`: every rank of a distributed job raised this same error, so rank 0 alone shows it.
     """
+
+    def __init__(self, message: str = "", shared: bool = False) -> None:
+        super().__init__(message)
+        self.shared = shared

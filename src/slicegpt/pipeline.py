@@ -6,6 +6,10 @@ model is never whole in memory: it is read one layer at a time from its safetens
 finished layer is written as a shard of the output, and progress is recorded after every
 layer so that running the same call again after a crash continues where it stopped
 (`core.resume`). The output appears at `out` only when it is complete.
+
+Inside a torch.distributed process group (`torchrun ... -m slicegpt slice`, or a caller's own)
+every rank runs this same call on its share of the calibration and evaluation windows; the
+engine adds their statistics (`core.distributed`) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.compensation import RIDGE, summarize
+from slicegpt.core.distributed import Ranks, local_device
 from slicegpt.core.engine import Hooks, Progress, per_layer_ties, slice_layers, slice_uniform, uniform_ties
 from slicegpt.core.widths import plan_widths
 from slicegpt.core.forward import streamed_logits
@@ -118,10 +123,15 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     `method`, `compensate`, `widths`, `parameters` and `ridge` are the quality levers of
     `slicegpt.slice_model`.
     """
+    arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in locals().items()}
     from transformers import AutoTokenizer
 
     from slicegpt.api import check_rotation, effective_sparsity, resolve_levers
 
+    ranks = Ranks.current()
+    ranks.agree(arguments)  # ranks started with other arguments would sum unrelated statistics
+    device = local_device(device, ranks)
+    progress = progress and ranks.writer
     sliced_dim(8, sparsity)  # validate before any slow work
     check_rotation(rotation, pooling, fit_tied_head)
     compensate, widths = resolve_levers(method, compensate, widths, rotation)
@@ -139,6 +149,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         raise SliceGPTError(f"offload must be cpu or disk, got {offload!r}")
     if offload_dir is not None:  # this run's own folder (emptied below, once the run holds its lock)
         offload_dir = Path(offload_dir) / f"slicegpt-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
+        if ranks.distributed:
+            offload_dir = offload_dir.with_name(f"{offload_dir.name}-rank{ranks.rank}")
     calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
     directory, source_name = checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
@@ -162,19 +174,24 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     windows = calibration_windows(tokenize(tokenizer, calib_text), samples, seqlen, seed, bos=bos_token(tokenizer))
     eval_windows = (evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen or seqlen, eval_samples,
                                        bos=bos_token(tokenizer)) if evaluate else None)
+    if len(windows) < ranks.world_size:
+        raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes: "
+                            "each rank needs at least one (--samples)")
+    share = windows.select(ranks.share(len(windows)))  # this rank's calibration windows
+    eval_share = eval_windows.select(ranks.share(len(eval_windows))) if eval_windows is not None else None
 
     layers = get_path(view.model, adapter.layers)
     settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
                 "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
                 "compensate": compensate, "ridge": ridge if compensate != "off" else None, "widths": widths,
-                "parameters": parameters,
+                "parameters": parameters, "world_size": ranks.world_size,
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
                 "torch": torch.__version__, "slicegpt": _version()}
     if weights == "cpu":  # the same engine over the model in memory, moving one layer at a time to the device
         view = _in_memory(directory, work_dtype, device)
     run_dir = RunDirectory(out, len(layers) + 2, settings, fingerprint, restart=restart,
-                           checkpoint_every=checkpoint_every)
+                           checkpoint_every=checkpoint_every, ranks=ranks)
     resumed = run_dir.record["next_layer"] if run_dir.resuming else None
     if offload_dir is not None:  # what a killed run left there
         shutil.rmtree(offload_dir, ignore_errors=True)
@@ -184,15 +201,17 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     dense_parameters = _parameters(view.model)
     if eval_windows is not None:
         figures["perplexity_dense"] = _dense_perplexity(run_dir.root, view, adapter.layers, eval_windows,
-                                                        eval_batch_size, offload, offload_dir, progress)
+                                                        eval_share, eval_batch_size, offload, offload_dir, progress,
+                                                        ranks)
 
-    calibration_batches = windows.batches(batch_size)
+    calibration_batches = share.batches(batch_size)
     with measure(device) as m:
         tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
                 else per_layer_ties(view, adapter, keep_tied_head, slice_head))
         plan, widths = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths, sparsity=sparsity,
                            parameters=parameters, dense_parameters=dense_parameters, round_to=round_to, tied=tied,
-                           slice_head=slice_head, offload=offload, offload_dir=offload_dir, progress=progress)
+                           slice_head=slice_head, offload=offload, offload_dir=offload_dir, progress=progress,
+                           ranks=ranks)
         dim = plan[0]
         if uniform:
             tied_hint = uniform_ties(view, adapter, fit_tied_head)
@@ -200,27 +219,18 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
             hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms, exact)
             outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
                                     unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
-                                    offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge)
+                                    offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
+                                    ranks=ranks)
         else:
             outcome = slice_layers(view, adapter, calibration_batches, plan, slice_head=slice_head,
                                    keep_tied_head=keep_tied_head, progress=progress, hooks=run_dir,
-                                   offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge)
+                                   offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
+                                   ranks=ranks)
 
     staging = run_dir.staging
-    generation = _generation_config(directory)
-    if uniform:
-        stock = standard_config_from(view.model.config, adapter, dim, outcome.tied_head)
-        for attr in (CONFIG_KEY,):
-            if hasattr(stock, attr):
-                delattr(stock, attr)
-        stock.save_pretrained(staging)
-        if generation is not None:
-            generation.save_pretrained(staging)
-    else:
-        from slicegpt.formats.io import write_sliced_config
-
-        write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
-    write_index(staging, run_dir.shards)
+    if ranks.writer:
+        _write_configs(staging, directory, view, adapter, uniform, dim, outcome, run_dir.shards)
+    ranks.barrier()  # every rank reads the output from here on
     config = SlicingConfig(
         sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
         sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
@@ -233,19 +243,26 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         calibration={"source": str(calibration), "seed": seed, "samples": len(windows.input_ids),
                      "seqlen": windows.input_ids.shape[1], "tokens": windows.tokens},
         source_model=source_name, parameters_dense=dense_parameters, parameters_sliced=_count(staging),
-        spectra=outcome.spectra)
+        spectra=outcome.spectra,
+        distributed={"world_size": ranks.world_size, "samples_per_rank": ranks.gather(len(share)),
+                     "tokens_per_rank": ranks.gather(share.tokens)})
     figures.update(method=method, compensate=compensate, widths=widths,
                    rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
                    parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
                    parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,
                    sliced_hidden_size=config.sliced_hidden_size, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
-                   offload=offload, resumed_from_layer=resumed)
+                   offload=offload, resumed_from_layer=resumed, world_size=ranks.world_size)
+    if ranks.distributed:
+        figures.update(peak_memory_bytes_per_rank=ranks.gather(m.peak_bytes),
+                       allreduce_bytes=ranks.reduced_bytes, allreduce_bytes_per_layer=ranks.reduced_bytes // len(layers))
     if uniform and deviations:  # what the stock approximation costs, measured against the exact model
         from slicegpt.formats.io import write_sliced_config
 
         exact = run_dir.root / "exact"
-        write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
-        write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
+        if ranks.writer:
+            write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
+            write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
+        ranks.barrier()
         sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
         (stock_view, stock_layers), (exact_view, exact_layers) = (_output_view(staging, work_dtype, device),
                                                                   _output_view(exact, work_dtype, device))
@@ -254,21 +271,23 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         figures["max_logit_deviation"] = config.max_logit_deviation = float((approx - reference).abs().max())
         if eval_windows is not None:
             figures["perplexity_exact"] = streamed_perplexity(exact_view, exact_layers,
-                                                              eval_windows.batches(eval_batch_size), offload,
-                                                              offload_dir, progress)
+                                                              eval_share.batches(eval_batch_size), offload,
+                                                              offload_dir, progress, ranks)
     if eval_windows is not None:
         sliced_view, sliced_layers = _output_view(staging, work_dtype, device)
         figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_layers,
-                                                           eval_windows.batches(eval_batch_size), offload,
-                                                           offload_dir, progress)
+                                                           eval_share.batches(eval_batch_size), offload,
+                                                           offload_dir, progress, ranks)
         figures["eval_tokens"] = eval_windows.tokens
         figures["eval_data"] = str(eval_source)
-    if speed:
+    if speed and ranks.writer:
         figures["speed"] = _quick_speed(model, staging, device)
     from slicegpt.formats.io import finish_directory
 
-    finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
-    publish(staging, out)
+    ranks.barrier()  # every rank is done reading the staged output
+    if ranks.writer:
+        finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
+        publish(staging, out)
     run_dir.remove()
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
@@ -321,20 +340,47 @@ def _generation_config(directory: Path):
         return None
 
 
-def _dense_perplexity(root: Path, view: LayeredModel, layers: str, windows, batch_size: int, offload: str,
-                      offload_dir, progress: bool) -> float:
-    """The dense perplexity, computed once per run (a resumed run reads it back)."""
+def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, uniform: bool, dim: int,
+                   outcome, shards: dict[str, str]) -> None:
+    """The output's config (a stock one for uniform rotation), generation config and shard index."""
+    generation = _generation_config(directory)
+    if uniform:
+        stock = standard_config_from(view.model.config, adapter, dim, outcome.tied_head)
+        for attr in (CONFIG_KEY,):
+            if hasattr(stock, attr):
+                delattr(stock, attr)
+        stock.save_pretrained(staging)
+        if generation is not None:
+            generation.save_pretrained(staging)
+    else:
+        from slicegpt.formats.io import write_sliced_config
+
+        write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
+    write_index(staging, shards)
+
+
+def _dense_perplexity(root: Path, view: LayeredModel, layers: str, windows, share, batch_size: int, offload: str,
+                      offload_dir, progress: bool, ranks: Ranks) -> float:
+    """The dense perplexity, computed once per run (a resumed run reads it back); `share`: this rank's windows."""
     path = root / DENSE_FIGURES
     key = _digest(windows.input_ids, windows.attention_mask) + f":{batch_size}"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("windows") == key:
-                return float(saved["perplexity"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass
-    value = streamed_perplexity(view, layers, windows.batches(batch_size), offload, offload_dir, progress)
-    write_json(path, {"windows": key, "perplexity": value})
+
+    def saved() -> float | None:
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+                if record.get("windows") == key:
+                    return float(record["perplexity"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass
+        return None
+
+    value = ranks.on_writer(saved)
+    if value is not None:
+        return value
+    value = streamed_perplexity(view, layers, share.batches(batch_size), offload, offload_dir, progress, ranks)
+    if ranks.writer:
+        write_json(path, {"windows": key, "perplexity": value})
     return value
 
 

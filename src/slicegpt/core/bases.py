@@ -10,7 +10,26 @@ import math
 
 import torch
 
+from slicegpt.core.distributed import Ranks
 from slicegpt.errors import SliceGPTError
+
+
+def ordered_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors as columns, each column's largest entry positive.
+
+    An eigenvector is defined only up to its sign, and LAPACK may return either for matrices
+    that differ in the last bit (sums added in another order, as across processes). Fixing the
+    sign makes the basis a function of the matrix, so runs that agree on the statistics agree on
+    the weights, not just on the outputs. (Negating a column changes no product's magnitude, so
+    outputs do not move at all.)
+    """
+    values, vectors = torch.linalg.eigh(matrix)
+    order = torch.argsort(values, descending=True)
+    values, vectors = values[order], vectors[:, order]
+    pivot = vectors.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(vectors.gather(0, pivot))
+    signs[signs == 0] = 1
+    return values, vectors * signs
 
 
 class Covariance:
@@ -33,9 +52,13 @@ class Covariance:
         """Eigenvalues (descending, per token) and the matching orthonormal eigenvectors as columns."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens were seen")
-        values, vectors = torch.linalg.eigh(self.matrix / self.tokens)
-        order = torch.argsort(values, descending=True)
-        return values[order], vectors[:, order]
+        return ordered_eigh(self.matrix / self.tokens)
+
+    def reduce(self, ranks: Ranks) -> "Covariance":
+        """The sums over every rank's share of the tokens (a no-op in one process)."""
+        ranks.sum_(self.matrix)
+        self.tokens = int(ranks.sum_number(self.tokens))
+        return self
 
     def merge(self, other: "Covariance") -> "Covariance":
         """Add another share of the calibration tokens (a sum: shares from other processes add up)."""
@@ -77,8 +100,7 @@ def zero_mean_basis(cov: torch.Tensor, dim: int) -> torch.Tensor:
     d = cov.shape[0]
     ones = torch.full((d, 1), d ** -0.5, dtype=torch.float64, device=cov.device)
     centering = torch.eye(d, dtype=torch.float64, device=cov.device) - ones @ ones.T
-    values, vectors = torch.linalg.eigh(centering @ cov @ centering)
-    top = vectors[:, torch.argsort(values, descending=True)[:dim - 1]]
+    top = ordered_eigh(centering @ cov @ centering)[1][:, :dim - 1]
     basis, r = torch.linalg.qr(torch.cat([ones, top], dim=1))  # exact orthogonality, ones first
     basis = basis * torch.sign(torch.diagonal(r))
     basis = torch.cat([basis[:, 1:], basis[:, :1]], dim=1)

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch, branch_groups
-from slicegpt.core.bases import Covariance, fit_diagonal_gain, zero_mean_basis
+from slicegpt.core.bases import Covariance, fit_diagonal_gain, ordered_eigh, zero_mean_basis
 from slicegpt.core.compensation import RIDGE, FitRecord, LeastSquares
 from slicegpt.core.cache import ActivationCache, LayerArguments
+from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes, targets
 from slicegpt.errors import SliceGPTError
@@ -159,8 +160,11 @@ class _Run:
     """One slicing job: the model view, the calibration stream and the settings, shared by the steps."""
 
     def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
-                 progress: bool, offload: str, offload_dir, compensate: str = "off", ridge: float = RIDGE) -> None:
-        self.view, self.adapter, self.hooks, self.progress = view, adapter, hooks, progress
+                 progress: bool, offload: str, offload_dir, compensate: str = "off", ridge: float = RIDGE,
+                 ranks: Ranks | None = None) -> None:
+        self.ranks = ranks or Ranks()  # `batches` is this rank's share of the calibration windows
+        self.view, self.adapter, self.hooks = view, adapter, hooks
+        self.progress = progress and self.ranks.writer
         self.model = view.model
         self.batches = batches
         self.masks = [mask for _, mask in batches]
@@ -227,6 +231,18 @@ class _Run:
     def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
         return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.progress)
 
+    def basis(self, cov: Covariance) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors of the covariance summed over every rank, the same on each."""
+        values, vectors = cov.reduce(self.ranks).eigh()
+        self.ranks.same(values, vectors)
+        return values, vectors
+
+    def solve(self, fit: LeastSquares, prior: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """Compensation's fit over every rank's tokens, the same on each."""
+        w, error_prior, error_fit = fit.reduce(self.ranks).solve(prior, self.ridge)
+        self.ranks.same(w)
+        return w, error_prior, error_fit
+
 
 def _specs(structure: dict) -> dict[str, dict]:
     return {b["name"]: b for b in structure["branches"]}
@@ -240,7 +256,7 @@ def _step_name(group: tuple[Branch, ...]) -> str:
 def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], widths: Sequence[int], *,
                  slice_head: bool = False, keep_tied_head: bool = True, progress: bool = True,
                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
-                 ridge: float = RIDGE) -> SliceOutcome:
+                 ridge: float = RIDGE, ranks: Ranks | None = None) -> SliceOutcome:
     """Per-layer rotation: each block boundary b gets its own basis of width `widths[b]`.
 
     `compensate` ("writers", or "all" for the readers too) refits every step against the dense
@@ -254,7 +270,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     vocab x d head (the paper's way).
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks)
     model, hidden, dtype, layers = run.model, run.hidden, run.dtype, run.layers
     n_steps = len(layers) * len(run.groups)
     if len(widths) != n_steps + 1:
@@ -280,7 +296,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                     cache.put(b, x)
                 check_finite(x, "after the embeddings")
                 cov.update(x, run.masks[b].to(run.device))
-            values, q = cov.eigh()
+            values, q = run.basis(cov)
             outcome.spectra.append(values)
             q = q[:, :widths[0]]
             if not tied:
@@ -389,7 +405,7 @@ def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, .
     elif exit_basis:  # the head reads the original basis
         q_next = torch.eye(run.hidden, dtype=torch.float64, device=q.device)
     else:
-        values, q_next = cov.eigh()
+        values, q_next = run.basis(cov)
         outcome.spectra.append(values)
         q_next = q_next[:, :width]
     if fixed_basis is None:
@@ -437,7 +453,7 @@ def _refit(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], spec
                 reads[name].update(get_path(layer, name)(z_full) @ q_d, normed[name], mask)
     maps = {}
     for name, fit in reads.items():
-        m, error_prior, error_fit = fit.solve(q.T.to(torch.float64), run.ridge)
+        m, error_prior, error_fit = run.solve(fit, q.T.to(torch.float64))
         outcome.fits.append(FitRecord(step, f"readers:{name}", error_prior, error_fit))
         maps[name] = m.T
     rotate_reads(layer, prefix, group, adapter, q, d, outcome.module_attributes, maps)
@@ -492,7 +508,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             x = torch.cat(columns, dim=-1)
             fit.update(x, hd - z @ q_t, mask)
             inputs.append(x)
-        w, error_prior, error_fit = fit.solve(prior, run.ridge)
+        w, error_prior, error_fit = run.solve(fit, prior)
         del fit, prior
         w_d = w.to(dtype)
         for b in range(n):
@@ -521,7 +537,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
 def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], width: int, *,
                   fit_tied_head: bool = False, unit_trace: bool = True, progress: bool = True,
                   hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
-                  ridge: float = RIDGE) -> SliceOutcome:
+                  ridge: float = RIDGE, ranks: Ranks | None = None) -> SliceOutcome:
     """One rotation Q for the whole stream: no skip matrices, a stock model of the family.
 
     Two passes over the layers: statistics of the dense stream (the pooled covariance; see
@@ -535,7 +551,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     run beside each other and every step is refitted (`_refit`) in the one basis.
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks)
     model, hidden, layers = run.model, run.hidden, run.layers
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
@@ -581,15 +597,17 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
             for b in range(run.n):
                 x = cache.get(b, run.device).to(torch.float64)
                 final.update(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)), run.masks[b].to(run.device))
+            final.reduce(run.ranks)
             pooled = pooled / (n_steps + 1)
-            values, vectors = torch.linalg.eigh(pooled)
-            order = torch.argsort(values, descending=True)
-            outcome.spectra.append(values[order])
-            q = zero_mean_basis(pooled, width) if adapter.norm_kind == "layernorm" else vectors[:, order[:width]]
+            values, vectors = ordered_eigh(pooled)
+            outcome.spectra.append(values)
+            q = zero_mean_basis(pooled, width) if adapter.norm_kind == "layernorm" else vectors[:, :width].contiguous()
+            run.ranks.same(values, q)
             tensors = {"basis": q}
             if final_gain is not None:  # the embeddings before they are rotated
                 embedding = view.original(f"{run.embedding}.weight")
                 tensors["fit"] = fit_diagonal_gain(q, final_gain, final.matrix / final.tokens, embedding)
+                run.ranks.same(tensors["fit"])
                 del embedding
             first = 0
         else:
@@ -704,5 +722,6 @@ def _pooled_add(run: _Run, pooled: torch.Tensor, unit_trace: bool) -> None:
     cov = Covariance(run.hidden, pooled.device)
     for b in range(run.n):
         cov.update(run.cache.get(b, run.device), run.masks[b].to(run.device))
+    cov.reduce(run.ranks)  # the boundary's covariance over every rank's tokens, before it is scaled
     matrix = cov.matrix / cov.tokens
     pooled.add_(matrix / matrix.trace() if unit_trace else matrix)

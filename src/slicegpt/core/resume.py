@@ -12,6 +12,11 @@ The work of `slicegpt slice ... --out OUT` lives in a hidden sibling, ``.OUT.sli
 - ``state-N.safetensors`` and ``activations-N/``: what the engine needs to continue after
   layer N (float64 basis and sums; the calibration stream at that boundary).
 
+In a distributed job (`core.distributed`) rank 0 owns the lock, the shards, the state and the
+record; every rank snapshots its own share of the activations (``activations-N.rankR/``),
+and the record is replaced only once every rank's snapshot is complete, so it never names a
+snapshot that a crash left half-written. The directory must be one that every rank reads.
+
 Running the same command again continues from the last finished layer; the computation
 after it is the same as in an uninterrupted run, so the output is bit-identical. A record
 that does not match the command, or is damaged, is refused with a one-line error naming
@@ -31,6 +36,7 @@ import torch
 
 from slicegpt.core.cache import ActivationCache
 from slicegpt.core.compensation import FitRecord
+from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import Hooks, Progress
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.shards import sha256, write_shard
@@ -38,6 +44,7 @@ from slicegpt.formats.shards import sha256, write_shard
 RECORD_VERSION = 1
 PROGRESS_NAME = "progress.json"
 KILL_SWITCH = "SLICEGPT_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL the process after this many layers
+KILL_RANK = "SLICEGPT_TEST_KILL_RANK"  # tests: only this rank of a distributed job kills itself
 
 
 def run_directory(out: Path) -> Path:
@@ -53,7 +60,8 @@ class RunDirectory(Hooks):
     """The engine's hooks for a run written to disk: shards as they finish, checkpoints, resume."""
 
     def __init__(self, out: Path, parts: int, settings: dict, fingerprint: str, restart: bool = False,
-                 checkpoint_every: int = 1) -> None:
+                 checkpoint_every: int = 1, ranks: Ranks | None = None) -> None:
+        self.ranks = ranks or Ranks()
         self.out = Path(out)
         self.root = run_directory(self.out)
         self.staging = self.root / "staging"
@@ -64,18 +72,25 @@ class RunDirectory(Hooks):
         self.shards: dict[str, str] = {}
         self.record: dict | None = None
         self.checkpoints = 0
+        self._lock = None
+        self.record = self.ranks.on_writer(lambda: self._open(restart))
+        self.ranks.check_shared(self.root)
+        if self.record is not None:
+            self.shards = dict(self.record["shards"])
+
+    def _open(self, restart: bool) -> dict | None:
+        """Rank 0: take the lock, keep a valid record (or clear what is left), make the staging folder."""
         self._lock = self._take_lock()
         if restart and self.root.exists():
             _clear(self.root)
-        self.record = self._read_record()
-        if self.record is None and self.root.exists():
+        record = self._read_record()
+        if record is None and self.root.exists():
             _clear(self.root)  # a run that died before its first record: nothing to keep
         try:
             self.staging.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SliceGPTError(f"cannot create {self.root}: {e.strerror or e}") from None
-        if self.record is not None:
-            self.shards = dict(self.record["shards"])
+        return record
 
     def _take_lock(self):
         """One run per output at a time (the kernel drops the lock of a killed process)."""
@@ -132,8 +147,14 @@ class RunDirectory(Hooks):
     # --- Hooks ---
 
     def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.ranks.writer:  # every rank holds the same finished part; rank 0 writes it
+            return
         name, digest = write_shard(self.staging, part, self.parts, tensors)
         self.shards[name] = digest
+
+    def _activations(self, name: str) -> Path:
+        """This rank's snapshot folder for the record's activation name."""
+        return self.root / (name if not self.ranks.distributed else f"{name}.rank{self.ranks.rank}")
 
     def checkpoint(self, progress: Progress, cache: ActivationCache | None) -> None:
         self.checkpoints += 1
@@ -141,6 +162,25 @@ class RunDirectory(Hooks):
         if not final and self.checkpoints % self.every:
             return
         n = f"{progress.phase}-{progress.next_layer}"
+        try:
+            activations = self._snapshot(cache, n) if cache is not None else None
+            failed = ""
+        except OSError as e:
+            failed = f"{e.strerror or e}" + (" (the disk is full)" if e.errno == 28 else "")
+        failed = next((f for f in self.ranks.gather(failed) if f), "")  # every snapshot is complete, or none counts
+        if failed:
+            raise SliceGPTError(f"cannot record progress in {self.root}: {failed}", shared=True)
+        old = self.record
+        self.record = self.ranks.on_writer(lambda: self._record(progress, n, activations))
+        if old is not None and old.get("activations") and old["activations"] != activations:
+            shutil.rmtree(self._activations(old["activations"]), ignore_errors=True)  # superseded
+        kill = os.environ.get(KILL_SWITCH, "")  # "k" (first phase to reach layer k) or "phase:k"
+        if kill and kill in (str(progress.next_layer), f"{progress.phase}:{progress.next_layer}") and \
+                os.environ.get(KILL_RANK, str(self.ranks.rank)) == str(self.ranks.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _record(self, progress: Progress, n: str, activations: str | None) -> dict:
+        """Rank 0: the state file and the progress record that names it, replacing the previous ones."""
         from safetensors.torch import save_file
 
         tensors = {f"tensor.{k}": v.detach().to("cpu", torch.float64).contiguous() for k, v in progress.tensors.items()}
@@ -149,7 +189,6 @@ class RunDirectory(Hooks):
         state = self.root / f"state-{n}.safetensors"
         try:
             save_file(tensors, str(state))
-            activations = self._snapshot(cache, n) if cache is not None else None
         except OSError as e:
             raise SliceGPTError(f"cannot record progress in {self.root}: {e.strerror or e}"
                                 + (" (the disk is full)" if e.errno == 28 else "")) from None
@@ -164,21 +203,15 @@ class RunDirectory(Hooks):
         from slicegpt.atomic import write_json
 
         write_json(self.root / PROGRESS_NAME, record)
-        self.record = record
-        if old is not None:  # the previous checkpoint is superseded
-            if old["state"] != record["state"]:
-                (self.root / old["state"]).unlink(missing_ok=True)
-            if old.get("activations") and old["activations"] != activations:
-                shutil.rmtree(self.root / old["activations"], ignore_errors=True)
-        kill = os.environ.get(KILL_SWITCH, "")  # "k" (first phase to reach layer k) or "phase:k"
-        if kill and kill in (str(progress.next_layer), f"{progress.phase}:{progress.next_layer}"):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if old is not None and old["state"] != record["state"]:  # the previous checkpoint is superseded
+            (self.root / old["state"]).unlink(missing_ok=True)
+        return record
 
     def _snapshot(self, cache: ActivationCache, n: str) -> str:
-        """The calibration stream at this boundary, one file per batch (hard links for disk offload)."""
+        """This rank's calibration stream at this boundary, one file per batch (hard links for disk offload)."""
         name = f"activations-{n}"
-        target = self.root / name
-        tmp = self.root / f".{name}.tmp"
+        target = self._activations(name)
+        tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for i, entry in enumerate(cache.entries):
@@ -207,14 +240,21 @@ class RunDirectory(Hooks):
                             record["module_attributes"], [FitRecord(**f) for f in record.get("fits", [])])
         activations = None
         if record.get("activations"):
-            directory = self.root / record["activations"]
+            directory = self._activations(record["activations"])
+            missing = self.ranks.gather(not directory.is_dir())
+            if any(missing):
+                raise SliceGPTError(f"the interrupted run in {self.root} is damaged: the activation snapshot of rank "
+                                    f"{missing.index(True)} is missing; pass --restart to start over", shared=True)
             files = sorted(directory.glob("x-*.pt"))
             activations = [_LazyTensor(p) for p in files]
         return progress, activations
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        self._lock.close()
+        """The finished run's directory (rank 0, once every rank is done with it)."""
+        self.ranks.barrier()
+        if self.ranks.writer:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self._lock.close()
 
 
 def _clear(root: Path) -> None:

@@ -22,6 +22,7 @@ from slicegpt.adapters import ModelAdapter
 from slicegpt.core.bases import Covariance
 from slicegpt.core.budget import ParameterModel
 from slicegpt.core.cache import ActivationCache, LayerArguments
+from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite
 from slicegpt.errors import SliceGPTError
@@ -33,12 +34,14 @@ WIDTHS = ("adaptive", "equal")
 
 @torch.no_grad()
 def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, offload: str = "cpu",
-                  offload_dir=None, progress: bool = True) -> list[torch.Tensor]:
+                  offload_dir=None, progress: bool = True, ranks: Ranks | None = None) -> list[torch.Tensor]:
     """Eigenvalues (descending) of the dense stream's covariance at every block boundary.
 
     Runs the layers as they are (no fusion, nothing changed); for LayerNorm families the
-    stream's mean, which every LayerNorm drops, is removed first.
+    stream's mean, which every LayerNorm drops, is removed first. `batches` are this rank's
+    share; the sums are over every rank's.
     """
+    ranks = ranks or Ranks()
     from tqdm.auto import tqdm
 
     from slicegpt.core.engine import _outside, capture
@@ -66,6 +69,8 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
             keep = masks[b].to(view.device).reshape(-1).bool()
             total += x.reshape(-1, dim)[keep].sum(0)
             cov.update(x, masks[b].to(view.device))
+        cov.reduce(ranks)
+        ranks.sum_(total)
         mean = total / max(cov.tokens, 1)
         matrix = cov.matrix / cov.tokens - torch.outer(mean, mean)  # the mean direction carries no information
         spectra.append(torch.linalg.eigvalsh(matrix).flip(0).cpu())
@@ -78,7 +83,8 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
         for path in ends:
             view.offload(path)
         add(cache, "after the embeddings")
-        with tqdm(total=len(layer_paths), desc="probing widths", unit="layer", disable=not progress) as bar:
+        with tqdm(total=len(layer_paths), desc="probing widths", unit="layer",
+                  disable=not progress or not ranks.writer) as bar:
             for li, path in enumerate(layer_paths):
                 layer = view.onload(path)
                 for group in groups:
@@ -166,13 +172,15 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
 def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *, rotation: str, rule: str,
                 sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
                 slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
-                progress: bool = True) -> tuple[list[int], str]:
+                progress: bool = True, ranks: Ranks | None = None) -> tuple[list[int], str]:
     """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
 
     The budget is `parameters` x the dense count when given, else the count the equal widths
     of `sparsity` would have; `rule="adaptive"` (per-layer rotation) spends it by `allocate`
     on the spectra of the first `probe_samples` calibration windows, `"equal"` takes the
-    largest equal width that fits. Returns the widths and the rule used: families whose
+    largest equal width that fits. `batches` are this rank's share of the windows
+    (`Ranks.share`); the probe takes the first `probe_samples` windows of all of them, and
+    every rank gets rank 0's widths. Returns the widths and the rule used: families whose
     forward needs one width throughout (GPT-2 reshapes the final stream to the embedding
     width; MoE kernels write as wide as they read) get equal widths.
     """
@@ -202,12 +210,13 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         budget = model.count([dim] * n)
     if rule == "equal":
         return budget_widths(model, budget, round_to, hidden, n), rule
-    rows = 0
+    ranks = ranks or Ranks()
+    rows = len(ranks.share(probe_samples))  # this rank's part of the first probe_samples windows
     probe = []
-    for batch in batches:  # the first windows, up to probe_samples of them
-        if rows >= probe_samples:
+    for ids, mask in batches:
+        if rows <= 0:
             break
-        probe.append(batch)
-        rows += batch[0].shape[0]
-    spectra = probe_spectra(view, adapter, probe, offload, offload_dir, progress)
-    return allocate(spectra, model, budget, round_to, hidden), rule
+        probe.append((ids[:rows], mask[:rows]))
+        rows -= len(probe[-1][0])
+    spectra = probe_spectra(view, adapter, probe, offload, offload_dir, progress, ranks)
+    return ranks.from_writer(allocate(spectra, model, budget, round_to, hidden)), rule

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slicegpt.core.distributed import Ranks
 from slicegpt.data import Windows
 from slicegpt.errors import SliceGPTError
 
@@ -18,28 +19,38 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Windows, batch_size: int = 2, progress: bool = True) -> float:
-    """exp of the mean next-token NLL over every predicted token of every window."""
+def perplexity(model: nn.Module, windows: Windows, batch_size: int = 2, progress: bool = True,
+               ranks: Ranks | None = None) -> float:
+    """exp of the mean next-token NLL over every predicted token of every window.
+
+    With `ranks` (a distributed job) each rank evaluates its share of the windows and the sums
+    are added, so every rank returns the number one process would."""
+    ranks = ranks or Ranks()
     device = next(model.parameters()).device
-    batches = windows.batches(batch_size)
+    batches = windows.select(ranks.share(len(windows))).batches(batch_size)
+    progress = progress and ranks.writer
 
     def logits():
         with tqdm(batches, desc="perplexity", unit="batch", disable=not progress) as bar:
             for input_ids, mask in bar:
                 yield model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
 
-    return _perplexity(batches, logits())
+    return _perplexity(batches, logits(), ranks)
 
 
 def streamed_perplexity(view, layers_path: str, batches, offload: str = "cpu", offload_dir=None,
-                        progress: bool = True) -> float:
-    """`perplexity` of a model too big to hold: computed one layer at a time (`core.forward`), the same number."""
+                        progress: bool = True, ranks: Ranks | None = None) -> float:
+    """`perplexity` of a model too big to hold: computed one layer at a time (`core.forward`), the same number.
+
+    In a distributed job `batches` are this rank's share of the windows."""
     from slicegpt.core.forward import streamed_logits
 
-    return _perplexity(batches, streamed_logits(view, layers_path, batches, offload, offload_dir, progress))
+    ranks = ranks or Ranks()
+    logits = streamed_logits(view, layers_path, batches, offload, offload_dir, progress and ranks.writer)
+    return _perplexity(batches, logits, ranks)
 
 
-def _perplexity(batches, logits) -> float:
+def _perplexity(batches, logits, ranks: Ranks) -> float:
     """exp of the mean next-token NLL, padding excluded, from each batch's logits."""
     total_nll, total_tokens = 0.0, 0
     for (input_ids, mask), batch_logits in zip(batches, logits):
@@ -50,6 +61,7 @@ def _perplexity(batches, logits) -> float:
             ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((targets != -100).sum())
+    total_nll, total_tokens = ranks.sum_number(total_nll), int(ranks.sum_number(total_tokens))
     if total_tokens == 0:
         raise SliceGPTError("no tokens to evaluate")
     value = math.exp(total_nll / total_tokens)
