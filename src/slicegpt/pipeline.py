@@ -71,7 +71,7 @@ class _StockHooks(Hooks):
             exact.mkdir(exist_ok=True)
 
     def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
-        if self.exact is not None:
+        if self.exact is not None and self.inner.ranks.writer:
             write_shard(self.exact, part, self.inner.parts, tensors)
         self.inner.write(part, stock_tensors(tensors, self.adapter, self.hidden, self.dim, self.tied, self.bias_norms))
 

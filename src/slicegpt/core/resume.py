@@ -45,6 +45,7 @@ RECORD_VERSION = 1
 PROGRESS_NAME = "progress.json"
 KILL_SWITCH = "SLICEGPT_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL the process after this many layers
 KILL_RANK = "SLICEGPT_TEST_KILL_RANK"  # tests: only this rank of a distributed job kills itself
+KILL_SIGNAL = "SLICEGPT_TEST_KILL_SIGNAL"  # tests: STOP instead of KILL (a rank that hangs)
 
 
 def run_directory(out: Path) -> Path:
@@ -177,7 +178,7 @@ class RunDirectory(Hooks):
         kill = os.environ.get(KILL_SWITCH, "")  # "k" (first phase to reach layer k) or "phase:k"
         if kill and kill in (str(progress.next_layer), f"{progress.phase}:{progress.next_layer}") and \
                 os.environ.get(KILL_RANK, str(self.ranks.rank)) == str(self.ranks.rank):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL, "KILL")))
 
     def _record(self, progress: Progress, n: str, activations: str | None) -> dict:
         """Rank 0: the state file and the progress record that names it, replacing the previous ones."""
