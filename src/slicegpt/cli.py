@@ -552,6 +552,7 @@ DISTRIBUTED_COMMANDS = ("slice", "eval")
 
 
 def _stopped(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # once: a second signal (or one at exit) just ends the process
     raise SliceGPTError(f"stopped by signal {signum} (under torchrun: another rank failed and the launcher "
                         "ended the job); nothing was published, run the same command again to resume")
 
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
         distributed.finish()  # not after a failure: a dead peer could hold up the goodbye
     except (SliceGPTError, CheckpointError) as e:
+        if args.ranks.distributed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop, from here on, ends us quietly
         ranks = args.ranks
         if ranks.writer or not getattr(e, "shared", False):  # an error every rank raised is shown once
             message = str(e)

@@ -152,7 +152,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         if ranks.distributed:
             offload_dir = offload_dir.with_name(f"{offload_dir.name}-rank{ranks.rank}")
     calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
-    directory, source_name = checkpoint_directory(model)
+    # rank 0 first, so a download or GGUF conversion is done once per machine, not raced by every rank
+    first = ranks.on_writer(lambda: checkpoint_directory(model))
+    directory, source_name = first if ranks.writer else checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
     fingerprint, source_config, work_dtype = view.fingerprint(), view.config, view.dtype
     adapter = get_adapter(source_config)
