@@ -6,7 +6,9 @@
 Each configuration is a fresh `slicegpt slice` process (or N of them under torchrun) with every
 rank on one CPU thread per process-share of the machine (OMP_NUM_THREADS = cores / N), so one
 process and N ranks use the same cores. Printed per run: wall time of the whole command, the
-slicing time, peak RSS per rank (VmHWM of each process at its end), the float64 bytes
+slicing time, peak RSS per rank (VmHWM of each whole process at its end, which the perplexity
+evaluation's vocabulary-wide logits set on small models; and, in brackets, the peak during
+slicing alone), the float64 bytes
 all-reduced per layer (measured, and from the shapes by `reduced_per_layer`), and the
 perplexities, which must agree. Then the same formula for LLaMA-2-70B, the scale the
 distributed engine is for.
@@ -94,14 +96,16 @@ def main() -> None:
     mib = 2 ** 20
     print(f"\n{args.model}: {layers} layers, d={hidden}, {args.samples} x {args.seqlen} calibration tokens, "
           f"method {args.method}, {os.cpu_count()} cores, slicegpt {slicegpt.__version__}")
-    print("| processes | wall s | slicing s | wall vs 1 | peak RSS per rank MiB | all-reduced per layer MiB "
-          "| perplexity dense -> sliced |")
+    print("| processes | wall s | slicing s | wall vs 1 | peak RSS per rank MiB (process / slicing) "
+          "| all-reduced per layer MiB | perplexity dense -> sliced |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         f = row["figures"]
         per_layer = f.get("allreduce_bytes_per_layer", 0)
+        slicing_peaks = f.get("peak_memory_bytes_per_rank", [f["peak_memory_bytes"]])
         print(f"| {row['nproc']} | {row['wall']:.1f} | {f['slicing_seconds']:.1f} | {row['wall'] / base['wall']:.2f}x "
               f"| {' / '.join(f'{p / mib:.0f}' for p in row['peaks'])} "
+              f"({' / '.join(f'{p / mib:.0f}' for p in slicing_peaks)}) "
               f"| {per_layer / mib:.1f} (formula {formula / mib:.1f}) "
               f"| {f['perplexity_dense']:.3f} -> {f['perplexity_sliced']:.3f} |")
     a, b = (r["figures"]["perplexity_sliced"] for r in rows)
