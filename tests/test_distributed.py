@@ -154,8 +154,10 @@ def test_a_killed_rank_ends_the_job_in_one_line_and_the_same_command_resumes(tmp
     for size in shares.values():  # each rank holds about half of one process's activations
         assert 0.4 < size / whole["activations-layers-1"] < 0.6
 
-    resumed = torchrun("-m", "slicegpt", "slice", source, *CLI_ARGS, "--out", out, "--json")
+    resumed = torchrun("-m", "slicegpt", "slice", source, *CLI_ARGS, "--out", out, "--json",
+                       "--report", tmp_path / "report")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "report" / "index.html").is_file()  # written once, by rank 0
     figures = json.loads(resumed.stdout.splitlines()[-1])  # rank 0 alone prints
     assert figures["resumed_from_layer"] == 1 and figures["world_size"] == 2
     assert len([line for line in resumed.stdout.splitlines() if line.startswith("{")]) == 1
@@ -223,7 +225,7 @@ def test_a_rendezvous_that_cannot_form_ends_in_one_line(tmp_path, tiny_model_dir
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "could not meet" in done.stderr and "within 3 s" in done.stderr
     # commands that run in one process say so under torchrun
-    other = run_cli("generate", tiny_model_dir, "To be", env=env)
+    other = run_cli("generate", tiny_model_dir, "To be", env={**env, "TORCHELASTIC_RUN_ID": "test"})
     assert other.returncode == 1 and "runs in one process" in other.stderr
 
 

@@ -105,6 +105,11 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
 
     dense = count_parameters(model)
     ranks = Ranks.current()
+    ranks.agree({"sparsity": sparsity, "rotation": rotation, "method": method, "compensate": compensate,
+                 "widths": widths, "parameters": parameters, "ridge": ridge, "round_to": round_to,
+                 "batch_size": batch_size, "slice_head": slice_head, "keep_tied_head": keep_tied_head,
+                 "fit_tied_head": fit_tied_head, "pooling": pooling, "calibration": calibration_info,
+                 "windows": [len(windows), windows.input_ids.shape[1], windows.tokens]})
     if len(windows) < ranks.world_size:
         raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes")
     batches = windows.select(ranks.share(len(windows))).batches(batch_size)

@@ -95,7 +95,7 @@ def cmd_slice(args) -> None:
         device=_device(args.device), weights=args.weights, offload=args.offload, offload_dir=args.offload_dir, restart=args.restart,
         force=args.force, checkpoint_every=args.checkpoint_every, speed=bool(report_dir and args.report_bench))
     figures, config = run.figures, run.config
-    if report_dir is not None:  # from what was just saved, as `slicegpt report` would read it
+    if report_dir is not None and args.ranks.writer:  # from what was just saved, as `slicegpt report` reads it
         figures["report"] = str(write_report([load_run(out)], [], report_dir, force=args.force))
 
     rows = [("model", figures["model"]), ("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"),
@@ -121,7 +121,7 @@ def cmd_slice(args) -> None:
         rows.append(("resumed", f"after layer {run.resumed_from_layer} of an interrupted run"))
     rows += [("slicing time", f"{figures['slicing_seconds']:.1f} s"), ("peak memory", _gib(figures["peak_memory_bytes"])),
              ("saved to", str(out))]
-    if report_dir is not None:
+    if "report" in figures:
         rows.append(("report", figures["report"]))
     _emit(args, rows, figures)
 
@@ -560,10 +560,10 @@ def _stopped(signum, frame):
 def _start_ranks(args) -> distributed.Ranks:
     """Join the torchrun job this process belongs to, if any (slice and eval only)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and args.command not in DISTRIBUTED_COMMANDS:
+    if world > 1 and args.command not in DISTRIBUTED_COMMANDS and "TORCHELASTIC_RUN_ID" in os.environ:
         raise SliceGPTError(f"`slicegpt {args.command}` runs in one process; only "
                             f"{' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun (WORLD_SIZE is {world})")
-    if world <= 1:
+    if world <= 1 or args.command not in DISTRIBUTED_COMMANDS:  # WORLD_SIZE of a cluster, not torchrun's
         return distributed.Ranks()
     signal.signal(signal.SIGTERM, _stopped)  # the launcher stops the survivors of a failed rank
     return distributed.init(_device(args.device), args.dist_timeout)

@@ -123,7 +123,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     `method`, `compensate`, `widths`, `parameters` and `ridge` are the quality levers of
     `slicegpt.slice_model`.
     """
-    arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in locals().items()}
+    arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in locals().items()
+                 if k not in ("progress", "offload_dir")}  # a scratch folder per node is fine
     from transformers import AutoTokenizer
 
     from slicegpt.api import check_rotation, effective_sparsity, resolve_levers
@@ -152,9 +153,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         if ranks.distributed:
             offload_dir = offload_dir.with_name(f"{offload_dir.name}-rank{ranks.rank}")
     calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
-    # rank 0 first, so a download or GGUF conversion is done once per machine, not raced by every rank
-    first = ranks.on_writer(lambda: checkpoint_directory(model))
-    directory, source_name = first if ranks.writer else checkpoint_directory(model)
+    # every rank resolves the source itself (no collective wait around a long download); a GGUF file
+    # is converted once per machine (a file lock) and huggingface_hub locks its downloads the same way
+    directory, source_name = checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
     fingerprint, source_config, work_dtype = view.fingerprint(), view.config, view.dtype
     adapter = get_adapter(source_config)
@@ -287,9 +288,12 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     from slicegpt.formats.io import finish_directory
 
     ranks.barrier()  # every rank is done reading the staged output
-    if ranks.writer:
+
+    def finish() -> None:
         finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
         publish(staging, out)
+
+    ranks.on_writer(finish)
     run_dir.remove()
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)

@@ -54,8 +54,9 @@ class Ranks:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls()
         device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl":  # this rank's GPU: LOCAL_RANK under torchrun, else the current one
+            local = os.environ.get("LOCAL_RANK")
+            device = torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
     @property
@@ -206,6 +207,9 @@ def init(device: str, timeout_s: float | None = None) -> Ranks:
     timeout = timeout_s if timeout_s is not None else float(os.environ.get(TIMEOUT_ENV, TIMEOUT_S))
     cuda = str(device).startswith("cuda")
     if cuda:
+        # a failed or timed-out NCCL collective raises in the calling thread (then one line),
+        # instead of the watchdog aborting the process
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
             raise SliceGPTError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
@@ -234,5 +238,5 @@ def finish() -> None:
 def local_device(device: str, ranks: Ranks) -> str:
     """`cuda` means this rank's own GPU in a distributed job."""
     if ranks.distributed and device == "cuda":
-        return f"cuda:{torch.cuda.current_device()}"
+        return str(ranks.device) if ranks.device.type == "cuda" else f"cuda:{torch.cuda.current_device()}"
     return device

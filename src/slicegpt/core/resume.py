@@ -168,6 +168,8 @@ class RunDirectory(Hooks):
             failed = ""
         except OSError as e:
             failed = f"{e.strerror or e}" + (" (the disk is full)" if e.errno == 28 else "")
+        except RuntimeError as e:  # torch.save reports a failed write (a full disk) this way
+            failed = (str(e).strip().splitlines() or ["write failed"])[0]
         failed = next((f for f in self.ranks.gather(failed) if f), "")  # every snapshot is complete, or none counts
         if failed:
             raise SliceGPTError(f"cannot record progress in {self.root}: {failed}", shared=True)

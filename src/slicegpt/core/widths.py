@@ -179,7 +179,7 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     of `sparsity` would have; `rule="adaptive"` (per-layer rotation) spends it by `allocate`
     on the spectra of the first `probe_samples` calibration windows, `"equal"` takes the
     largest equal width that fits. `batches` are this rank's share of the windows
-    (`Ranks.share`); the probe takes the first `probe_samples` windows of all of them, and
+    (`Ranks.share`); the probe takes the first whole batches that reach `probe_samples`, and
     every rank gets rank 0's widths. Returns the widths and the rule used: families whose
     forward needs one width throughout (GPT-2 reshapes the final stream to the embedding
     width; MoE kernels write as wide as they read) get equal widths.
@@ -211,7 +211,9 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     if rule == "equal":
         return budget_widths(model, budget, round_to, hidden, n), rule
     ranks = ranks or Ranks()
-    rows = len(ranks.share(probe_samples))  # this rank's part of the first probe_samples windows
+    batch_size = len(batches[0][0]) if batches else 1
+    first = -(-probe_samples // batch_size) * batch_size  # whole batches of the windows, as one process takes them
+    rows = len(ranks.share(first))  # this rank's part of the first windows
     probe = []
     for ids, mask in batches:
         if rows <= 0:

@@ -162,8 +162,15 @@ def _gguf_checkpoint(path: Path) -> Path:
     if path.suffix != ".gguf":
         raise SliceGPTError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
     cached = _gguf_cache_path(path)
-    if not (cached / "config.json").is_file():
-        _convert_gguf(path, cached)
+    if (cached / "config.json").is_file():
+        return cached
+    import fcntl
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.parent / f".{cached.name}.lock", "a") as lock:  # processes of one machine (ranks) wait
+        fcntl.flock(lock, fcntl.LOCK_EX)                              # for one conversion
+        if not (cached / "config.json").is_file():
+            _convert_gguf(path, cached)
     return cached
 
 
