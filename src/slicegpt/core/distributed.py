@@ -3,8 +3,9 @@
 Every statistic the algorithm uses is a sum over calibration tokens (covariances, the least-squares
 sums of compensation, token counts, perplexity's NLL), so ranks that each hold a share of the
 samples compute partial sums and add them (`sum_`, an all-reduce in float64). What is decided from
-the sums (a basis, a fitted matrix) is computed on rank 0 and broadcast (`same`), so every rank
-changes its copy of the layer identically. Rank 0 writes the output.
+the sums (a basis, a fitted matrix) every rank computes, then takes rank 0's result (`same`, a
+broadcast), so every rank changes its copy of the layer identically, to the bit. Rank 0 writes
+the output.
 
 `Ranks()` is the single process: every call is a no-op, so the engine is written once. The
 process group is torch.distributed's (set up by `torchrun` + `init`, or by the caller); a

@@ -166,8 +166,9 @@ def _gguf_checkpoint(path: Path) -> Path:
         return cached
     import fcntl
 
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with open(cached.parent / f".{cached.name}.lock", "a") as lock:  # processes of one machine (ranks) wait
+    locks = cache_dir() / "locks"  # beside the cache, not in it: the cache holds only finished models
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"gguf-{cached.name}.lock", "a") as lock:  # processes of one machine (ranks) wait
         fcntl.flock(lock, fcntl.LOCK_EX)                              # for one conversion
         if not (cached / "config.json").is_file():
             _convert_gguf(path, cached)
