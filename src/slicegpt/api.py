@@ -112,7 +112,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                  "windows": [len(windows), windows.input_ids.shape[1], windows.tokens]})
     if len(windows) < ranks.world_size:
         raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes")
-    batches = windows.select(ranks.share(len(windows))).batches(batch_size)
+    batches = ranks.part(windows).batches(batch_size)
     progress = progress and ranks.writer
     check_rotation(rotation, pooling, fit_tied_head)
     view = ResidentModel(model)

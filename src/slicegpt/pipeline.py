@@ -180,8 +180,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     if len(windows) < ranks.world_size:
         raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes: "
                             "each rank needs at least one (--samples)")
-    share = windows.select(ranks.share(len(windows)))  # this rank's calibration windows
-    eval_share = eval_windows.select(ranks.share(len(eval_windows))) if eval_windows is not None else None
+    share = ranks.part(windows)  # this rank's calibration windows
+    eval_share = ranks.part(eval_windows) if eval_windows is not None else None
 
     layers = get_path(view.model, adapter.layers)
     settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,

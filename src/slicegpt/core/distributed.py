@@ -73,6 +73,10 @@ class Ranks:
         """Which of `n` items (calibration or evaluation windows) this rank takes: every world_size-th."""
         return list(range(self.rank, n, self.world_size))
 
+    def part(self, windows):
+        """This rank's share of `windows` (`data.Windows`; itself in one process)."""
+        return windows.select(self.share(len(windows)))
+
     # --- collectives (no-ops in one process) ---
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -153,10 +157,6 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             self.gather(None)  # through the same backend and timeout as everything else
-
-    def any(self, flag: bool) -> bool:
-        """Whether `flag` holds on some rank."""
-        return any(self.gather(bool(flag)))
 
     def agree(self, arguments: dict, what: str = "arguments") -> None:
         """Refuse a job whose ranks were started with different `arguments` (before any slow work)."""

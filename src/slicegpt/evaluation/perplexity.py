@@ -27,7 +27,7 @@ def perplexity(model: nn.Module, windows: Windows, batch_size: int = 2, progress
     are added, so every rank returns the number one process would."""
     ranks = ranks or Ranks()
     device = next(model.parameters()).device
-    batches = windows.select(ranks.share(len(windows))).batches(batch_size)
+    batches = ranks.part(windows).batches(batch_size)
     progress = progress and ranks.writer
 
     def logits():
