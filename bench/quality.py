@@ -4,7 +4,9 @@ Per model and sparsity, each in a fresh process, same calibration (32 x 1024 Sha
 tokens by default) and held-out text as bench/slice_default.py:
 
 - paper: `--method paper` (equal widths, no compensation);
-- compensation alone, adaptive widths alone, and the default (both);
+- compensation alone, adaptive widths alone, compensation with the stream sliced (equal or
+  adaptive widths, `--mlp-width 1`), and the default (`--mlp-width auto`: MLP neurons pruned
+  in compensation's fit, the stream unsliced, within the paper's parameter count);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--uniform`);
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
   output are most alike (angular distance on the calibration tokens) until the model is no
@@ -13,7 +15,7 @@ tokens by default) and held-out text as bench/slice_default.py:
 Every parameter is counted (skip, entry and branch-output matrices, an untied head). "x floor"
 is slicing wall time over one dense forward pass through the decoder over the calibration tokens.
 
-    .venv/bin/python bench/quality.py                                 # SmolLM2, 25%, every row
+    .venv/bin/python bench/quality.py                                 # SmolLM2, 25%
     .venv/bin/python bench/quality.py --sparsities 0.1,0.2,0.3 --rows paper,default
     .venv/bin/python bench/quality.py --model gemma3-270m --eval-samples 8 --rows paper,default,shortgpt
 """
@@ -35,9 +37,12 @@ ROWS = {
     "paper": {"method": "paper"},
     "compensation": {"method": "paper", "compensate": True},
     "adaptive widths": {"method": "paper", "widths": "adaptive"},
-    "default": {"method": "default"},
+    "default": {"method": "default"},  # --mlp-width auto: neurons first, within the paper's count
+    "stream sliced": {"method": "default", "mlp_width": 1.0},  # compensation, the stream sliced (no neurons)
+    "stream sliced adaptive": {"method": "default", "mlp_width": 1.0, "widths": "adaptive"},
     "uniform paper": {"method": "paper", "rotation": "uniform", "standard": False},
-    "uniform compensation": {"method": "default", "rotation": "uniform", "standard": False},
+    "uniform compensation": {"method": "default", "rotation": "uniform", "standard": False, "mlp_width": 1.0},
+    "uniform default": {"method": "default", "rotation": "uniform"},  # within the paper's uniform count
     "shortgpt": None,
 }
 
@@ -117,14 +122,15 @@ def child(args) -> dict:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, sparsity, batch_size=args.batch_size,
                                              progress=False, **options)
     return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
-            "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation}
+            "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation,
+            "mlp_neurons": config.mlp_neurons}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
     p.add_argument("--sparsities", default="0.25")
-    p.add_argument("--rows", default="paper,compensation,adaptive widths,default,shortgpt",
+    p.add_argument("--rows", default="paper,compensation,adaptive widths,stream sliced,default,shortgpt",
                    help=f"comma-separated, from: {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

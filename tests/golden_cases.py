@@ -87,18 +87,22 @@ def _cases() -> list[Case]:
     cases.append(Case("uniform-standard/llama/fit-tied-head", "llama", {"rotation": "uniform", "standard": True,
                                                                         "fit_tied_head": True}))
     # the quality levers (issue 12): the default method, each lever alone, a parameter budget
+    # (the Llama family's cases keep the stream sliced, --mlp-width 1: the numbers pinned before neurons;
+    # pruning neurons is pinned by tests/test_mlp.py against the direct least-squares fit)
+    stream = {"mlp_width": 1.0}
     for family in ("llama", "qwen2", "gemma3_text", "phi", "gpt2", "opt", "gpt_neox"):
-        cases.append(Case(f"default/{family}", family, {"method": "default"}))
+        cases.append(Case(f"default/{family}", family, {"method": "default",
+                                                         **(stream if family in ("llama", "qwen2") else {})}))
     cases.append(Case("compensation-all/llama", "llama", {"method": "paper", "compensate": "all"}))
     cases.append(Case("compensation-writers/gemma2", "gemma2", {"method": "paper", "compensate": "writers"}))
     cases.append(Case("adaptive-widths/llama", "llama", {"method": "paper", "widths": "adaptive"}, sparsity=0.4))
-    cases.append(Case("parameters-0.8/llama", "llama", {"method": "default", "parameters": 0.8}))
+    cases.append(Case("parameters-0.8/llama", "llama", {"method": "default", "parameters": 0.8, **stream}))
     cases.append(Case("parameters-0.8-adaptive/llama", "llama", {"method": "default", "parameters": 0.8,
-                                                                  "widths": "adaptive"}))
+                                                                  "widths": "adaptive", **stream}))
     cases.append(Case("uniform-compensation/llama", "llama", {"method": "default", "rotation": "uniform",
-                                                              "standard": False}))
+                                                              "standard": False, **stream}))
     cases.append(Case("uniform-standard-compensation/qwen2", "qwen2", {"method": "default", "rotation": "uniform",
-                                                                       "standard": True}))
+                                                                       "standard": True, **stream}))
     return cases
 
 

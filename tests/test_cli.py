@@ -39,8 +39,8 @@ def test_help_lists_commands():
 
 def test_slice_eval_generate_on_a_local_model(tiny_model_dir, tmp_path):
     out = tmp_path / "sliced"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8",
-                 "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE,
+                 "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["sliced_hidden_size"] == 48 and figures["hidden_size"] == 64
@@ -149,8 +149,8 @@ def test_uniform_slice_writes_a_standard_model_and_exports_gguf(tiny_model_dir, 
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "uniform"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--rotation", "uniform", "--calibration", TEXT_FILE,
-                 "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--rotation", "uniform", "--mlp-width", "1",
+                 "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["rotation"] == "uniform" and figures["standard"] is True and figures["deviations"] == []
@@ -176,7 +176,8 @@ def test_uniform_slice_writes_a_standard_model_and_exports_gguf(tiny_model_dir, 
 
 def test_export_refuses_per_layer_models_and_non_outputs(tiny_model_dir, tmp_path):
     out = tmp_path / "per-layer"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "4",
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE,
+                 "--samples", "4",
                  "--seqlen", "64", "--no-eval", "--out", out)
     assert result.returncode == 0, result.stderr
     assert_one_line_error(run("export", out, "--out", tmp_path / "x.gguf"), "per-layer rotations.*--rotation uniform")
@@ -232,7 +233,8 @@ def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
 
 
 def test_a_parameter_budget_and_the_papers_method_from_the_command_line(tiny_model_dir, tmp_path):
-    result = run("slice", tiny_model_dir, "--parameters", "0.8", "--calibration", TEXT_FILE, "--samples", "8",
+    result = run("slice", tiny_model_dir, "--parameters", "0.8", "--mlp-width", "1", "--calibration", TEXT_FILE,
+                 "--samples", "8",
                  "--seqlen", "64", "--no-eval", "--out", tmp_path / "budget", "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])

@@ -26,7 +26,7 @@ def sliced_dirs(tmp_path_factory, tokenizer):
     dirs = {}
     for rotation in ("per-layer", "uniform"):
         model, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, 0.25, rotation=rotation,
-                                             progress=False)
+                                             progress=False, mlp_width=1.0)  # the stream sliced both ways
         dirs[rotation] = slicegpt.save(model, tokenizer, config, root / rotation,
                                        extra={"results": {"perplexity_sliced": 1.0}})
     return dirs

@@ -45,7 +45,7 @@ def llama_cpp_run(path: Path, prompt: list[int], continuation: list[int], text: 
 
 GEMMA3_GLOBAL_EVERY_6 = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])
 FAMILIES = {  # family -> (config overrides, slice_model options)
-    "llama": ({}, {}),
+    "llama": ({}, {"mlp_width": 1.0}),  # the stream sliced; the others: the default, MLP neurons pruned
     "mistral": ({}, {}),
     "qwen2": ({}, {}),
     "qwen3": ({}, {"accept_deviation": True}),

@@ -175,7 +175,7 @@ def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, to
     paper, paper_config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3,
                                                method="paper", progress=False)
     model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3, progress=False,
-                                         widths="adaptive")
+                                         widths="adaptive", mlp_width=1.0)
     assert config.method == "default" and config.compensate == "writers" and config.widths_rule == "adaptive"
     assert len(set(config.widths[:-1])) > 1, config.widths
     assert config.parameters_sliced <= paper_config.parameters_sliced

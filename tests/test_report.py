@@ -43,7 +43,7 @@ def runs_dir(tmp_path_factory, tokenizer):
     windows = _windows(tokenizer)
     for sparsity, rotation in [(0.25, "per-layer"), (0.5, "per-layer"), (0.25, "uniform")]:
         model, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, sparsity, rotation=rotation,
-                                             progress=False)
+                                             mlp_width=1.0, progress=False)
         results = {"model": "tiny-llama", "perplexity_dense": 300.0, "perplexity_sliced": 300.0 * (1 + sparsity),
                    "eval_tokens": 256, "eval_data": "tempest",
                    "speed": _speed("dense", 1000.0, 20.0) + _speed("sliced", 1250.0, 16.0)}
@@ -60,7 +60,7 @@ def report(runs_dir):
 def test_spectra_round_trip_exactly(tmp_path, tokenizer):
     for rotation in ("per-layer", "uniform"):
         model, config = slicegpt.slice_model(make_model("llama"), tokenizer, _windows(tokenizer), 0.25,
-                                             rotation=rotation, progress=False)
+                                             rotation=rotation, progress=False, mlp_width=1.0)
         out = slicegpt.save(model, tokenizer, config, tmp_path / rotation)
         loaded = load_spectra(out)
         # per-layer: one spectrum per boundary (embeddings + every step but the unsliced head's); uniform: pooled

@@ -48,7 +48,7 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stock, config = slicegpt.slice_model("default", sparsity=0.25, samples=8, seqlen=256, rotation="uniform",
-                                         progress=False)
+                                         progress=False, mlp_width=1.0)
     assert type(stock).__name__ == "LlamaForCausalLM" and stock.config.hidden_size == 432
     assert config.standard and not config.deviations and config.max_logit_deviation < 1e-3
     assert not config.tied_head  # SmolLM2's final norm gain is not uniform: the head is untied

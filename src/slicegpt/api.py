@@ -23,6 +23,7 @@ from slicegpt.core.widths import WIDTHS, plan_widths
 
 METHODS = ("default", "paper")
 DEFAULT_WIDTHS = "equal"  # adaptive widths helped SmolLM2 (50.0 -> 49.2) but hurt Gemma 3 (83.5 -> 96.4): README "Quality"
+DEFAULT_MLP_WIDTH = "auto"  # SmolLM2 at the paper's 25% size: 41.97 against 50.04 slicing the stream (README)
 DEFAULT_COMPENSATION = "writers"  # refitting the readers too measured no better (README "Quality")
 from slicegpt.core.engine import POOLINGS, ROTATIONS, slice_layers, slice_uniform
 from slicegpt.core.onload import ResidentModel
@@ -43,7 +44,8 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 rotation: str = "per-layer", standard: bool = True, accept_deviation: bool = False,
                 fit_tied_head: bool = False, pooling: str = "unit-trace", method: str = "default",
                 compensate: str | bool | None = None, widths: str | None = None, parameters: float | None = None,
-                ridge: float = RIDGE, progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
+                ridge: float = RIDGE, mlp_width: float | str | None = None,
+                progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` with SliceGPT and return the sliced model with the record of what was done.
 
     `model` may be a loaded causal LM (sliced in place), a hub id, a directory or a .gguf
@@ -66,13 +68,16 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     ("writers": refit each step's output weights against the dense model, `core.compensation`,
     with `ridge`; "all": its input weights too; "off"),
     `widths` ("adaptive": each boundary its own width within the same parameter count;
-    "equal"), and `parameters` (a fraction of the dense parameter count, every added matrix
-    counted, instead of `sparsity`).
+    "equal"), `parameters` (a fraction of the dense parameter count, every added matrix
+    counted, instead of `sparsity`), and `mlp_width` (prune MLP neurons in compensation's
+    fit: a fraction to keep, or "auto", the default's: the paper's size at `sparsity`, or
+    `parameters`, met by pruning neurons first, `core.widths.plan_widths`). Where the stream
+    keeps its full width, nothing is rotated and the result is a stock model.
 
     Called on every rank of an initialised torch.distributed process group, each rank
     calibrates on its share of the windows and all return the same sliced model.
     """
-    compensate, widths = resolve_levers(method, compensate, widths, rotation)
+    compensate, widths, mlp = resolve_levers(method, compensate, widths, rotation, mlp_width)
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
         source_model = str(model)
@@ -106,7 +111,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     dense = count_parameters(model)
     ranks = Ranks.current()
     ranks.agree({"sparsity": sparsity, "rotation": rotation, "method": method, "compensate": compensate,
-                 "widths": widths, "parameters": parameters, "ridge": ridge, "round_to": round_to,
+                 "widths": widths, "parameters": parameters, "ridge": ridge, "round_to": round_to, "mlp": mlp,
                  "batch_size": batch_size, "slice_head": slice_head, "keep_tied_head": keep_tied_head,
                  "fit_tied_head": fit_tied_head, "pooling": pooling, "calibration": calibration_info,
                  "windows": [len(windows), windows.input_ids.shape[1], windows.tokens]})
@@ -118,18 +123,23 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     view = ResidentModel(model)
     tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
             else per_layer_ties(view, adapter, keep_tied_head, slice_head))
-    plan, widths = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
-                       parameters=parameters, dense_parameters=dense, round_to=round_to, tied=tied,
-                       slice_head=slice_head, progress=progress, ranks=ranks)
+    plan, widths, neurons = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
+                                        parameters=parameters, dense_parameters=dense, round_to=round_to, tied=tied,
+                                        slice_head=slice_head, progress=progress, ranks=ranks, mlp=mlp)
+    identity = unrotated(plan, hidden, neurons)
+    if identity:  # only neurons pruned: one (identity) basis, a stock model
+        rotation, uniform, standard, slice_head = "uniform", True, True, True
     outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,
                              slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
                              pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan,
-                             ranks=ranks)
+                             ranks=ranks, neurons=neurons, identity=identity)
     config = SlicingConfig(
-        sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
+        sparsity=sparsity if parameters is None and neurons is None else effective_sparsity(plan, hidden),
+        hidden_size=hidden,
         sliced_hidden_size=round(sum(plan[:-1]) / (len(plan) - 1)) if not uniform else plan[0],
         method=method, compensate=compensate, ridge=ridge if compensate != "off" else None, widths_rule=widths,
         parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
+        mlp_width=mlp, mlp_neurons=neurons, mlp_neurons_dense=dense_neurons(model, adapter) if neurons else None,
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
         slice_head=slice_head, tied_head=outcome.tied_head,
         fit_tied_head=fit_tied_head, pooling=pooling if uniform else "", calibration=calibration_info, source_model=source_model,
@@ -142,8 +152,9 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
 
 
 def resolve_levers(method: str, compensate: str | bool | None, widths: str | None,
-                   rotation: str = "per-layer") -> tuple[str, str]:
-    """The levers a method turns on, each overridable: (compensate, widths rule)."""
+                   rotation: str = "per-layer", mlp_width: float | str | None = None
+                   ) -> tuple[str, str, float | str | None]:
+    """The levers a method turns on, each overridable: (compensate, widths rule, MLP width)."""
     if method not in METHODS:
         raise SliceGPTError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     paper = method == "paper"
@@ -158,7 +169,36 @@ def resolve_levers(method: str, compensate: str | bool | None, widths: str | Non
         compensate = DEFAULT_COMPENSATION if on else "off"
     if compensate not in COMPENSATIONS:
         raise SliceGPTError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
-    return compensate, (widths or ("equal" if paper else DEFAULT_WIDTHS))
+    mlp = parse_mlp_width(mlp_width) if mlp_width is not None else (None if paper else DEFAULT_MLP_WIDTH)
+    if mlp is not None and compensate == "off":
+        if mlp_width is not None:
+            raise SliceGPTError("pruning MLP neurons refits the down projection: it needs compensation "
+                                "(--compensate writers or all)")
+        mlp = None
+    return compensate, (widths or ("equal" if paper else DEFAULT_WIDTHS)), mlp
+
+
+def parse_mlp_width(value: float | str) -> float | str | None:
+    """ "auto", or the fraction of MLP neurons to keep (1: none pruned, returned as None)."""
+    if value == "auto":
+        return value
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise SliceGPTError(f"--mlp-width is 'auto' or the fraction of MLP neurons to keep, got {value!r}") from None
+    if not 0.0 < fraction <= 1.0:
+        raise SliceGPTError(f"--mlp-width is the fraction of MLP neurons to keep, in (0, 1]; got {value}")
+    return None if fraction == 1.0 else fraction
+
+
+def unrotated(widths: list[int], hidden: int, neurons: int | None) -> bool:
+    """Whether only MLP neurons are pruned: the stream keeps its width, so nothing is rotated."""
+    return neurons is not None and all(w == hidden for w in widths)
+
+
+def dense_neurons(model: nn.Module, adapter) -> int | None:
+    """Neurons per MLP of the dense model (what `--mlp-width` is a fraction of), from its config."""
+    return getattr(model.config, adapter.config_neurons, None)
 
 
 def effective_sparsity(widths: list[int], hidden: int) -> float:
@@ -179,7 +219,8 @@ def check_rotation(rotation: str, pooling: str, fit_tied_head: bool) -> None:
 def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: str = "per-layer",
                    slice_head: bool = False, keep_tied_head: bool = True, fit_tied_head: bool = False,
                    pooling: str = "unit-trace", progress: bool = True, compensate: str = "off",
-                   ridge: float = RIDGE, widths: list[int] | None = None, ranks: Ranks | None = None):
+                   ridge: float = RIDGE, widths: list[int] | None = None, ranks: Ranks | None = None,
+                   neurons: int | None = None, identity: bool = False):
     """Slice a model held in memory, in place, with one width `dim` at every boundary (or `widths`).
 
     `batches`: this rank's share of the calibration windows when `ranks` is distributed."""
@@ -188,11 +229,11 @@ def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: st
     if rotation == "uniform":
         return slice_uniform(view, adapter, batches, widths[0] if widths else dim, fit_tied_head=fit_tied_head,
                              unit_trace=pooling == "unit-trace", progress=progress, compensate=compensate,
-                             ridge=ridge, ranks=ranks)
+                             ridge=ridge, ranks=ranks, neurons=neurons, identity=identity)
     steps = len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches))
     return slice_layers(view, adapter, batches, widths or [dim] * (steps + 1), slice_head=slice_head,
                         keep_tied_head=keep_tied_head, progress=progress, compensate=compensate, ridge=ridge,
-                        ranks=ranks)
+                        ranks=ranks, neurons=neurons)
 
 
 def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: bool = False,

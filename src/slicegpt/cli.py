@@ -86,7 +86,8 @@ def cmd_slice(args) -> None:
         raise SliceGPTError("--offload-dir applies to --offload disk only")
     run = slice_and_save(
         args.model, out, args.sparsity if args.sparsity is not None else 0.25, parameters=args.parameters,
-        method=args.method, compensate=args.compensate, widths=args.widths, ridge=args.ridge, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
+        method=args.method, compensate=args.compensate, widths=args.widths, ridge=args.ridge,
+        mlp_width=args.mlp_width, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
         seed=args.seed, text_field=args.text_field, batch_size=args.batch_size, round_to=args.round_to,
         rotation=args.rotation, slice_head=args.slice_head, keep_tied_head=not args.untie_head,
         fit_tied_head=args.fit_tied_head, pooling=args.pooling or "unit-trace", accept_deviation=args.accept_deviation,
@@ -106,6 +107,10 @@ def cmd_slice(args) -> None:
                            f"{config.widths_rule} widths"
                            + (f" (budget {config.parameters_budget:.0%} of the dense parameters)"
                               if config.parameters_budget is not None else "")))
+    if config.mlp_neurons is not None:
+        rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer "
+                                    f"(--mlp-width {config.mlp_width})"))
+    uniform = uniform or config.standard
     if uniform:
         rows.append(("format", f"standard {config.model_type} model (plain transformers from_pretrained; "
                                f"head {'tied' if config.tied_head else 'untied'})"))
@@ -394,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", choices=("adaptive", "equal"), default=None,
                    help="per-layer: one width everywhere (equal; default) or each block boundary its own "
                         "width within the same parameter count (adaptive; measured to help SmolLM2, hurt Gemma 3)")
+    p.add_argument("--mlp-width", default=None, metavar="auto|FRACTION",
+                   help="MLP neurons kept per layer, pruned in compensation's fit: auto (default; the size is met "
+                        "by pruning neurons first, the stream unsliced and unrotated while at least half of them "
+                        "stay) or a fraction, 1 = none pruned (--method paper)")
     p.add_argument("--ridge", type=float, default=RIDGE,
                    help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
     p.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)

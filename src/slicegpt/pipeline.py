@@ -109,7 +109,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    offload_dir: str | os.PathLike | None = None,
                    restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
                    method: str = "default", compensate: str | bool | None = None, widths: str | None = None,
-                   parameters: float | None = None, ridge: float = RIDGE, progress: bool = True) -> SliceRun:
+                   parameters: float | None = None, ridge: float = RIDGE, mlp_width: float | str | None = None,
+                   progress: bool = True) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
     Only one decoder layer is on `device` at a time; the other weights wait on `weights`
@@ -120,14 +121,14 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     starts over). `checkpoint_every` layers the activations are saved for resuming. `speed`
     adds a quick throughput check of the dense and the sliced model (both loaded whole).
     `rotation="uniform"` writes a stock model of the family (plain `from_pretrained`).
-    `method`, `compensate`, `widths`, `parameters` and `ridge` are the quality levers of
-    `slicegpt.slice_model`.
+    `method`, `compensate`, `widths`, `parameters`, `ridge` and `mlp_width` are the quality
+    levers of `slicegpt.slice_model`.
     """
     arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in locals().items()
                  if k not in ("progress", "offload_dir")}  # a scratch folder per node is fine
     from transformers import AutoTokenizer
 
-    from slicegpt.api import check_rotation, effective_sparsity, resolve_levers
+    from slicegpt.api import check_rotation, dense_neurons, effective_sparsity, resolve_levers, unrotated
 
     ranks = Ranks.current()
     ranks.agree(arguments)  # ranks started with other arguments would sum unrelated statistics
@@ -135,7 +136,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     progress = progress and ranks.writer
     sliced_dim(8, sparsity)  # validate before any slow work
     check_rotation(rotation, pooling, fit_tied_head)
-    compensate, widths = resolve_levers(method, compensate, widths, rotation)
+    compensate, widths, mlp = resolve_levers(method, compensate, widths, rotation, mlp_width)
     if parameters is not None and not 0.0 < parameters <= 2.0:
         raise SliceGPTError(f"--parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
     if not out:
@@ -188,7 +189,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
                 "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
                 "compensate": compensate, "ridge": ridge if compensate != "off" else None, "widths": widths,
-                "parameters": parameters, "world_size": ranks.world_size,
+                "parameters": parameters, "mlp": mlp, "world_size": ranks.world_size,
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
                 "torch": torch.__version__, "slicegpt": _version()}
     if weights == "cpu":  # the same engine over the model in memory, moving one layer at a time to the device
@@ -211,34 +212,40 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     with measure(device) as m:
         tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
                 else per_layer_ties(view, adapter, keep_tied_head, slice_head))
-        plan, widths = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths, sparsity=sparsity,
-                           parameters=parameters, dense_parameters=dense_parameters, round_to=round_to, tied=tied,
-                           slice_head=slice_head, offload=offload, offload_dir=offload_dir, progress=progress,
-                           ranks=ranks)
+        plan, widths, neurons = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths,
+                                            sparsity=sparsity, parameters=parameters,
+                                            dense_parameters=dense_parameters, round_to=round_to, tied=tied,
+                                            slice_head=slice_head, offload=offload, offload_dir=offload_dir,
+                                            progress=progress, ranks=ranks, mlp=mlp)
         dim = plan[0]
+        identity = unrotated(plan, hidden, neurons)
+        if identity:  # only neurons pruned: one (identity) basis, a stock model
+            rotation, uniform, slice_head = "uniform", True, True
         if uniform:
-            tied_hint = uniform_ties(view, adapter, fit_tied_head)
+            tied_hint = view.ties_head(adapter.head, adapter.embeddings[0]) if identity else uniform_ties(
+                view, adapter, fit_tied_head)
             exact = run_dir.root / "exact" if deviations else None
             hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms, exact)
             outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
                                     unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
                                     offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
-                                    ranks=ranks)
+                                    ranks=ranks, neurons=neurons, identity=identity)
         else:
             outcome = slice_layers(view, adapter, calibration_batches, plan, slice_head=slice_head,
                                    keep_tied_head=keep_tied_head, progress=progress, hooks=run_dir,
                                    offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
-                                   ranks=ranks)
+                                   ranks=ranks, neurons=neurons)
 
     staging = run_dir.staging
     if ranks.writer:
-        _write_configs(staging, directory, view, adapter, uniform, dim, outcome, run_dir.shards)
+        _write_configs(staging, directory, view, adapter, uniform, dim, outcome, run_dir.shards, neurons)
     ranks.barrier()  # every rank reads the output from here on
     config = SlicingConfig(
-        sparsity=sparsity if parameters is None else effective_sparsity(plan, hidden), hidden_size=hidden,
-        sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
+        sparsity=sparsity if parameters is None and neurons is None else effective_sparsity(plan, hidden),
+        hidden_size=hidden, sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
         method=method, compensate=compensate, ridge=ridge if compensate != "off" else None, widths_rule=widths,
         parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
+        mlp_width=mlp, mlp_neurons=neurons, mlp_neurons_dense=dense_neurons(view.model, adapter) if neurons else None,
         model_type=source_config.model_type,
         family=adapter.family, rotation=rotation, round_to=round_to, slice_head=slice_head,
         tied_head=outcome.tied_head, fit_tied_head=fit_tied_head, pooling=pooling if uniform else "",
@@ -249,7 +256,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         spectra=outcome.spectra,
         distributed={"world_size": ranks.world_size, "samples_per_rank": ranks.gather(len(share)),
                      "tokens_per_rank": ranks.gather(share.tokens)})
-    figures.update(method=method, compensate=compensate, widths=widths,
+    figures.update(method=method, compensate=compensate, widths=widths, mlp_neurons=neurons,
                    rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
                    parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
                    parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,
@@ -347,11 +354,11 @@ def _generation_config(directory: Path):
 
 
 def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, uniform: bool, dim: int,
-                   outcome, shards: dict[str, str]) -> None:
+                   outcome, shards: dict[str, str], neurons: int | None = None) -> None:
     """The output's config (a stock one for uniform rotation), generation config and shard index."""
     generation = _generation_config(directory)
     if uniform:
-        stock = standard_config_from(view.model.config, adapter, dim, outcome.tied_head)
+        stock = standard_config_from(view.model.config, adapter, dim, outcome.tied_head, neurons)
         for attr in (CONFIG_KEY,):
             if hasattr(stock, attr):
                 delattr(stock, attr)

@@ -27,6 +27,9 @@ class Branch:
     A `parallel` branch reads the same stream as the branch before it and the two outputs
     are added together (Phi-2, GPT-NeoX): they share one skip connection.
     `width_attrs` are plain attributes that store the residual width (a router's hidden_dim).
+    `neurons` are the inputs whose output rows are an MLP's neurons (gate and up): with them
+    the neurons can be pruned (`--mlp-width`), taking those rows and the matching columns of
+    the single output linear.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Branch:
     post_norm: str | None = None
     parallel: bool = False
     width_attrs: tuple[str, ...] = ()
+    neurons: tuple[str, ...] = ()
 
     @property
     def shortcut(self) -> str:
@@ -85,6 +89,8 @@ class ModelAdapter:
     # config), rewritten when a uniformly sliced model becomes a stock model of the family.
     config_hidden: tuple[str, ...] = ("hidden_size",)
     config_eps: str | None = "rms_norm_eps"
+    # Config attribute holding the MLP width, rewritten when pruned neurons make a stock model.
+    config_neurons: str = "intermediate_size"
     # The family multiplies embeddings by sqrt(config hidden size) (Gemma).
     scales_embeddings: bool = False
     # Why the family's stock class cannot hold a sliced hidden size at all ("" = it can).

@@ -21,6 +21,7 @@ MLP = Branch(
     module="mlp",
     inputs=("mlp.gate_proj", "mlp.up_proj"),
     outputs=("mlp.down_proj",),
+    neurons=("mlp.gate_proj", "mlp.up_proj"),
 )
 
 ADAPTER = ModelAdapter(

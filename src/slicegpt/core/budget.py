@@ -29,12 +29,19 @@ class ParameterModel:
     linear: list[int]  # per boundary
     skip: bool  # per-layer rotation: step s adds widths[s] * widths[s + 1]
     fixed: dict[int, int] = field(default_factory=dict)  # boundaries whose width is not free (the exit)
+    # MLP neurons (`Branch.neurons`): each one pruned removes neuron_linear . widths + neuron_constant
+    neurons: int = 0  # per MLP, dense (0: no family description of neurons)
+    neuron_linear: list[int] = field(default_factory=list)
+    neuron_constant: int = 0
 
-    def count(self, widths: list[int]) -> int:
+    def count(self, widths: list[int], neurons: int | None = None) -> int:
         widths = [self.fixed.get(b, w) for b, w in enumerate(widths)]
         total = self.constant + sum(a * w for a, w in zip(self.linear, widths))
         if self.skip:
             total += sum(widths[s] * widths[s + 1] for s in range(len(widths) - 1))
+        if neurons is not None and self.neurons:
+            per_neuron = self.neuron_constant + sum(a * w for a, w in zip(self.neuron_linear, widths))
+            total -= (self.neurons - neurons) * per_neuron
         return total
 
 
@@ -59,6 +66,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
     layers = list(get_path(model, adapter.layers))
     n_steps = len(layers) * len(groups)
     linear = [0] * (n_steps + 1)
+    neuron_linear = [0] * (n_steps + 1)
+    neuron_constant, neurons = 0, 0
     constant = _numel(model) if total is None else total
     layernorm = adapter.norm_kind == "layernorm"
 
@@ -96,6 +105,12 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                     if bias is not None:
                         constant -= bias.numel()
                         linear[s + 1] += 1
+                if branch.neurons:  # per neuron: a row of each neuron input, a column of the output
+                    neurons = _get(resolve_all(layer, branch.outputs)[0]).shape[-1]
+                    neuron_linear[s + 1] += 1
+                    for target in resolve_all(layer, branch.neurons):
+                        neuron_linear[s] += 1
+                        neuron_constant += int(_bias(target) is not None)
 
     embeddings = [get_path(model, p).weight for p in adapter.embeddings]
     head = get_path(model, adapter.head).weight
@@ -113,7 +128,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                 linear[n_steps] += _per_unit(head, hidden) + 1  # head columns and the final norm's gains
         if not slice_head:
             fixed[n_steps] = hidden  # the head reads the original basis
-        return ParameterModel(constant, linear, skip=True, fixed=fixed)
+        return ParameterModel(constant, linear, skip=True, fixed=fixed, neurons=neurons,
+                              neuron_linear=neuron_linear, neuron_constant=neuron_constant)
 
     # uniform: one width everywhere, embeddings and head sliced, no skip matrices
     constant += _entry_terms(model, adapter, embeddings, hidden, linear) + _final_bias(model, adapter)
@@ -123,7 +139,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         if not source_tied:
             constant -= head.numel()
         linear[n_steps] += _per_unit(head, hidden)
-    return ParameterModel(constant, linear, skip=False)
+    return ParameterModel(constant, linear, skip=False, neurons=neurons, neuron_linear=neuron_linear,
+                          neuron_constant=neuron_constant)
 
 
 def _entry_terms(model: nn.Module, adapter: ModelAdapter, embeddings: list[torch.Tensor], hidden: int,

@@ -96,6 +96,47 @@ class LeastSquares:
         return w, error_prior, float(total.clamp_min(0)) / max(self.tokens, 1)
 
 
+def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int
+          ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The ridge fit with all but `keep` of `rows` removed (structured OBS); `fit` must be summed over ranks.
+
+    Removing input j of a least-squares fit and refitting the others costs
+    ``|W_j|^2 / [H^-1]_jj`` (H = X^T X + lam I, shared by every output column), and the
+    refit is a rank-one update of W and H^-1 (Optimal Brain Surgeon, one row at a time as in
+    ZipLM). An MLP's neurons are the rows of its down projection: the cheapest go first, and
+    the rest absorb what they carried. Returns the fit of the kept rows, their indices (in
+    order) and the calibration errors of the prior (all rows) and of the pruned fit.
+    """
+    n = fit.xx.shape[0]
+    error_prior = fit.error(prior)
+    lam = ridge * float(fit.xx.diagonal().sum()) / n
+    h = fit.xx.clone()
+    h.diagonal().add_(max(lam, 1e-12 * float(h.diagonal().abs().max().clamp_min(1.0))))
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    del h
+    w = hinv @ (fit.xy + lam * prior)
+    alive = torch.zeros(n, dtype=torch.bool, device=w.device)
+    alive[rows.start:rows.stop] = True
+    norms = w.pow(2).sum(1)  # |W_i|^2, kept up to date below (in place: no n x n temporaries)
+    inf = torch.tensor(torch.inf, dtype=w.dtype, device=w.device)
+    for _ in range(len(rows) - keep):
+        j = int(torch.where(alive, norms / hinv.diagonal(), inf).argmin())
+        column = hinv[:, j] / hinv[j, j]
+        wj = w[j].clone()
+        # |w_i - c_i w_j|^2 = |w_i|^2 - 2 c_i (w_i . w_j) + c_i^2 |w_j|^2
+        norms.add_(column * (column * norms[j] - 2 * torch.mv(w, wj)))
+        w.addr_(column, wj, alpha=-1.0)
+        hinv.addr_(column, hinv[j].clone(), alpha=-1.0)
+        w[j] = 0.0
+        norms[j] = 0.0
+        alive[j] = False
+    alive[:rows.start] = True
+    alive[rows.stop:] = True
+    error_fit = fit.error(w)
+    kept = alive.nonzero().flatten()
+    return w[kept], kept, error_prior, error_fit
+
+
 @dataclass
 class FitRecord:
     """What one fit did, per token: the calibration error of the paper's weights and of the fit."""
@@ -122,3 +163,4 @@ def summarize(fits: list[FitRecord]) -> dict:
         out[part] = {"error_paper": sum(f.error_paper for f in chosen),
                      "error_fitted": sum(f.error_fitted for f in chosen)}
     return out
+

@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch, branch_groups
 from slicegpt.core.bases import Covariance, fit_diagonal_gain, ordered_eigh, zero_mean_basis
-from slicegpt.core.compensation import RIDGE, FitRecord, LeastSquares
+from slicegpt.core.compensation import RIDGE, FitRecord, LeastSquares, prune
 from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
-from slicegpt.core.transform import ModuleAttributes, check_finite, resize_norm, rotate_reads, rotate_writes, targets
+from slicegpt.core.transform import (ModuleAttributes, check_finite, drop_neurons, resize_norm, rotate_reads, rotate_writes,
+                                     targets)
 from slicegpt.errors import SliceGPTError
 from slicegpt.core.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
 from slicegpt.formats.sliced_modeling import (ENTRY, attach_structure, get_path, layer_arguments, record_structure,
@@ -161,7 +162,7 @@ class _Run:
 
     def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
                  progress: bool, offload: str, offload_dir, compensate: str = "off", ridge: float = RIDGE,
-                 ranks: Ranks | None = None) -> None:
+                 ranks: Ranks | None = None, neurons: int | None = None) -> None:
         self.ranks = ranks or Ranks()  # `batches` is this rank's share of the calibration windows
         self.view, self.adapter, self.hooks = view, adapter, hooks
         self.progress = progress and self.ranks.writer
@@ -172,6 +173,10 @@ class _Run:
         if compensate not in COMPENSATIONS:
             raise SliceGPTError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
         self.compensate, self.fit_readers, self.ridge = compensate != "off", compensate == "all", ridge
+        if neurons is not None and not self.compensate:
+            raise SliceGPTError("pruning MLP neurons refits the down projection: it needs compensation "
+                                "(--compensate writers or all)")
+        self.neurons = neurons  # MLP neurons kept per layer (None: all)
         self.layers = get_path(self.model, adapter.layers)
         self.groups = branch_groups(adapter.branches)
         self.embedding = adapter.embeddings[0]
@@ -256,11 +261,12 @@ def _step_name(group: tuple[Branch, ...]) -> str:
 def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], widths: Sequence[int], *,
                  slice_head: bool = False, keep_tied_head: bool = True, progress: bool = True,
                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
-                 ridge: float = RIDGE, ranks: Ranks | None = None) -> SliceOutcome:
+                 ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None) -> SliceOutcome:
     """Per-layer rotation: each block boundary b gets its own basis of width `widths[b]`.
 
     `compensate` ("writers", or "all" for the readers too) refits every step against the dense
     model (see `core.compensation`); the dense stream then travels beside the sliced one.
+    `neurons` (with compensation): each MLP keeps that many neurons, pruned in its writers' fit.
 
     `widths` has one entry per boundary: after the embeddings, then after every residual step
     (the last one is used only when the head is sliced). A head tied to the embeddings stays
@@ -270,7 +276,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     vocab x d head (the paper's way).
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons)
     model, hidden, dtype, layers = run.model, run.hidden, run.dtype, run.layers
     n_steps = len(layers) * len(run.groups)
     if len(widths) != n_steps + 1:
@@ -472,6 +478,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
     # per fitted output: (branch, target, has a bias); target None: a post-norm's d x d matrix
     blocks: list[tuple[Branch, object, bool]] = []
     priors = []
+    neurons: tuple[Branch, range] | None = None  # the MLP whose neurons are pruned, and their rows
     for branch in group:
         if branch.post_norm:
             blocks.append((branch, None, False))
@@ -479,6 +486,9 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             continue
         for target in targets(layer, branch, "outputs"):
             w, bias = output_matrix(target)
+            start = sum(p.shape[0] for p in priors)
+            if run.neurons is not None and branch.neurons and w.shape[-1] > run.neurons:
+                neurons = branch, range(start, start + w.shape[-1])
             blocks.append((branch, target, bias is not None))
             priors.append(w.T.to(torch.float64))
             if bias is not None:
@@ -508,11 +518,17 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             x = torch.cat(columns, dim=-1)
             fit.update(x, hd - z @ q_t, mask)
             inputs.append(x)
-        w, error_prior, error_fit = run.solve(fit, prior)
+        kept = None
+        if neurons is not None:
+            w, kept, error_prior, error_fit = prune(fit.reduce(run.ranks), prior, run.ridge, neurons[1], run.neurons)
+            run.ranks.same(w, kept)
+        else:
+            w, error_prior, error_fit = run.solve(fit, prior)
         del fit, prior
         w_d = w.to(dtype)
         for b in range(n):
-            h = cache.get(b, device) @ q_t + inputs.get(b, device) @ w_d
+            x = inputs.get(b, device)
+            h = cache.get(b, device) @ q_t + (x if kept is None else x[..., kept]) @ w_d
             check_finite(h, f"of layer {li} ({_step_name(group)})")
             cache.put(b, h)
     finally:
@@ -520,6 +536,9 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             handle.remove()
         inputs.close()
     outcome.fits.append(FitRecord(step, "writers", error_prior, error_fit))
+    if neurons is not None:
+        branch, rows = neurons
+        drop_neurons(layer, branch, (kept[(kept >= rows.start) & (kept < rows.stop)] - rows.start).cpu())
     row = 0
     for branch, target, has_bias in blocks:
         if target is None:
@@ -537,7 +556,8 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
 def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], width: int, *,
                   fit_tied_head: bool = False, unit_trace: bool = True, progress: bool = True,
                   hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
-                  ridge: float = RIDGE, ranks: Ranks | None = None) -> SliceOutcome:
+                  ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None,
+                  identity: bool = False) -> SliceOutcome:
     """One rotation Q for the whole stream: no skip matrices, a stock model of the family.
 
     Two passes over the layers: statistics of the dense stream (the pooled covariance; see
@@ -549,19 +569,24 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
 
     `compensate` makes the weights pass a forward pass too: the sliced and the dense stream
     run beside each other and every step is refitted (`_refit`) in the one basis.
+
+    `identity`: the stream keeps its full width and basis (only `neurons` are pruned), so there
+    are no statistics to gather, and a tied head stays tied whatever the final norm's gain.
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons)
     model, hidden, layers = run.model, run.hidden, run.layers
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
-    if fit_tied_head:
+    if identity and (width != hidden or adapter.norm_kind != "rmsnorm"):
+        raise SliceGPTError("internal error: an unrotated stream keeps its width, in RMSNorm families")
+    if fit_tied_head and not identity:
         if adapter.norm_kind != "rmsnorm":
             raise SliceGPTError(f"fitting a tied head's gain is for RMSNorm families, not {adapter.family}")
         if not view.ties_head(adapter.head, run.embedding):
             raise SliceGPTError("this model's head is not tied to its embeddings; there is no tied head to fit")
         final_gain = final_norm.weight.data.to(torch.float64) + adapter.norm_offset
-    tied = uniform_ties(view, adapter, fit_tied_head)
+    tied = view.ties_head(adapter.head, run.embedding) if identity else uniform_ties(view, adapter, fit_tied_head)
     if not tied:
         view.untie_head(adapter)  # before the embeddings change: the head keeps the source's weights
     outcome = SliceOutcome(structure=adapter.structure(rotation="uniform"), tied_head=tied)
@@ -573,7 +598,11 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     with run.new_cache() as cache:
         arguments = LayerArguments(cache)
         run.cache, run.arguments = cache, arguments
-        if state is None or state.phase == "statistics":
+        if identity and state is None:
+            q, first = torch.eye(hidden, dtype=torch.float64, device=run.device), 0
+            tensors = {"basis": q}
+            run.offload_ends()
+        elif state is None or state.phase == "statistics":
             run.start(cache, arguments)
             if state is None:
                 first = 0
@@ -665,7 +694,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
         view.onload(adapter.head)
         fuse_exit(model, adapter)
     final_norm = get_path(model, adapter.final_norm)  # LayerNorm families: now an RMSNorm module
-    eps = resize_norm(final_norm, adapter, width, hidden)
+    # an unrotated tied head reads the stock final norm, gain and all (nothing was folded into it)
+    eps = None if identity and tied else resize_norm(final_norm, adapter, width, hidden)
     if eps is not None:
         outcome.module_attributes[adapter.final_norm] = {adapter.norm_eps_attr: eps}
     if final_gain is not None:

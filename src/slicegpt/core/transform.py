@@ -15,7 +15,7 @@ from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.sliced_modeling import get_path, set_parameter
-from slicegpt.core.weights import Target, resolve_all, rotate_input, rotate_output
+from slicegpt.core.weights import Target, _bias, _get, _put, resolve_all, rotate_input, rotate_output
 
 ModuleAttributes = dict[str, dict[str, float]]  # plain attributes to restore on load (norm epsilons, widths)
 
@@ -103,3 +103,14 @@ def rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor, 
             layer.register_parameter(branch.out_rotation, nn.Parameter(rotation.to(dtype)))
 
 
+
+
+def drop_neurons(layer: nn.Module, branch: Branch, kept: torch.Tensor) -> None:
+    """Keep only the MLP neurons `kept`: rows (and biases) of the neuron inputs, columns of the output."""
+    for target in resolve_all(layer, branch.neurons):
+        _put(target, _get(target)[kept.to(_get(target).device)])
+        bias = _bias(target)
+        if bias is not None:
+            set_parameter(target[0], "bias", bias.data[kept.to(bias.device)].contiguous())
+    for target in targets(layer, branch, "outputs"):
+        _put(target, _get(target)[:, kept.to(_get(target).device)])

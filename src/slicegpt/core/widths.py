@@ -30,6 +30,7 @@ from slicegpt.formats.sliced_modeling import get_path, run_branch
 from slicegpt.adapters.base import branch_groups
 
 WIDTHS = ("adaptive", "equal")
+MLP_FLOOR = 0.5  # "auto" prunes MLP neurons alone down to this share of them (README, Quality)
 
 
 @torch.no_grad()
@@ -103,9 +104,11 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
 
 
 def allocate(spectra: Sequence[torch.Tensor], params: ParameterModel, budget: int, round_to: int,
-             hidden: int) -> list[int]:
-    """Widths (multiples of `round_to`) whose parameter count is at most `budget`, losing the least energy."""
+             hidden: int, neurons: int | None = None) -> list[int]:
+    """Widths (multiples of `round_to`) whose parameter count is at most `budget`, losing the least energy
+    (each MLP keeping `neurons`)."""
     n = len(spectra)
+    params = _WithNeurons(params, neurons)
     widths = [params.fixed.get(b, hidden) for b in range(n)]
     shares = [(s.clamp_min(0) / s.clamp_min(0).sum()).tolist() for s in spectra]
     free = [b for b in range(n) if b not in params.fixed]
@@ -161,10 +164,21 @@ def allocate(spectra: Sequence[torch.Tensor], params: ParameterModel, budget: in
         count = params.count(widths)
 
 
-def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: int, n: int) -> list[int]:
+class _WithNeurons:
+    """A parameter model with the MLP width held fixed (what `allocate` varies is the stream's)."""
+
+    def __init__(self, params: ParameterModel, neurons: int | None) -> None:
+        self.params, self.neurons, self.fixed = params, neurons, params.fixed
+
+    def count(self, widths: list[int]) -> int:
+        return self.params.count(widths, self.neurons)
+
+
+def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: int, n: int,
+                  neurons: int | None = None) -> list[int]:
     """The largest equal width (multiple of `round_to`) whose count is at most `budget`."""
     for k in range(hidden // round_to * round_to, 0, -round_to):
-        if params.count([k] * n) <= budget:
+        if params.count([k] * n, neurons) <= budget:
             return [params.fixed.get(b, k) for b in range(n)]  # the exit stays full width where fixed
     raise SliceGPTError(f"no width of at least {round_to} meets a budget of {budget:,} parameters")
 
@@ -172,7 +186,8 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
 def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *, rotation: str, rule: str,
                 sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
                 slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
-                progress: bool = True, ranks: Ranks | None = None) -> tuple[list[int], str]:
+                progress: bool = True, ranks: Ranks | None = None, mlp: float | str | None = None
+                ) -> tuple[list[int], str, int | None]:
     """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
 
     The budget is `parameters` x the dense count when given, else the count the equal widths
@@ -180,9 +195,15 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     on the spectra of the first `probe_samples` calibration windows, `"equal"` takes the
     largest equal width that fits. `batches` are this rank's share of the windows
     (`Ranks.share`); the probe takes the first whole batches that reach `probe_samples`, and
-    every rank gets rank 0's widths. Returns the widths and the rule used: families whose
-    forward needs one width throughout (GPT-2 reshapes the final stream to the embedding
-    width; MoE kernels write as wide as they read) get equal widths.
+    every rank gets rank 0's widths. Returns the widths, the rule used (families whose
+    forward needs one width throughout, GPT-2 and MoE, get equal widths) and the MLP
+    neurons to keep per layer (None: all).
+
+    `mlp`: a fraction of every MLP's neurons to keep (the stream's widths then fill the
+    budget), or "auto": the budget is met by pruning neurons alone, the stream keeping its
+    full width and basis, while that keeps at least `MLP_FLOOR` of them; past that the
+    neurons stay at the floor and the stream is sliced for the rest. Where the stream is
+    not sliced at all the widths are all d (the caller then rotates nothing).
     """
     from slicegpt.core.bases import sliced_dim
     from slicegpt.core.budget import parameter_model
@@ -194,11 +215,13 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     dim = sliced_dim(hidden, sparsity, round_to)
     if rotation == "uniform" or adapter.slice_head_required:
         rule = "equal"
-    if parameters is None and rule == "equal":
+    if mlp == 1 or mlp == 1.0:
+        mlp = None
+    if parameters is None and rule == "equal" and (mlp is None or mlp != "auto"):
         widths = [dim] * n
         if rotation == "per-layer" and not slice_head:
             widths[-1] = hidden  # the head reads the original basis
-        return widths, rule
+        return widths, rule, _neurons(view, adapter, mlp, round_to)
     source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
     model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
                             slice_head=slice_head, total=dense_parameters)
@@ -208,8 +231,30 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         budget = int(parameters * dense_parameters)
     else:
         budget = model.count([dim] * n)
+    neurons = None
+    if mlp is not None:
+        unrotated = parameter_model(view.model, adapter, rotation="uniform", tied=source_tied,
+                                    source_tied=source_tied, slice_head=True, total=dense_parameters)
+        full = [hidden] * n
+        if mlp == "auto":
+            if not unrotated.neurons:
+                mlp = None  # the family describes no MLP neurons: the stream alone is sliced
+            else:
+                if unrotated.count(full) <= budget:  # nothing needs pruning: the stream alone, as asked
+                    mlp = None
+                else:
+                    for m in range(unrotated.neurons // round_to * round_to, 0, -round_to):
+                        if unrotated.count(full, m) <= budget:
+                            if m >= MLP_FLOOR * unrotated.neurons:
+                                return full, "equal", m
+                            break
+                    neurons = -(-int(MLP_FLOOR * unrotated.neurons) // round_to) * round_to
+        else:
+            neurons = _neurons(view, adapter, mlp, round_to)
+            if unrotated.count(full, neurons) <= budget:
+                return full, "equal", neurons
     if rule == "equal":
-        return budget_widths(model, budget, round_to, hidden, n), rule
+        return budget_widths(model, budget, round_to, hidden, n, neurons), rule, neurons
     ranks = ranks or Ranks()
     batch_size = len(batches[0][0]) if batches else 1
     first = -(-probe_samples // batch_size) * batch_size  # whole batches of the windows, as one process takes them
@@ -221,4 +266,21 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         probe.append((ids[:rows], mask[:rows]))
         rows -= len(probe[-1][0])
     spectra = probe_spectra(view, adapter, probe, offload, offload_dir, progress, ranks)
-    return ranks.from_writer(allocate(spectra, model, budget, round_to, hidden)), rule
+    return ranks.from_writer(allocate(spectra, model, budget, round_to, hidden, neurons)), rule, neurons
+
+
+def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round_to: int) -> int | None:
+    """A fraction of the MLP width as a count of neurons (a multiple of `round_to`); None keeps all."""
+    if mlp is None:
+        return None
+    if not 0.0 < mlp <= 1.0:
+        raise SliceGPTError(f"--mlp-width is the fraction of MLP neurons to keep, in (0, 1]; got {mlp}")
+    layer = get_path(view.model, adapter.layers)[0]
+    branch = next((b for b in adapter.branches if b.neurons), None)
+    if branch is None:
+        raise SliceGPTError(f"pruning MLP neurons is not described for {adapter.family} models "
+                            "(llama, mistral, qwen2, qwen3 have it)")
+    from slicegpt.core.weights import _get, resolve_all
+
+    total = _get(resolve_all(layer, branch.outputs)[0]).shape[-1]
+    return max(round_to, round(mlp * total / round_to) * round_to) if mlp < 1.0 else None

@@ -27,6 +27,7 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
+from slicegpt.core.weights import _get, resolve_all
 from slicegpt.formats.sliced_modeling import build_skeleton, get_path, sliced_structure
 
 
@@ -140,9 +141,11 @@ def layernorms_with_bias(model: nn.Module) -> set[str]:
             if isinstance(module, nn.LayerNorm) and getattr(module, "bias", None) is not None}
 
 
-def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool):
-    """The family's config with hidden size d' and the epsilon the resized norms use."""
+def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool, neurons: int | None = None):
+    """The family's config with hidden size d', the epsilon the resized norms use and the MLP width."""
     config = copy.deepcopy(config)
+    if neurons is not None:
+        setattr(config, adapter.config_neurons, neurons)
     hidden = getattr(config, adapter.config_hidden[0])
     config.head_dim = head_dim(config)  # most families would derive it from the hidden size
     for attr in adapter.config_hidden:
@@ -161,7 +164,20 @@ def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool):
 def standard_config(model: nn.Module, adapter: ModelAdapter):
     """The family's config with hidden size d' and the epsilon the resized norms use."""
     dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
-    return standard_config_from(model.config, adapter, dim, bool(getattr(model.config, "tie_word_embeddings", False)))
+    return standard_config_from(model.config, adapter, dim, bool(getattr(model.config, "tie_word_embeddings", False)),
+                                mlp_neurons(model, adapter))
+
+
+def mlp_neurons(model: nn.Module, adapter: ModelAdapter) -> int | None:
+    """The MLP width every layer has now (pruned neurons), None where the family describes none.
+    A stock config has one width for all layers."""
+    branch = next((b for b in adapter.branches if b.neurons), None)
+    if branch is None:
+        return None
+    widths = {_get(resolve_all(layer, branch.outputs)[0]).shape[-1] for layer in get_path(model, adapter.layers)}
+    if len(widths) != 1:
+        raise SliceGPTError(f"a stock model has one MLP width for every layer; these differ: {sorted(widths)}")
+    return widths.pop()
 
 
 @torch.no_grad()

@@ -1,0 +1,200 @@
+"""Pruning MLP neurons in compensation's fit (`--mlp-width`): the OBS math, shapes, budgets, formats."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import slicegpt
+from conftest import make_model
+from slicegpt.adapters import get_adapter
+from slicegpt.core.budget import parameter_model
+from slicegpt.core.compensation import LeastSquares, prune
+from slicegpt.errors import SliceGPTError
+
+
+def _fit(n_in: int = 10, n_out: int = 4, tokens: int = 400, seed: int = 0) -> tuple[LeastSquares, torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, n_in, dtype=torch.float64) * torch.linspace(0.2, 2.0, n_in, dtype=torch.float64)
+    w = torch.randn(n_in, n_out, dtype=torch.float64)
+    fit = LeastSquares(n_in, n_out)
+    fit.update(x, x @ w + 0.05 * torch.randn(tokens, n_out, dtype=torch.float64))
+    return fit, w
+
+
+@pytest.mark.parametrize("ridge", [1e-3, 0.1])
+def test_pruned_fit_is_the_ridge_fit_of_the_kept_rows(ridge):
+    """OBS's rank-one updates leave exactly the regularised least-squares fit on the rows it keeps."""
+    fit, w = _fit()
+    prior = w + 0.1 * torch.randn_like(w)
+    pruned, kept, error_prior, error_fit = prune(copy.deepcopy(fit), prior, ridge, range(0, 8), keep=5)
+    assert kept.tolist() == sorted(kept.tolist()) and len(kept) == 5 + 2 and {8, 9} <= set(kept.tolist())
+    lam = ridge * float(fit.xx.diagonal().sum()) / 10
+    h = fit.xx[kept][:, kept] + lam * torch.eye(len(kept), dtype=torch.float64)
+    direct = torch.linalg.solve(h, fit.xy[kept] + lam * prior[kept])
+    assert torch.allclose(pruned, direct, atol=1e-9, rtol=1e-9)
+    full = torch.zeros_like(prior)
+    full[kept] = pruned
+    assert error_fit == pytest.approx(fit.error(full)) and error_prior == pytest.approx(fit.error(prior))
+
+
+def test_pruning_drops_the_rows_that_carry_least():
+    torch.manual_seed(1)
+    x = torch.randn(600, 6, dtype=torch.float64)
+    x[:, 5] = x[:, 0] + 1e-3 * torch.randn(600, dtype=torch.float64)  # a near copy of row 0
+    w = torch.tensor([[1.0], [2.0], [0.01], [3.0], [1.5], [1.0]], dtype=torch.float64)
+    fit = LeastSquares(6, 1)
+    fit.update(x, x @ w)
+    _, kept, _, error_fit = prune(fit, w, 1e-6, range(6), keep=4)
+    assert 2 not in kept.tolist()  # a tiny weight goes first
+    assert len({0, 5} & set(kept.tolist())) == 1  # of two copies one goes, the other takes its weight
+    assert error_fit < 1e-3
+
+
+def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decodes(tmp_path, tokenizer, calibration):
+    """Only neurons pruned: nothing rotated, a stock LlamaForCausalLM with a smaller intermediate_size,
+    every parameter predicted, save and reload exact, KV-cache generation equal to no cache."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_model("llama")
+    ids = calibration.input_ids[:2]
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.0, mlp_width=0.5,
+                                         progress=False)
+    assert type(model).__name__ == "LlamaForCausalLM" and config.standard and config.rotation == "uniform"
+    assert config.mlp_neurons == 48 and config.mlp_neurons_dense == 96 and config.mlp_width == 0.5
+    assert model.config.intermediate_size == 48 and model.config.hidden_size == 64
+    assert all(layer.mlp.down_proj.weight.shape == (64, 48) and layer.mlp.gate_proj.weight.shape == (48, 64)
+               for layer in model.model.layers)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head stays tied
+    adapter = get_adapter(dense.config)
+    predicted = parameter_model(dense, adapter, rotation="uniform", tied=True, source_tied=True, slice_head=True)
+    assert predicted.count([64] * 7, 48) == slicegpt.count_parameters(model) == config.parameters_sliced
+    assert config.parameters_sliced < slicegpt.count_parameters(dense)
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 48
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(plain(ids).logits, expected)
+    prompt = calibration.input_ids[:1, :8]
+    cached = plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    uncached = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            uncached = torch.cat([uncached, plain(uncached, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, uncached)
+
+
+def test_neurons_and_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer, calibration):
+    from transformers import AutoModelForCausalLM
+
+    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, mlp_width=0.5,
+                                         progress=False)
+    assert config.rotation == "per-layer" and config.widths[0] == 48 and config.mlp_neurons == 48
+    ids = calibration.input_ids[:2]
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(slicegpt.load(out).model(ids).logits, expected)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert torch.equal(remote(ids).logits, expected)
+    adapter = get_adapter(model.config)
+    predicted = parameter_model(make_model("llama"), adapter, rotation="per-layer", tied=True, source_tied=True,
+                                slice_head=False)
+    assert predicted.count(config.widths, 48) == config.parameters_sliced
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.6])
+def test_auto_meets_a_parameter_budget_with_neurons_first(budget, calibration):
+    """auto: neurons alone while at least half of them stay (stream untouched); past that, the
+    stream is sliced for the rest. Within one round-to step of neurons (or stream width)."""
+    dense = make_model("llama")
+    total = slicegpt.count_parameters(dense)
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, parameters=budget,
+                                         progress=False)
+    count = slicegpt.count_parameters(model)
+    assert count == config.parameters_sliced <= budget * total
+    assert config.mlp_width == "auto" and config.mlp_neurons % 8 == 0
+    adapter = get_adapter(dense.config)
+    if budget == 0.8:
+        assert set(config.widths) == {64} and config.standard and config.mlp_neurons >= 48
+        unrotated = parameter_model(dense, adapter, rotation="uniform", tied=True, source_tied=True, slice_head=True)
+        assert unrotated.count(config.widths, config.mlp_neurons + 8) > budget * total
+    else:
+        assert config.mlp_neurons == 48 and config.widths[0] < 64 and not config.standard
+        per_layer = parameter_model(dense, adapter, rotation="per-layer", tied=True, source_tied=True,
+                                    slice_head=False)
+        wider = [config.widths[0] + 8] * (len(config.widths) - 1) + config.widths[-1:]
+        assert per_layer.count(wider, 48) > budget * total
+
+
+def test_default_at_a_sparsity_keeps_the_papers_size(calibration):
+    """--sparsity under the default method is the paper's parameter count at that sparsity, met by neurons."""
+    _, paper = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, method="paper",
+                                    progress=False)
+    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, progress=False)
+    assert config.mlp_neurons is not None and config.parameters_sliced <= paper.parameters_sliced
+    assert config.sparsity == 0.0 and set(config.widths) == {64}
+
+
+def test_bad_mlp_settings_are_refused_in_one_line(calibration):
+    ids = calibration.input_ids
+    with pytest.raises(SliceGPTError, match="fraction of MLP neurons to keep"):
+        slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width=1.5)
+    with pytest.raises(SliceGPTError, match="'auto' or the fraction"):
+        slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width="half")
+    with pytest.raises(SliceGPTError, match="needs compensation"):
+        slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width=0.5, compensate="off")
+    with pytest.raises(SliceGPTError, match="not described for gemma"):
+        slicegpt.slice_model(make_model("gemma3_text"), None, ids, 0.25, mlp_width=0.5, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_an_unrotated_run_without_pruning_changes_nothing(family, exact_norms, calibration):
+    """The unrotated path (identity basis) is exact: tied head (its final norm untouched) and untied."""
+    from slicegpt.core.engine import slice_uniform
+    from slicegpt.core.onload import ResidentModel
+
+    model = make_model(family, torch.float64)
+    ids = calibration.input_ids[:2]
+    with torch.no_grad():
+        expected = model(ids).logits
+    slice_uniform(ResidentModel(model), get_adapter(model.config), calibration.batches(4), 64, progress=False,
+                  compensate="writers", identity=True)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)
+
+
+def test_the_default_from_the_command_line_is_a_stock_model_with_fewer_neurons(tiny_model_dir, tmp_path):
+    """`slicegpt slice --sparsity 0.25` (default method): the paper's size met by neurons, a stock model
+    that plain transformers loads, whose GGUF file transformers reads back with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from test_cli import TEXT_FILE, run
+
+    out = tmp_path / "default"
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8",
+                 "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["standard"] is True and figures["mlp_neurons"] < 96 and figures["sliced_hidden_size"] == 64
+    assert "MLP neurons" in result.stdout and "standard llama model" in result.stdout
+    paper = run("slice", tiny_model_dir, "--sparsity", "0.25", "--method", "paper", "--calibration", TEXT_FILE,
+                "--samples", "8", "--seqlen", "64", "--no-eval", "--out", tmp_path / "paper", "--json")
+    assert paper.returncode == 0, paper.stderr
+    assert figures["parameters_sliced"] <= json.loads(paper.stdout.strip().splitlines()[-1])["parameters_sliced"]
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.config.intermediate_size == figures["mlp_neurons"]
+    assert sum(p.numel() for p in plain.parameters()) == figures["parameters_sliced"]
+    gguf = tmp_path / "default.gguf"
+    exported = run("export", out, "--format", "gguf", "--dtype", "f32", "--out", gguf, "--json")
+    assert exported.returncode == 0, exported.stderr
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 123, 7]])
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, plain(ids).logits, atol=1e-5)
+    record = json.loads((out / "slicegpt.json").read_text())["slicing"]
+    assert record["mlp_width"] == "auto" and record["mlp_neurons"] == figures["mlp_neurons"]
+    assert record["sparsity"] == 0.0
