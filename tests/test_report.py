@@ -145,7 +145,7 @@ def test_perplexity_and_throughput_data(runs_dir):
 
 def test_cli_slice_report_bench_and_report_over_runs(tiny_model_dir, tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2"]
+    common = ["--mlp-width", "1", "--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2"]
     # as a user runs it: a subprocess, with --report and its quick speed check
     result = subprocess.run([sys.executable, "-m", "slicegpt", "slice", str(tiny_model_dir), "--sparsity", "0.25",
                              *common, "--out", str(tmp_path / "s25"), "--report", str(tmp_path / "r25"),

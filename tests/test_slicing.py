@@ -14,6 +14,8 @@ from conftest import FAMILIES, clone, make_model
 
 V, D, I, H, KV, HD, L = 300, 64, 96, 4, 2, 16, 3
 
+pytestmark = pytest.mark.usefixtures("stream_slicing")  # how the stream is sliced (neurons: test_mlp.py)
+
 
 @pytest.mark.parametrize("sparsity,expected", [(0.0, 64), (0.25, 48), (0.3, 40), (0.5, 32), (0.99, 8)])
 def test_sliced_dim_rounds_down_to_multiple_of_8(sparsity, expected):

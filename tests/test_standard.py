@@ -19,6 +19,8 @@ EXACT = ["gemma", "llama", "mistral", "mixtral", "phi", "phi3", "qwen2", "qwen2_
 APPROXIMATE = ["gemma2", "gemma3_text", "qwen3", "qwen3_moe"]
 BLOCKED = ["gpt2", "gpt_neox", "gpt_neox_sequential", "opt", "opt_project"]
 
+pytestmark = pytest.mark.usefixtures("stream_slicing")  # how the stream is sliced (neurons: test_mlp.py)
+
 
 def test_every_family_is_classified():
     assert sorted(EXACT + APPROXIMATE + BLOCKED) == FAMILIES

@@ -141,16 +141,20 @@ def _same_output(a: Path, b: Path) -> None:
         assert ma["results"][key] == mb["results"][key]
 
 
-ARGS = ("--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64", "--eval-samples", "2")
+# the stream sliced (--mlp-width 1): its phases are what these tests interrupt; "neurons" cases take the default
+ARGS = ("--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64",
+        "--eval-samples", "2")
 
 
 @pytest.mark.parametrize("rotation,kill,offload", [("per-layer", "2", "cpu"), ("per-layer", "1", "disk"),
                                                    ("uniform", "statistics:2", "cpu"), ("uniform", "weights:1", "disk"),
-                                                   ("uniform", "weights:2", "weights-in-memory")])
+                                                   ("uniform", "weights:2", "weights-in-memory"),
+                                                   ("neurons", "weights:2", "cpu")])
 def test_killed_run_resumes_to_a_bit_identical_output(rotation, kill, offload, tmp_path, tokenizer):
     source = _model_dir(tmp_path / "dense", "llama", tokenizer)
-    extra = ("--rotation", rotation) + (("--offload", "disk", "--offload-dir", tmp_path / "acts") if offload == "disk"
-                                        else ("--weights", "cpu") if offload == "weights-in-memory" else ())
+    extra = ("--mlp-width", "auto") if rotation == "neurons" else ("--rotation", rotation)
+    extra += (("--offload", "disk", "--offload-dir", tmp_path / "acts") if offload == "disk"
+              else ("--weights", "cpu") if offload == "weights-in-memory" else ())
     whole = run_cli("slice", source, *ARGS, *extra, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
 

@@ -18,6 +18,9 @@ Both are ridge regressions *toward the paper's weights* P:
 so a fit never has a larger calibration error than P (P is a candidate), and where P is
 already exact (sparsity 0) the fit returns P. Statistics are float64 sums over tokens that
 merge (a stream of batches, or shares from several processes), like `bases.Covariance`.
+
+The same statistics price an MLP's neurons (`prune`): they are the inputs of its down
+projection's fit, so dropping some and refitting the rest is a least-squares question too.
 """
 
 from __future__ import annotations
