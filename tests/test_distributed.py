@@ -21,14 +21,15 @@ TEXT_FILE = str(DATA / "tempest_excerpt.txt")
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SLICE = dict(calibration=TEXT_FILE, samples=8, seqlen=64, eval_samples=3, eval_seqlen=64, progress=False)
-CLI_ARGS = ("--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64",
+CLI_ARGS = ("--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64",
             "--eval-samples", "3")
 # (family, rotation, dtype, extra arguments): both rotations, RMSNorm and LayerNorm, sandwich norms,
 # parallel branches, MoE, every quality lever (compensation is the default)
 JOBS = [
-    ("llama", "per-layer", "float64", {}),
-    ("llama", "uniform", "float64", {"fit_tied_head": True}),
-    ("qwen2", "per-layer", "float64", {"widths": "adaptive", "parameters": 0.9, "compensate": "all"}),
+    ("llama", "per-layer", "float64", {}),  # the default: MLP neurons pruned, the stream unrotated
+    ("llama", "uniform", "float64", {"fit_tied_head": True, "mlp_width": 1.0}),
+    ("qwen2", "per-layer", "float64", {"widths": "adaptive", "parameters": 0.9, "compensate": "all",
+                                       "mlp_width": 1.0}),
     ("opt", "per-layer", "float32", {}),
     ("phi", "uniform", "float32", {}),
     ("gemma3_text", "per-layer", "float32", {"method": "paper"}),

@@ -99,6 +99,7 @@ def cmd_slice(args) -> None:
     if report_dir is not None and args.ranks.writer:  # from what was just saved, as `slicegpt report` reads it
         figures["report"] = str(write_report([load_run(out)], [], report_dir, force=args.force))
 
+    uniform = uniform or config.standard  # neurons only: a stock model whatever --rotation said
     rows = [("model", figures["model"]), ("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"),
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
                            f"({figures['parameter_ratio']:.1%}, "
@@ -110,7 +111,6 @@ def cmd_slice(args) -> None:
     if config.mlp_neurons is not None:
         rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer "
                                     f"(--mlp-width {config.mlp_width})"))
-    uniform = uniform or config.standard
     if uniform:
         rows.append(("format", f"standard {config.model_type} model (plain transformers from_pretrained; "
                                f"head {'tied' if config.tied_head else 'untied'})"))

@@ -166,4 +166,3 @@ def summarize(fits: list[FitRecord]) -> dict:
         out[part] = {"error_paper": sum(f.error_paper for f in chosen),
                      "error_fitted": sum(f.error_fitted for f in chosen)}
     return out
-

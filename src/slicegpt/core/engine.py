@@ -669,7 +669,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
             run.onload_ends()  # the layer arguments come from the model's own forward
             run.start(cache, run.arguments)
             run.offload_ends()
-        with run.bar(len(layers), "rotating" if cache is None else "rotating and refitting", first) as bar:
+        with run.bar(len(layers), "rotating" if cache is None else "refitting" if identity else "rotating and refitting",
+                     first) as bar:
             for li in range(first, len(layers)):
                 layer = run.layer(li)
                 prefix = f"{adapter.layers}.{li}"
