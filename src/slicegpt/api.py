@@ -129,6 +129,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     identity = unrotated(plan, hidden, neurons)
     if identity:  # only neurons pruned: one (identity) basis, a stock model
         rotation, uniform, standard, slice_head = "uniform", True, True, True
+        fit_tied_head = False  # the head reads the stock final norm: nothing to fit
     outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,
                              slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
                              pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan,
