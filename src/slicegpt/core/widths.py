@@ -275,12 +275,10 @@ def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round
         return None
     if not 0.0 < mlp <= 1.0:
         raise SliceGPTError(f"--mlp-width is the fraction of MLP neurons to keep, in (0, 1]; got {mlp}")
-    layer = get_path(view.model, adapter.layers)[0]
-    branch = next((b for b in adapter.branches if b.neurons), None)
-    if branch is None:
+    from slicegpt.formats.standard import mlp_neurons
+
+    total = mlp_neurons(view.model, adapter)
+    if total is None:
         raise SliceGPTError(f"pruning MLP neurons is not described for {adapter.family} models "
                             "(llama, mistral, qwen2, qwen3 have it)")
-    from slicegpt.core.weights import _get, resolve_all
-
-    total = _get(resolve_all(layer, branch.outputs)[0]).shape[-1]
     return max(round_to, round(mlp * total / round_to) * round_to) if mlp < 1.0 else None
