@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import (attach_structure, get_path, set_module_attributes, set_parameter,
+from slicegpt.formats.sliced_modeling import (aligned, attach_structure, get_path, set_module_attributes, set_parameter,
                                       use_rms_norms)
 
 from slicegpt.formats.loading import read_config
@@ -162,7 +162,7 @@ class CheckpointModel(LayeredModel):
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0]
             raise SliceGPTError(f"{path} is corrupted or truncated ({detail})") from None
-        return tensor
+        return aligned(tensor)  # computes like one held in memory
 
     def original(self, name: str) -> torch.Tensor:
         return self._read(name).to(device=self.device, dtype=self.dtype)

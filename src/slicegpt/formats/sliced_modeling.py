@@ -284,6 +284,12 @@ def _weight_files(directory: str) -> tuple[str, list[str]]:
     return weights, [weights]
 
 
+def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`tensor` in memory aligned as torch allocates it: BLAS kernels round differently on the
+    unaligned memory a file mapping may give, and a loaded model must compute like the saved one."""
+    return tensor.clone() if tensor.data_ptr() % alignment else tensor
+
+
 def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: str | None = None,
                       config=None) -> nn.Module:
     """Rebuild a sliced model from a directory written by `slicegpt.save`."""
@@ -302,7 +308,7 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys()})
+                state.update({k: aligned(f.get_tensor(k)) for k in f.keys()})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is corrupted or truncated: {e}") from None
 
