@@ -52,23 +52,27 @@ def test_pruning_drops_the_rows_that_carry_least():
     assert error_fit < 1e-3
 
 
-def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decodes(tmp_path, tokenizer, calibration):
-    """Only neurons pruned: nothing rotated, a stock LlamaForCausalLM with a smaller intermediate_size,
-    every parameter predicted, save and reload exact, KV-cache generation equal to no cache."""
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decodes(family, tmp_path, tokenizer,
+                                                                                   calibration):
+    """Only neurons pruned: nothing rotated, the stock class with a smaller intermediate_size (Gemma 3:
+    its branch-output norms kept as they are), every parameter predicted, save and reload exact,
+    KV-cache generation equal to no cache."""
     from transformers import AutoModelForCausalLM
 
-    dense = make_model("llama")
+    dense = make_model(family)
     ids = calibration.input_ids[:2]
     model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.0, mlp_width=0.5,
                                          progress=False)
-    assert type(model).__name__ == "LlamaForCausalLM" and config.standard and config.rotation == "uniform"
+    assert type(model) is type(dense) and config.standard and config.rotation == "uniform"
+    assert not config.deviations and config.max_logit_deviation < 1e-5
     assert config.mlp_neurons == 48 and config.mlp_neurons_dense == 96 and config.mlp_width == 0.5
     assert model.config.intermediate_size == 48 and model.config.hidden_size == 64
     assert all(layer.mlp.down_proj.weight.shape == (64, 48) and layer.mlp.gate_proj.weight.shape == (48, 64)
                for layer in model.model.layers)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head stays tied
     adapter = get_adapter(dense.config)
-    predicted = parameter_model(dense, adapter, rotation="uniform", tied=True, source_tied=True, slice_head=True)
+    predicted = parameter_model(dense, adapter, rotation="none", tied=True, source_tied=True, slice_head=True)
     assert predicted.count([64] * 7, 48) == slicegpt.count_parameters(model) == config.parameters_sliced
     assert config.parameters_sliced < slicegpt.count_parameters(dense)
     out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
@@ -130,6 +134,26 @@ def test_auto_meets_a_parameter_budget_with_neurons_first(budget, calibration):
         assert per_layer.count(wider, 48) > budget * total
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_default_where_the_papers_model_is_larger_than_dense_removes_that_share_of_the_layers(family, calibration):
+    """At 10% the paper's model of a small tied model is larger than the dense one (untied head, skip
+    matrices); the default then removes 10% of the decoder layers' weights, with neurons alone."""
+    dense = make_model(family)
+    total = slicegpt.count_parameters(dense)
+    layer_weights = sum(p.numel() for p in dense.model.layers.parameters())
+    _, paper = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.1, method="paper",
+                                    progress=False)
+    assert paper.parameters_sliced > total
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.1, progress=False)
+    budget = total - int(0.1 * layer_weights)
+    assert type(model) is type(dense) and config.standard and config.mlp_neurons % 8 == 0
+    assert slicegpt.count_parameters(model) == config.parameters_sliced <= budget
+    unrotated = parameter_model(dense, get_adapter(dense.config), rotation="none", tied=True, source_tied=True,
+                                slice_head=True)
+    assert unrotated.count(config.widths, config.mlp_neurons) == config.parameters_sliced
+    assert unrotated.count(config.widths, config.mlp_neurons + 8) > budget
+
+
 def test_default_at_a_sparsity_keeps_the_papers_size(calibration):
     """--sparsity under the default method is the paper's parameter count at that sparsity, met by neurons."""
     _, paper = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, method="paper",
@@ -147,11 +171,13 @@ def test_bad_mlp_settings_are_refused_in_one_line(calibration):
         slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width="half")
     with pytest.raises(SliceGPTError, match="needs compensation"):
         slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width=0.5, compensate="off")
-    with pytest.raises(SliceGPTError, match="not described for gemma"):
+    with pytest.raises(SliceGPTError, match="pruned only while the stream keeps its width"):
         slicegpt.slice_model(make_model("gemma3_text"), None, ids, 0.25, mlp_width=0.5, progress=False)
+    with pytest.raises(SliceGPTError, match=r"not described for opt models \(llama, .*gemma3_text have it\)"):
+        slicegpt.slice_model(make_model("opt"), None, ids, 0.25, mlp_width=0.5, progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_an_unrotated_run_without_pruning_changes_nothing(family, exact_norms, calibration):
     """The unrotated path (identity basis) is exact: tied head (its final norm untouched) and untied."""
     from slicegpt.core.engine import slice_uniform

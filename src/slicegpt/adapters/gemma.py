@@ -9,7 +9,9 @@ all d coordinates of the branch output in the original basis, so it cannot be fo
 the writer: the exact treatment keeps the writer (o_proj, down_proj) at full width d,
 applies the stock norm there, and then rotates and slices its output with one d x d'
 matrix per branch (`Branch.out_rotation`). Soft-capping of logits and attention scores
-acts outside the residual stream and is untouched.
+acts outside the residual stream and is untouched. Where only MLP neurons are pruned (the
+stream unrotated), the writers are fitted before their norm, to the dense writer's output,
+and the stock norms stay as they are.
 """
 
 from dataclasses import replace
@@ -28,6 +30,6 @@ GEMMA2 = replace(
     branches=(
         replace(ATTENTION, post_norm="post_attention_layernorm"),
         Branch(name="mlp", kind="mlp", norm="pre_feedforward_layernorm", module="mlp",
-               inputs=MLP.inputs, outputs=MLP.outputs, post_norm="post_feedforward_layernorm"),
+               inputs=MLP.inputs, outputs=MLP.outputs, post_norm="post_feedforward_layernorm", neurons=MLP.neurons),
     ),
 )

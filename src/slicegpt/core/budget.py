@@ -57,9 +57,12 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                     slice_head: bool, total: int | None = None) -> ParameterModel:
     """The count of `model` sliced with these settings, as a function of the boundary widths.
 
-    `total` is the dense count (each shared parameter once) when `model`'s own tensors do not
-    say it (a meta skeleton need not share its tied head). `tied`: the sliced model keeps the head tied to the embeddings (per-layer: with an entry
-    matrix; uniform: with the table sliced). `source_tied`: the dense model ties them.
+    `rotation`: "per-layer", "uniform", or "none" (only MLP neurons pruned: the stream keeps
+    its width and basis, so a branch-output norm needs no rotation after it). `total` is the
+    dense count (each shared parameter once) when `model`'s own tensors do not say it (a meta
+    skeleton need not share its tied head). `tied`: the sliced model keeps the head tied to
+    the embeddings (per-layer: with an entry matrix; uniform: with the table sliced).
+    `source_tied`: the dense model ties them.
     """
     hidden = get_path(model, adapter.embeddings[0]).weight.shape[-1]
     groups = branch_groups(adapter.branches)
@@ -94,20 +97,23 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                     w = _get(target)
                     constant -= w.numel()
                     linear[s] += _per_unit(w, hidden)
-                if branch.post_norm:
-                    if not (rotation == "per-layer" and s + 1 == n_steps and not slice_head):
+                if branch.post_norm:  # the writer stays d wide
+                    if rotation != "none" and not (rotation == "per-layer" and s + 1 == n_steps and not slice_head):
                         linear[s + 1] += hidden  # d x k rotation after the norm (none at the exit)
-                    continue
-                for target in resolve_all(layer, branch.outputs):
-                    w, bias = _get(target), _bias(target)
-                    constant -= w.numel()
-                    linear[s + 1] += _per_unit(w, hidden)
-                    if bias is not None:
-                        constant -= bias.numel()
-                        linear[s + 1] += 1
+                else:
+                    for target in resolve_all(layer, branch.outputs):
+                        w, bias = _get(target), _bias(target)
+                        constant -= w.numel()
+                        linear[s + 1] += _per_unit(w, hidden)
+                        if bias is not None:
+                            constant -= bias.numel()
+                            linear[s + 1] += 1
                 if branch.neurons:  # per neuron: a row of each neuron input, a column of the output
                     neurons = _get(resolve_all(layer, branch.outputs)[0]).shape[-1]
-                    neuron_linear[s + 1] += 1
+                    if branch.post_norm:
+                        neuron_constant += hidden
+                    else:
+                        neuron_linear[s + 1] += 1
                     for target in resolve_all(layer, branch.neurons):
                         neuron_linear[s] += 1
                         neuron_constant += int(_bias(target) is not None)
@@ -131,7 +137,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         return ParameterModel(constant, linear, skip=True, fixed=fixed, neurons=neurons,
                               neuron_linear=neuron_linear, neuron_constant=neuron_constant)
 
-    # uniform: one width everywhere, embeddings and head sliced, no skip matrices
+    # uniform: one width everywhere, embeddings and head sliced, no skip matrices ("none": the
+    # stream unrotated, its width d everywhere, so branch outputs need no rotation either)
     constant += _entry_terms(model, adapter, embeddings, hidden, linear) + _final_bias(model, adapter)
     constant -= final.weight.numel()
     linear[n_steps] += 1

@@ -177,6 +177,7 @@ class _Run:
             raise SliceGPTError("pruning MLP neurons refits the down projection: it needs compensation "
                                 "(--compensate writers or all)")
         self.neurons = neurons  # MLP neurons kept per layer (None: all)
+        self.identity = False  # the stream keeps its basis (only neurons pruned): nothing to rotate
         self.layers = get_path(self.model, adapter.layers)
         self.groups = branch_groups(adapter.branches)
         self.embedding = adapter.embeddings[0]
@@ -414,6 +415,8 @@ def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, .
         values, q_next = run.basis(cov)
         outcome.spectra.append(values)
         q_next = q_next[:, :width]
+    if run.identity:  # the stream keeps its basis: nothing to rotate
+        return q_next
     if fixed_basis is None:
         layer.register_parameter(group[0].shortcut, nn.Parameter((q.T @ q_next).to(dtype)))
     rotate_writes(layer, group, q_next, rotate_normed=not exit_basis)
@@ -443,44 +446,67 @@ def _refit(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], spec
     q_d, q_t = q.to(dtype), q.T.to(dtype)
     norms = list(dict.fromkeys(b.norm for b in group)) if run.fit_readers else []
     reads = {name: LeastSquares(k, d, device) for name in norms}
-    for b in range(n):
-        xd = cache.get(n + b, device)
-        kwargs = run.arguments.get(li, b, device)
-        normed: dict = {}
-        hd = xd
-        for branch in group:
-            hd = hd + run_branch(layer, specs[branch.name], xd, kwargs, normed)
-        check_finite(hd, f"of the dense layer {li} ({_step_name(group)})")
-        cache.put(n + b, hd)
-        if norms:
-            z_full = cache.get(b, device) @ q_t
-            mask = run.masks[b].to(device)
-            for name in norms:
-                reads[name].update(get_path(layer, name)(z_full) @ q_d, normed[name], mask)
-    maps = {}
-    for name, fit in reads.items():
-        m, error_prior, error_fit = run.solve(fit, q.T.to(torch.float64))
-        outcome.fits.append(FitRecord(step, f"readers:{name}", error_prior, error_fit))
-        maps[name] = m.T
-    rotate_reads(layer, prefix, group, adapter, q, d, outcome.module_attributes, maps)
-    if writers:
-        _refit_writers(run, layer, li, group, specs, q, outcome, step)
+    # unrotated: a branch-output norm stays stock, so its writer is fitted before the norm, to
+    # the dense writer's output (what that norm reads in the dense model)
+    post = [b for b in group if b.post_norm] if run.identity and writers else []
+    if post and len(group) > 1:
+        raise SliceGPTError("internal error: an unrotated branch-output norm is refitted alone in its step")
+    dense_out = run.new_cache() if post else None
+    seen: list[torch.Tensor] = []
+    handles = [get_path(layer, b.post_norm).register_forward_pre_hook(
+        lambda module, args: seen.append(args[0])) for b in post]
+    try:
+        for b in range(n):
+            xd = cache.get(n + b, device)
+            kwargs = run.arguments.get(li, b, device)
+            normed: dict = {}
+            hd = xd
+            for branch in group:
+                hd = hd + run_branch(layer, specs[branch.name], xd, kwargs, normed)
+            check_finite(hd, f"of the dense layer {li} ({_step_name(group)})")
+            cache.put(n + b, hd)
+            if dense_out is not None:
+                dense_out.append(seen.pop())
+            if norms:
+                z_full = cache.get(b, device) @ q_t
+                mask = run.masks[b].to(device)
+                for name in norms:
+                    reads[name].update(get_path(layer, name)(z_full) @ q_d, normed[name], mask)
+        for handle in handles:
+            handle.remove()
+        maps = {}
+        for name, fit in reads.items():
+            m, error_prior, error_fit = run.solve(fit, q.T.to(torch.float64))
+            outcome.fits.append(FitRecord(step, f"readers:{name}", error_prior, error_fit))
+            maps[name] = m.T
+        if not run.identity:  # the readers keep the stream's own basis
+            rotate_reads(layer, prefix, group, adapter, q, d, outcome.module_attributes, maps)
+        if writers:
+            _refit_writers(run, layer, li, group, specs, q, outcome, step, dense_out)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if dense_out is not None:
+            dense_out.close()
     return writers
 
 
 def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict,
-                   q: torch.Tensor, outcome: SliceOutcome, step: int) -> None:
+                   q: torch.Tensor, outcome: SliceOutcome, step: int, dense_out: ActivationCache | None = None
+                   ) -> None:
     """Fit the step's output linears (or a post-norm's d x d output matrix) to land on the dense stream.
 
     The fit's inputs X are kept per batch, so the stream after the step is z Q^T + X W
-    without running the branch again."""
+    without running the branch again. With `dense_out` (the dense writer's output before its
+    branch-output norm, one batch per entry) the writer is fitted to that instead, and the
+    stream after the step is z + norm(X W)."""
     cache, device, dtype, n, d = run.cache, run.device, run.dtype, run.n, run.hidden
     # per fitted output: (branch, target, has a bias); target None: a post-norm's d x d matrix
     blocks: list[tuple[Branch, object, bool]] = []
     priors = []
     neurons: tuple[Branch, range] | None = None  # the MLP whose neurons are pruned, and their rows
     for branch in group:
-        if branch.post_norm:
+        if branch.post_norm and dense_out is None:
             blocks.append((branch, None, False))
             priors.append(torch.eye(d, dtype=torch.float64, device=device))
             continue
@@ -516,7 +542,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
                 if has_bias:
                     columns.append(torch.ones_like(captured[i][..., :1]))
             x = torch.cat(columns, dim=-1)
-            fit.update(x, hd - z @ q_t, mask)
+            fit.update(x, hd - z @ q_t if dense_out is None else dense_out.get(b, device), mask)
             inputs.append(x)
         kept = None
         if neurons is not None:
@@ -526,9 +552,11 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             w, error_prior, error_fit = run.solve(fit, prior)
         del fit, prior
         w_d = w.to(dtype)
+        post_norm = get_path(layer, group[0].post_norm) if dense_out is not None else None
         for b in range(n):
             x = inputs.get(b, device)
-            h = cache.get(b, device) @ q_t + (x if kept is None else x[..., kept]) @ w_d
+            y = (x if kept is None else x[..., kept]) @ w_d
+            h = cache.get(b, device) + post_norm(y) if post_norm is not None else cache.get(b, device) @ q_t + y
             check_finite(h, f"of layer {li} ({_step_name(group)})")
             cache.put(b, h)
     finally:
@@ -575,6 +603,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     """
     hooks = hooks or Hooks()
     run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons)
+    run.identity = identity
     model, hidden, layers = run.model, run.hidden, run.layers
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
@@ -657,10 +686,11 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                 for b in range(run.n):
                     x = cache.get(b, run.device)
                     cache.append(x)
-                    cache.put(b, x @ q_dtype)
-            for path in adapter.embeddings:
+                    if not identity:
+                        cache.put(b, x @ q_dtype)
+            for path in adapter.embeddings if not identity else ():
                 rotate_input(resolve(model, path), q)
-            for path in adapter.entry_writers:
+            for path in adapter.entry_writers if not identity else ():
                 rotate_output(resolve(model, path), q)
             run.write(0, run.ends)
             run.offload_ends()

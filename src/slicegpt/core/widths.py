@@ -221,7 +221,10 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         widths = [dim] * n
         if rotation == "per-layer" and not slice_head:
             widths[-1] = hidden  # the head reads the original basis
-        return widths, rule, _neurons(view, adapter, mlp, round_to)
+        neurons = _neurons(view, adapter, mlp, round_to)
+        if neurons is not None and dim != hidden:
+            _refuse_mixing(adapter)
+        return widths, rule, neurons
     source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
     model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
                             slice_head=slice_head, total=dense_parameters)
@@ -233,26 +236,37 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         budget = model.count([dim] * n)
     neurons = None
     if mlp is not None:
-        unrotated = parameter_model(view.model, adapter, rotation="uniform", tied=source_tied,
+        unrotated = parameter_model(view.model, adapter, rotation="none", tied=source_tied,
                                     source_tied=source_tied, slice_head=True, total=dense_parameters)
         full = [hidden] * n
         if mlp == "auto":
             if not unrotated.neurons:
                 mlp = None  # the family describes no MLP neurons: the stream alone is sliced
             else:
-                if unrotated.count(full) <= budget:  # nothing needs pruning: the stream alone, as asked
+                own = budget
+                if parameters is None and budget >= dense_parameters:
+                    # the paper's model at `sparsity` is no smaller than the dense one (a head that
+                    # slicing unties, skip matrices): remove `sparsity` of the decoder layers' weights
+                    layer_weights = sum(p.numel() for p in get_path(view.model, adapter.layers).parameters())
+                    own = dense_parameters - int(sparsity * layer_weights)
+                if unrotated.count(full) <= own:  # nothing needs pruning: the stream alone, as asked
                     mlp = None
                 else:
                     for m in range(unrotated.neurons // round_to * round_to, 0, -round_to):
-                        if unrotated.count(full, m) <= budget:
+                        if unrotated.count(full, m) <= own:
                             if m >= MLP_FLOOR * unrotated.neurons:
                                 return full, "equal", m
                             break
-                    neurons = -(-int(MLP_FLOOR * unrotated.neurons) // round_to) * round_to
+                    if neurons_need_full_width(adapter):
+                        mlp = None  # past the floor, and neurons cannot be mixed with slicing: the stream alone
+                    else:
+                        neurons, budget = -(-int(MLP_FLOOR * unrotated.neurons) // round_to) * round_to, own
         else:
             neurons = _neurons(view, adapter, mlp, round_to)
             if unrotated.count(full, neurons) <= budget:
                 return full, "equal", neurons
+            if neurons is not None:
+                _refuse_mixing(adapter)
     if rule == "equal":
         return budget_widths(model, budget, round_to, hidden, n, neurons), rule, neurons
     ranks = ranks or Ranks()
@@ -269,6 +283,18 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     return ranks.from_writer(allocate(spectra, model, budget, round_to, hidden, neurons)), rule, neurons
 
 
+def neurons_need_full_width(adapter: ModelAdapter) -> bool:
+    """Whether pruned MLP neurons rule out slicing the stream: an MLP that writes through a
+    branch-output norm is refitted before that norm, which only the unrotated stream allows."""
+    return any(b.neurons and b.post_norm for b in adapter.branches)
+
+
+def _refuse_mixing(adapter: ModelAdapter) -> None:
+    if neurons_need_full_width(adapter):
+        raise SliceGPTError(f"{adapter.family} MLPs write through a branch-output norm: their neurons are pruned "
+                            "only while the stream keeps its width (--sparsity 0, or a budget neurons alone meet)")
+
+
 def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round_to: int) -> int | None:
     """A fraction of the MLP width as a count of neurons (a multiple of `round_to`); None keeps all."""
     if mlp is None:
@@ -279,6 +305,8 @@ def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round
 
     total = mlp_neurons(view.model, adapter)
     if total is None:
-        raise SliceGPTError(f"pruning MLP neurons is not described for {adapter.family} models "
-                            "(llama, mistral, qwen2, qwen3 have it)")
+        from slicegpt.adapters import ADAPTERS
+
+        have = ", ".join(t for a in ADAPTERS if any(b.neurons for b in a.branches) for t in a.model_types)
+        raise SliceGPTError(f"pruning MLP neurons is not described for {adapter.family} models ({have} have it)")
     return max(round_to, round(mlp * total / round_to) * round_to) if mlp < 1.0 else None

@@ -43,14 +43,17 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def standard_obstacles(model: nn.Module, adapter: ModelAdapter) -> tuple[str, list[str]]:
+def standard_obstacles(model: nn.Module, adapter: ModelAdapter, unrotated: bool = False) -> tuple[str, list[str]]:
     """(blocker, deviations) for writing `model`'s family as a stock model with a sliced width.
 
     A blocker means the stock class cannot hold the shapes at all. A deviation means it
-    can, but computes something slightly different from the sliced model.
+    can, but computes something slightly different from the sliced model. `unrotated`: the
+    stream kept its width and basis (only MLP neurons pruned), so there is no deviation.
     """
     if adapter.standard_blocker:
         return adapter.standard_blocker, []
+    if unrotated:
+        return "", []
     deviations = []
     post = [b.post_norm for b in adapter.branches if b.post_norm]
     if post:
@@ -67,9 +70,10 @@ def standard_obstacles(model: nn.Module, adapter: ModelAdapter) -> tuple[str, li
     return "", deviations
 
 
-def check_standard(model: nn.Module, adapter=None, accept_deviation: bool = False) -> list[str]:
+def check_standard(model: nn.Module, adapter=None, accept_deviation: bool = False, unrotated: bool = False
+                   ) -> list[str]:
     """Refuse early (before slicing) what `to_standard` would refuse; return the deviations."""
-    blocker, deviations = standard_obstacles(model, adapter or get_adapter(model.config))
+    blocker, deviations = standard_obstacles(model, adapter or get_adapter(model.config), unrotated)
     if blocker:
         raise SliceGPTError(f"no standard export for {model.config.model_type}: {blocker}; "
                             "use --rotation per-layer (slicegpt format)")
@@ -196,12 +200,14 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
         raise SliceGPTError("only a model sliced with --rotation uniform can become a standard model: per-layer "
                             "rotation puts a matrix on every skip connection, which no stock architecture has")
     adapter = get_adapter(model.config)
-    deviations = check_standard(model, adapter, accept_deviation)
+    hidden = getattr(model.config, adapter.config_hidden[0])
+    dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
+    rotated = any(getattr(layer, b.out_rotation, None) is not None for layer in get_path(model, adapter.layers)
+                  for b in adapter.branches if b.post_norm)
+    deviations = check_standard(model, adapter, accept_deviation, unrotated=dim == hidden and not rotated)
 
     device = next(model.parameters()).device
     reference = model(sample.to(device)).logits if sample is not None else None
-    hidden = getattr(model.config, adapter.config_hidden[0])
-    dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     config = standard_config(model, adapter)
     dtype = next(model.parameters()).dtype
