@@ -57,6 +57,9 @@ class Case:
         return self.name
 
 
+NEURONS = ("llama", "qwen2", "gemma3_text")  # families the default prunes MLP neurons of
+
+
 def _cases() -> list[Case]:
     cases = []
     for family in FAMILIES:
@@ -87,12 +90,15 @@ def _cases() -> list[Case]:
     cases.append(Case("uniform-standard/llama/fit-tied-head", "llama", {"rotation": "uniform", "standard": True,
                                                                         "fit_tied_head": True}))
     # the quality levers (issue 12): the default method, each lever alone, a parameter budget
-    # (the Llama family's cases keep the stream sliced, --mlp-width 1: the numbers pinned before neurons;
-    # pruning neurons is pinned by tests/test_mlp.py against the direct least-squares fit)
+    # (the families with MLP neurons keep the stream sliced in their default/ cases, --mlp-width 1: the
+    # numbers pinned before neurons; default-neurons/ pins the neurons default, and tests/test_mlp.py
+    # checks its pruning against the direct least-squares fit)
     stream = {"mlp_width": 1.0}
     for family in ("llama", "qwen2", "gemma3_text", "phi", "gpt2", "opt", "gpt_neox"):
         cases.append(Case(f"default/{family}", family, {"method": "default",
-                                                         **(stream if family in ("llama", "qwen2") else {})}))
+                                                         **(stream if family in NEURONS else {})}))
+    for family in NEURONS:  # the default with neurons (--mlp-width auto): the stream unrotated, a stock model
+        cases.append(Case(f"default-neurons/{family}", family, {"method": "default"}))
     cases.append(Case("compensation-all/llama", "llama", {"method": "paper", "compensate": "all"}))
     cases.append(Case("compensation-writers/gemma2", "gemma2", {"method": "paper", "compensate": "writers"}))
     cases.append(Case("adaptive-widths/llama", "llama", {"method": "paper", "widths": "adaptive"}, sparsity=0.4))

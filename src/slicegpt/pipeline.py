@@ -219,8 +219,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                             progress=progress, ranks=ranks, mlp=mlp)
         dim = plan[0]
         identity = unrotated(plan, hidden, neurons)
-        if identity:  # only neurons pruned: one (identity) basis, a stock model
-            rotation, uniform, slice_head = "uniform", True, True
+        if identity:  # only neurons pruned: one (identity) basis, a stock model (computing the same)
+            rotation, uniform, slice_head, deviations = "uniform", True, True, []
             fit_tied_head = False  # the head reads the stock final norm: nothing to fit
         if uniform:
             tied_hint = view.ties_head(adapter.head, adapter.embeddings[0]) if identity else uniform_ties(

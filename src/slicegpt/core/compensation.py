@@ -36,7 +36,12 @@ RIDGE = 0.1  # default relative regulariser: SmolLM2 25% held-out ppl 54.9 / 53.
 
 
 class LeastSquares:
-    """Running X^T X, X^T Y and sum |Y|^2 of a linear fit X W ≈ Y over calibration tokens."""
+    """Running X^T X, X^T Y and sum |Y|^2 of a linear fit X W ≈ Y over calibration tokens.
+
+    The sums are float64. One batch's products are taken in float32 unless the model computes
+    in float64: the Gram of an MLP's inputs is the largest product of compensation, float32
+    runs it at twice the speed, and on SmolLM2 (25%, the default) the held-out perplexity is
+    the same to four digits (41.970 both ways)."""
 
     def __init__(self, n_in: int, n_out: int, device: torch.device | str = "cpu") -> None:
         self.xx = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
@@ -49,10 +54,14 @@ class LeastSquares:
         if mask is not None:
             keep = mask.reshape(-1).bool()
             x, y = x[keep], y[keep]
-        x, y = x.to(torch.float64), y.to(torch.float64)
-        self.xx.addmm_(x.T, x)
-        self.xy.addmm_(x.T, y)
-        self.yy += float(y.pow(2).sum())
+        if x.dtype == torch.float64:  # a float64 model: products in float64 too
+            self.xx.addmm_(x.T, x)
+            self.xy.addmm_(x.T, y.to(torch.float64))
+        else:  # one batch's products in float32 (what the model computed in), summed in float64
+            x, y = x.to(torch.float32), y.to(torch.float32)
+            self.xx += x.T @ x
+            self.xy += x.T @ y
+        self.yy += float(y.to(torch.float64).pow(2).sum())
         self.tokens += x.shape[0]
 
     def merge(self, other: "LeastSquares") -> "LeastSquares":
@@ -115,24 +124,36 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     lam = ridge * float(fit.xx.diagonal().sum()) / n
     h = fit.xx.clone()
     h.diagonal().add_(max(lam, 1e-12 * float(h.diagonal().abs().max().clamp_min(1.0))))
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))  # in place: the sums, this and H^-1 are the n x n held
+    if int(info) != 0:
+        raise SliceGPTError("pruning MLP neurons: the least-squares statistics are not finite; try a larger --ridge")
+    hinv = torch.cholesky_inverse(h)
     del h
     w = hinv @ (fit.xy + lam * prior)
     alive = torch.zeros(n, dtype=torch.bool, device=w.device)
     alive[rows.start:rows.stop] = True
     norms = w.pow(2).sum(1)  # |W_i|^2, kept up to date below (in place: no n x n temporaries)
+    diagonal = hinv.diagonal().clone()  # of the current H^-1
+    removals = len(rows) - keep
+    # the current H^-1 is hinv - U U^T, U's columns added one per removal: a column of it costs
+    # O(n t), where updating H^-1 itself would read and write all n^2 entries every time
+    u = torch.empty(n, max(removals, 0), dtype=hinv.dtype, device=hinv.device)
     inf = torch.tensor(torch.inf, dtype=w.dtype, device=w.device)
-    for _ in range(len(rows) - keep):
-        j = int(torch.where(alive, norms / hinv.diagonal(), inf).argmin())
-        column = hinv[:, j] / hinv[j, j]
+    for t in range(removals):
+        j = int(torch.where(alive, norms / diagonal, inf).argmin())
+        current = hinv[j] - u[:, :t] @ u[j, :t]  # H^-1 is symmetric: its row j, contiguous
+        column = current / current[j]
+        u[:, t] = current / current[j].sqrt()
+        diagonal.sub_(current * column)
         wj = w[j].clone()
         # |w_i - c_i w_j|^2 = |w_i|^2 - 2 c_i (w_i . w_j) + c_i^2 |w_j|^2
         norms.add_(column * (column * norms[j] - 2 * torch.mv(w, wj)))
         w.addr_(column, wj, alpha=-1.0)
-        hinv.addr_(column, hinv[j].clone(), alpha=-1.0)
         w[j] = 0.0
         norms[j] = 0.0
         alive[j] = False
+    del u, hinv
     alive[:rows.start] = True
     alive[rows.stop:] = True
     error_fit = fit.error(w)
