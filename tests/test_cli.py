@@ -200,7 +200,7 @@ def test_uniform_refusals_come_before_any_work(tmp_path, tokenizer):
 def test_accepted_deviation_is_measured_and_reported(tmp_path, tokenizer):
     gemma = _model_dir(tmp_path / "gemma2", "gemma2", tokenizer)
     out = tmp_path / "o"
-    result = run("slice", gemma, "--sparsity", "0.25", "--rotation", "uniform", "--accept-deviation",
+    result = run("slice", gemma, "--sparsity", "0.25", "--rotation", "uniform", "--accept-deviation", "--mlp-width", "1",
                  "--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2", "--out", out,
                  "--json")
     assert result.returncode == 0, result.stderr

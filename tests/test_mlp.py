@@ -134,33 +134,28 @@ def test_auto_meets_a_parameter_budget_with_neurons_first(budget, calibration):
         assert per_layer.count(wider, 48) > budget * total
 
 
+@pytest.mark.parametrize("sparsity", [0.1, 0.25])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_default_where_the_papers_model_is_larger_than_dense_removes_that_share_of_the_layers(family, calibration):
-    """At 10% the paper's model of a small tied model is larger than the dense one (untied head, skip
-    matrices); the default then removes 10% of the decoder layers' weights, with neurons alone."""
+def test_default_sparsity_removes_that_share_of_the_decoder_layers(family, sparsity, calibration):
+    """--sparsity s under the default method removes s of the decoder layers' weights, by neurons alone
+    (a stock model, the stream unrotated), within one round-to step: smaller than the paper's model at s
+    (at 10% that one is even larger than the dense model: untied head, skip matrices)."""
     dense = make_model(family)
     total = slicegpt.count_parameters(dense)
     layer_weights = sum(p.numel() for p in dense.model.layers.parameters())
-    _, paper = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.1, method="paper",
+    _, paper = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, sparsity, method="paper",
                                     progress=False)
-    assert paper.parameters_sliced > total
-    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.1, progress=False)
-    budget = total - int(0.1 * layer_weights)
+    if sparsity == 0.1:
+        assert paper.parameters_sliced > total
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, sparsity, progress=False)
+    budget = total - int(sparsity * layer_weights)
     assert type(model) is type(dense) and config.standard and config.mlp_neurons % 8 == 0
-    assert slicegpt.count_parameters(model) == config.parameters_sliced <= budget
+    assert config.sparsity == 0.0 and set(config.widths) == {64}
+    assert slicegpt.count_parameters(model) == config.parameters_sliced <= budget < paper.parameters_sliced
     unrotated = parameter_model(dense, get_adapter(dense.config), rotation="none", tied=True, source_tied=True,
                                 slice_head=True)
     assert unrotated.count(config.widths, config.mlp_neurons) == config.parameters_sliced
     assert unrotated.count(config.widths, config.mlp_neurons + 8) > budget
-
-
-def test_default_at_a_sparsity_keeps_the_papers_size(calibration):
-    """--sparsity under the default method is the paper's parameter count at that sparsity, met by neurons."""
-    _, paper = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, method="paper",
-                                    progress=False)
-    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, progress=False)
-    assert config.mlp_neurons is not None and config.parameters_sliced <= paper.parameters_sliced
-    assert config.sparsity == 0.0 and set(config.widths) == {64}
 
 
 def test_bad_mlp_settings_are_refused_in_one_line(calibration):

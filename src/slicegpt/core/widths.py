@@ -200,10 +200,12 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     neurons to keep per layer (None: all).
 
     `mlp`: a fraction of every MLP's neurons to keep (the stream's widths then fill the
-    budget), or "auto": the budget is met by pruning neurons alone, the stream keeping its
-    full width and basis, while that keeps at least `MLP_FLOOR` of them; past that the
-    neurons stay at the floor and the stream is sliced for the rest. Where the stream is
-    not sliced at all the widths are all d (the caller then rotates nothing).
+    budget), or "auto": the budget (with `sparsity`: the dense count less that share of the
+    decoder layers' weights) is met by pruning neurons alone, the stream keeping its full
+    width and basis, while that keeps at least `MLP_FLOOR` of them; past that the neurons
+    stay at the floor and the stream is sliced for the rest (families whose MLPs write
+    through a branch-output norm slice the stream alone then, to the paper's count). Where
+    the stream is not sliced at all the widths are all d (the caller then rotates nothing).
     """
     from slicegpt.core.bases import sliced_dim
     from slicegpt.core.budget import parameter_model
@@ -244,9 +246,8 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
                 mlp = None  # the family describes no MLP neurons: the stream alone is sliced
             else:
                 own = budget
-                if parameters is None and budget >= dense_parameters:
-                    # the paper's model at `sparsity` is no smaller than the dense one (a head that
-                    # slicing unties, skip matrices): remove `sparsity` of the decoder layers' weights
+                if parameters is None:  # `sparsity` of the decoder layers' weights (monotone, always
+                    # below dense: the paper's count also holds the matrices its rotation adds)
                     layer_weights = sum(p.numel() for p in get_path(view.model, adapter.layers).parameters())
                     own = dense_parameters - int(sparsity * layer_weights)
                 if unrotated.count(full) <= own:  # nothing needs pruning: the stream alone, as asked
