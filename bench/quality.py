@@ -6,7 +6,8 @@ tokens by default) and held-out text as bench/slice_default.py:
 - paper: `--method paper` (equal widths, no compensation);
 - compensation alone, adaptive widths alone, compensation with the stream sliced (equal or
   adaptive widths, `--mlp-width 1`), and the default (`--mlp-width auto`: MLP neurons pruned
-  in compensation's fit, the stream unsliced, within the paper's parameter count);
+  in compensation's fit, the stream unsliced; `--sparsity` of the decoder layers' weights
+  removed), also at the paper's parameter count ("default at paper size": `--parameters`);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--uniform`);
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
   output are most alike (angular distance on the calibration tokens) until the model is no
@@ -37,12 +38,13 @@ ROWS = {
     "paper": {"method": "paper"},
     "compensation": {"method": "paper", "compensate": True},
     "adaptive widths": {"method": "paper", "widths": "adaptive"},
-    "default": {"method": "default"},  # --mlp-width auto: neurons first, within the paper's count
+    "default": {"method": "default"},  # --mlp-width auto: neurons first, `sparsity` of the layers' weights
+    "default at paper size": {"method": "default"},  # the same, --parameters = the paper's count
     "stream sliced": {"method": "default", "mlp_width": 1.0},  # compensation, the stream sliced (no neurons)
     "stream sliced adaptive": {"method": "default", "mlp_width": 1.0, "widths": "adaptive"},
     "uniform paper": {"method": "paper", "rotation": "uniform", "standard": False},
     "uniform compensation": {"method": "default", "rotation": "uniform", "standard": False, "mlp_width": 1.0},
-    "uniform default": {"method": "default", "rotation": "uniform"},  # within the paper's uniform count
+    "uniform default": {"method": "default", "rotation": "uniform"},
     "shortgpt": None,
 }
 
@@ -118,6 +120,8 @@ def child(args) -> dict:
         return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
                 "parameters": slicegpt.count_parameters(model), "dropped": dropped}
     options = dict(ROWS[name])
+    if name == "default at paper size":  # the paper's count from its row of this run
+        options["parameters"] = (json.loads(args.budget) + 0.5) / slicegpt.count_parameters(model)
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, sparsity, batch_size=args.batch_size,
                                              progress=False, **options)
@@ -162,11 +166,11 @@ def main() -> None:
     for sparsity in args.sparsities.split(","):
         paper_params = None
         for name in rows:
-            if name == "shortgpt":
+            if name in ("shortgpt", "default at paper size"):
                 if paper_params is None:
                     paper_params = run(f"{sparsity}/paper")["parameters"]
-                r = run(f"{sparsity}/shortgpt", budget=paper_params)
-                label = f"ShortGPT (drop {len(r['dropped'])} blocks: {r['dropped']})"
+                r = run(f"{sparsity}/{name}", budget=paper_params)
+                label = f"ShortGPT (drop {len(r['dropped'])} blocks: {r['dropped']})" if name == "shortgpt" else name
             else:
                 r = run(f"{sparsity}/{name}")
                 label = name

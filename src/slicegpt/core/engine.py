@@ -526,6 +526,10 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
         lambda module, args, i=i: captured.__setitem__(i, args[0])) for i, (_, target, _) in enumerate(blocks)
         if target is not None]
     q_t = q.T.to(dtype)
+
+    def full(z: torch.Tensor) -> torch.Tensor:  # the sliced stream in the original basis
+        return z if run.identity else z @ q_t
+
     inputs = run.new_cache()
     try:
         for b in range(n):
@@ -542,7 +546,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
                 if has_bias:
                     columns.append(torch.ones_like(captured[i][..., :1]))
             x = torch.cat(columns, dim=-1)
-            fit.update(x, hd - z @ q_t if dense_out is None else dense_out.get(b, device), mask)
+            fit.update(x, hd - full(z) if dense_out is None else dense_out.get(b, device), mask)
             inputs.append(x)
         kept = None
         if neurons is not None:
@@ -556,7 +560,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
         for b in range(n):
             x = inputs.get(b, device)
             y = (x if kept is None else x[..., kept]) @ w_d
-            h = cache.get(b, device) + post_norm(y) if post_norm is not None else cache.get(b, device) @ q_t + y
+            h = full(cache.get(b, device)) + (post_norm(y) if post_norm is not None else y)
             check_finite(h, f"of layer {li} ({_step_name(group)})")
             cache.put(b, h)
     finally:
