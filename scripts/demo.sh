@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: compress SmolLM2-135M-Instruct to the size the paper's
-# algorithm gives at 25% sparsity, print dense vs compressed perplexity and parameter counts, save
+# The main job on the embedded default: compress SmolLM2-135M-Instruct by 25% of its decoder
+# layers' weights (--sparsity 0.25), print dense vs compressed perplexity and parameter counts, save
 # it to out/smollm2-25 (the default method: MLP neurons pruned with compensation, a stock
 # LlamaForCausalLM), generate from it, then write its GGUF file for llama.cpp
 # (out/smollm2-25.gguf). Extra arguments go to `slicegpt slice` (e.g. --method paper).

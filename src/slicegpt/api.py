@@ -70,8 +70,8 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     `widths` ("adaptive": each boundary its own width within the same parameter count;
     "equal"), `parameters` (a fraction of the dense parameter count, every added matrix
     counted, instead of `sparsity`), and `mlp_width` (prune MLP neurons in compensation's
-    fit: a fraction to keep, or "auto", the default's: the paper's size at `sparsity`, or
-    `parameters`, met by pruning neurons first, `core.widths.plan_widths`). Where the stream
+    fit: a fraction to keep, or "auto", the default's: `sparsity` of the decoder layers'
+    weights, or `parameters`, removed by pruning neurons first, `core.widths.plan_widths`). Where the stream
     keeps its full width, nothing is rotated and the result is a stock model.
 
     Called on every rank of an initialised torch.distributed process group, each rank

@@ -387,14 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--sparsity", type=float,
-                      help="fraction of the hidden size to remove, in [0, 1) (the paper's); the default method "
-                           "keeps the parameter count this gives and may spend it on MLP neurons instead")
+                      help="fraction to remove, in [0, 1): of the hidden size (the paper's, --method paper and "
+                           "--mlp-width 1); under the default method, of the decoder layers' weights, MLP neurons "
+                           "first")
     size.add_argument("--parameters", type=float, metavar="FRACTION",
                       help="keep this fraction of the dense parameter count (every added matrix counted), "
                            "e.g. 0.75; slicegpt finds the widths")
     p.add_argument("--method", choices=("default", "paper"), default="default",
                    help="default: the quality levers measured to help (compensation of the writers, MLP neurons "
-                        "pruned first within the paper's size at --sparsity); "
+                        "pruned first); "
                         "paper: the paper's algorithm, to reproduce it")
     p.add_argument("--compensate", choices=("off", "writers", "all"), default=None,
                    help="after each cut, refit the step's output weights (writers; default) or its input "
