@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "width within the same parameter count (adaptive; measured to help SmolLM2, hurt Gemma 3)")
     p.add_argument("--mlp-width", default=None, metavar="auto|FRACTION",
                    help="MLP neurons kept per layer, pruned in compensation's fit: auto (default; the size is met "
-                        "by pruning neurons first, the stream unsliced and unrotated while at least half of them "
+                        "by pruning neurons first, the stream unsliced and unrotated while at least 40%% of them "
                         "stay) or a fraction, 1 = none pruned (--method paper)")
     p.add_argument("--ridge", type=float, default=RIDGE,
                    help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
