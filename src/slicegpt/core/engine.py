@@ -162,7 +162,7 @@ class _Run:
 
     def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
                  progress: bool, offload: str, offload_dir, compensate: str = "off", ridge: float = RIDGE,
-                 ranks: Ranks | None = None, neurons: int | None = None) -> None:
+                 ranks: Ranks | None = None, neurons: int | None = None, identity: bool = False) -> None:
         self.ranks = ranks or Ranks()  # `batches` is this rank's share of the calibration windows
         self.view, self.adapter, self.hooks = view, adapter, hooks
         self.progress = progress and self.ranks.writer
@@ -177,7 +177,7 @@ class _Run:
             raise SliceGPTError("pruning MLP neurons refits the down projection: it needs compensation "
                                 "(--compensate writers or all)")
         self.neurons = neurons  # MLP neurons kept per layer (None: all)
-        self.identity = False  # the stream keeps its basis (only neurons pruned): nothing to rotate
+        self.identity = identity  # the stream keeps its basis (only neurons pruned): nothing to rotate
         self.layers = get_path(self.model, adapter.layers)
         self.groups = branch_groups(adapter.branches)
         self.embedding = adapter.embeddings[0]
@@ -606,8 +606,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     are no statistics to gather, and a tied head stays tied whatever the final norm's gain.
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons)
-    run.identity = identity
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons,
+               identity)
     model, hidden, layers = run.model, run.hidden, run.layers
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
