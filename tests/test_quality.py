@@ -52,6 +52,29 @@ def test_ridge_fit_toward_the_prior_never_loses_to_it_and_keeps_an_exact_prior()
     assert masked.tokens == 3 and masked.error(true) < 1e-10  # padding is not fitted
 
 
+@pytest.mark.parametrize("n", [7, 300, 600])  # one band of the Gram, several, uneven bands
+def test_float32_sums_are_the_gram_of_every_batch_merged_and_symmetric(n):
+    """A float32 model's sums: the upper triangle summed band by band, the lower one filled on reading,
+    equal to the float64 products within float32 rounding; padding left out; merging and summing go on."""
+    torch.manual_seed(0)
+    fit, other = LeastSquares(n, 3), LeastSquares(n, 3)
+    xx, xy, tokens = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, 3, dtype=torch.float64), 0
+    for i in range(3):
+        x, y = torch.randn(2, 40, n) * torch.linspace(0.1, 3, n), torch.randn(2, 40, 3)
+        mask = torch.ones(2, 40, dtype=torch.long)
+        mask[1, 30:] = 0  # a padded window
+        (fit if i < 2 else other).update(x, y, mask)
+        keep = mask.reshape(-1).bool()
+        x64, y64 = x.reshape(-1, n)[keep].double(), y.reshape(-1, 3)[keep].double()
+        xx, xy, tokens = xx + x64.T @ x64, xy + x64.T @ y64, tokens + int(keep.sum())
+        if i == 0:
+            first = fit.xx.clone()  # read between batches: summing goes on after the fill
+    assert torch.equal(first, first.T)
+    fit.merge(other)
+    assert fit.tokens == tokens and torch.equal(fit.xx, fit.xx.T)
+    assert torch.allclose(fit.xx, xx, rtol=1e-5, atol=1e-3) and torch.allclose(fit.xy, xy, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("family, rotation", [(f, "per-layer") for f in DENSE_FAMILIES]
                          + [(f, "uniform") for f in ("llama", "gemma3_text", "phi")])
 def test_compensation_at_sparsity_zero_changes_nothing(family, rotation, exact_norms, calibration):

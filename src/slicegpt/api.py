@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -126,10 +127,10 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     plan, widths, neurons = plan_widths(view, adapter, batches, rotation=rotation, rule=widths, sparsity=sparsity,
                                         parameters=parameters, dense_parameters=dense, round_to=round_to, tied=tied,
                                         slice_head=slice_head, progress=progress, ranks=ranks, mlp=mlp)
-    identity = unrotated(plan, hidden, neurons)
-    if identity:  # only neurons pruned: one (identity) basis, a stock model
-        rotation, uniform, standard, slice_head = "uniform", True, True, True
-        fit_tied_head = False  # the head reads the stock final norm: nothing to fit
+    identity, rotation, slice_head, fit_tied_head = planned_layout(plan, hidden, neurons, rotation, slice_head,
+                                                                   fit_tied_head)
+    if identity:  # a stock model whatever was asked
+        uniform, standard = True, True
     outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,
                              slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
                              pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan,
@@ -195,6 +196,25 @@ def parse_mlp_width(value: float | str) -> float | str | None:
 def unrotated(widths: list[int], hidden: int, neurons: int | None) -> bool:
     """Whether only MLP neurons are pruned: the stream keeps its width, so nothing is rotated."""
     return neurons is not None and all(w == hidden for w in widths)
+
+
+class Layout(NamedTuple):
+    """How the planned model is built: `identity` (only neurons pruned) overrides the asked rotation."""
+
+    identity: bool
+    rotation: str
+    slice_head: bool
+    fit_tied_head: bool
+
+
+def planned_layout(widths: list[int], hidden: int, neurons: int | None, rotation: str, slice_head: bool,
+                   fit_tied_head: bool) -> Layout:
+    """The rotation settings once the widths are planned. With only neurons pruned there is one
+    (identity) basis: uniform, a stock model, and the head reads the stock final norm, so there is
+    no tied head's gain to fit."""
+    if unrotated(widths, hidden, neurons):
+        return Layout(True, "uniform", True, False)
+    return Layout(False, rotation, slice_head, fit_tied_head)
 
 
 def dense_neurons(model: nn.Module, adapter) -> int | None:

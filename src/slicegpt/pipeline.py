@@ -128,7 +128,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                  if k not in ("progress", "offload_dir")}  # a scratch folder per node is fine
     from transformers import AutoTokenizer
 
-    from slicegpt.api import check_rotation, dense_neurons, effective_sparsity, resolve_levers, unrotated
+    from slicegpt.api import check_rotation, dense_neurons, effective_sparsity, planned_layout, resolve_levers
 
     ranks = Ranks.current()
     ranks.agree(arguments)  # ranks started with other arguments would sum unrelated statistics
@@ -218,10 +218,10 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                             slice_head=slice_head, offload=offload, offload_dir=offload_dir,
                                             progress=progress, ranks=ranks, mlp=mlp)
         dim = plan[0]
-        identity = unrotated(plan, hidden, neurons)
-        if identity:  # only neurons pruned: one (identity) basis, a stock model (computing the same)
-            rotation, uniform, slice_head, deviations = "uniform", True, True, []
-            fit_tied_head = False  # the head reads the stock final norm: nothing to fit
+        identity, rotation, slice_head, fit_tied_head = planned_layout(plan, hidden, neurons, rotation, slice_head,
+                                                                       fit_tied_head)
+        if identity:  # a stock model computing the same: nothing deviates
+            uniform, deviations = True, []
         if uniform:
             tied_hint = view.ties_head(adapter.head, adapter.embeddings[0]) if identity else uniform_ties(
                 view, adapter, fit_tied_head)

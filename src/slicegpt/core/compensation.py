@@ -35,23 +35,57 @@ from slicegpt.errors import SliceGPTError
 RIDGE = 0.1  # default relative regulariser: SmolLM2 25% held-out ppl 54.9 / 53.6 / 51.4 / 50.1 / 50.9 at 1e-4 ... 1
 
 
+def _add_upper_gram(acc: torch.Tensor, x: torch.Tensor, band: int = 256) -> None:
+    """acc += x^T x on and above the diagonal only, a band of rows at a time (about 60% of a full
+    product's work for an MLP's width; the lower triangle is not touched)."""
+    n = x.shape[1]
+    bands = -(-n // band)
+    edges = [n * i // bands for i in range(bands + 1)]
+    for start, stop in zip(edges, edges[1:]):
+        acc[start:stop, start:] += x[:, start:stop].T @ x[:, start:]
+
+
+def _fill_lower(m: torch.Tensor, block: int = 1024) -> None:
+    """Copy the strict upper triangle of `m` onto the lower one, in place, a band of rows at a time."""
+    n = m.shape[0]
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        m[stop:, start:stop] = m[start:stop, stop:].T  # below the band <- right of the band
+        band = m[start:stop, start:stop]
+        band.copy_(band.triu() + band.triu(1).T)
+
+
 class LeastSquares:
     """Running X^T X, X^T Y and sum |Y|^2 of a linear fit X W ≈ Y over calibration tokens.
 
     The sums are float64. One batch's products are taken in float32 unless the model computes
     in float64: the Gram of an MLP's inputs is the largest product of compensation, float32
     runs it at twice the speed, and on SmolLM2 (25%, the default) the held-out perplexity is
-    the same to four digits (41.970 both ways)."""
+    the same to four digits (41.970 both ways). Only the Gram's upper triangle is summed
+    (`_add_upper_gram`); the lower one is filled in when the sums are first read."""
 
     def __init__(self, n_in: int, n_out: int, device: torch.device | str = "cpu") -> None:
-        self.xx = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._xx = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._upper_only = False  # whether _xx holds only the upper triangle of the sums so far
         self.xy = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
         self.yy = 0.0
         self.tokens = 0
 
+    @property
+    def xx(self) -> torch.Tensor | None:
+        """X^T X (float64, symmetric)."""
+        if self._upper_only:
+            _fill_lower(self._xx)
+            self._upper_only = False
+        return self._xx
+
+    @xx.setter
+    def xx(self, value: torch.Tensor | None) -> None:
+        self._xx, self._upper_only = value, False
+
     def update(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        if mask is not None:
+        if mask is not None and not bool(mask.all()):  # (calibration windows are usually full)
             keep = mask.reshape(-1).bool()
             x, y = x[keep], y[keep]
         if x.dtype == torch.float64:  # a float64 model: products in float64 too
@@ -59,7 +93,8 @@ class LeastSquares:
             self.xy.addmm_(x.T, y.to(torch.float64))
         else:  # one batch's products in float32 (what the model computed in), summed in float64
             x, y = x.to(torch.float32), y.to(torch.float32)
-            self.xx += x.T @ x
+            _add_upper_gram(self._xx, x)  # the lower triangle goes stale until `xx` is read
+            self._upper_only = True
             self.xy += x.T @ y
         self.yy += float(y.to(torch.float64).pow(2).sum())
         self.tokens += x.shape[0]
@@ -108,57 +143,84 @@ class LeastSquares:
         return w, error_prior, float(total.clamp_min(0)) / max(self.tokens, 1)
 
 
-def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int
-          ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """(xx + shift I)^-1 in `dtype` by Cholesky (factorised in place), or None if that fails."""
+    h = xx.to(dtype, copy=True)
+    h.diagonal().add_(shift)
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0 or not bool(torch.isfinite(h.diagonal()).all()):
+        return None
+    return torch.cholesky_inverse(h)
+
+
+def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int,
+          work: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The ridge fit with all but `keep` of `rows` removed (structured OBS); `fit` must be summed over ranks.
 
     Removing input j of a least-squares fit and refitting the others costs
     ``|W_j|^2 / [H^-1]_jj`` (H = X^T X + lam I, shared by every output column), and the
     refit is a rank-one update of W and H^-1 (Optimal Brain Surgeon, one row at a time as in
     ZipLM). An MLP's neurons are the rows of its down projection: the cheapest go first, and
-    the rest absorb what they carried. Returns the fit of the kept rows, their indices (in
-    order) and the calibration errors of the prior (all rows) and of the pruned fit.
+    the rest absorb what they carried. The greedy search runs in `work` (float32 for a float32
+    model: it only ranks the rows, at half the cost); the kept rows' fit is then solved afresh
+    in float64 from the sums, the exact ridge fit on them. Returns that fit, the kept indices
+    (in order) and the calibration errors of the prior (all rows) and of the pruned fit.
     """
     n = fit.xx.shape[0]
     error_prior = fit.error(prior)
     lam = ridge * float(fit.xx.diagonal().sum()) / n
-    h = fit.xx.clone()
-    h.diagonal().add_(max(lam, 1e-12 * float(h.diagonal().abs().max().clamp_min(1.0))))
-    info = torch.zeros((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(h, out=(h, info))  # in place: the sums, this and H^-1 are the n x n held
-    if int(info) != 0:
-        raise SliceGPTError("pruning MLP neurons: the least-squares statistics are not finite; try a larger --ridge")
-    hinv = torch.cholesky_inverse(h)
-    del h
-    w = hinv @ (fit.xy + lam * prior)
-    alive = torch.zeros(n, dtype=torch.bool, device=w.device)
+    shift = max(lam, 1e-12 * float(fit.xx.diagonal().abs().max().clamp_min(1.0)))
+    b = fit.xy + lam * prior  # X^T Y + lam P
+    alive = torch.zeros(n, dtype=torch.bool, device=b.device)
     alive[rows.start:rows.stop] = True
-    norms = w.pow(2).sum(1)  # |W_i|^2, kept up to date below (in place: no n x n temporaries)
-    diagonal = hinv.diagonal().clone()  # of the current H^-1
     removals = len(rows) - keep
-    # the current H^-1 is hinv - U U^T, U's columns added one per removal: a column of it costs
-    # O(n t), where updating H^-1 itself would read and write all n^2 entries every time
-    u = torch.empty(n, max(removals, 0), dtype=hinv.dtype, device=hinv.device)
-    inf = torch.tensor(torch.inf, dtype=w.dtype, device=w.device)
-    for t in range(removals):
-        j = int(torch.where(alive, norms / diagonal, inf).argmin())
-        current = hinv[j] - u[:, :t] @ u[j, :t]  # H^-1 is symmetric: its row j, contiguous
-        column = current / current[j]
-        u[:, t] = current / current[j].sqrt()
-        diagonal.sub_(current * column)
-        wj = w[j].clone()
-        # |w_i - c_i w_j|^2 = |w_i|^2 - 2 c_i (w_i . w_j) + c_i^2 |w_j|^2
-        norms.add_(column * (column * norms[j] - 2 * torch.mv(w, wj)))
-        w.addr_(column, wj, alpha=-1.0)
-        w[j] = 0.0
-        norms[j] = 0.0
-        alive[j] = False
-    del u, hinv
+    if removals > 0:
+        hinv = _inverse(fit.xx, shift, work)
+        if hinv is None and work != torch.float64:  # too ill-conditioned for `work`
+            hinv = _inverse(fit.xx, shift, torch.float64)
+        if hinv is None:
+            raise SliceGPTError("pruning MLP neurons: the least-squares statistics are not finite; "
+                                "try a larger --ridge")
+        w = (hinv @ b.to(hinv.dtype)).to(work)
+        hinv = hinv.to(work)
+        norms = w.pow(2).sum(1)  # |W_i|^2, kept up to date below (in place: no n x n temporaries)
+        diagonal = hinv.diagonal().clone()  # of the current H^-1
+        # the current H^-1 is hinv - U U^T, U's columns added one per removal: a column of it
+        # costs O(n t), where updating H^-1 itself would read and write all n^2 entries every time
+        u = torch.empty(n, removals, dtype=work, device=hinv.device)
+        inf = torch.tensor(torch.inf, dtype=work, device=w.device)
+        for t in range(removals):
+            j = int(torch.where(alive, norms / diagonal, inf).argmin())
+            current = hinv[j] - u[:, :t] @ u[j, :t]  # H^-1 is symmetric: its row j, contiguous
+            column = current / current[j]
+            u[:, t] = current / current[j].sqrt()
+            diagonal.sub_(current * column)
+            wj = w[j].clone()
+            # |w_i - c_i w_j|^2 = |w_i|^2 - 2 c_i (w_i . w_j) + c_i^2 |w_j|^2
+            norms.add_(column * (column * norms[j] - 2 * torch.mv(w, wj)))
+            w.addr_(column, wj, alpha=-1.0)
+            w[j] = 0.0
+            norms[j] = 0.0
+            alive[j] = False
+        del u, hinv, w
     alive[:rows.start] = True
     alive[rows.stop:] = True
-    error_fit = fit.error(w)
     kept = alive.nonzero().flatten()
-    return w[kept], kept, error_prior, error_fit
+    # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I
+    h = fit.xx[kept][:, kept]
+    h.diagonal().add_(shift)
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0:
+        raise SliceGPTError("pruning MLP neurons: the least-squares statistics are not finite; try a larger --ridge")
+    bk = b[kept]
+    w = torch.cholesky_solve(bk, h)
+    del h
+    # its error against the sums, with w^T (X^T X_KK + shift I) w = w . b_K and X^T Y_K = b_K - lam P_K
+    wb = (w * bk).sum()
+    total = wb - shift * w.pow(2).sum() - 2 * (wb - lam * (w * prior[kept]).sum()) + fit.yy
+    return w, kept, error_prior, float(total.clamp_min(0)) / max(fit.tokens, 1)
 
 
 @dataclass

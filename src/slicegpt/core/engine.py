@@ -521,10 +521,11 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
                 priors.append(bias.to(torch.float64)[None, :])
     prior = torch.cat(priors)
     fit = LeastSquares(prior.shape[0], d, device)
+    # The writers' inputs are all the fit needs of this pass: each writer only records its input
+    # and returns zeros (the stream after the step is X W with the fitted W, below), which saves
+    # an output matmul per branch over every batch
     captured: dict[int, torch.Tensor] = {}
-    handles = [target[0].register_forward_pre_hook(
-        lambda module, args, i=i: captured.__setitem__(i, args[0])) for i, (_, target, _) in enumerate(blocks)
-        if target is not None]
+    stubbed: list[nn.Module] = []
     q_t = q.T.to(dtype)
 
     def full(z: torch.Tensor) -> torch.Tensor:  # the sliced stream in the original basis
@@ -532,6 +533,10 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
 
     inputs = run.new_cache()
     try:
+        for i, (_, target, _) in enumerate(blocks):
+            if target is not None:
+                target[0].forward = _recording(captured, i, output_matrix(target)[0].shape[0])
+                stubbed.append(target[0])
         for b in range(n):
             z, hd = cache.get(b, device), cache.get(n + b, device)
             kwargs, mask = run.arguments.get(li, b, device), run.masks[b].to(device)
@@ -550,7 +555,8 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             inputs.append(x)
         kept = None
         if neurons is not None:
-            w, kept, error_prior, error_fit = prune(fit.reduce(run.ranks), prior, run.ridge, neurons[1], run.neurons)
+            w, kept, error_prior, error_fit = prune(fit.reduce(run.ranks), prior, run.ridge, neurons[1], run.neurons,
+                                                        work=torch.float64 if dtype == torch.float64 else torch.float32)
             run.ranks.same(w, kept)
         else:
             w, error_prior, error_fit = run.solve(fit, prior)
@@ -564,8 +570,8 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             check_finite(h, f"of layer {li} ({_step_name(group)})")
             cache.put(b, h)
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in stubbed:
+            del module.forward
         inputs.close()
     outcome.fits.append(FitRecord(step, "writers", error_prior, error_fit))
     if neurons is not None:
@@ -582,6 +588,14 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
         row += width
         set_output_matrix(target, block, w[row] if has_bias else None)
         row += int(has_bias)
+
+
+def _recording(captured: dict[int, torch.Tensor], index: int, width: int):
+    """A writer's forward for compensation's sliced pass: keep the input, skip the product."""
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        captured[index] = x
+        return x.new_zeros(*x.shape[:-1], width)
+    return forward
 
 
 @torch.no_grad()
