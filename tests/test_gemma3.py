@@ -7,11 +7,14 @@ installs them); the first load dequantizes it (about a minute) and caches safete
 import copy
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import slicegpt
 from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
+
+pytestmark = pytest.mark.slow  # over a minute each: `pytest -m slow` (the default run leaves them out)
 
 
 def test_gemma3_slices_saves_loads_and_generates(tmp_path):

@@ -42,6 +42,7 @@ def test_default_model_slices_saves_loads_and_generates(tmp_path):
     assert len(text.split()) >= 3 and dense_text
 
 
+@pytest.mark.slow
 def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     """Uniform rotation on the real default: plain transformers loads the directory, and the
     GGUF file (tokenizer copied from the source GGUF) loads back through transformers' reader."""
@@ -79,6 +80,7 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     assert tokens == tokenizer(text)["input_ids"]  # SmolLM2's own pre-tokenizer, copied from the source GGUF
 
 
+@pytest.mark.slow
 def test_default_model_streamed_from_its_gguf_equals_the_in_memory_slice(tmp_path):
     """`slice_and_save("default")`: the GGUF is converted to the safetensors cache, read one layer at a
     time, written in shards; the result is the in-memory API's, bit for bit, and generates the same text."""

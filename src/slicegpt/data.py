@@ -137,12 +137,13 @@ def split_text(text: str, fraction: float = 0.9) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def tokenize(tokenizer, text: str, piece_chars: int = 1 << 16) -> torch.Tensor:
+def tokenize(tokenizer, text: str, piece_chars: int = 1 << 16, group: int = 16) -> torch.Tensor:
     """Token ids of a whole text as one 1-D tensor (no special tokens).
 
     The text is cut after line breaks into pieces of about `piece_chars` characters and
-    encoded piece by piece: a multi-MB text in one call holds hundreds of MB of encoding
-    objects at once. Pieces end with a newline, so no word is split.
+    encoded `group` pieces per call: a multi-MB text in one call holds hundreds of MB of
+    encoding objects at once, and one piece per call leaves all but one core idle. Pieces end
+    with a newline, so no word is split, and each is encoded on its own either way.
     """
     pieces, start = [], 0
     while start < len(text):
@@ -150,8 +151,10 @@ def tokenize(tokenizer, text: str, piece_chars: int = 1 << 16) -> torch.Tensor:
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    ids = [torch.tensor(tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"],
-                        dtype=torch.long) for piece in pieces]
+    ids = []
+    for first in range(0, len(pieces), group):  # a few pieces per call: fast tokenizers encode them in parallel
+        encoded = tokenizer(pieces[first:first + group], add_special_tokens=False, return_attention_mask=False)
+        ids += [torch.tensor(piece, dtype=torch.long) for piece in encoded["input_ids"]]
     return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
 

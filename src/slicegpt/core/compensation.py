@@ -208,7 +208,7 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     alive[rows.stop:] = True
     kept = alive.nonzero().flatten()
     # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I
-    h = fit.xx[kept][:, kept]
+    h = fit.xx[kept[:, None], kept]  # k x k directly (no k x n intermediate)
     h.diagonal().add_(shift)
     info = torch.zeros((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(h, out=(h, info))
