@@ -14,7 +14,8 @@ tokens by default) and held-out text as bench/slice_default.py:
   larger than the paper's sliced one. Implemented here only, as a baseline.
 
 Every parameter is counted (skip, entry and branch-output matrices, an untied head). "x floor"
-is slicing wall time over one dense forward pass through the decoder over the calibration tokens.
+is slicing wall time over one dense forward pass through the decoder over the calibration tokens,
+timed in the row's own process just before it slices (`common.dense_floor`).
 
     .venv/bin/python bench/quality.py                                 # SmolLM2, 25%
     .venv/bin/python bench/quality.py --sparsities 0.1,0.2,0.3 --rows paper,default
@@ -32,7 +33,7 @@ import time
 
 import torch
 
-from common import add_data_arguments, evaluation  # bench/common.py
+from common import add_data_arguments, dense_floor, evaluation  # bench/common.py
 
 ROWS = {
     "paper": {"method": "paper"},
@@ -104,11 +105,9 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     model, tokenizer, calibration = _load(args)
     windows = evaluation(tokenizer, args)
+    floor = dense_floor(model, calibration, args.batch_size).seconds
     if args.child == "dense":
-        with measure() as m:
-            for ids, mask in calibration.batches(args.batch_size):
-                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        return {"floor_seconds": m.seconds, "perplexity": slicegpt.perplexity(model, windows, progress=False),
+        return {"floor_seconds": floor, "perplexity": slicegpt.perplexity(model, windows, progress=False),
                 "parameters": slicegpt.count_parameters(model)}
     sparsity, name = args.child.split("/", 1)
     sparsity = float(sparsity)
@@ -118,7 +117,7 @@ def child(args) -> dict:
             dropped = remove_blocks(model, calibration, budget, args.batch_size)
         model.config.use_cache = False
         return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
-                "parameters": slicegpt.count_parameters(model), "dropped": dropped}
+                "parameters": slicegpt.count_parameters(model), "dropped": dropped, "floor_seconds": floor}
     options = dict(ROWS[name])
     if name == "default at paper size":  # the paper's count from its row of this run
         options["parameters"] = (json.loads(args.budget) + 0.5) / slicegpt.count_parameters(model)
@@ -127,7 +126,7 @@ def child(args) -> dict:
                                              progress=False, **options)
     return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
             "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation,
-            "mlp_neurons": config.mlp_neurons}
+            "mlp_neurons": config.mlp_neurons, "floor_seconds": floor}
 
 
 def main() -> None:
@@ -179,7 +178,7 @@ def main() -> None:
             results.append({"sparsity": float(sparsity), "row": name, **r})
             print(f"| {float(sparsity):.0%} | {label} | {r['perplexity']:.2f} | {r['parameters'] / 1e6:.1f}M | "
                   f"{r['parameters'] / dense['parameters']:.3f} | {r['seconds']:.1f} | "
-                  f"{r['seconds'] / dense['floor_seconds']:.2f} |", flush=True)
+                  f"{r['seconds'] / r['floor_seconds']:.2f} |", flush=True)
     print(f"\n(total {time.time() - started:.0f} s)")
     print(json.dumps({"dense": dense, "rows": results}))
 
