@@ -472,8 +472,8 @@ def _refit(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], spec
                 mask = run.masks[b].to(device)
                 for name in norms:
                     reads[name].update(get_path(layer, name)(z_full) @ q_d, normed[name], mask)
-        for handle in handles:
-            handle.remove()
+        while handles:  # the dense pass alone is captured (and `finally` finds none left)
+            handles.pop().remove()
         maps = {}
         for name, fit in reads.items():
             m, error_prior, error_fit = run.solve(fit, q.T.to(torch.float64))
