@@ -127,29 +127,39 @@ class LeastSquares:
         lam = ridge * float(self.xx.diagonal().sum()) / n
         if lam <= 0:  # no signal at all: keep the prior
             return prior.clone(), error_prior, error_prior
-        self.xx.diagonal().add_(lam)
         self.xy.add_(prior, alpha=lam)  # b = X^T Y + lam P
-        info = torch.zeros((), dtype=torch.int32, device=self.xx.device)
-        torch.linalg.cholesky_ex(self.xx, out=(self.xx, info))  # in place: X^T X + lam I is positive definite
-        if int(info) != 0:
-            raise SliceGPTError("compensation's least-squares fit has non-finite statistics; "
-                                "try --compensate off or a larger --ridge")
-        w = torch.cholesky_solve(self.xy, self.xx)
-        self.xx = None
-        # the fit's error against the original sums, with w^T (X^T X + lam I) w = w . b
-        wb = (w * self.xy).sum()
-        total = wb - lam * w.pow(2).sum() - 2 * (wb - lam * (w * prior).sum()) + self.yy
-        self.xy = None
-        return w, error_prior, float(total.clamp_min(0)) / max(self.tokens, 1)
+        w, error_fit = _ridge_solution(self.xx, self.xy, prior, lam, lam, self.yy, self.tokens,
+                                       "compensation's least-squares fit has non-finite statistics; "
+                                       "try --compensate off or a larger --ridge")
+        self.xx = self.xy = None
+        return w, error_prior, error_fit
 
 
-def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor | None:
-    """(xx + shift I)^-1 in `dtype` by Cholesky (factorised in place), or None if that fails."""
-    h = xx.to(dtype, copy=True)
+def _factor(h: torch.Tensor, shift: float) -> bool:
+    """Factorise h + shift I by Cholesky in place (h becomes its lower factor); whether that worked."""
     h.diagonal().add_(shift)
     info = torch.zeros((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(h, out=(h, info))
-    if int(info) != 0 or not bool(torch.isfinite(h.diagonal()).all()):
+    return int(info) == 0
+
+
+def _ridge_solution(xx: torch.Tensor, b: torch.Tensor, prior: torch.Tensor, shift: float, lam: float, yy: float,
+                    tokens: int, failure: str) -> tuple[torch.Tensor, float]:
+    """W solving (X^T X + shift I) W = b, b = X^T Y + lam P, with its per-token calibration error
+    against the sums. `xx` (X^T X) is factorised in place; `failure` is the error if it cannot be."""
+    if not _factor(xx, shift):
+        raise SliceGPTError(failure)
+    w = torch.cholesky_solve(b, xx)
+    # the error from w^T (X^T X + shift I) w = w . b and X^T Y = b - lam P
+    wb = (w * b).sum()
+    total = wb - shift * w.pow(2).sum() - 2 * (wb - lam * (w * prior).sum()) + yy
+    return w, float(total.clamp_min(0)) / max(tokens, 1)
+
+
+def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """(xx + shift I)^-1 in `dtype` by Cholesky, or None if that fails."""
+    h = xx.to(dtype, copy=True)
+    if not _factor(h, shift) or not bool(torch.isfinite(h.diagonal()).all()):
         return None
     return torch.cholesky_inverse(h)
 
@@ -207,20 +217,11 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     alive[:rows.start] = True
     alive[rows.stop:] = True
     kept = alive.nonzero().flatten()
-    # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I
-    h = fit.xx[kept[:, None], kept]  # k x k directly (no k x n intermediate)
-    h.diagonal().add_(shift)
-    info = torch.zeros((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(h, out=(h, info))
-    if int(info) != 0:
-        raise SliceGPTError("pruning MLP neurons: the least-squares statistics are not finite; try a larger --ridge")
-    bk = b[kept]
-    w = torch.cholesky_solve(bk, h)
-    del h
-    # its error against the sums, with w^T (X^T X_KK + shift I) w = w . b_K and X^T Y_K = b_K - lam P_K
-    wb = (w * bk).sum()
-    total = wb - shift * w.pow(2).sum() - 2 * (wb - lam * (w * prior[kept]).sum()) + fit.yy
-    return w, kept, error_prior, float(total.clamp_min(0)) / max(fit.tokens, 1)
+    # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I (k x k gathered directly)
+    w, error_fit = _ridge_solution(fit.xx[kept[:, None], kept], b[kept], prior[kept], shift, lam, fit.yy,
+                                   fit.tokens, "pruning MLP neurons: the least-squares statistics are not "
+                                   "finite; try a larger --ridge")
+    return w, kept, error_prior, error_fit
 
 
 @dataclass
