@@ -93,14 +93,21 @@ def _cases() -> list[Case]:
     # (the families with MLP neurons keep the stream sliced in their default/ cases, --mlp-width 1: the
     # numbers pinned before neurons; default-neurons/ pins the neurons default, and tests/test_mlp.py
     # checks its pruning against the direct least-squares fit)
-    stream = {"mlp_width": 1.0}
+    # The cases made before compensation's dense share pin the dense stream on every window
+    # (dense_share 1.0, the numbers of then); default-neurons/ follows the default share, and
+    # local-targets/ has none (every target the dense weights' output on the sliced input).
+    stream = {"mlp_width": 1.0, "dense_share": 1.0}
+    exact = {"dense_share": 1.0}
     for family in ("llama", "qwen2", "gemma3_text", "phi", "gpt2", "opt", "gpt_neox"):
         cases.append(Case(f"default/{family}", family, {"method": "default",
-                                                         **(stream if family in NEURONS else {})}))
+                                                         **(stream if family in NEURONS else exact)}))
     for family in NEURONS:  # the default with neurons (--mlp-width auto): the stream unrotated, a stock model
         cases.append(Case(f"default-neurons/{family}", family, {"method": "default"}))
-    cases.append(Case("compensation-all/llama", "llama", {"method": "paper", "compensate": "all"}))
-    cases.append(Case("compensation-writers/gemma2", "gemma2", {"method": "paper", "compensate": "writers"}))
+    cases.append(Case("default-neurons/llama/dense-everywhere", "llama", {"method": "default", **exact}))
+    cases.append(Case("local-targets/llama", "llama", {"method": "default", "dense_share": 0.0}))
+    cases.append(Case("compensation-all/llama", "llama", {"method": "paper", "compensate": "all", **exact}))
+    cases.append(Case("compensation-writers/gemma2", "gemma2", {"method": "paper", "compensate": "writers",
+                                                                **exact}))
     cases.append(Case("adaptive-widths/llama", "llama", {"method": "paper", "widths": "adaptive"}, sparsity=0.4))
     cases.append(Case("parameters-0.8/llama", "llama", {"method": "default", "parameters": 0.8, **stream}))
     cases.append(Case("parameters-0.8-adaptive/llama", "llama", {"method": "default", "parameters": 0.8,

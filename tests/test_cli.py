@@ -71,6 +71,13 @@ def test_sparsity_out_of_range(tiny_model_dir, tmp_path, sparsity):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("share", ["1.5", "-0.25"])
+def test_dense_share_out_of_range(tiny_model_dir, tmp_path, share):
+    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--dense-share", share, "--out", tmp_path / "o")
+    assert_one_line_error(result, r"dense share must be in \[0, 1\]")
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model_path(tmp_path):
     assert_one_line_error(run("eval", tmp_path / "nope"), "not found")
     assert_one_line_error(run("eval", "./nope.gguf"), "not found")

@@ -12,7 +12,8 @@ from conftest import FAMILIES, make_model
 from slicegpt.adapters import get_adapter
 from slicegpt.adapters.base import branch_groups
 from slicegpt.core.budget import parameter_model
-from slicegpt.core.compensation import LeastSquares
+from slicegpt.core.compensation import LeastSquares, dense_first_batches
+from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import slice_layers, slice_uniform, uniform_ties
 from slicegpt.core.invariance import ties_head
 from slicegpt.core.onload import ResidentModel
@@ -50,6 +51,70 @@ def test_ridge_fit_toward_the_prior_never_loses_to_it_and_keeps_an_exact_prior()
     masked.update(x[:4][None], (x[:4] @ true)[None] + 1e3 * torch.tensor([0, 0, 0, 1.0])[None, :, None],
                   mask=torch.tensor([[1, 1, 1, 0]]))
     assert masked.tokens == 3 and masked.error(true) < 1e-10  # padding is not fitted
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batches_without_targets_are_fitted_to_the_priors_output(dtype):
+    """With a prior P, batches may come without targets (the dense stream ran on a share of the
+    windows only): the sums are those of the targets X P for them, across merges (ranks) too."""
+    torch.manual_seed(0)
+    n, m = 9, 4
+    prior = torch.randn(n, m, dtype=torch.float64)
+    xs = [torch.randn(3, 20, n, dtype=torch.float64) * torch.linspace(0.2, 2, n, dtype=torch.float64)
+          for _ in range(5)]
+    ys = [x @ prior + 0.3 * torch.randn(3, 20, m, dtype=torch.float64) for x in xs[:2]]
+    ys += [x @ prior for x in xs[2:]]  # what the fit takes them to be
+    whole = LeastSquares(n, m)  # float64 reference: every target given
+    for x, y in zip(xs, ys):
+        whole.update(x, y)
+    mixed, other = LeastSquares(n, m, prior=prior), LeastSquares(n, m, prior=prior)
+    mixed.update(xs[0].to(dtype), ys[0].to(dtype))  # one "rank": a batch with targets, two without
+    mixed.update(xs[2].to(dtype))
+    mixed.update(xs[3].to(dtype))
+    other.update(xs[1].to(dtype), ys[1].to(dtype))  # another: targets only, then one without
+    other.update(xs[4].to(dtype))
+    mixed.merge(other)
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
+    assert mixed.tokens == whole.tokens == 300
+    assert torch.allclose(mixed.xx, whole.xx, **tol) and torch.allclose(mixed.xy, whole.xy, **tol)
+    assert mixed.yy == pytest.approx(whole.yy, rel=1e-9 if dtype == torch.float64 else 1e-5)
+    w = prior + 0.1
+    assert mixed.error(w) == pytest.approx(whole.error(w), rel=1e-8 if dtype == torch.float64 else 1e-4)
+    w_mixed, _, error_mixed = copy.deepcopy(mixed).solve(prior)
+    w_whole, _, error_whole = copy.deepcopy(whole).solve(prior)
+    assert torch.allclose(w_mixed, w_whole, atol=1e-8 if dtype == torch.float64 else 1e-4)
+    with pytest.raises(SliceGPTError, match="after one without"):
+        late = LeastSquares(n, m, prior=prior)
+        late.update(xs[2])
+        late.update(xs[0], ys[0])
+    with pytest.raises(SliceGPTError, match="needs a prior"):
+        LeastSquares(n, m).update(xs[0])
+    alone = LeastSquares(n, m, prior=prior)  # no batch with targets at all: the fit is the prior
+    for x in xs:
+        alone.update(x)
+    w, error_prior, error_fit = alone.solve(prior)
+    assert torch.allclose(w, prior, atol=1e-10) and error_prior < 1e-9 and error_fit < 1e-9
+
+
+def test_the_dense_windows_are_the_same_for_any_number_of_ranks(calibration):
+    """The dense stream runs on the first ceil(share * n) windows of all n (whole batches), batched
+    ahead of the others on whichever rank holds them, so two ranks fit what one process fits."""
+    from types import SimpleNamespace
+
+    ids = calibration.input_ids  # 8 windows in batches of 3: the dense ones are rounded up to whole batches
+    for share, k in ((0.125, 3), (0.25, 3), (0.5, 6), (0.8, 8), (0.0, 0)):
+        batches, dense = dense_first_batches(calibration, 3, Ranks(), share)
+        assert dense == -(-k // 3) and sum(len(b[0]) for b in batches) == len(ids)
+        assert torch.equal(torch.cat([b[0] for b in batches[:dense]] or [ids[:0]]), ids[:k])
+        seen = []
+        for rank in (0, 1):
+            ranks = SimpleNamespace(share=lambda n, r=rank: list(range(r, n, 2)))
+            batches, dense = dense_first_batches(calibration, 3, ranks, share)
+            seen += [row for b in batches[:dense] for row in b[0]]
+            assert all(len(b[0]) <= 3 for b in batches)
+        assert sorted(map(tuple, seen)) == sorted(map(tuple, ids[:k]))
+    batches, dense = dense_first_batches(calibration, 3, Ranks(), 1.0)
+    assert dense is None and len(batches) == 3
 
 
 @pytest.mark.parametrize("n", [7, 300, 600])  # one band of the Gram, several, uneven bands
@@ -97,26 +162,52 @@ def test_compensation_at_sparsity_zero_changes_nothing(family, rotation, exact_n
 
 
 @pytest.mark.parametrize("rotation", ["per-layer", "uniform"])
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi", "gpt2", "opt"])
-def test_compensation_never_makes_a_step_worse(family, rotation, calibration):
+@pytest.mark.parametrize("family, dense_share", [("llama", 1.0), ("llama", 0.25), ("gemma3_text", 0.25),
+                                                 ("phi", 1.0), ("gpt2", 0.25), ("opt", 1.0)])
+def test_compensation_never_makes_a_step_worse(family, dense_share, rotation, calibration):
     """Per step, each fit's calibration error (the dense model's output of the step against
-    the sliced model's) is at most that of the paper's weights, in the same run."""
+    the sliced model's; with a dense share below 1, the dense weights' output on the sliced
+    input on the other windows) is at most that of the paper's weights, in the same run."""
     model = make_model(family, torch.float64)
     adapter = get_adapter(model.config)
     view = ResidentModel(model)
+    batches, dense = dense_first_batches(calibration, 4, Ranks(), dense_share)
+    assert (dense is None) == (dense_share == 1) and len(batches) > (dense or 0)  # windows without the dense stream
     if rotation == "uniform":
         if family in ("gpt2", "opt"):
             pytest.skip("uniform rotation is exact only where the stock class allows it; compensation is the same code")
-        outcome = slice_uniform(view, adapter, calibration.batches(4), 40, progress=False, compensate="all")
+        outcome = slice_uniform(view, adapter, batches, 40, progress=False, compensate="all", dense_batches=dense)
     else:
-        outcome = slice_layers(view, adapter, calibration.batches(4), [40] * (_steps(model) + 1), progress=False,
-                               compensate="all", slice_head=adapter.slice_head_required)
+        outcome = slice_layers(view, adapter, batches, [40] * (_steps(model) + 1), progress=False,
+                               compensate="all", slice_head=adapter.slice_head_required, dense_batches=dense)
     steps = {f.step for f in outcome.fits}
     assert steps == set(range(_steps(model)))
     assert any(f.part == "writers" for f in outcome.fits) and any(f.part.startswith("readers") for f in outcome.fits)
     for f in outcome.fits:
         assert f.error_fitted <= f.error_paper * (1 + 1e-9) + 1e-15, f
     assert sum(f.error_fitted for f in outcome.fits) < sum(f.error_paper for f in outcome.fits)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_without_dense_targets_the_fits_keep_the_papers_weights(family, exact_norms, calibration):
+    """Dense share 0: every target is the dense weights' output on the sliced input, which the
+    paper's weights meet exactly, so stream-sliced compensation gives the paper's model; with
+    neurons to prune the fit still prunes them (and differs)."""
+    ids = calibration.input_ids[:2]
+    paper, _ = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids, 0.25,
+                                    method="paper", progress=False)
+    local, config = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids, 0.25,
+                                         mlp_width=1.0, dense_share=0.0, progress=False)
+    assert config.compensate == "writers" and config.dense_share == 0.0
+    assert config.compensation["writers"]["error_fitted"] == 0.0
+    with torch.no_grad():
+        expected = paper(ids).logits
+        assert torch.allclose(local(ids).logits, expected, atol=1e-10, rtol=0)
+    if family == "llama":
+        pruned, config = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids, 0.25,
+                                              dense_share=0.0, progress=False)
+        assert config.mlp_neurons is not None and config.mlp_neurons < config.mlp_neurons_dense
+        assert config.compensation["writers"]["error_fitted"] > 0.0
 
 
 @pytest.mark.parametrize("mode", ["tied", "untied", "slice-head", "uniform"])
@@ -224,6 +315,9 @@ def test_bad_lever_settings_are_refused_in_one_line(calibration):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, method="best")
     with pytest.raises(SliceGPTError, match="widths must be one of"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, widths="random")
+    for share in (-0.1, 1.5, float("nan")):
+        with pytest.raises(SliceGPTError, match="dense share must be in"):
+            slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, dense_share=share)
     with pytest.raises(SliceGPTError, match="compensate must be one of"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, compensate="some")
     with pytest.raises(SliceGPTError, match="adaptive widths apply to per-layer"):

@@ -17,7 +17,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model
 from slicegpt.core.bases import sliced_dim
-from slicegpt.core.compensation import RIDGE, summarize
+from slicegpt.core.compensation import DENSE_SHARE, RIDGE, check_dense_share, dense_first_batches, summarize
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import COMPENSATIONS, per_layer_ties, uniform_ties
 from slicegpt.core.widths import WIDTHS, plan_widths
@@ -45,7 +45,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 rotation: str = "per-layer", standard: bool = True, accept_deviation: bool = False,
                 fit_tied_head: bool = False, pooling: str = "unit-trace", method: str = "default",
                 compensate: str | bool | None = None, widths: str | None = None, parameters: float | None = None,
-                ridge: float = RIDGE, mlp_width: float | str | None = None,
+                ridge: float = RIDGE, mlp_width: float | str | None = None, dense_share: float = DENSE_SHARE,
                 progress: bool = True) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` with SliceGPT and return the sliced model with the record of what was done.
 
@@ -67,7 +67,9 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     `method="default"` turns on every lever measured to help (README, "Quality");
     `method="paper"` is the paper's algorithm. Each lever can be set alone: `compensate`
     ("writers": refit each step's output weights against the dense model, `core.compensation`,
-    with `ridge`; "all": its input weights too; "off"),
+    with `ridge`; "all": its input weights too; "off"; the dense model runs on `dense_share` of
+    the calibration batches, 1 = all of them: the fits' targets on the others are the dense
+    weights' output on the sliced input),
     `widths` ("adaptive": each boundary its own width within the same parameter count;
     "equal"), `parameters` (a fraction of the dense parameter count, every added matrix
     counted, instead of `sparsity`), and `mlp_width` (prune MLP neurons in compensation's
@@ -79,6 +81,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     calibrates on its share of the windows and all return the same sliced model.
     """
     compensate, widths, mlp = resolve_levers(method, compensate, widths, rotation, mlp_width)
+    check_dense_share(dense_share)
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
         source_model = str(model)
@@ -113,12 +116,14 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     ranks = Ranks.current()
     ranks.agree({"sparsity": sparsity, "rotation": rotation, "method": method, "compensate": compensate,
                  "widths": widths, "parameters": parameters, "ridge": ridge, "round_to": round_to, "mlp": mlp,
+                 "dense_share": dense_share,
                  "batch_size": batch_size, "slice_head": slice_head, "keep_tied_head": keep_tied_head,
                  "fit_tied_head": fit_tied_head, "pooling": pooling, "calibration": calibration_info,
                  "windows": [len(windows), windows.input_ids.shape[1], windows.tokens]})
     if len(windows) < ranks.world_size:
         raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes")
-    batches = ranks.part(windows).batches(batch_size)
+    batches, dense_batches = dense_first_batches(windows, batch_size, ranks,
+                                                 dense_share if compensate != "off" else 1.0)
     progress = progress and ranks.writer
     check_rotation(rotation, pooling, fit_tied_head)
     view = ResidentModel(model)
@@ -134,12 +139,13 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     outcome = slice_resident(model, adapter, batches, plan[0], rotation=rotation,
                              slice_head=slice_head, keep_tied_head=keep_tied_head, fit_tied_head=fit_tied_head,
                              pooling=pooling, progress=progress, compensate=compensate, ridge=ridge, widths=plan,
-                             ranks=ranks, neurons=neurons, identity=identity)
+                             ranks=ranks, neurons=neurons, identity=identity, dense_batches=dense_batches)
     config = SlicingConfig(
         sparsity=sparsity if parameters is None and neurons is None else effective_sparsity(plan, hidden),
         hidden_size=hidden,
         sliced_hidden_size=round(sum(plan[:-1]) / (len(plan) - 1)) if not uniform else plan[0],
-        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None, widths_rule=widths,
+        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None,
+        dense_share=dense_share if compensate != "off" else None, widths_rule=widths,
         parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
         mlp_width=mlp, mlp_neurons=neurons, mlp_neurons_dense=dense_neurons(model, adapter) if neurons else None,
         model_type=model.config.model_type, family=adapter.family, rotation=rotation, round_to=round_to,
@@ -241,20 +247,22 @@ def slice_resident(model: nn.Module, adapter, batches, dim: int, *, rotation: st
                    slice_head: bool = False, keep_tied_head: bool = True, fit_tied_head: bool = False,
                    pooling: str = "unit-trace", progress: bool = True, compensate: str = "off",
                    ridge: float = RIDGE, widths: list[int] | None = None, ranks: Ranks | None = None,
-                   neurons: int | None = None, identity: bool = False):
+                   neurons: int | None = None, identity: bool = False, dense_batches: int | None = None):
     """Slice a model held in memory, in place, with one width `dim` at every boundary (or `widths`).
 
-    `batches`: this rank's share of the calibration windows when `ranks` is distributed."""
+    `batches`: this rank's share of the calibration windows when `ranks` is distributed; the
+    dense model runs on the first `dense_batches` of them (None: all; `dense_first_batches`)."""
     check_rotation(rotation, pooling, fit_tied_head)
     view = ResidentModel(model)
     if rotation == "uniform":
         return slice_uniform(view, adapter, batches, widths[0] if widths else dim, fit_tied_head=fit_tied_head,
                              unit_trace=pooling == "unit-trace", progress=progress, compensate=compensate,
-                             ridge=ridge, ranks=ranks, neurons=neurons, identity=identity)
+                             ridge=ridge, ranks=ranks, neurons=neurons, identity=identity,
+                             dense_batches=dense_batches)
     steps = len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches))
     return slice_layers(view, adapter, batches, widths or [dim] * (steps + 1), slice_head=slice_head,
                         keep_tied_head=keep_tied_head, progress=progress, compensate=compensate, ridge=ridge,
-                        ranks=ranks, neurons=neurons)
+                        ranks=ranks, neurons=neurons, dense_batches=dense_batches)
 
 
 def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: bool = False,

@@ -21,7 +21,7 @@ import torch
 
 from slicegpt.adapters import supported_model_types
 from slicegpt.atomic import refuse_existing
-from slicegpt.core.compensation import RIDGE
+from slicegpt.core.compensation import DENSE_SHARE, RIDGE
 from slicegpt.core import distributed
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
@@ -87,6 +87,7 @@ def cmd_slice(args) -> None:
     run = slice_and_save(
         args.model, out, args.sparsity if args.sparsity is not None else 0.25, parameters=args.parameters,
         method=args.method, compensate=args.compensate, widths=args.widths, ridge=args.ridge,
+        dense_share=args.dense_share,
         mlp_width=args.mlp_width, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
         seed=args.seed, text_field=args.text_field, batch_size=args.batch_size, round_to=args.round_to,
         rotation=args.rotation, slice_head=args.slice_head, keep_tied_head=not args.untie_head,
@@ -104,7 +105,9 @@ def cmd_slice(args) -> None:
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
                            f"({figures['parameter_ratio']:.1%}, "
                            f"{'every matrix included' if uniform else 'skip matrices included'})")]
-    rows.append(("method", f"{config.method}: compensation {config.compensate}, "
+    share = (f" (dense targets on {config.dense_share:.0%} of the windows)"
+             if config.compensate != "off" and config.dense_share is not None else "")
+    rows.append(("method", f"{config.method}: compensation {config.compensate}{share}, "
                            f"{config.widths_rule} widths"
                            + (f" (budget {config.parameters_budget:.0%} of the dense parameters)"
                               if config.parameters_budget is not None else "")))
@@ -407,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLP neurons kept per layer, pruned in compensation's fit: auto (default; the size is met "
                         "by pruning neurons first, the stream unsliced and unrotated while at least 40%% of them "
                         "stay) or a fraction, 1 = none pruned (--method paper)")
+    p.add_argument("--dense-share", type=float, default=DENSE_SHARE, metavar="FRACTION",
+                   help="compensation: the share of the calibration windows the dense model also runs on "
+                        f"(default {DENSE_SHARE}; 1 = all, the most exact and slowest; 0 = none: the fits then only "
+                        "prune MLP neurons, and errors of earlier layers are not corrected)")
     p.add_argument("--ridge", type=float, default=RIDGE,
                    help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
     p.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)

@@ -25,6 +25,7 @@ class SlicingConfig:
     method: str = "paper"
     compensate: str = "off"  # "writers" (or "all": readers too) refitted against the dense model
     ridge: float | None = None  # compensation's relative regulariser
+    dense_share: float | None = None  # compensation: share of the calibration batches the dense stream ran on
     widths_rule: str = "equal"  # "adaptive": each boundary its own width within the budget
     parameters_budget: float | None = None  # --parameters: fraction of the dense count asked for
     widths: list = field(default_factory=list)  # one width per block boundary

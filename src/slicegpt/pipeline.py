@@ -27,7 +27,7 @@ from slicegpt.adapters import get_adapter
 from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
-from slicegpt.core.compensation import RIDGE, summarize
+from slicegpt.core.compensation import DENSE_SHARE, RIDGE, check_dense_share, dense_first_batches, summarize
 from slicegpt.core.distributed import Ranks, local_device
 from slicegpt.core.engine import Hooks, Progress, per_layer_ties, slice_layers, slice_uniform, uniform_ties
 from slicegpt.core.widths import plan_widths
@@ -110,7 +110,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                    restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
                    method: str = "default", compensate: str | bool | None = None, widths: str | None = None,
                    parameters: float | None = None, ridge: float = RIDGE, mlp_width: float | str | None = None,
-                   progress: bool = True) -> SliceRun:
+                   dense_share: float = DENSE_SHARE, progress: bool = True) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
     Only one decoder layer is on `device` at a time; the other weights wait on `weights`
@@ -121,8 +121,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     starts over). `checkpoint_every` layers the activations are saved for resuming. `speed`
     adds a quick throughput check of the dense and the sliced model (both loaded whole).
     `rotation="uniform"` writes a stock model of the family (plain `from_pretrained`).
-    `method`, `compensate`, `widths`, `parameters`, `ridge` and `mlp_width` are the quality
-    levers of `slicegpt.slice_model`.
+    `method`, `compensate`, `widths`, `parameters`, `ridge`, `mlp_width` and `dense_share` are
+    the quality levers of `slicegpt.slice_model`.
     """
     arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in locals().items()
                  if k not in ("progress", "offload_dir")}  # a scratch folder per node is fine
@@ -137,6 +137,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     sliced_dim(8, sparsity)  # validate before any slow work
     check_rotation(rotation, pooling, fit_tied_head)
     compensate, widths, mlp = resolve_levers(method, compensate, widths, rotation, mlp_width)
+    check_dense_share(dense_share)
     if parameters is not None and not 0.0 < parameters <= 2.0:
         raise SliceGPTError(f"--parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
     if not out:
@@ -189,6 +190,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                 "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
                 "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
                 "compensate": compensate, "ridge": ridge if compensate != "off" else None, "widths": widths,
+                "dense_share": dense_share if compensate != "off" else None,
                 "parameters": parameters, "mlp": mlp, "world_size": ranks.world_size,
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
                 "torch": torch.__version__, "slicegpt": _version()}
@@ -208,7 +210,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                                         eval_share, eval_batch_size, offload, offload_dir, progress,
                                                         ranks)
 
-    calibration_batches = share.batches(batch_size)
+    calibration_batches, dense_batches = dense_first_batches(windows, batch_size, ranks,
+                                                             dense_share if compensate != "off" else 1.0)
     with measure(device) as m:
         tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
                 else per_layer_ties(view, adapter, keep_tied_head, slice_head))
@@ -230,12 +233,12 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
             outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
                                     unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
                                     offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
-                                    ranks=ranks, neurons=neurons, identity=identity)
+                                    ranks=ranks, neurons=neurons, identity=identity, dense_batches=dense_batches)
         else:
             outcome = slice_layers(view, adapter, calibration_batches, plan, slice_head=slice_head,
                                    keep_tied_head=keep_tied_head, progress=progress, hooks=run_dir,
                                    offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
-                                   ranks=ranks, neurons=neurons)
+                                   ranks=ranks, neurons=neurons, dense_batches=dense_batches)
 
     staging = run_dir.staging
     if ranks.writer:
@@ -244,7 +247,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     config = SlicingConfig(
         sparsity=sparsity if parameters is None and neurons is None else effective_sparsity(plan, hidden),
         hidden_size=hidden, sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
-        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None, widths_rule=widths,
+        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None,
+        dense_share=dense_share if compensate != "off" else None, widths_rule=widths,
         parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
         mlp_width=mlp, mlp_neurons=neurons, mlp_neurons_dense=dense_neurons(view.model, adapter) if neurons else None,
         model_type=source_config.model_type,
@@ -257,7 +261,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         spectra=outcome.spectra,
         distributed={"world_size": ranks.world_size, "samples_per_rank": ranks.gather(len(share)),
                      "tokens_per_rank": ranks.gather(share.tokens)})
-    figures.update(method=method, compensate=compensate, widths=widths, mlp_neurons=neurons,
+    figures.update(method=method, compensate=compensate, dense_share=config.dense_share, widths=widths,
+                   mlp_neurons=neurons,
                    rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
                    parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
                    parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,

@@ -162,7 +162,8 @@ class _Run:
 
     def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
                  progress: bool, offload: str, offload_dir, compensate: str = "off", ridge: float = RIDGE,
-                 ranks: Ranks | None = None, neurons: int | None = None, identity: bool = False) -> None:
+                 ranks: Ranks | None = None, neurons: int | None = None, identity: bool = False,
+                 dense_batches: int | None = None) -> None:
         self.ranks = ranks or Ranks()  # `batches` is this rank's share of the calibration windows
         self.view, self.adapter, self.hooks = view, adapter, hooks
         self.progress = progress and self.ranks.writer
@@ -173,6 +174,14 @@ class _Run:
         if compensate not in COMPENSATIONS:
             raise SliceGPTError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
         self.compensate, self.fit_readers, self.ridge = compensate != "off", compensate == "all", ridge
+        # compensation: the dense stream runs on the first `dense_batches` batches (None: all; cache
+        # entries [n, n + that)); on the others a fit's target is the dense weights' output on the sliced input
+        if dense_batches is not None and not 0 <= dense_batches <= self.n:
+            raise SliceGPTError(f"internal error: {dense_batches} dense batches of {self.n}")
+        self.partial_dense = self.compensate and dense_batches is not None  # the same on every rank
+        self.dense_batches = 0 if not self.compensate else self.n if dense_batches is None else dense_batches
+        # whether any rank has dense batches (if none, a fit without neurons to prune returns P)
+        self.any_dense = self.compensate and (not self.partial_dense or self.ranks.sum_number(self.dense_batches) > 0)
         if neurons is not None and not self.compensate:
             raise SliceGPTError("pruning MLP neurons refits the down projection: it needs compensation "
                                 "(--compensate writers or all)")
@@ -262,11 +271,14 @@ def _step_name(group: tuple[Branch, ...]) -> str:
 def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], widths: Sequence[int], *,
                  slice_head: bool = False, keep_tied_head: bool = True, progress: bool = True,
                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
-                 ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None) -> SliceOutcome:
+                 ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None,
+                 dense_batches: int | None = None) -> SliceOutcome:
     """Per-layer rotation: each block boundary b gets its own basis of width `widths[b]`.
 
     `compensate` ("writers", or "all" for the readers too) refits every step against the dense
-    model (see `core.compensation`); the dense stream then travels beside the sliced one.
+    model (see `core.compensation`); the dense stream then travels beside the sliced one, on
+    the first `dense_batches` batches (None: all; the fits' targets on the others are the
+    dense weights' output on the sliced input, `compensation.dense_first_batches`).
     `neurons` (with compensation): each MLP keeps that many neurons, pruned in its writers' fit.
 
     `widths` has one entry per boundary: after the embeddings, then after every residual step
@@ -277,7 +289,8 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     vocab x d head (the paper's way).
     """
     hooks = hooks or Hooks()
-    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons)
+    run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons,
+               dense_batches=dense_batches)
     model, hidden, dtype, layers = run.model, run.hidden, run.dtype, run.layers
     n_steps = len(layers) * len(run.groups)
     if len(widths) != n_steps + 1:
@@ -313,7 +326,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                     rotate_output(resolve(model, path), q)
             q_dtype = q.to(dtype)
             for b in range(run.n):
-                if run.compensate:
+                if b < run.dense_batches:
                     cache.append(cache.get(b, run.device))  # the dense stream, entry n + b
                 cache.put(b, cache.get(b, run.device) @ q_dtype)
             run.write(0, run.ends)
@@ -384,7 +397,7 @@ def _per_layer_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, .
         done = _refit(run, layer, li, group, specs, q, prefix, outcome, step,
                       writers=not (exit_basis and any(b.post_norm for b in group)))
     elif run.compensate:  # MoE kernels: no fit, but the dense stream moves on
-        _dense_step(run, layer, li, group, specs, offset=run.n)
+        _dense_step(run, layer, li, group, specs, offset=run.n, count=run.dense_batches)
     if on_sliced and not run.compensate:
         rotate_reads(layer, prefix, group, adapter, q, run.hidden, outcome.module_attributes)
     q_t = q.T.to(dtype)
@@ -456,7 +469,7 @@ def _refit(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], spec
     handles = [get_path(layer, b.post_norm).register_forward_pre_hook(
         lambda module, args: seen.append(args[0])) for b in post]
     try:
-        for b in range(n):
+        for b in range(run.dense_batches):
             xd = cache.get(n + b, device)
             kwargs = run.arguments.get(li, b, device)
             normed: dict = {}
@@ -499,7 +512,9 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
     The fit's inputs X are kept per batch, so the stream after the step is z Q^T + X W
     without running the branch again. With `dense_out` (the dense writer's output before its
     branch-output norm, one batch per entry) the writer is fitted to that instead, and the
-    stream after the step is z + norm(X W)."""
+    stream after the step is z + norm(X W). Batches beyond the dense stream's share
+    (`run.dense_batches`) have the paper's weights' own output X P as their target; with
+    none in the share and no neurons to prune the fit would return P, so it is not made."""
     cache, device, dtype, n, d = run.cache, run.device, run.dtype, run.n, run.hidden
     # per fitted output: (branch, target, has a bias); target None: a post-norm's d x d matrix
     blocks: list[tuple[Branch, object, bool]] = []
@@ -520,7 +535,8 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
             if bias is not None:
                 priors.append(bias.to(torch.float64)[None, :])
     prior = torch.cat(priors)
-    fit = LeastSquares(prior.shape[0], d, device)
+    fitting = neurons is not None or run.any_dense
+    fit = LeastSquares(prior.shape[0], d, device, prior=prior if run.partial_dense else None)
     # The writers' inputs are all the fit needs of this pass: each writer only records its input
     # and returns zeros (the stream after the step is X W with the fitted W, below), which saves
     # an output matmul per branch over every batch
@@ -538,7 +554,7 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
                 target[0].forward = _recording(captured, i, output_matrix(target)[0].shape[0])
                 stubbed.append(target[0])
         for b in range(n):
-            z, hd = cache.get(b, device), cache.get(n + b, device)
+            z = cache.get(b, device)
             kwargs, mask = run.arguments.get(li, b, device), run.masks[b].to(device)
             normed: dict = {}
             outputs = {branch.name: run_branch(layer, specs[branch.name], z, kwargs, normed) for branch in group}
@@ -550,16 +566,22 @@ def _refit_writers(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ..
                 columns.append(captured[i])
                 if has_bias:
                     columns.append(torch.ones_like(captured[i][..., :1]))
-            x = torch.cat(columns, dim=-1)
-            fit.update(x, hd - full(z) if dense_out is None else dense_out.get(b, device), mask)
+            x = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
+            if b < run.dense_batches:
+                fit.update(x, cache.get(n + b, device) - full(z) if dense_out is None else dense_out.get(b, device),
+                           mask)
+            elif fitting:
+                fit.update(x, None, mask)  # the target X P
             inputs.append(x)
         kept = None
         if neurons is not None:
             w, kept, error_prior, error_fit = prune(fit.reduce(run.ranks), prior, run.ridge, neurons[1], run.neurons,
                                                         work=torch.float64 if dtype == torch.float64 else torch.float32)
             run.ranks.same(w, kept)
-        else:
+        elif fitting:
             w, error_prior, error_fit = run.solve(fit, prior)
+        else:  # every target is X P: the fit is P, exactly
+            w, error_prior, error_fit = prior, 0.0, 0.0
         del fit, prior
         w_d = w.to(dtype)
         post_norm = get_path(layer, group[0].post_norm) if dense_out is not None else None
@@ -603,7 +625,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                   fit_tied_head: bool = False, unit_trace: bool = True, progress: bool = True,
                   hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
                   ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None,
-                  identity: bool = False) -> SliceOutcome:
+                  identity: bool = False, dense_batches: int | None = None) -> SliceOutcome:
     """One rotation Q for the whole stream: no skip matrices, a stock model of the family.
 
     Two passes over the layers: statistics of the dense stream (the pooled covariance; see
@@ -621,7 +643,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     """
     hooks = hooks or Hooks()
     run = _Run(view, adapter, batches, hooks, progress, offload, offload_dir, compensate, ridge, ranks, neurons,
-               identity)
+               identity, dense_batches)
     model, hidden, layers = run.model, run.hidden, run.layers
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
@@ -703,7 +725,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                 q_dtype = q.to(run.dtype)
                 for b in range(run.n):
                     x = cache.get(b, run.device)
-                    cache.append(x)
+                    if b < run.dense_batches:
+                        cache.append(x)
                     if not identity:
                         cache.put(b, x @ q_dtype)
             for path in adapter.embeddings if not identity else ():
@@ -764,11 +787,11 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
 
 
 def _dense_step(run: _Run, layer: nn.Module, li: int, group: tuple[Branch, ...], specs: dict,
-                offset: int = 0) -> None:
+                offset: int = 0, count: int | None = None) -> None:
     """One residual step of the dense model over every batch: the stream after it replaces the one before.
 
-    The dense stream is cache entries [offset, offset + n)."""
-    for b in range(offset, offset + run.n):
+    The dense stream is cache entries [offset, offset + count) (count: every batch by default)."""
+    for b in range(offset, offset + (run.n if count is None else count)):
         x = run.cache.get(b, run.device)
         kwargs = run.arguments.get(li, b - offset, run.device)
         normed: dict = {}
