@@ -7,7 +7,9 @@ tokens by default) and held-out text as bench/slice_default.py:
 - compensation alone, adaptive widths alone, compensation with the stream sliced (equal or
   adaptive widths, `--mlp-width 1`), and the default (`--mlp-width auto`: MLP neurons pruned
   in compensation's fit, the stream unsliced; `--sparsity` of the decoder layers' weights
-  removed), also at the paper's parameter count ("default at paper size": `--parameters`);
+  removed), also at the paper's parameter count ("default at paper size": `--parameters`),
+  and with the dense model on every calibration window or on none (`--dense-share 1 / 0`;
+  the default runs it on 1/8 of them);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--uniform`);
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
   output are most alike (angular distance on the calibration tokens) until the model is no
@@ -41,6 +43,8 @@ ROWS = {
     "adaptive widths": {"method": "paper", "widths": "adaptive"},
     "default": {"method": "default"},  # --mlp-width auto: neurons first, `sparsity` of the layers' weights
     "default at paper size": {"method": "default"},  # the same, --parameters = the paper's count
+    "default, dense everywhere": {"method": "default", "dense_share": 1.0},  # the dense model on every window
+    "default, no dense targets": {"method": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
     "stream sliced": {"method": "default", "mlp_width": 1.0},  # compensation, the stream sliced (no neurons)
     "stream sliced adaptive": {"method": "default", "mlp_width": 1.0, "widths": "adaptive"},
     "uniform paper": {"method": "paper", "rotation": "uniform", "standard": False},
