@@ -43,8 +43,8 @@ ROWS = {
     "adaptive widths": {"method": "paper", "widths": "adaptive"},
     "default": {"method": "default"},  # --mlp-width auto: neurons first, `sparsity` of the layers' weights
     "default at paper size": {"method": "default"},  # the same, --parameters = the paper's count
-    "default, dense everywhere": {"method": "default", "dense_share": 1.0},  # the dense model on every window
-    "default, no dense targets": {"method": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
+    "default dense everywhere": {"method": "default", "dense_share": 1.0},  # the dense model on every window
+    "default no dense targets": {"method": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
     "stream sliced": {"method": "default", "mlp_width": 1.0},  # compensation, the stream sliced (no neurons)
     "stream sliced adaptive": {"method": "default", "mlp_width": 1.0, "widths": "adaptive"},
     "uniform paper": {"method": "paper", "rotation": "uniform", "standard": False},
