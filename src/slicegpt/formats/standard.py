@@ -123,7 +123,7 @@ def stock_tensors(tensors: dict[str, torch.Tensor], adapter: ModelAdapter, hidde
             gain = out[norm].to(torch.float64) + adapter.norm_offset
             fitted = (q * q * gain[:, None]).sum(dim=0) * math.sqrt(hidden / dim)
             out[norm] = (fitted - adapter.norm_offset).to(out[norm].dtype)
-    if adapter.scales_embeddings:
+    if adapter.scales_embeddings and dim != hidden:  # (an unsliced stream: factor 1, nothing to do)
         factor = math.sqrt(hidden / dim)
         embedding = f"{adapter.embeddings[0]}.weight"
         if embedding in out:
