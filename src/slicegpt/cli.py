@@ -105,7 +105,7 @@ def cmd_slice(args) -> None:
             ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
                            f"({figures['parameter_ratio']:.1%}, "
                            f"{'every matrix included' if uniform else 'skip matrices included'})")]
-    share = (f" (dense targets on {config.dense_share:.0%} of the windows)"
+    share = (f" (dense share {config.dense_share:g})"
              if config.compensate != "off" and config.dense_share is not None else "")
     rows.append(("method", f"{config.method}: compensation {config.compensate}{share}, "
                            f"{config.widths_rule} widths"
