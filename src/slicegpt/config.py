@@ -20,7 +20,7 @@ class SlicingConfig:
     pooling: str = ""  # uniform: how the block boundaries were weighed
     standard: bool = False  # saved as the family's stock architecture (uniform rotation)
     deviations: list = field(default_factory=list)  # why the stock model is only approximate
-    max_logit_deviation: float | None = None  # stock vs exact sliced model, one calibration window
+    max_logit_deviation: float | None = None  # stock vs exact sliced model, 128 calibration tokens
     # Quality levers (README "Quality"); a record without them was sliced by the paper's algorithm.
     method: str = "paper"
     compensate: str = "off"  # "writers" (or "all": readers too) refitted against the dense model
