@@ -40,9 +40,8 @@ def child(args) -> dict:
     calibration = slicegpt.calibration_data(tokenizer, args.data, args.samples, args.seqlen, args.seed)
     floor = dense_floor(model, calibration, args.batch_size)
     if args.child == "dense":
-        m = floor
         ppl = slicegpt.perplexity(model, evaluation(tokenizer, args), progress=False)
-        return {"floor_seconds": m.seconds, "floor_peak_bytes": m.peak_bytes, "perplexity": ppl,
+        return {"floor_seconds": floor.seconds, "floor_peak_bytes": floor.peak_bytes, "perplexity": ppl,
                 "parameters": slicegpt.count_parameters(model)}
     from slicegpt.api import make_standard
 

@@ -57,8 +57,8 @@ def dense_first_batches(windows, batch_size: int, ranks: Ranks, dense_share: flo
     if dense_share >= 1:
         return windows.select(mine).batches(batch_size), None
     k = min(len(windows), -(-math.ceil(dense_share * len(windows)) // batch_size) * batch_size)
-    dense = windows.select([i for i in mine if i < k]).batches(batch_size) if any(i < k for i in mine) else []
-    rest = [i for i in mine if i >= k]
+    first, rest = [i for i in mine if i < k], [i for i in mine if i >= k]
+    dense = windows.select(first).batches(batch_size) if first else []
     return dense + (windows.select(rest).batches(batch_size) if rest else []), len(dense)
 
 
@@ -129,7 +129,7 @@ class LeastSquares:
             if self.prior is None:
                 raise SliceGPTError("internal error: a least-squares batch without targets needs a prior")
             if self._state == "targets":
-                self._residual()
+                self._shift_targets(-1)
         elif self._state != "targets":
             raise SliceGPTError("internal error: a least-squares batch with targets after one without")
         x = x.reshape(-1, x.shape[-1])
@@ -152,26 +152,22 @@ class LeastSquares:
             self.yy += float(y.to(torch.float64).pow(2).sum())
         self.tokens += x.shape[0]
 
-    def _residual(self) -> None:
-        """From sums against Y to sums against Y - X P over the batches so far, so that batches
-        whose target is X P add nothing to them."""
-        xx, p = self.xx, self.prior.to(self._xx.device)
-        xxp = xx @ p
-        self.yy += float((p * xxp).sum() - 2 * (p * self.xy).sum())
-        self.xy -= xxp
-        self._state = "residual"
+    def _shift_targets(self, sign: int) -> None:
+        """Sums against Y + sign X P instead of Y: sign -1 makes them residuals of the prior (so that
+        batches whose target is X P add nothing to them), +1 turns residuals back into targets."""
+        p = self.prior.to(self._xx.device)
+        xxp = self.xx @ p
+        self.yy += float((p * xxp).sum() + 2 * sign * (p * self.xy).sum())
+        self.xy.add_(xxp, alpha=sign)
+        self._state = "residual" if sign < 0 else "complete"
 
     def _complete(self) -> None:
         """Back to plain sums against the targets: X^T Y = X^T X P + X^T (Y - X P)."""
         if self.prior is None or self._state == "complete":
             return
         if self._state == "targets":
-            self._residual()
-        p = self.prior.to(self._xx.device)
-        xxp = self.xx @ p
-        self.yy += float((p * xxp).sum() + 2 * (p * self.xy).sum())
-        self.xy += xxp
-        self._state = "complete"
+            self._shift_targets(-1)
+        self._shift_targets(+1)
 
     def merge(self, other: "LeastSquares") -> "LeastSquares":
         self._complete()
@@ -185,7 +181,7 @@ class LeastSquares:
     def reduce(self, ranks: Ranks) -> "LeastSquares":
         """The sums over every rank's share of the tokens (a no-op in one process)."""
         if self.prior is not None and self._state == "targets":
-            self._residual()  # every rank in the same form: a rank may have had target batches only
+            self._shift_targets(-1)  # every rank in the same form: a rank may have had target batches only
         ranks.sum_(self.xx, self.xy)
         self.yy = ranks.sum_number(self.yy)
         self.tokens = int(ranks.sum_number(self.tokens))
