@@ -82,7 +82,8 @@ def main() -> None:
     slice_args = [args.model, "--sparsity", args.sparsity, "--samples", str(args.samples), "--seqlen",
                   str(args.seqlen), "--eval-samples", str(args.eval_samples), "--method", args.method]
     import slicegpt
-    from slicegpt.formats.loading import checkpoint_directory, read_config
+    from slicegpt.core.onload import read_config
+    from slicegpt.formats.loading import checkpoint_directory
 
     config = read_config(checkpoint_directory(args.model)[0])
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

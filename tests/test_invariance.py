@@ -5,7 +5,7 @@ import torch
 
 from slicegpt.adapters import get_adapter
 from slicegpt.core.invariance import fuse_norms
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.modeling.runtime import get_path
 from slicegpt.api import slice_resident
 from conftest import FAMILIES, clone, make_model
 

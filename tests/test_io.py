@@ -100,7 +100,7 @@ def test_truncated_weights_are_refused(saved):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(slicegpt.SliceGPTError, match="corrupted: model.safetensors"):
         slicegpt.load(out)
-    from slicegpt.formats.sliced_modeling import CheckpointError, load_sliced_model
+    from slicegpt.modeling.runtime import CheckpointError, load_sliced_model
 
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         load_sliced_model(out)
@@ -139,7 +139,7 @@ def test_load_model_dispatches_sliced_directories(saved):
 def test_weights_from_another_model_are_refused(saved):
     from safetensors.torch import load_file, save_file
 
-    from slicegpt.formats.sliced_modeling import CheckpointError, load_sliced_model
+    from slicegpt.modeling.runtime import CheckpointError, load_sliced_model
 
     _, out = saved
     state = load_file(out / "model.safetensors")

@@ -124,10 +124,10 @@ def test_cli_on_a_sliced_directory_prints_the_table_and_json(tempest_tasks, toke
 
 
 def test_hub_task_offline_is_a_one_line_error(tiny_model_dir, tmp_path):
-    from slicegpt.formats.loading import _hub_reachable
+    from slicegpt.formats.loading import hub_reachable
 
     # unreachable hub: leave HF_HUB_OFFLINE unset so slicegpt must notice by itself; reachable: force offline
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if _hub_reachable() else "0"}
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if hub_reachable() else "0"}
     result = run("lm-eval", tiny_model_dir, "--tasks", "piqa,winogrande", env=env)
     assert_one_line_error(result, r"task 'piqa': its dataset 'baber/piqa' could not be fetched from the Hugging "
                                   r"Face hub.*--tasks shakespeare_next_line.*--include-path")
@@ -156,7 +156,7 @@ def test_unreachable_hub_switches_datasets_offline_and_back(monkeypatch, tmp_pat
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr("slicegpt.formats.loading._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("slicegpt.formats.loading.hub_reachable", lambda timeout=3.0: False)
     before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     with _hub_offline_if_unreachable() as offline:
         assert offline and datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE

@@ -19,7 +19,7 @@ from slicegpt.core.invariance import ties_head
 from slicegpt.core.onload import ResidentModel
 from slicegpt.core.widths import allocate
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.modeling.runtime import get_path
 
 DENSE_FAMILIES = [f for f in FAMILIES if "moe" not in f and f != "mixtral"]
 UNIFORM_EXACT = [f for f in DENSE_FAMILIES if f not in ("opt", "opt_project", "gpt2", "gpt_neox",

@@ -199,7 +199,7 @@ def test_parallel_residual_follows_the_config(model_type, parallel, calibration)
 def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration, keep_tied):
     from torch import nn
 
-    from slicegpt.formats.sliced_modeling import RMSNorm
+    from slicegpt.modeling.runtime import RMSNorm
 
     model = make_model("opt")
     sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, keep_tied_head=keep_tied, progress=False,

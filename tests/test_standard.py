@@ -9,7 +9,7 @@ import slicegpt
 from slicegpt.api import make_standard
 from slicegpt.adapters import get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import sliced_structure
+from slicegpt.modeling.runtime import sliced_structure
 from slicegpt.formats.gguf import export_gguf
 from slicegpt.api import slice_resident
 from slicegpt.formats.standard import to_standard

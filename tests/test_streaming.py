@@ -15,7 +15,7 @@ from slicegpt.adapters import get_adapter
 from slicegpt.adapters.base import branch_groups
 from slicegpt.core.engine import Hooks, slice_layers, slice_uniform
 from slicegpt.core.onload import CheckpointModel, ResidentModel
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.modeling.runtime import get_path
 
 TEXT_FILE = str(DATA / "tempest_excerpt.txt")
 
@@ -267,7 +267,7 @@ def test_bad_sharded_sources_end_in_one_line(sharded_llama, tmp_path):
 def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path, tokenizer, monkeypatch):
     import errno
 
-    import slicegpt.formats.shards as shards
+    import slicegpt.shards as shards
 
     source = _model_dir(tmp_path / "dense", "llama", tokenizer)
     real = shards.write_shard
@@ -295,7 +295,7 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path, tokenizer, m
 def test_shard_writer_turns_enospc_into_one_line(tmp_path, monkeypatch):
     import errno
 
-    from slicegpt.formats import shards
+    from slicegpt import shards
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

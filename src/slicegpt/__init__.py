@@ -35,8 +35,8 @@ from slicegpt.formats.loading import load
 from slicegpt.formats.loading import LoadedModel, load_model
 from slicegpt.formats.standard import to_standard
 from slicegpt.evaluation.zero_shot import ZeroShotResult, load_tasks, zero_shot
+from slicegpt.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "FinetuneResult", "LoadedModel", "SliceGPTError", "SlicingConfig", "ZeroShotResult", "bos_token",

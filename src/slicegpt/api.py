@@ -10,7 +10,7 @@ from torch import nn
 
 from slicegpt.adapters import get_adapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.formats.sliced_modeling import get_path, sliced_structure
+from slicegpt.modeling.runtime import get_path, sliced_structure
 from slicegpt.config import SlicingConfig
 from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError

@@ -28,7 +28,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.formats.loading import DEFAULT_MODEL, load_model
 from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.report import BENCH_KIND
-from slicegpt.formats.sliced_modeling import MANIFEST_NAME, CheckpointError
+from slicegpt.modeling.runtime import MANIFEST_NAME, CheckpointError
 from slicegpt.evaluation.zero_shot import PAPER_TASKS
 
 

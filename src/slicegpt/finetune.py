@@ -29,7 +29,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters, perplexity
 from slicegpt.evaluation.measure import measure
 from slicegpt.formats.lora import ADAPTER_DIR, load_adapter, peft_quietly
-from slicegpt.formats.sliced_modeling import get_path, sliced_structure
+from slicegpt.modeling.runtime import get_path, sliced_structure
 
 RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
 

@@ -37,10 +37,11 @@ from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, e
 from slicegpt.core.resume import RunDirectory
 from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.shards import tensor_sizes, write_index, write_shard
-from slicegpt.formats.loading import _parse_dtype, checkpoint_directory
+from slicegpt.version import __version__
+from slicegpt.shards import tensor_sizes, write_index, write_shard
+from slicegpt.formats.loading import parse_dtype, checkpoint_directory
 from slicegpt.evaluation.measure import measure
-from slicegpt.formats.sliced_modeling import CONFIG_KEY, get_path
+from slicegpt.modeling.runtime import CONFIG_KEY, get_path
 from slicegpt.formats.standard import check_standard, layernorms_with_bias, standard_config_from, stock_tensors
 
 DENSE_FIGURES = "dense.json"  # the dense model's perplexity, kept in the run directory across a resume
@@ -158,7 +159,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     # every rank resolves the source itself (no collective wait around a long download); a GGUF file
     # is converted once per machine (a file lock) and huggingface_hub locks its downloads the same way
     directory, source_name = checkpoint_directory(model)
-    view = CheckpointModel(directory, dtype=_parse_dtype(dtype) if dtype else None, device=device)
+    view = CheckpointModel(directory, dtype=parse_dtype(dtype) if dtype else None, device=device)
     fingerprint, source_config, work_dtype = view.fingerprint(), view.config, view.dtype
     adapter = get_adapter(source_config)
     uniform = rotation == "uniform"
@@ -193,7 +194,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                 "dense_share": dense_share if compensate != "off" else None,
                 "parameters": parameters, "mlp": mlp, "world_size": ranks.world_size,
                 "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
-                "torch": torch.__version__, "slicegpt": _version()}
+                "torch": torch.__version__, "slicegpt": __version__}
     if weights == "cpu":  # the same engine over the model in memory, moving one layer at a time to the device
         view = _in_memory(directory, work_dtype, device)
     run_dir = RunDirectory(out, len(layers) + 2, settings, fingerprint, restart=restart,
@@ -323,7 +324,7 @@ def _quick_speed(model, staging: Path, device: str) -> list:
     del dense
     raw = json.loads((staging / "config.json").read_text())
     if CONFIG_KEY in raw:
-        from slicegpt.formats.sliced_modeling import load_sliced_model
+        from slicegpt.modeling.runtime import load_sliced_model
 
         sliced = load_sliced_model(str(staging), device=device)
     else:
@@ -342,12 +343,6 @@ def _in_memory(directory: Path, dtype: torch.dtype, device: str) -> ResidentMode
         raise SliceGPTError(f"cannot load the model in {directory}: {str(e).splitlines()[0]}") from None
     eager_experts_for_float64(model, dtype)
     return ResidentModel(model.eval(), device)
-
-
-def _version() -> str:
-    from slicegpt import __version__
-
-    return __version__
 
 
 def _generation_config(directory: Path):

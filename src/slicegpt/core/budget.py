@@ -17,8 +17,8 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.core.weights import _bias, _get, resolve_all
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.core.weights import bias_of, weight_of, resolve_all
+from slicegpt.modeling.runtime import get_path
 
 
 @dataclass
@@ -82,8 +82,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         if bias is not None:
             constant -= bias.numel()
             for target in readers:
-                if _bias(target) is None:  # folding creates one
-                    constant += _get(target).shape[-2]
+                if bias_of(target) is None:  # folding creates one
+                    constant += weight_of(target).shape[-2]
         return 1
 
     for li, layer in enumerate(layers):
@@ -94,7 +94,7 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                 linear[s] += norm_terms(get_path(layer, name), readers)
             for branch in group:
                 for target in resolve_all(layer, branch.inputs):
-                    w = _get(target)
+                    w = weight_of(target)
                     constant -= w.numel()
                     linear[s] += _per_unit(w, hidden)
                 if branch.post_norm:  # the writer stays d wide
@@ -102,21 +102,21 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                         linear[s + 1] += hidden  # d x k rotation after the norm (none at the exit)
                 else:
                     for target in resolve_all(layer, branch.outputs):
-                        w, bias = _get(target), _bias(target)
+                        w, bias = weight_of(target), bias_of(target)
                         constant -= w.numel()
                         linear[s + 1] += _per_unit(w, hidden)
                         if bias is not None:
                             constant -= bias.numel()
                             linear[s + 1] += 1
                 if branch.neurons:  # per neuron: a row of each neuron input, a column of the output
-                    neurons = _get(resolve_all(layer, branch.outputs)[0]).shape[-1]
+                    neurons = weight_of(resolve_all(layer, branch.outputs)[0]).shape[-1]
                     if branch.post_norm:
                         neuron_constant += hidden
                     else:
                         neuron_linear[s + 1] += 1
                     for target in resolve_all(layer, branch.neurons):
                         neuron_linear[s] += 1
-                        neuron_constant += int(_bias(target) is not None)
+                        neuron_constant += int(bias_of(target) is not None)
 
     embeddings = [get_path(model, p).weight for p in adapter.embeddings]
     head = get_path(model, adapter.head).weight
@@ -159,7 +159,7 @@ def _entry_terms(model: nn.Module, adapter: ModelAdapter, embeddings: list[torch
         change -= w.numel()
         linear[0] += _per_unit(w, hidden)
     for target in resolve_all(model, adapter.entry_writers):
-        w, bias = _get(target), _bias(target)
+        w, bias = weight_of(target), bias_of(target)
         change -= w.numel() + (bias.numel() if bias is not None else 0)
         linear[0] += _per_unit(w, hidden) + (1 if bias is not None else 0)
     return change

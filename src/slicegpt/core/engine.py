@@ -40,7 +40,7 @@ from slicegpt.core.transform import (ModuleAttributes, check_finite, drop_neuron
                                      targets)
 from slicegpt.errors import SliceGPTError
 from slicegpt.core.invariance import fuse_entry, fuse_exit, fuse_layer, tie_head
-from slicegpt.formats.sliced_modeling import (ENTRY, attach_structure, get_path, layer_arguments, record_structure,
+from slicegpt.modeling.runtime import (ENTRY, attach_structure, get_path, layer_arguments, record_structure,
                                               run_branch)
 from slicegpt.core.weights import output_matrix, resolve, rotate_input, rotate_output, set_output_matrix
 
@@ -132,7 +132,7 @@ def capture(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch],
             del layer.forward
 
 
-def _outside(model: nn.Module, excluded: Sequence[str]) -> list[str]:
+def outside(model: nn.Module, excluded: Sequence[str]) -> list[str]:
     """Top-level parameter owners that are none of `excluded` (nor inside one): the model's ends."""
     names = []
     for name, _ in model.named_parameters(remove_duplicate=False):
@@ -192,7 +192,7 @@ class _Run:
         self.embedding = adapter.embeddings[0]
         self.hidden = get_path(self.model, self.embedding).weight.shape[-1]
         self.dtype = get_path(self.model, self.embedding).weight.dtype
-        self.ends = _outside(self.model, (adapter.layers, adapter.final_norm, adapter.head))
+        self.ends = outside(self.model, (adapter.layers, adapter.final_norm, adapter.head))
         self.offload, self.offload_dir = offload, offload_dir
         self.resumed = hooks.resume()
         self.fused: set[int] = set()  # layers whose norms are folded in the copy now held

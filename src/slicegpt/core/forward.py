@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.engine import Batch, capture
 from slicegpt.core.onload import LayeredModel
-from slicegpt.formats.sliced_modeling import get_path
+from slicegpt.modeling.runtime import get_path
 
 
 class _Adapterless:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slicegpt.adapters import ModelAdapter
-from slicegpt.formats.sliced_modeling import get_path, set_parameter, swap_rms_norm
+from slicegpt.modeling.runtime import get_path, set_parameter, swap_rms_norm
 from slicegpt.core.weights import Target, add_input_bias, center_embedding, center_output, resolve, resolve_all, scale_input
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slicegpt.atomic import read_json
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import (aligned, attach_structure, get_path, set_module_attributes, set_parameter,
+from slicegpt.modeling.runtime import (aligned, attach_structure, get_path, set_module_attributes, set_parameter,
                                       use_rms_norms)
 
-from slicegpt.formats.loading import read_config
-from slicegpt.formats.shards import checkpoint_files
+from slicegpt.shards import checkpoint_files
 
 
 class LayeredModel:
@@ -324,3 +324,23 @@ def _libc():
 
 
 _LIBC = _libc()
+
+def read_config(directory: Path):
+    """The model's config, refusing with one line what transformers would answer with a traceback."""
+    from transformers import AutoConfig
+
+    from slicegpt.adapters import require_decoder
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise SliceGPTError(f"{directory} has no config.json: it is not a model directory")
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise SliceGPTError(f"{path} has no model_type: cannot tell which architecture the model is "
+                            "(add e.g. \"model_type\": \"llama\")")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as e:
+        raise SliceGPTError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    require_decoder(config)
+    return config

@@ -39,7 +39,7 @@ from slicegpt.core.compensation import FitRecord
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import Hooks, Progress
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.shards import sha256, write_shard
+from slicegpt.shards import sha256, write_shard
 
 RECORD_VERSION = 1
 PROGRESS_NAME = "progress.json"

@@ -14,8 +14,8 @@ from torch import nn
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import get_path, set_parameter
-from slicegpt.core.weights import Target, _bias, _get, _put, resolve_all, rotate_input, rotate_output
+from slicegpt.modeling.runtime import get_path, set_parameter
+from slicegpt.core.weights import Target, bias_of, weight_of, put_weight, resolve_all, rotate_input, rotate_output
 
 ModuleAttributes = dict[str, dict[str, float]]  # plain attributes to restore on load (norm epsilons, widths)
 
@@ -108,9 +108,9 @@ def rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor, 
 def drop_neurons(layer: nn.Module, branch: Branch, kept: torch.Tensor) -> None:
     """Keep only the MLP neurons `kept`: rows (and biases) of the neuron inputs, columns of the output."""
     for target in resolve_all(layer, branch.neurons):
-        _put(target, _get(target)[kept.to(_get(target).device)])
-        bias = _bias(target)
+        put_weight(target, weight_of(target)[kept.to(weight_of(target).device)])
+        bias = bias_of(target)
         if bias is not None:
             set_parameter(target[0], "bias", bias.data[kept.to(bias.device)].contiguous())
     for target in targets(layer, branch, "outputs"):
-        _put(target, _get(target)[:, kept.to(_get(target).device)])
+        put_weight(target, weight_of(target)[:, kept.to(weight_of(target).device)])

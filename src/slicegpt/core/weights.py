@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slicegpt.formats.sliced_modeling import get_path, set_parameter
+from slicegpt.adapters import ModelAdapter
+from slicegpt.errors import SliceGPTError
+from slicegpt.modeling.runtime import get_path, set_parameter
 
 ROWS_PER_BLOCK = 4096
 Target = tuple[nn.Module, str]
@@ -55,16 +57,16 @@ def _transposed(target: Target) -> bool:
     return name == "weight" and type(owner).__name__ == "Conv1D"
 
 
-def _get(target: Target) -> torch.Tensor:
+def weight_of(target: Target) -> torch.Tensor:
     w = getattr(target[0], target[1]).data
     return w.transpose(-1, -2) if _transposed(target) else w
 
 
-def _put(target: Target, w: torch.Tensor) -> None:
+def put_weight(target: Target, w: torch.Tensor) -> None:
     set_parameter(target[0], target[1], (w.transpose(-1, -2) if _transposed(target) else w).contiguous())
 
 
-def _bias(target: Target) -> torch.Tensor | None:
+def bias_of(target: Target) -> torch.Tensor | None:
     owner, name = target
     return getattr(owner, "bias", None) if name == "weight" else None
 
@@ -73,7 +75,7 @@ def _bias(target: Target) -> torch.Tensor | None:
 
 def scale_input(target: Target, gain: torch.Tensor) -> None:
     """W diag(gain): folds a norm's gain into a weight that reads the norm's output."""
-    _put(target, map_rows(_get(target), lambda w: w * gain))
+    put_weight(target, map_rows(weight_of(target), lambda w: w * gain))
 
 
 def add_input_bias(target: Target, beta: torch.Tensor) -> None:
@@ -81,7 +83,7 @@ def add_input_bias(target: Target, beta: torch.Tensor) -> None:
     owner, name = target
     if name != "weight" or not hasattr(owner, "bias"):
         raise NotImplementedError(f"cannot fold a norm bias into {type(owner).__name__}.{name}")
-    w = _get(target)
+    w = weight_of(target)
     shift = (w.to(torch.float64) @ beta).to(w.dtype)
     bias = owner.bias
     set_parameter(owner, "bias", shift if bias is None else (bias.data.to(torch.float64) + shift).to(w.dtype))
@@ -89,25 +91,25 @@ def add_input_bias(target: Target, beta: torch.Tensor) -> None:
 
 def rotate_input(target: Target, q: torch.Tensor) -> None:
     """W [.., n, d] -> W Q [.., n, k] (linears, embedding tables, routers, stacked experts)."""
-    _put(target, map_rows(_get(target), lambda w: w @ q))
+    put_weight(target, map_rows(weight_of(target), lambda w: w @ q))
 
 
 # --- modules that write the residual stream: its coordinates are the "out" axis ---
 
 def rotate_output(target: Target, q: torch.Tensor) -> None:
     """W [.., d, m] -> Q^T W [.., k, m], bias b -> b Q."""
-    w = _get(target)
-    _put(target, (q.T @ w.to(torch.float64)).to(w.dtype))
-    bias = _bias(target)
+    w = weight_of(target)
+    put_weight(target, (q.T @ w.to(torch.float64)).to(w.dtype))
+    bias = bias_of(target)
     if bias is not None:
         set_parameter(target[0], "bias", (bias.data.to(torch.float64) @ q).to(bias.dtype))
 
 
 def center_output(target: Target) -> None:
     """(I - 11^T/d) W: the written vector loses its mean, so the stream stays zero-mean."""
-    w = _get(target).to(torch.float64)
-    _put(target, (w - w.mean(dim=-2, keepdim=True)).to(getattr(target[0], target[1]).dtype))
-    bias = _bias(target)
+    w = weight_of(target).to(torch.float64)
+    put_weight(target, (w - w.mean(dim=-2, keepdim=True)).to(getattr(target[0], target[1]).dtype))
+    bias = bias_of(target)
     if bias is not None:
         b = bias.data.to(torch.float64)
         set_parameter(target[0], "bias", (b - b.mean()).to(bias.dtype))
@@ -115,18 +117,29 @@ def center_output(target: Target) -> None:
 
 def center_embedding(target: Target) -> None:
     """Each embedding row (a vector written into the stream) minus its mean."""
-    _put(target, map_rows(_get(target), lambda w: w - w.mean(dim=-1, keepdim=True)))
+    put_weight(target, map_rows(weight_of(target), lambda w: w - w.mean(dim=-1, keepdim=True)))
 
 
 def output_matrix(target: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A writer's weight as [d, m] and its bias [d] (None without one), as stored."""
-    bias = _bias(target)
-    return _get(target), (bias.data if bias is not None else None)
+    bias = bias_of(target)
+    return weight_of(target), (bias.data if bias is not None else None)
 
 
 def set_output_matrix(target: Target, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Replace a writer's weight ([d, m], float64 or not) and bias, keeping their dtypes."""
     old, old_bias = output_matrix(target)
-    _put(target, w.to(old.dtype))
+    put_weight(target, w.to(old.dtype))
     if bias is not None and old_bias is not None:
         set_parameter(target[0], "bias", bias.to(old_bias.dtype))
+
+def mlp_neurons(model: nn.Module, adapter: ModelAdapter) -> int | None:
+    """The MLP width every layer has now (pruned neurons), None where the family describes none.
+    A stock config has one width for all layers."""
+    branch = next((b for b in adapter.branches if b.neurons), None)
+    if branch is None:
+        return None
+    widths = {weight_of(resolve_all(layer, branch.outputs)[0]).shape[-1] for layer in get_path(model, adapter.layers)}
+    if len(widths) != 1:
+        raise SliceGPTError(f"a stock model has one MLP width for every layer; these differ: {sorted(widths)}")
+    return widths.pop()

@@ -26,7 +26,7 @@ from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import get_path, run_branch
+from slicegpt.modeling.runtime import get_path, run_branch
 from slicegpt.adapters.base import branch_groups
 
 WIDTHS = ("adaptive", "equal")
@@ -48,11 +48,11 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
     ranks = ranks or Ranks()
     from tqdm.auto import tqdm
 
-    from slicegpt.core.engine import _outside, capture
+    from slicegpt.core.engine import outside, capture
 
     model = view.model
     layer_paths = [f"{adapter.layers}.{i}" for i in range(len(get_path(model, adapter.layers)))]
-    ends = _outside(model, (adapter.layers, adapter.final_norm, adapter.head))
+    ends = outside(model, (adapter.layers, adapter.final_norm, adapter.head))
     structure = adapter.structure()
     specs = {b["name"]: b for b in structure["branches"]}
     groups = branch_groups(adapter.branches)
@@ -305,7 +305,7 @@ def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round
         return None
     if not 0.0 < mlp <= 1.0:
         raise SliceGPTError(f"--mlp-width is the fraction of MLP neurons to keep, in (0, 1]; got {mlp}")
-    from slicegpt.formats.standard import mlp_neurons
+    from slicegpt.core.weights import mlp_neurons
 
     total = mlp_neurons(view.model, adapter)
     if total is None:

@@ -93,7 +93,7 @@ class ThroughputGroup:
 def load_run(directory: str | os.PathLike) -> Run:
     """A run from a slicegpt output directory; SliceGPTError if it is not one."""
     from slicegpt.formats.io import load_spectra, read_manifest
-    from slicegpt.formats.sliced_modeling import MANIFEST_NAME
+    from slicegpt.modeling.runtime import MANIFEST_NAME
 
     path = Path(directory)
     if not path.exists():

@@ -89,12 +89,12 @@ def _hub_offline_if_unreachable() -> Iterator[bool]:
     failing. `datasets` and `huggingface_hub` read the variable at import, so modules already
     imported get their flag set too; everything is restored afterwards.
     """
-    from slicegpt.formats.loading import _hub_reachable, env_flag
+    from slicegpt.formats.loading import hub_reachable, env_flag
 
     if env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE"):
         yield True
         return
-    if _hub_reachable():
+    if hub_reachable():
         yield False
         return
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}

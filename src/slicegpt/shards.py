@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.formats.sliced_modeling import INDEX_NAME
-from slicegpt.formats.sliced_modeling import WEIGHTS_NAME as SINGLE_NAME
+from slicegpt.modeling.runtime import INDEX_NAME
+from slicegpt.modeling.runtime import WEIGHTS_NAME as SINGLE_NAME
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
