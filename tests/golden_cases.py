@@ -221,6 +221,40 @@ class Result:
     record: dict  # the JSON part
 
 
+def settings_of(case: Case, model) -> dict:
+    """The case's settings in today's terms (its stored definition keeps the words of when it was made).
+
+    A case is the paper's algorithm unless it names a method; `sparsity` is the paper's slicing
+    (the hidden width's share removed) except for the default method pruning MLP neurons, where
+    it was the share of the decoder layers' weights removed: that is the `size` of the same count.
+    The head options map to `head`, `mlp_width` to `neurons`, `parameters` to `size`."""
+    options = dict(case.options)
+    recipe = options.pop("method", "paper")
+    settings: dict = {"recipe": recipe}
+    neurons = options.pop("mlp_width", None)
+    if neurons is not None:
+        settings["neurons"] = neurons
+    if options.pop("keep_tied_head", True) is False:
+        settings["head"] = "untied"
+    if options.pop("slice_head", False):
+        settings["head"] = "sliced"
+    if options.pop("fit_tied_head", False):
+        settings["head"] = "fit"
+    parameters = options.pop("parameters", None)
+    if parameters is not None:
+        settings["size"] = parameters
+    elif recipe == "default" and neurons is None and case.family in NEURONS:
+        dense = sum(p.numel() for p in model.parameters())
+        layer_weights = sum(p.numel() for p in model.model.layers.parameters())
+        settings["size"] = (dense - int(case.sparsity * layer_weights) + 0.5) / dense  # int(size * dense) exactly
+    else:
+        settings["slicing"] = case.sparsity
+        if recipe == "default" and neurons is None:
+            settings["neurons"] = "off"  # a family without MLP neurons: the stream alone, as then
+    settings.update(options)
+    return settings
+
+
 def run_case(case: Case) -> Result:
     """Build, slice and evaluate one case (raises SliceGPTError where slicegpt refuses it)."""
     import slicegpt
@@ -230,9 +264,8 @@ def run_case(case: Case) -> Result:
         vocab = model.config.get_text_config().vocab_size
         calibration = token_ids(CALIBRATION_SHAPE, CALIBRATION_SEED, vocab)
         eval_ids = token_ids(EVAL_SHAPE, EVAL_SEED, vocab)
-        options = {"method": "paper", **case.options}  # the paper's numbers unless a case names its levers
-        sliced, config = slicegpt.slice_model(model, None, calibration, case.sparsity, progress=False, batch_size=4,
-                                              **options)
+        sliced, config = slicegpt.slice_model(model, None, calibration, progress=False, batch_size=4,
+                                              **settings_of(case, model))
         with torch.no_grad():
             logits = sliced(input_ids=eval_ids, use_cache=False).logits.detach().to(torch.float64).contiguous()
     spectra = [s.detach().to("cpu", torch.float64).reshape(-1) for s in config.spectra]

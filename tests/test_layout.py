@@ -21,10 +21,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "slicegpt"
 # Lowest first. A module may import from its own layer and from any layer before it.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "atomic", "modeling", "version"),  # no slicegpt dependencies beyond each other
-    ("adapters", "shards", "config", "recipes"),  # where weights live; shard files; records; recipes
+    ("adapters", "shards", "config"),  # where weights live; shard files; the run record
     ("core",),  # the algorithm
     ("formats", "data", "evaluation"),  # outputs, text, measurements
-    ("plan",),  # every decision of a run, made once
+    ("recipes", "plan"),  # named presets of the levers; every decision of a run, made once
     ("api", "pipeline", "finetune"),  # the public calls
     ("cli", "__init__", "__main__", "testing"),  # the thin layers on top; test material
 ]

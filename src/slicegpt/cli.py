@@ -22,6 +22,8 @@ import torch
 from slicegpt.adapters import supported_model_types
 from slicegpt.atomic import refuse_existing
 from slicegpt.core.compensation import DENSE_SHARE, RIDGE
+from slicegpt.recipes import COMPENSATIONS, DEFAULT_RECIPE, HEADS, POOLINGS, RECIPES, ROTATIONS, WIDTH_RULES
+from slicegpt.version import __version__
 from slicegpt.core import distributed
 from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError
@@ -64,59 +66,89 @@ def _eval_windows(tokenizer, text: str, args) -> object:
                               bos=bos_token(tokenizer))
 
 
-def cmd_slice(args) -> None:
-    from slicegpt.pipeline import slice_and_save
-    from slicegpt.evaluation.report import load_run, write_report
+LEVER_FLAGS = ("rotation", "compensate", "ridge", "dense_share", "neurons", "widths", "head", "pooling",
+               "accept_deviation", "round_to")
 
+
+def _settings(args):
+    """The run's settings from the command line; levers not given stay None (the recipe's)."""
+    from slicegpt.plan import SliceSettings
+
+    levers = {name: getattr(args, name) for name in LEVER_FLAGS}
+    levers["accept_deviation"] = True if args.accept_deviation else None
+    return SliceSettings(recipe=args.recipe, size=args.size, slicing=args.slicing, **levers,
+                         calibration=args.calibration, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                         text_field=args.text_field, batch_size=args.batch_size)
+
+
+def _print_plan(args, plan) -> None:
+    if args.ranks.writer:
+        rows = plan.rows()
+        width = max(len(k) for k, _ in rows)
+        print("plan" + (" (dry run: nothing is read beyond the config, nothing written)" if args.dry_run else ""))
+        for key, value in rows:
+            print(f"  {key:<{width}}  {value}")
+        sys.stdout.flush()
+
+
+def _check_slice_arguments(args) -> None:
+    """What argparse cannot say: counts, option pairs, the report directory (before any slow work)."""
+    for name in ("samples", "seqlen", "batch_size", "eval_samples", "eval_batch_size", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SliceGPTError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.eval_seqlen is not None and args.eval_seqlen < 1:
+        raise SliceGPTError(f"--eval-seqlen must be a positive integer, got {args.eval_seqlen}")
+    if args.report_bench and args.report is None:
+        raise SliceGPTError("--report-bench applies to --report only")
+    if args.no_eval and (args.eval_data or args.eval_seqlen):
+        raise SliceGPTError("--eval-data and --eval-seqlen set the evaluation that --no-eval skips")
+
+
+def cmd_slice(args) -> None:
+    from slicegpt.api import plan_slice
+    from slicegpt.evaluation.report import load_run, write_report
+    from slicegpt.pipeline import slice_and_save
+
+    _check_slice_arguments(args)
+    settings = _settings(args)
+    if args.dry_run:
+        plan = plan_slice(args.model, settings)
+        _print_plan(args, plan)
+        if args.json:
+            print(json.dumps({"plan": plan.to_dict()}))
+        return
+    if not args.out:
+        raise SliceGPTError("an output directory is needed: --out DIR (or --dry-run to see the plan only)")
     out = Path(args.out)
     report_dir = Path(args.report) if args.report else None
-    if args.report_bench and report_dir is None:
-        raise SliceGPTError("--report-bench applies to --report only")
     if report_dir is not None:
         a, b = out.resolve(), report_dir.resolve()
         if a == b or a in b.parents or b in a.parents:  # --force would let one replace the other
             raise SliceGPTError(f"--report {report_dir} and --out {out} must be separate directories")
         refuse_existing(report_dir, args.force, "report directory")
-    uniform = args.rotation == "uniform"
-    if args.fit_tied_head and not uniform:
-        raise SliceGPTError("--fit-tied-head applies to --rotation uniform only")
-    if args.pooling and not uniform:
-        raise SliceGPTError("--pooling applies to --rotation uniform only")
-    if args.offload_dir and args.offload != "disk":
-        raise SliceGPTError("--offload-dir applies to --offload disk only")
     run = slice_and_save(
-        args.model, out, args.sparsity if args.sparsity is not None else 0.25, parameters=args.parameters,
-        method=args.method, compensate=args.compensate, widths=args.widths, ridge=args.ridge,
-        dense_share=args.dense_share,
-        mlp_width=args.mlp_width, calibration=args.calibration, samples=args.samples, seqlen=args.seqlen,
-        seed=args.seed, text_field=args.text_field, batch_size=args.batch_size, round_to=args.round_to,
-        rotation=args.rotation, slice_head=args.slice_head, keep_tied_head=not args.untie_head,
-        fit_tied_head=args.fit_tied_head, pooling=args.pooling or "unit-trace", accept_deviation=args.accept_deviation,
-        evaluate=not args.no_eval, eval_data=args.eval_data, eval_samples=args.eval_samples,
-        eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size, dtype=args.dtype,
-        device=_device(args.device), weights=args.weights, offload=args.offload, offload_dir=args.offload_dir, restart=args.restart,
-        force=args.force, checkpoint_every=args.checkpoint_every, speed=bool(report_dir and args.report_bench))
-    figures, config = run.figures, run.config
+        args.model, out, settings, evaluate=not args.no_eval, eval_data=args.eval_data,
+        eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size,
+        dtype=args.dtype, device=_device(args.device), preload=args.preload, activations_dir=args.activations_dir,
+        restart=args.restart, force=args.force, checkpoint_every=args.checkpoint_every,
+        speed=bool(report_dir and args.report_bench), on_plan=lambda plan: _print_plan(args, plan))
+    figures = run.figures
     if report_dir is not None and args.ranks.writer:  # from what was just saved, as `slicegpt report` reads it
         figures["report"] = str(write_report([load_run(out)], [], report_dir, force=args.force))
+    _emit(args, _slice_summary(run), figures)
 
-    uniform = uniform or config.standard  # neurons only: a stock model whatever --rotation said
-    rows = [("model", figures["model"]), ("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"),
-            ("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
-                           f"({figures['parameter_ratio']:.1%}, "
-                           f"{'every matrix included' if uniform else 'skip matrices included'})")]
-    share = (f" (dense share {config.dense_share:g})"
-             if config.compensate != "off" and config.dense_share is not None else "")
-    rows.append(("method", f"{config.method}: compensation {config.compensate}{share}, "
-                           f"{config.widths_rule} widths"
-                           + (f" (budget {config.parameters_budget:.0%} of the dense parameters)"
-                              if config.parameters_budget is not None else "")))
-    if config.mlp_neurons is not None:
-        rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer "
-                                    f"(--mlp-width {config.mlp_width})"))
-    if uniform:
-        rows.append(("format", f"standard {config.model_type} model (plain transformers from_pretrained; "
-                               f"head {'tied' if config.tied_head else 'untied'})"))
+
+def _slice_summary(run) -> list[tuple[str, str]]:
+    figures, config, plan = run.figures, run.config, run.plan
+    rows = [("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
+                           f"({figures['parameter_ratio']:.1%} of the dense model)")]
+    if plan.neurons is not None:
+        rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer"))
+    if not plan.identity:
+        rows.append(("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"
+                                    + (" (mean over boundaries)" if plan.layout == "per-layer" else "")))
+    rows.append(("output", plan.output))
     if "perplexity_sliced" in figures:
         rows.append(("perplexity", f"{figures['perplexity_dense']:.3f} -> {figures['perplexity_sliced']:.3f} "
                                    f"({figures['eval_tokens']:,} tokens of {figures['eval_data']})"))
@@ -128,10 +160,10 @@ def cmd_slice(args) -> None:
     if run.resumed_from_layer is not None:
         rows.append(("resumed", f"after layer {run.resumed_from_layer} of an interrupted run"))
     rows += [("slicing time", f"{figures['slicing_seconds']:.1f} s"), ("peak memory", _gib(figures["peak_memory_bytes"])),
-             ("saved to", str(out))]
+             ("saved to", str(run.out))]
     if "report" in figures:
         rows.append(("report", figures["report"]))
-    _emit(args, rows, figures)
+    return rows
 
 
 def cmd_eval(args) -> None:
@@ -383,91 +415,103 @@ def build_parser() -> argparse.ArgumentParser:
     data_help = f"'{DEFAULT_DATA}' (offline default), {', '.join(HUB_DATASETS)} (hub), or a .txt/.jsonl path"
     model_help = (f"'{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct), 'gemma3-270m', a hub id, a model directory or a .gguf "
                   f"file; supported model types: {', '.join(supported_model_types())}")
-    parser = _Parser(prog="slicegpt", description="Slice the hidden dimension of causal LMs (SliceGPT).")
+    parser = _Parser(prog="slicegpt", description="Make causal language models smaller by deleting rows and "
+                     "columns of their weights (SliceGPT), refitting what remains and pruning MLP neurons.")
+    parser.add_argument("--version", action="version", version=f"slicegpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("slice", help="slice a model, report perplexity and parameters, save it")
+    p = sub.add_parser("slice", help="compress a model: a recipe plus a size; prints the plan, perplexity and "
+                                     "parameters, saves the result",
+                       description="Compress a model. A run is a recipe plus a size: --size 0.8 keeps 80% of the "
+                                   "dense model's parameters (every parameter counted). The plan is printed first; "
+                                   "--dry-run prints only the plan, reading nothing but the model's config.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--sparsity", type=float,
-                      help="fraction to remove, in [0, 1): of the hidden size (the paper's, --method paper and "
-                           "--mlp-width 1); under the default method, of the decoder layers' weights, MLP neurons "
-                           "first")
-    size.add_argument("--parameters", type=float, metavar="FRACTION",
-                      help="keep this fraction of the dense parameter count (every added matrix counted), "
-                           "e.g. 0.75; slicegpt finds the widths")
-    p.add_argument("--method", choices=("default", "paper"), default="default",
-                   help="default: the quality levers measured to help (compensation of the writers, MLP neurons "
-                        "pruned first); "
-                        "paper: the paper's algorithm, to reproduce it")
-    p.add_argument("--compensate", choices=("off", "writers", "all"), default=None,
-                   help="after each cut, refit the step's output weights (writers; default) or its input "
-                        "weights too (all) against the dense model; off with --method paper")
-    p.add_argument("--widths", choices=("adaptive", "equal"), default=None,
-                   help="per-layer: one width everywhere (equal; default) or each block boundary its own "
-                        "width within the same parameter count (adaptive; measured to help SmolLM2, hurt Gemma 3)")
-    p.add_argument("--mlp-width", default=None, metavar="auto|FRACTION",
-                   help="MLP neurons kept per layer, pruned in compensation's fit: auto (default; the size is met "
-                        "by pruning neurons first, the stream unsliced and unrotated while at least 40%% of them "
-                        "stay) or a fraction, 1 = none pruned (--method paper)")
-    p.add_argument("--dense-share", type=float, default=DENSE_SHARE, metavar="FRACTION",
-                   help="compensation: the share of the calibration windows the dense model also runs on "
-                        f"(default {DENSE_SHARE}; 1 = all, the most exact and slowest; 0 = none: the fits then only "
-                        "prune MLP neurons, and errors of earlier layers are not corrected)")
-    p.add_argument("--ridge", type=float, default=RIDGE,
-                   help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
-    p.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)
-    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    size.add_argument("--size", type=float, metavar="FRACTION",
+                      help="the share of the dense model's parameters to keep, e.g. 0.8 (every parameter counted)")
+    size.add_argument("--slicing", type=float, metavar="FRACTION",
+                      help="the paper's measure instead: the share of the hidden width to remove, e.g. 0.25 "
+                           "(for runs that prune no MLP neurons: --recipe paper, or --neurons off)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="default: MLP neurons pruned first with every step refitted against the dense model, "
+                        "the stream sliced only for the rest (the measured best); paper: the paper's algorithm, "
+                        f"whose own size is --slicing (default: {DEFAULT_RECIPE}; docs/how-it-works.md)")
+    p.add_argument("--out", default=None, help="output directory (written atomically; needed unless --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (widths, neurons, head, predicted "
+                   "parameters, output class) and stop; reads only the model's config")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--eval-data", default=None, help="perplexity data (default: the calibration source's "
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)
+    g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
+    g.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
+    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-data", default=None, help="perplexity data (default: the calibration source's "
                    "evaluation part; a local file is split 90/10 between the two)")
-    p.add_argument("--eval-samples", type=int, default=16, help="evaluation windows (default 16)")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
-    p.add_argument("--eval-batch-size", type=int, default=2)
-    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
-    p.add_argument("--round-to", type=int, default=8, help="round the sliced size down to a multiple of this")
-    p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
-    p.add_argument("--rotation", choices=("per-layer", "uniform"), default="per-layer",
-                   help="per-layer: a basis per block and a matrix on each skip connection (the paper's; "
-                        "best perplexity); uniform: one basis, saved as a standard model of the family that "
-                        "plain transformers and llama.cpp (via `slicegpt export`) load")
-    p.add_argument("--accept-deviation", action="store_true",
-                   help="uniform: write a standard model even where the stock class only approximates the "
-                        "sliced one (Gemma 2/3 branch-output norms, Qwen3 q/k-norm epsilon); the cost is reported")
-    p.add_argument("--fit-tied-head", action="store_true",
-                   help="uniform: keep a tied head tied by fitting the final norm's gain (fewer parameters, "
-                        "some perplexity) instead of untying it")
-    p.add_argument("--pooling", choices=("unit-trace", "tokens"), default=None,
-                   help="uniform: weigh every block boundary equally (unit-trace, default; SmolLM2) or by its raw "
-                        "energy (tokens; Gemma 3 needs it) when pooling their covariances")
-    p.add_argument("--untie-head", action="store_true",
-                   help="slice a tied embedding table and untie the head (the paper's way; more parameters, "
-                        "same function) instead of keeping them tied with a d x d' entry matrix")
-    p.add_argument("--report", default=None, metavar="DIR",
+    g.add_argument("--eval-samples", type=int, default=16, help="evaluation windows (default 16)")
+    g.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    g.add_argument("--eval-batch-size", type=int, default=2, help="evaluation windows per forward pass (default 2)")
+    g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    g.add_argument("--report", default=None, metavar="DIR",
                    help="also write an HTML report of this run (spectra, perplexity) to DIR")
-    p.add_argument("--report-bench", action="store_true",
+    g.add_argument("--report-bench", action="store_true",
                    help="add a quick speed check to --report (batch 1, 128-token prompt; dense then sliced, "
                         "not in turns: `slicegpt bench --save` is the careful measurement; loads both models whole)")
-    p.add_argument("--weights", choices=("disk", "cpu"), default="disk",
-                   help="where the dense weights wait for their turn: read from the model's files one layer at a "
-                        "time (disk, default) or loaded into CPU memory first (cpu; a GPU run of a model that fits "
-                        "in RAM)")
-    p.add_argument("--offload", choices=("cpu", "disk"), default="cpu",
-                   help="where the calibration activations of the current layer live: CPU memory (default) or "
-                        "files under --offload-dir (memory then stays flat however many samples)")
-    p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for --offload disk")
-    p.add_argument("--restart", action="store_true",
+
+    g = p.add_argument_group("expert levers", "each overrides the recipe; an option the recipe, the size or the "
+                                              "model would ignore is refused")
+    g.add_argument("--rotation", choices=ROTATIONS, default=None,
+                   help="per-layer: a basis per block boundary and a matrix on each skip connection (slicegpt "
+                        "format); uniform: one basis, saved as the family's stock model (GGUF-exportable)")
+    g.add_argument("--compensate", choices=COMPENSATIONS, default=None,
+                   help="refit each step's output weights (writers) or its input weights too (all) against the "
+                        "dense model, or not (off)")
+    g.add_argument("--ridge", type=float, default=None,
+                   help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
+    g.add_argument("--dense-share", type=float, default=None, metavar="FRACTION",
+                   help="compensation: the share of the calibration windows the dense model also runs on "
+                        f"(default {DENSE_SHARE}; 1 = all, the most exact and slowest)")
+    g.add_argument("--neurons", default=None, metavar="auto|off|FRACTION",
+                   help="MLP neurons kept per layer, pruned in compensation's refit: auto (the default recipe's: "
+                        "the size is met by pruning neurons first, at least 40%% kept), off, or a fraction to keep")
+    g.add_argument("--widths", choices=WIDTH_RULES, default=None,
+                   help="per-layer: one width everywhere (equal) or each boundary its own within the size "
+                        "(adaptive; helped SmolLM2, hurt Gemma 3)")
+    g.add_argument("--head", choices=HEADS, default=None,
+                   help="a head tied to the embeddings: auto (kept tied where that is exact), untied (slice the "
+                        "embeddings, untie the head: the paper's way), sliced (also slice the head's input), fit "
+                        "(uniform: keep it tied with a fitted final-norm gain)")
+    g.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="uniform: weigh every block boundary equally (unit-trace, default) or by its raw energy "
+                        "(tokens; Gemma 3 needs it) when pooling their covariances")
+    g.add_argument("--accept-deviation", action="store_true",
+                   help="uniform: write a stock model even where the stock class only approximates the sliced "
+                        "one (Gemma 2/3 branch-output norms, Qwen3 q/k-norm epsilon); the cost is reported")
+    g.add_argument("--round-to", type=int, default=None,
+                   help="widths and neuron counts are multiples of this (default 8)")
+
+    g = p.add_argument_group("resources")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: the "
+                   "checkpoint's own dtype)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass (default 4)")
+    g.add_argument("--preload", action="store_true",
+                   help="load the dense model into CPU memory first (a GPU run of a model that fits in RAM); "
+                        "by default its weights are read from its files one layer at a time")
+    g.add_argument("--activations-dir", default=None, metavar="DIR",
+                   help="keep the calibration activations on disk under DIR instead of in CPU memory (memory "
+                        "then stays flat however many samples)")
+    g.add_argument("--restart", action="store_true",
                    help="discard the progress of an interrupted run with the same --out and start over "
                         "(by default the same command continues where it stopped)")
-    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                    help="save the calibration activations for resuming every N layers (default 1; a crash "
                         "redoes at most N-1 layers)")
-    _common(p)
-    _distributed_options(p)
+    _distributed_options(g)
     p.set_defaults(func=cmd_slice)
 
     p = sub.add_parser("eval", help="perplexity of a dense or sliced model")

@@ -22,7 +22,11 @@ class SlicingConfig:
     deviations: list = field(default_factory=list)  # why the stock model is only approximate
     max_logit_deviation: float | None = None  # stock vs exact sliced model, 128 calibration tokens
     # Quality levers (README "Quality"); a record without them was sliced by the paper's algorithm.
-    method: str = "paper"
+    method: str = "paper"  # the recipe (kept under this name for records written before 0.2)
+    recipe: str = ""  # 0.2: the recipe, its size (--size, a share of the dense parameters) or --slicing
+    size: float | None = None
+    slicing: float | None = None
+    head: str = ""  # --head as resolved (auto, untied, sliced, fit)
     compensate: str = "off"  # "writers" (or "all": readers too) refitted against the dense model
     ridge: float | None = None  # compensation's relative regulariser
     dense_share: float | None = None  # compensation: share of the calibration batches the dense stream ran on
@@ -38,6 +42,8 @@ class SlicingConfig:
     parameters_dense: int = 0
     parameters_sliced: int = 0
     distributed: dict = field(default_factory=dict)  # world_size, samples and tokens per rank
+    plan: dict = field(default_factory=dict)  # every decision of the run (slicegpt.plan.Plan.to_dict)
+    version: str = ""  # the slicegpt that made the model
     finetune: list = field(default_factory=list)  # one record per recovery fine-tuning run (finetune.py)
     # Eigenvalues per boundary (for reports); kept in memory, not in the JSON record.
     spectra: list = field(default_factory=list, repr=False)

@@ -20,29 +20,30 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from slicegpt.adapters import get_adapter
+from slicegpt.api import calibration_batches, complete_plan, run_plan
 from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
-from slicegpt.core.bases import sliced_dim
-from slicegpt.core.compensation import DENSE_SHARE, RIDGE, check_dense_share, dense_first_batches, summarize
 from slicegpt.core.distributed import Ranks, local_device
-from slicegpt.core.engine import Hooks, Progress, per_layer_ties, slice_layers, slice_uniform, uniform_ties
-from slicegpt.core.widths import plan_widths
+from slicegpt.core.engine import Hooks, Progress
 from slicegpt.core.forward import streamed_logits
-from slicegpt.evaluation.perplexity import streamed_perplexity
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
 from slicegpt.core.resume import RunDirectory
-from slicegpt.data import DEFAULT_DATA, bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
+from slicegpt.data import bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
-from slicegpt.version import __version__
-from slicegpt.shards import tensor_sizes, write_index, write_shard
-from slicegpt.formats.loading import parse_dtype, checkpoint_directory
 from slicegpt.evaluation.measure import measure
+from slicegpt.evaluation.perplexity import streamed_perplexity
+from slicegpt.formats.io import finish_directory
+from slicegpt.formats.loading import checkpoint_directory, parse_dtype
+from slicegpt.formats.standard import layernorms_with_bias, standard_config_from, stock_tensors
 from slicegpt.modeling.runtime import CONFIG_KEY, get_path
-from slicegpt.formats.standard import check_standard, layernorms_with_bias, standard_config_from, stock_tensors
+from slicegpt.plan import Plan, SliceSettings, check_settings, make_plan, record, settings_from
+from slicegpt.shards import tensor_sizes, write_index, write_shard
+from slicegpt.version import __version__
 
 DENSE_FIGURES = "dense.json"  # the dense model's perplexity, kept in the run directory across a resume
 
@@ -55,6 +56,7 @@ class SliceRun:
     config: SlicingConfig
     figures: dict = field(default_factory=dict)
     resumed_from_layer: int | None = None
+    plan: Plan | None = None
 
 
 class _StockHooks(Hooks):
@@ -99,197 +101,118 @@ def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) once; works on meta tensors
 
 
-def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike = "", sparsity: float = 0.25, *,
-                   calibration: str | os.PathLike = DEFAULT_DATA, samples: int = 32, seqlen: int = 1024,
-                   seed: int = 0, text_field: str = "text", batch_size: int = 4, round_to: int = 8,
-                   rotation: str = "per-layer", slice_head: bool = False, keep_tied_head: bool = True,
-                   fit_tied_head: bool = False, pooling: str = "unit-trace", accept_deviation: bool = False,
-                   evaluate: bool = True, eval_data: str | os.PathLike | None = None, eval_samples: int = 16,
-                   eval_seqlen: int | None = None, eval_batch_size: int = 2, dtype: str | torch.dtype | None = None,
-                   device: str = "cpu", weights: str = "disk", offload: str = "cpu",
-                   offload_dir: str | os.PathLike | None = None,
-                   restart: bool = False, force: bool = False, checkpoint_every: int = 1, speed: bool = False,
-                   method: str = "default", compensate: str | bool | None = None, widths: str | None = None,
-                   parameters: float | None = None, ridge: float = RIDGE, mlp_width: float | str | None = None,
-                   dense_share: float = DENSE_SHARE, progress: bool = True) -> SliceRun:
+def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike = "",
+                   settings: SliceSettings | None = None, *, evaluate: bool = True,
+                   eval_data: str | os.PathLike | None = None, eval_samples: int = 16, eval_seqlen: int | None = None,
+                   eval_batch_size: int = 2, dtype: str | torch.dtype | None = None, device: str = "cpu",
+                   preload: bool = False, activations_dir: str | os.PathLike | None = None, restart: bool = False,
+                   force: bool = False, checkpoint_every: int = 1, speed: bool = False, progress: bool = True,
+                   on_plan: Callable[[Plan], None] | None = None, **changes) -> SliceRun:
     """Slice the dense model `model` (hub id, directory, .gguf, or "default") and write it to `out`.
 
-    Only one decoder layer is on `device` at a time; the other weights wait on `weights`
-    ("disk": read from the safetensors files when their turn comes; "cpu": the dense model loaded
-    into CPU memory first, for a GPU run of a model that fits in RAM), the calibration
-    activations on `offload` ("cpu", or "disk" under `offload_dir`). `out` appears only when complete; an
-    interrupted call resumes when called again with the same arguments (`restart=True`
-    starts over). `checkpoint_every` layers the activations are saved for resuming. `speed`
-    adds a quick throughput check of the dense and the sliced model (both loaded whole).
-    `rotation="uniform"` writes a stock model of the family (plain `from_pretrained`).
-    `method`, `compensate`, `widths`, `parameters`, `ridge`, `mlp_width` and `dense_share` are
-    the quality levers of `slicegpt.slice_model`.
+        run = slicegpt.slice_and_save("default", "out/smollm2-80", size=0.8)
+
+    The settings are `slice_model`'s (`SliceSettings`, or its fields as keywords). Only one
+    decoder layer is on `device` at a time; the other weights are read from the model's files
+    when their turn comes (`preload`: the dense model is loaded into CPU memory first, for a GPU
+    run of a model that fits in RAM), the calibration activations wait in CPU memory (or on disk
+    under `activations_dir`). `out` appears only when complete; an interrupted call resumes when
+    called again with the same arguments (`restart=True` starts over); `checkpoint_every` layers
+    the activations are saved for resuming. `on_plan` is called with the plan before any slow
+    work. `speed` adds a quick throughput check of the dense and the sliced model (both loaded whole).
     """
-    arguments = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in locals().items()
-                 if k not in ("progress", "offload_dir")}  # a scratch folder per node is fine
-    from transformers import AutoTokenizer
-
-    from slicegpt.api import check_rotation, dense_neurons, effective_sparsity, planned_layout, resolve_levers
-
+    settings = settings_from(settings, **changes)
+    check_settings(settings)  # before anything is read or written
+    run_arguments = {"evaluate": evaluate, "eval_data": str(eval_data) if eval_data else None,
+                     "eval_samples": eval_samples, "eval_seqlen": eval_seqlen, "eval_batch_size": eval_batch_size,
+                     "dtype": str(dtype) if dtype else None, "device": device, "preload": preload,
+                     "restart": restart, "force": force, "checkpoint_every": checkpoint_every, "speed": speed}
     ranks = Ranks.current()
-    ranks.agree(arguments)  # ranks started with other arguments would sum unrelated statistics
+    ranks.agree({"model": str(model), "out": str(out), "settings": settings.to_dict(), **run_arguments})
     device = local_device(device, ranks)
     progress = progress and ranks.writer
-    sliced_dim(8, sparsity)  # validate before any slow work
-    check_rotation(rotation, pooling, fit_tied_head)
-    compensate, widths, mlp = resolve_levers(method, compensate, widths, rotation, mlp_width)
-    check_dense_share(dense_share)
-    if parameters is not None and not 0.0 < parameters <= 2.0:
-        raise SliceGPTError(f"--parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
     if not out:
         raise SliceGPTError("an output directory is needed (--out)")
     out = Path(out)
     refuse_existing(out, force, "output directory")
-    if offload == "disk" and offload_dir is None:
-        raise SliceGPTError("--offload disk needs a directory: --offload-dir DIR")
-    if weights not in ("cpu", "disk"):
-        raise SliceGPTError(f"weights must wait on cpu or disk, got {weights!r}")
-    if offload not in ("cpu", "disk"):
-        raise SliceGPTError(f"offload must be cpu or disk, got {offload!r}")
-    if offload_dir is not None:  # this run's own folder (emptied below, once the run holds its lock)
-        offload_dir = Path(offload_dir) / f"slicegpt-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
-        if ranks.distributed:
-            offload_dir = offload_dir.with_name(f"{offload_dir.name}-rank{ranks.rank}")
-    calib_text = load_text(calibration, "calibration", text_field)  # bad data fails before the model loads
+    offload, offload_dir = ("disk", _activations_folder(activations_dir, out, ranks)) if activations_dir else ("cpu", None)
+    calib_text = load_text(settings.calibration, "calibration", settings.text_field)  # bad data fails first
     # every rank resolves the source itself (no collective wait around a long download); a GGUF file
     # is converted once per machine (a file lock) and huggingface_hub locks its downloads the same way
     directory, source_name = checkpoint_directory(model)
     view = CheckpointModel(directory, dtype=parse_dtype(dtype) if dtype else None, device=device)
-    fingerprint, source_config, work_dtype = view.fingerprint(), view.config, view.dtype
-    adapter = get_adapter(source_config)
-    uniform = rotation == "uniform"
-    slice_head = uniform or slice_head or adapter.slice_head_required
-    hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
-    dim = sliced_dim(hidden, sparsity, round_to)
-    deviations = check_standard(view.model, adapter, accept_deviation) if uniform else []
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as e:
-        raise SliceGPTError(f"cannot load the tokenizer of {directory}: {str(e).splitlines()[0]}") from None
-
-    eval_source = eval_data or calibration
-    if eval_source == calibration and Path(str(eval_source)).is_file():
-        calib_text, eval_text = split_text(calib_text)  # one local file: keep the parts disjoint
-    else:
-        eval_text = load_text(eval_source, "evaluation", text_field) if evaluate else ""
-    windows = calibration_windows(tokenize(tokenizer, calib_text), samples, seqlen, seed, bos=bos_token(tokenizer))
-    eval_windows = (evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen or seqlen, eval_samples,
-                                       bos=bos_token(tokenizer)) if evaluate else None)
+    fingerprint, work_dtype = view.fingerprint(), view.dtype
+    adapter = get_adapter(view.config)
+    dense_parameters = _parameters(view.model)
+    plan = make_plan(settings, view, adapter, model=str(model), dense_parameters=dense_parameters)
+    if plan.layout == "uniform" and not plan.standard:
+        raise SliceGPTError("slice_and_save writes uniform rotation as the family's stock model (standard=True)")
+    if on_plan is not None and ranks.writer:
+        on_plan(plan)
+    tokenizer = _tokenizer(directory)
+    windows, eval_windows, eval_source = _windows(tokenizer, calib_text, settings, evaluate, eval_data, eval_samples,
+                                                  eval_seqlen)
     if len(windows) < ranks.world_size:
         raise SliceGPTError(f"{len(windows)} calibration windows cannot be shared by {ranks.world_size} processes: "
                             "each rank needs at least one (--samples)")
     share = ranks.part(windows)  # this rank's calibration windows
     eval_share = ranks.part(eval_windows) if eval_windows is not None else None
-
     layers = get_path(view.model, adapter.layers)
-    settings = {"sparsity": sparsity, "round_to": round_to, "width": dim, "rotation": rotation, "slice_head": slice_head,
-                "keep_tied_head": keep_tied_head, "fit_tied_head": fit_tied_head, "pooling": pooling if uniform else "",
-                "accept_deviation": accept_deviation, "batch_size": batch_size, "dtype": str(work_dtype),
-                "compensate": compensate, "ridge": ridge if compensate != "off" else None, "widths": widths,
-                "dense_share": dense_share if compensate != "off" else None,
-                "parameters": parameters, "mlp": mlp, "world_size": ranks.world_size,
-                "device": torch.device(device).type, "calibration": _digest(windows.input_ids, windows.attention_mask),
-                "torch": torch.__version__, "slicegpt": __version__}
-    if weights == "cpu":  # the same engine over the model in memory, moving one layer at a time to the device
+    plan_record = {k: v for k, v in plan.to_dict().items() if k != "model"}
+    resume_settings = {"plan": plan_record, "dtype": str(work_dtype), "world_size": ranks.world_size,
+                       "device": torch.device(device).type,
+                       "calibration": _digest(windows.input_ids, windows.attention_mask),
+                       "torch": torch.__version__, "slicegpt": __version__}
+    if preload:  # the same engine over the model in memory, moving one layer at a time to the device
         view = _in_memory(directory, work_dtype, device)
-    run_dir = RunDirectory(out, len(layers) + 2, settings, fingerprint, restart=restart,
+    run_dir = RunDirectory(out, len(layers) + 2, resume_settings, fingerprint, restart=restart,
                            checkpoint_every=checkpoint_every, ranks=ranks)
     resumed = run_dir.record["next_layer"] if run_dir.resuming else None
     if offload_dir is not None:  # what a killed run left there
         shutil.rmtree(offload_dir, ignore_errors=True)
 
-    figures: dict = {"model": str(model), "sparsity": sparsity}
-    bias_norms = layernorms_with_bias(view.model)
-    dense_parameters = _parameters(view.model)
+    figures: dict = {"model": str(model), "recipe": settings.recipe, "size": settings.size,
+                     "slicing": settings.slicing}
     if eval_windows is not None:
         figures["perplexity_dense"] = _dense_perplexity(run_dir.root, view, adapter.layers, eval_windows,
                                                         eval_share, eval_batch_size, offload, offload_dir, progress,
                                                         ranks)
-
-    calibration_batches, dense_batches = dense_first_batches(windows, batch_size, ranks,
-                                                             dense_share if compensate != "off" else 1.0)
+    batches, dense_batches = calibration_batches(plan, windows, ranks)
     with measure(device) as m:
-        tied = (uniform_ties(view, adapter, fit_tied_head) if uniform
-                else per_layer_ties(view, adapter, keep_tied_head, slice_head))
-        plan, widths, neurons = plan_widths(view, adapter, calibration_batches, rotation=rotation, rule=widths,
-                                            sparsity=sparsity, parameters=parameters,
-                                            dense_parameters=dense_parameters, round_to=round_to, tied=tied,
-                                            slice_head=slice_head, offload=offload, offload_dir=offload_dir,
-                                            progress=progress, ranks=ranks, mlp=mlp)
-        dim = plan[0]
-        identity, rotation, slice_head, fit_tied_head = planned_layout(plan, hidden, neurons, rotation, slice_head,
-                                                                       fit_tied_head)
-        if identity:  # a stock model computing the same: nothing deviates
-            uniform, deviations = True, []
-        if uniform:
-            tied_hint = view.ties_head(adapter.head, adapter.embeddings[0]) if identity else uniform_ties(
-                view, adapter, fit_tied_head)
-            exact = run_dir.root / "exact" if deviations else None
-            hooks = _StockHooks(run_dir, adapter, hidden, dim, tied_hint, bias_norms, exact)
-            outcome = slice_uniform(view, adapter, calibration_batches, dim, fit_tied_head=fit_tied_head,
-                                    unit_trace=pooling == "unit-trace", progress=progress, hooks=hooks,
-                                    offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
-                                    ranks=ranks, neurons=neurons, identity=identity, dense_batches=dense_batches)
-        else:
-            outcome = slice_layers(view, adapter, calibration_batches, plan, slice_head=slice_head,
-                                   keep_tied_head=keep_tied_head, progress=progress, hooks=run_dir,
-                                   offload=offload, offload_dir=offload_dir, compensate=compensate, ridge=ridge,
-                                   ranks=ranks, neurons=neurons, dense_batches=dense_batches)
+        plan = complete_plan(plan, view, adapter, batches, ranks, progress)
+        hooks = run_dir
+        if plan.standard:  # each part converted to the stock layout as it is written
+            exact = run_dir.root / "exact" if plan.deviations else None
+            hooks = _StockHooks(run_dir, adapter, plan.hidden, plan.widths[0], plan.tied_head,
+                                layernorms_with_bias(view.model), exact)
+        outcome = run_plan(plan, view, adapter, batches, dense_batches, ranks=ranks, progress=progress, hooks=hooks,
+                           offload=offload, offload_dir=offload_dir)
 
     staging = run_dir.staging
     if ranks.writer:
-        _write_configs(staging, directory, view, adapter, uniform, dim, outcome, run_dir.shards, neurons)
+        _write_configs(staging, directory, view, adapter, plan, outcome, run_dir.shards)
     ranks.barrier()  # every rank reads the output from here on
-    config = SlicingConfig(
-        sparsity=sparsity if parameters is None and neurons is None else effective_sparsity(plan, hidden),
-        hidden_size=hidden, sliced_hidden_size=dim if uniform else round(sum(plan[:-1]) / (len(plan) - 1)),
-        method=method, compensate=compensate, ridge=ridge if compensate != "off" else None,
-        dense_share=dense_share if compensate != "off" else None, widths_rule=widths,
-        parameters_budget=parameters, widths=plan, compensation=summarize(outcome.fits),
-        mlp_width=mlp, mlp_neurons=neurons, mlp_neurons_dense=dense_neurons(view.model, adapter) if neurons else None,
-        model_type=source_config.model_type,
-        family=adapter.family, rotation=rotation, round_to=round_to, slice_head=slice_head,
-        tied_head=outcome.tied_head, fit_tied_head=fit_tied_head, pooling=pooling if uniform else "",
-        standard=uniform, deviations=deviations,
-        calibration={"source": str(calibration), "seed": seed, "samples": len(windows.input_ids),
-                     "seqlen": windows.input_ids.shape[1], "tokens": windows.tokens},
-        source_model=source_name, parameters_dense=dense_parameters, parameters_sliced=_count(staging),
-        spectra=outcome.spectra,
-        distributed={"world_size": ranks.world_size, "samples_per_rank": ranks.gather(len(share)),
-                     "tokens_per_rank": ranks.gather(share.tokens)})
-    figures.update(method=method, compensate=compensate, dense_share=config.dense_share, widths=widths,
-                   mlp_neurons=neurons,
-                   rotation=rotation, standard=uniform, deviations=deviations, max_logit_deviation=None,
+    calibration = {"source": str(settings.calibration), "seed": settings.seed, "samples": len(windows.input_ids),
+                   "seqlen": windows.input_ids.shape[1], "tokens": windows.tokens}
+    config = record(plan, outcome, calibration=calibration, parameters_sliced=_count(staging),
+                    source_model=source_name,
+                    distributed={"world_size": ranks.world_size, "samples_per_rank": ranks.gather(len(share)),
+                                 "tokens_per_rank": ranks.gather(share.tokens)})
+    figures.update(recipe=settings.recipe, compensate=plan.levers.compensate, dense_share=config.dense_share,
+                   widths=plan.width_rule, mlp_neurons=plan.neurons, rotation=plan.rotation, standard=plan.standard,
+                   deviations=list(plan.deviations), max_logit_deviation=None,
                    parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
-                   parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=hidden,
-                   sliced_hidden_size=config.sliced_hidden_size, slicing_seconds=m.seconds, peak_memory_bytes=m.peak_bytes,
-                   offload=offload, resumed_from_layer=resumed, world_size=ranks.world_size)
+                   parameters_predicted=plan.predicted_parameters,
+                   parameter_ratio=config.parameters_sliced / config.parameters_dense, hidden_size=plan.hidden,
+                   sliced_hidden_size=config.sliced_hidden_size, slicing_seconds=m.seconds,
+                   peak_memory_bytes=m.peak_bytes, offload=offload, resumed_from_layer=resumed,
+                   world_size=ranks.world_size)
     if ranks.distributed:
         figures.update(peak_memory_bytes_per_rank=ranks.gather(m.peak_bytes),
                        allreduce_bytes=ranks.reduced_bytes, allreduce_bytes_per_layer=ranks.reduced_bytes // len(layers))
-    if uniform and deviations:  # what the stock approximation costs, measured against the exact model
-        from slicegpt.formats.io import write_sliced_config
-
-        exact = run_dir.root / "exact"
-        if ranks.writer:
-            write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
-            write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
-        ranks.barrier()
-        sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
-        (stock_view, stock_layers), (exact_view, exact_layers) = (_output_view(staging, work_dtype, device),
-                                                                  _output_view(exact, work_dtype, device))
-        reference = next(iter(streamed_logits(exact_view, exact_layers, sample, progress=False)))
-        approx = next(iter(streamed_logits(stock_view, stock_layers, sample, progress=False)))
-        figures["max_logit_deviation"] = config.max_logit_deviation = float((approx - reference).abs().max())
-        if eval_windows is not None:
-            figures["perplexity_exact"] = streamed_perplexity(exact_view, exact_layers,
-                                                              eval_share.batches(eval_batch_size), offload,
-                                                              offload_dir, progress, ranks)
+    if plan.standard and plan.deviations:  # what the stock approximation costs, measured against the exact model
+        _measure_deviation(run_dir, view, outcome, config, figures, windows, eval_share, eval_batch_size, work_dtype,
+                           device, offload, offload_dir, progress, ranks)
     if eval_windows is not None:
         sliced_view, sliced_layers = _output_view(staging, work_dtype, device)
         figures["perplexity_sliced"] = streamed_perplexity(sliced_view, sliced_layers,
@@ -299,8 +222,6 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         figures["eval_data"] = str(eval_source)
     if speed and ranks.writer:
         figures["speed"] = _quick_speed(model, staging, device)
-    from slicegpt.formats.io import finish_directory
-
     ranks.barrier()  # every rank is done reading the staged output
 
     def finish() -> None:
@@ -312,7 +233,60 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     figures["out"] = str(out)
-    return SliceRun(out=out, config=config, figures=figures, resumed_from_layer=resumed)
+    return SliceRun(out=out, config=config, figures=figures, resumed_from_layer=resumed, plan=plan)
+
+
+def _activations_folder(activations_dir: str | os.PathLike, out: Path, ranks: Ranks) -> Path:
+    """This run's own folder under `activations_dir` (emptied once the run holds its lock)."""
+    folder = Path(activations_dir) / f"slicegpt-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
+    return folder.with_name(f"{folder.name}-rank{ranks.rank}") if ranks.distributed else folder
+
+
+def _tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise SliceGPTError(f"cannot load the tokenizer of {directory}: {str(e).splitlines()[0]}") from None
+
+
+def _windows(tokenizer, calib_text: str, settings: SliceSettings, evaluate: bool, eval_data, eval_samples: int,
+             eval_seqlen: int | None):
+    """Calibration and evaluation windows; one local file is split so the two stay disjoint."""
+    eval_source = eval_data or settings.calibration
+    if eval_source == settings.calibration and Path(str(eval_source)).is_file():
+        calib_text, eval_text = split_text(calib_text)
+    else:
+        eval_text = load_text(eval_source, "evaluation", settings.text_field) if evaluate else ""
+    bos = bos_token(tokenizer)
+    windows = calibration_windows(tokenize(tokenizer, calib_text), settings.samples, settings.seqlen, settings.seed,
+                                  bos=bos)
+    eval_windows = (evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen or settings.seqlen, eval_samples,
+                                       bos=bos) if evaluate else None)
+    return windows, eval_windows, eval_source
+
+
+def _measure_deviation(run_dir: RunDirectory, view, outcome, config: SlicingConfig, figures: dict, windows,
+                       eval_share, eval_batch_size: int, work_dtype, device, offload, offload_dir, progress: bool,
+                       ranks: Ranks) -> None:
+    """The stock model against the exact sliced one (written beside it): logits on one window, perplexity."""
+    from slicegpt.formats.io import write_sliced_config
+
+    exact = run_dir.root / "exact"
+    if ranks.writer:
+        write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
+        write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
+    ranks.barrier()
+    sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
+    (stock_view, stock_layers), (exact_view, exact_layers) = (_output_view(run_dir.staging, work_dtype, device),
+                                                              _output_view(exact, work_dtype, device))
+    reference = next(iter(streamed_logits(exact_view, exact_layers, sample, progress=False)))
+    approx = next(iter(streamed_logits(stock_view, stock_layers, sample, progress=False)))
+    figures["max_logit_deviation"] = config.max_logit_deviation = float((approx - reference).abs().max())
+    if eval_share is not None:
+        figures["perplexity_exact"] = streamed_perplexity(exact_view, exact_layers, eval_share.batches(eval_batch_size),
+                                                          offload, offload_dir, progress, ranks)
 
 
 def _quick_speed(model, staging: Path, device: str) -> list:
@@ -354,12 +328,12 @@ def _generation_config(directory: Path):
         return None
 
 
-def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, uniform: bool, dim: int,
-                   outcome, shards: dict[str, str], neurons: int | None = None) -> None:
-    """The output's config (a stock one for uniform rotation), generation config and shard index."""
+def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, plan: Plan, outcome,
+                   shards: dict[str, str]) -> None:
+    """The output's config (a stock one for a stock output), generation config and shard index."""
     generation = _generation_config(directory)
-    if uniform:
-        stock = standard_config_from(view.model.config, adapter, dim, outcome.tied_head, neurons)
+    if plan.standard:
+        stock = standard_config_from(view.model.config, adapter, plan.widths[0], outcome.tied_head, plan.neurons)
         for attr in (CONFIG_KEY,):
             if hasattr(stock, attr):
                 delattr(stock, attr)

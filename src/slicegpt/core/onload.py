@@ -68,6 +68,7 @@ class ResidentModel(LayeredModel):
     def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
         self.model = model
         self.home = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.device = torch.device(device) if device is not None else self.home
         if self.device != self.home:
             _buffers_to(model, self.device)
@@ -100,6 +101,56 @@ def eager_experts_for_float64(model: nn.Module, dtype: torch.dtype) -> None:
             pass
 
 
+class ConfigModel(LayeredModel):
+    """The model a config describes, every weight on the meta device: shapes without reading a file.
+
+    Planning (`slicegpt.plan`) counts parameters and chooses widths from shapes alone, so a dry
+    run needs nothing but config.json. A tied head shares its embedding's Parameter, as in the
+    loaded model."""
+
+    keeps_changes = False
+
+    def __init__(self, config, dtype: torch.dtype | None = None) -> None:
+        self.config, self.device = config, torch.device("meta")
+        self.dtype = dtype or checkpoint_dtype(config)
+        self.model = skeleton(config, self.dtype)
+        self.tied_heads = tied_weights(self.model, config)
+
+    def ties_head(self, head: str, embedding: str) -> bool:
+        return self.tied_heads.get(f"{head}.weight") == f"{embedding}.weight"
+
+    def onload(self, path: str) -> nn.Module:
+        return get_path(self.model, path) if path else self.model
+
+    def offload(self, path: str) -> None:
+        pass
+
+    def original(self, name: str) -> torch.Tensor:
+        raise SliceGPTError("internal error: a plan reads no weights")
+
+
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `config` with parameters on meta (buffers real: rotary tables are computed)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    eager_experts_for_float64(model, dtype)
+    return model.eval()
+
+
+def tied_weights(model: nn.Module, config) -> dict[str, str]:
+    """Head -> embedding names the config ties, each pair made to share one Parameter."""
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(
+        config.get_text_config(), "tie_word_embeddings", False)
+    aliases = dict(getattr(model, "all_tied_weights_keys", None) or {}) if tied else {}
+    for head, embedding in aliases.items():
+        owner, _, leaf = head.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(embedding))
+    return aliases
+
+
 class CheckpointModel(LayeredModel):
     """A transformers safetensors checkpoint read one module at a time (meta skeleton + safe_open)."""
 
@@ -107,20 +158,14 @@ class CheckpointModel(LayeredModel):
 
     def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu", sliced: dict | None = None) -> None:
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
         self.directory = Path(directory)
         self.device = torch.device(device)
         steady_allocator()
         config = read_config(self.directory)  # what the model is, before where its weights are
         self.files = checkpoint_files(self.directory)  # tensor name -> file
         self.config = config
-        self.dtype = dtype or _checkpoint_dtype(config)
-        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        self.model = model.eval()
-        eager_experts_for_float64(model, self.dtype)
+        self.dtype = dtype or checkpoint_dtype(config)
+        self.model = model = skeleton(config, self.dtype)
         self.sliced = sliced  # the slicegpt block of a sliced model's config: its layer structure
         if sliced is not None:
             use_rms_norms(model, sliced["structure"])
@@ -287,7 +332,7 @@ def _conversion_targets(model: nn.Module, files: dict[str, str]) -> dict[str, st
     return {k: rename_source_key(k, renamings, converters, prefix, meta)[0] for k in files}
 
 
-def _checkpoint_dtype(config) -> torch.dtype:
+def checkpoint_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)

@@ -190,7 +190,7 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
                 sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
                 slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
                 progress: bool = True, ranks: Ranks | None = None, mlp: float | str | None = None
-                ) -> tuple[list[int], str, int | None]:
+                ) -> tuple[list[int] | None, str, int | None]:
     """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
 
     The budget is `parameters` x the dense count when given, else the count the equal widths
@@ -273,6 +273,8 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
                 _refuse_mixing(adapter)
     if rule == "equal":
         return budget_widths(model, budget, round_to, hidden, n, neurons), rule, neurons
+    if batches is None:  # a plan before calibration: the spectra choose them later
+        return None, rule, neurons
     ranks = ranks or Ranks()
     batch_size = len(batches[0][0]) if batches else 1
     first = -(-probe_samples // batch_size) * batch_size  # whole batches of the windows, as one process takes them

@@ -242,6 +242,51 @@ def checkpoint_directory(source: str | os.PathLike | None = None) -> tuple[Path,
     return _snapshot_from_hub(spec), spec
 
 
+def model_config(source: str | os.PathLike | None = None):
+    """The config of a dense model, reading no weights: what a plan (`--dry-run`) needs.
+
+    A GGUF file's config comes from its dequantized copy when one is cached, else from the
+    file's metadata; a hub id's from the Hugging Face cache or a download of its config alone."""
+    from transformers import AutoConfig
+
+    from slicegpt.adapters import require_decoder
+
+    spec, path = _resolve(source)
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file() or path.suffix != ".gguf":
+            return read_config(_gguf_checkpoint(path))  # the same one-line refusals
+        cached = _gguf_cache_path(path)
+        if (cached / "config.json").is_file():
+            return read_config(cached)
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:  # transformers raises many types for unreadable GGUF files
+            raise SliceGPTError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
+        config.dtype = torch.float32  # a GGUF model is dequantized to float32 (`checkpoint_directory`)
+        require_decoder(config)
+        return config
+    if path.is_dir():
+        kind, found = _directory_kind(path)
+        if kind == "gguf":
+            return model_config(found)
+        if kind == "sliced":
+            raise SliceGPTError(f"{path} is already a sliced model; slice the dense model instead")
+        return read_config(path)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~")):
+        raise SliceGPTError(f"model path not found: {spec}")
+    try:
+        config = AutoConfig.from_pretrained(spec, local_files_only=True)
+    except OSError:
+        _require_hub(spec)
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except OSError as e:
+            raise SliceGPTError(f"cannot read the config of '{spec}' from the Hugging Face hub: "
+                                f"{str(e).splitlines()[0]}") from None
+    require_decoder(config)
+    return config
+
+
 def _require_hub(repo_id: str) -> None:
     """Refuse at once, in one line, a download the machine cannot make."""
     if env_flag("HF_HUB_OFFLINE") or not hub_reachable():

@@ -1,0 +1,357 @@
+"""One planning step: every decision of a slicing run, made once from frozen settings, before any work.
+
+A run is a recipe plus a size (`SliceSettings`). `make_plan` resolves the recipe's levers with
+the user's overrides, validates them against each other, the size and the model (an option the
+run would ignore is refused in one line), and decides the layout: which boundaries keep which
+width, how many MLP neurons each layer keeps, whether the head stays tied, what rotation runs
+and what class the output is, with its predicted parameter count. It needs only the model's
+shapes (`core.onload.ConfigModel`: config.json alone), so `slicegpt slice --dry-run` prints it in
+seconds; a real run prints the same plan first, follows it, and records it (`record`).
+
+Only adaptive widths are left to the run: they are chosen from the calibration spectra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from slicegpt.adapters import ModelAdapter
+from slicegpt.adapters.base import branch_groups
+from slicegpt.config import SlicingConfig
+from slicegpt.core.bases import sliced_dim
+from slicegpt.core.budget import parameter_model
+from slicegpt.core.engine import per_layer_ties, uniform_ties
+from slicegpt.core.onload import LayeredModel
+from slicegpt.core.widths import plan_widths
+from slicegpt.data import DEFAULT_DATA
+from slicegpt.errors import SliceGPTError
+from slicegpt.formats.standard import check_standard
+from slicegpt.modeling.runtime import get_path
+from slicegpt.recipes import DEFAULT_RECIPE, LEVER_NAMES, Levers, get_recipe, resolve_levers
+from slicegpt.version import __version__
+
+NEURONS_ONLY = "neurons only"  # the layout where the stream keeps its width and basis
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """What the user asked for: a recipe, a size, expert overrides (None: the recipe's), calibration.
+
+    Size has one meaning: `size`, the fraction of the dense model's parameters that remains
+    (every parameter counted). `slicing` is the paper's own measure instead, the fraction of the
+    hidden width removed, for runs that prune no neurons (the paper recipe)."""
+
+    recipe: str = DEFAULT_RECIPE
+    size: float | None = None
+    slicing: float | None = None
+    # expert levers (recipes.Levers); None keeps the recipe's value
+    rotation: str | None = None
+    compensate: str | None = None
+    ridge: float | None = None
+    dense_share: float | None = None
+    neurons: float | str | None = None
+    widths: str | None = None
+    head: str | None = None
+    pooling: str | None = None
+    accept_deviation: bool | None = None
+    round_to: int | None = None
+    standard: bool = True  # uniform rotation: the family's stock class (False: slicegpt's own format)
+    # calibration
+    calibration: str = DEFAULT_DATA
+    samples: int = 32
+    seqlen: int = 1024
+    seed: int = 0
+    text_field: str = "text"
+    batch_size: int = 4
+
+    def overrides(self) -> dict:
+        return {name: getattr(self, name) for name in LEVER_NAMES if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if k == "calibration" else v) for k, v in asdict(self).items()}
+
+
+def settings_from(settings: SliceSettings | None = None, **changes) -> SliceSettings:
+    """`settings` (or the defaults) with `changes`; unknown names fail in one line."""
+    known = {f.name for f in fields(SliceSettings)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise SliceGPTError(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return replace(settings or SliceSettings(), **changes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision of the run. `widths` is None only for adaptive widths (chosen at run time)."""
+
+    settings: SliceSettings
+    levers: Levers
+    model: str
+    model_type: str
+    family: str
+    architecture: str
+    dtype: str
+    hidden: int
+    steps: int  # residual steps (block boundaries: steps + 1)
+    dense_parameters: int
+    dense_neurons: int | None
+    layout: str  # NEURONS_ONLY, "per-layer" or "uniform"
+    width_rule: str
+    widths: tuple[int, ...] | None
+    neurons: int | None
+    slice_head: bool
+    keep_tied_head: bool
+    fit_tied_head: bool
+    tied_head: bool | None  # None: uniform rotation decides by the final norm's gain, read with the weights
+    standard: bool  # the output is the family's stock class
+    deviations: tuple[str, ...]
+    predicted_parameters: int | None  # None: adaptive widths (the budget holds)
+    budget: int | None  # the parameter count the size allows (`size`)
+    version: str = __version__
+
+    @property
+    def identity(self) -> bool:
+        """Only MLP neurons are pruned: nothing is rotated, the output is an exact stock model."""
+        return self.layout == NEURONS_ONLY
+
+    @property
+    def rotation(self) -> str:
+        """The engine's rotation: uniform (with the identity basis) when only neurons are pruned."""
+        return "uniform" if self.identity else self.layout
+
+    @property
+    def output(self) -> str:
+        if self.standard:
+            return f"stock {self.architecture} (plain transformers from_pretrained; GGUF export)"
+        if self.layout == "uniform":
+            return f"slicegpt format ({self.architecture}, one basis; slicegpt.load)"
+        return (f"slicegpt format ({self.architecture} with a matrix on every skip connection; slicegpt.load "
+                "or from_pretrained with trust_remote_code)")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(settings=self.settings.to_dict(), output=self.output, rotation=self.rotation)
+        return data
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The plan as `slicegpt slice` prints it before any work (and alone with --dry-run)."""
+        lv, s = self.levers, self.settings
+        size = (f"{s.size:g} of the dense parameters" if s.size is not None
+                else f"slicing {s.slicing:g} of the hidden width (the paper's measure)")
+        comp = "off" if lv.compensate == "off" else (
+            f"{lv.compensate} (ridge {lv.ridge:g}, dense model on {lv.dense_share:g} of the windows)")
+        rows = [("model", f"{self.model} ({self.model_type}, {self.family} family, {self.dtype})"),
+                ("recipe", f"{s.recipe}: {size}"),
+                ("compensation", comp)]
+        if self.identity:
+            rows.append(("layout", "MLP neurons pruned, the stream unrotated at its full width"))
+        else:
+            widths = (f"{self.width_rule}: {_widths_text(self.widths, self.hidden)}" if self.widths is not None
+                      else "adaptive: chosen from the calibration spectra within the budget")
+            rows += [("rotation", self.layout + (f", pooling {lv.pooling}" if self.layout == "uniform" else "")),
+                     ("hidden width", widths)]
+        if self.dense_neurons is not None:
+            rows.append(("MLP neurons", f"{self.dense_neurons} -> {self.neurons} per layer" if self.neurons is not None
+                         else f"{self.dense_neurons} per layer, none pruned"))
+        rows.append(("head", _head_text(self)))
+        predicted = (f"{self.dense_parameters:,} -> {self.predicted_parameters:,} "
+                     f"({self.predicted_parameters / self.dense_parameters:.1%})"
+                     if self.predicted_parameters is not None else
+                     f"{self.dense_parameters:,} -> at most {self.budget:,} (the budget)")
+        rows += [("parameters", predicted), ("output", self.output)]
+        if self.deviations:
+            rows.append(("deviation", "; ".join(self.deviations)))
+        return rows
+
+
+def _widths_text(widths: tuple[int, ...], hidden: int) -> str:
+    distinct = sorted(set(widths[:-1]))
+    inner = f"{hidden} -> {distinct[0]}" if len(distinct) == 1 else f"{hidden} -> {distinct[0]}..{distinct[-1]}"
+    return inner + ("" if widths[-1] == widths[0] else f" (the head reads {widths[-1]})")
+
+
+def _head_text(plan: Plan) -> str:
+    if plan.tied_head is None:
+        return "tied to the embeddings if the final norm's gain is uniform (read with the weights), else untied"
+    if plan.identity:
+        return "as in the dense model" + (" (tied to the embeddings)" if plan.tied_head else "")
+    if plan.fit_tied_head:
+        return "tied, with a fitted final-norm gain"
+    if plan.tied_head:
+        return "tied to the unsliced embeddings" + (" (an entry matrix on the first layer)"
+                                                    if plan.layout == "per-layer" else "")
+    return "untied" + (", its input sliced" if plan.slice_head else ", reading the full width")
+
+
+def _refuse(condition: bool, message: str) -> None:
+    if condition:
+        raise SliceGPTError(message)
+
+
+def _check_size(settings: SliceSettings, levers: Levers) -> None:
+    size, slicing = settings.size, settings.slicing
+    _refuse(size is None and slicing is None, "give a size: --size FRACTION (the share of the dense parameters "
+                                              "to keep, e.g. 0.8) or, for the paper recipe, --slicing FRACTION")
+    _refuse(size is not None and slicing is not None, "give one size: --size or --slicing, not both")
+    if size is not None:
+        _refuse(not 0.0 < size < 1.0 or math.isnan(size),
+                f"--size is the share of the dense parameters to keep, in (0, 1), e.g. 0.8; got {size}")
+        return
+    _refuse(not 0.0 < slicing < 1.0 or math.isnan(slicing),
+            f"--slicing is the share of the hidden width to remove, in (0, 1), e.g. 0.25; got {slicing}")
+    _refuse(levers.neurons is not None,
+            f"--slicing is the paper's measure of a sliced stream; the {settings.recipe} recipe also prunes MLP "
+            "neurons, so its size is --size (or add --neurons off to slice the stream alone)")
+
+
+def _check_levers(settings: SliceSettings, levers: Levers) -> None:
+    """Combinations no model could run, and options the levers make meaningless."""
+    given = settings.overrides()
+    uniform = levers.rotation == "uniform"
+    if levers.compensate == "off":
+        _refuse(levers.neurons is not None,
+                "pruning MLP neurons refits the down projection, so it needs compensation: "
+                + ("drop --compensate off" if "compensate" in given else "add --compensate writers")
+                + (" (or --neurons off)" if "neurons" not in given else ""))
+        for name in ("ridge", "dense_share"):
+            _refuse(name in given, f"--{name.replace('_', '-')} applies to compensation, which is off here "
+                                   f"(--compensate writers turns it on)")
+    _refuse(uniform and levers.widths == "adaptive",
+            "--widths adaptive applies to per-layer rotation (uniform rotation has one basis, one width)")
+    for name in ("pooling", "accept_deviation"):
+        _refuse(name in given and not uniform, f"--{name.replace('_', '-')} applies to --rotation uniform only")
+    _refuse(uniform and levers.head in ("untied", "sliced"),
+            f"--head {levers.head} applies to per-layer rotation (uniform rotation always slices the head's "
+            "input and unties it only where it must)")
+    _refuse(not uniform and levers.head == "fit", "--head fit applies to --rotation uniform only")
+    _refuse("accept_deviation" in given and not settings.standard,
+            "--accept-deviation applies to a stock output (standard=True)")
+
+
+def _engine_head(levers: Levers, adapter: ModelAdapter) -> tuple[bool, bool, bool]:
+    """(slice_head, keep_tied_head, fit_tied_head) as the engine takes them."""
+    uniform = levers.rotation == "uniform"
+    slice_head = uniform or levers.head == "sliced" or adapter.slice_head_required
+    return slice_head, levers.head != "untied", levers.head == "fit"
+
+
+def _ties(view: LayeredModel, adapter: ModelAdapter, levers: Levers, slice_head: bool, keep: bool,
+          fit: bool) -> bool | None:
+    """Whether the head stays tied; None where uniform rotation decides by the final norm's gain and
+    the plan reads no weights (a dry run)."""
+    if levers.rotation == "per-layer":
+        return per_layer_ties(view, adapter, keep, slice_head)
+    if view.device.type != "meta":
+        return uniform_ties(view, adapter, fit)
+    if not view.ties_head(adapter.head, adapter.embeddings[0]) or adapter.norm_kind != "rmsnorm":
+        return False
+    return True if fit else None
+
+
+def _refuse_ignored_by_identity(settings: SliceSettings) -> None:
+    given = settings.overrides()
+    ignored = [f"--{n.replace('_', '-')}" for n in ("rotation", "head", "pooling", "accept_deviation") if n in given]
+    if given.get("widths") == "adaptive":
+        ignored.append("--widths adaptive")
+    _refuse(bool(ignored), f"at this size the {settings.recipe} recipe prunes MLP neurons only: the stream keeps "
+                           f"its width and nothing is rotated, so {', '.join(ignored)} would do nothing "
+                           "(drop it, or choose a smaller --size)")
+
+
+def check_settings(settings: SliceSettings) -> Levers:
+    """The checks that need no model (run first, before any slow work); returns the resolved levers."""
+    levers = resolve_levers(get_recipe(settings.recipe), settings.overrides())
+    _check_size(settings, levers)
+    _check_levers(settings, levers)
+    for name in ("samples", "seqlen", "batch_size"):
+        _refuse(getattr(settings, name) < 1, f"--{name.replace('_', '-')} must be a positive integer, "
+                                             f"got {getattr(settings, name)}")
+    return levers
+
+
+def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter, *, model: str,
+              dense_parameters: int, batches=None, ranks=None, progress: bool = False) -> Plan:
+    """Decide the run (see the module docstring). `batches` (this rank's calibration batches) are
+    needed only for adaptive widths; without them those widths stay None."""
+    levers = check_settings(settings)
+    config = view.model.config
+    hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
+    if settings.slicing is not None:
+        _refuse(sliced_dim(hidden, settings.slicing, levers.round_to) >= hidden,
+                f"--slicing {settings.slicing:g} removes nothing: the model is {hidden} wide, and widths are "
+                f"multiples of {levers.round_to}")
+    source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
+    _refuse(levers.head in ("untied", "fit") and not source_tied,
+            f"this model's head is not tied to its embeddings: --head {levers.head} has nothing to do")
+    slice_head, keep, fit = _engine_head(levers, adapter)
+    uniform = levers.rotation == "uniform"
+    deviations = check_standard(view.model, adapter, levers.accept_deviation) if uniform and settings.standard else []
+    tied = _ties(view, adapter, levers, slice_head, keep, fit)
+    widths, rule, neurons = plan_widths(
+        view, adapter, batches, rotation=levers.rotation, rule=levers.widths, sparsity=settings.slicing or 0.0,
+        parameters=settings.size, dense_parameters=dense_parameters, round_to=levers.round_to,
+        tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons)
+    identity = widths is not None and neurons is not None and all(w == hidden for w in widths)
+    if identity:
+        _refuse_ignored_by_identity(settings)
+        layout, tied, slice_head, fit, standard, deviations = NEURONS_ONLY, source_tied, True, False, True, []
+    else:
+        layout, standard = levers.rotation, uniform and settings.standard
+    counter = parameter_model(view.model, adapter, rotation="none" if identity else layout,
+                              tied=bool(tied), source_tied=source_tied, slice_head=slice_head,
+                              total=dense_parameters)
+    predicted = counter.count(list(widths), neurons) if widths is not None else None
+    _refuse(predicted is not None and neurons is None and all(w == hidden for w in widths[:-1]),
+            "nothing to cut: at this size every boundary keeps its full width "
+            f"({hidden}, rounded to multiples of {levers.round_to}); choose a smaller --size")
+    n_steps = len(get_path(view.model, adapter.layers)) * len(branch_groups(adapter.branches))
+    return Plan(settings=settings, levers=levers, model=model, model_type=config.model_type, family=adapter.family,
+                architecture=type(view.model).__name__, dtype=str(view.dtype).removeprefix("torch."), hidden=hidden,
+                steps=n_steps, dense_parameters=dense_parameters,
+                dense_neurons=getattr(config, adapter.config_neurons, None) if adapter.config_neurons else None,
+                layout=layout, width_rule=rule, widths=tuple(widths) if widths is not None else None, neurons=neurons,
+                slice_head=slice_head, keep_tied_head=keep, fit_tied_head=fit, tied_head=tied, standard=standard,
+                deviations=tuple(deviations), predicted_parameters=predicted,
+                budget=int(settings.size * dense_parameters) if settings.size is not None else None)
+
+
+def with_widths(plan: Plan, widths: list[int]) -> Plan:
+    """The plan once adaptive widths are chosen from the calibration spectra."""
+    return replace(plan, widths=tuple(widths))
+
+
+def effective_sparsity(widths, hidden: int) -> float:
+    """1 - mean width / d over the boundaries the layers read."""
+    return round(1.0 - sum(widths[:-1]) / ((len(widths) - 1) * hidden), 4)
+
+
+def record(plan: Plan, outcome, *, calibration: dict, parameters_sliced: int, source_model: str,
+           distributed: dict) -> SlicingConfig:
+    """The run record saved in slicegpt.json, built one way for `slice_model` and `slice_and_save`."""
+    lv, s = plan.levers, plan.settings
+    widths = list(plan.widths)
+    compensating = lv.compensate != "off"
+    return SlicingConfig(
+        sparsity=s.slicing if s.slicing is not None and plan.neurons is None else effective_sparsity(widths,
+                                                                                                     plan.hidden),
+        hidden_size=plan.hidden,
+        sliced_hidden_size=widths[0] if plan.rotation == "uniform" else round(sum(widths[:-1]) / (len(widths) - 1)),
+        model_type=plan.model_type, family=plan.family, rotation=plan.rotation, round_to=lv.round_to,
+        slice_head=plan.slice_head, tied_head=outcome.tied_head, fit_tied_head=plan.fit_tied_head,
+        pooling=lv.pooling if plan.rotation == "uniform" and not plan.identity else "",
+        standard=plan.standard, deviations=list(plan.deviations),
+        method=s.recipe, recipe=s.recipe, size=s.size, slicing=s.slicing, head=lv.head,
+        compensate=lv.compensate, ridge=lv.ridge if compensating else None,
+        dense_share=lv.dense_share if compensating else None, widths_rule=plan.width_rule,
+        parameters_budget=s.size, widths=widths, mlp_width=lv.neurons, mlp_neurons=plan.neurons,
+        mlp_neurons_dense=plan.dense_neurons if plan.neurons is not None else None,
+        compensation=summarize_fits(outcome.fits), calibration=calibration, source_model=source_model,
+        parameters_dense=plan.dense_parameters, parameters_sliced=parameters_sliced, spectra=outcome.spectra,
+        distributed=distributed, plan=plan.to_dict(), version=plan.version)
+
+
+def summarize_fits(fits) -> dict:
+    from slicegpt.core.compensation import summarize
+
+    return summarize(fits)

@@ -1,0 +1,107 @@
+"""Recipes: named presets of the levers. A run is a recipe plus a size (`slicegpt.plan`).
+
+Each lever is documented where the plan resolves it (`Levers`); docs/how-it-works.md explains
+what each one does and the measurements behind the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from slicegpt.core.compensation import DENSE_SHARE, RIDGE
+from slicegpt.errors import SliceGPTError
+
+ROTATIONS = ("per-layer", "uniform")
+COMPENSATIONS = ("off", "writers", "all")
+WIDTH_RULES = ("equal", "adaptive")
+HEADS = ("auto", "untied", "sliced", "fit")
+POOLINGS = ("unit-trace", "tokens")
+
+
+@dataclass(frozen=True)
+class Levers:
+    """Every choice of how to cut, resolved: a recipe's values with the user's overrides."""
+
+    rotation: str = "per-layer"  # per-layer: a basis per boundary, skip matrices; uniform: one basis, a stock model
+    compensate: str = "off"  # refit each step's writers ("writers") or readers too ("all") against the dense model
+    ridge: float = RIDGE  # compensation's regulariser, relative to the mean input energy
+    dense_share: float = DENSE_SHARE  # compensation: share of the calibration windows the dense model runs on
+    neurons: float | str | None = None  # MLP neurons kept per layer: None (all), "auto", or a fraction
+    widths: str = "equal"  # one width everywhere, or each boundary its own within the size ("adaptive")
+    head: str = "auto"  # a tied head: kept tied where exact (auto), untied, its input sliced, or a fitted gain
+    pooling: str = "unit-trace"  # uniform: how the boundaries' covariances are weighed
+    accept_deviation: bool = False  # uniform: write a stock model that only approximates the sliced one
+    round_to: int = 8  # widths and neuron counts are multiples of this
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    levers: Levers
+
+
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe(
+        "default",
+        "the measured best: MLP neurons pruned first (OBS, at least 40% kept per layer) while every step's "
+        "writers are refitted against the dense model; the stream is sliced (per-layer rotation) only for what "
+        "neurons cannot give. Where neurons alone meet the size nothing is rotated: a stock model.",
+        Levers(compensate="writers", neurons="auto")),
+    "paper": Recipe(
+        "paper",
+        "the paper's algorithm, number for number: per-layer PCA rotation, equal widths, no refit, no neurons "
+        "pruned. Its own size is --slicing (the share of the hidden width removed).",
+        Levers()),
+}
+DEFAULT_RECIPE = "default"
+LEVER_NAMES = tuple(f.name for f in fields(Levers))
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise SliceGPTError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def parse_neurons(value: float | str | None) -> float | str | None:
+    """`--neurons`: "auto", "off" / 1 (keep every neuron: None), or the fraction of neurons to keep."""
+    if value is None or value in ("off", "all"):
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise SliceGPTError(f"--neurons is auto, off or the fraction of MLP neurons to keep, got {value!r}") from None
+    if not 0.0 < fraction <= 1.0:
+        raise SliceGPTError(f"--neurons is the fraction of MLP neurons to keep, in (0, 1]; got {value}")
+    return None if fraction == 1.0 else fraction
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SliceGPTError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def resolve_levers(recipe: Recipe, overrides: dict) -> Levers:
+    """The recipe's levers with `overrides` (name -> value, None meaning "the recipe's"), checked."""
+    unknown = set(overrides) - set(LEVER_NAMES)
+    if unknown:
+        raise SliceGPTError(f"unknown lever(s): {', '.join(sorted(unknown))}")
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if "neurons" in values:
+        values["neurons"] = parse_neurons(values["neurons"])
+    levers = Levers(**{**{f: getattr(recipe.levers, f) for f in LEVER_NAMES}, **values})
+    _choice("rotation", levers.rotation, ROTATIONS)
+    _choice("compensate", levers.compensate, COMPENSATIONS)
+    _choice("widths", levers.widths, WIDTH_RULES)
+    _choice("head", levers.head, HEADS)
+    _choice("pooling", levers.pooling, POOLINGS)
+    if not 0 <= levers.dense_share <= 1:  # (NaN too)
+        raise SliceGPTError(f"--dense-share must be in [0, 1], got {levers.dense_share}")
+    if not levers.ridge > 0:
+        raise SliceGPTError(f"--ridge must be positive, got {levers.ridge} (--compensate off turns the refit off)")
+    if not isinstance(levers.round_to, int) or levers.round_to < 1:
+        raise SliceGPTError(f"--round-to must be a positive integer, got {levers.round_to}")
+    return levers
