@@ -212,7 +212,8 @@ def cmd_export(args) -> None:
     slicing = loaded.sliced.get("slicing", {})
     if not slicing.get("standard"):
         raise SliceGPTError(f"{directory} was sliced with per-layer rotations (a matrix on every skip connection), "
-                            "which GGUF cannot hold; slice the model again with --rotation uniform")
+                            "which GGUF cannot hold; slice it again with --rotation uniform, or with the default recipe at a "
+                            "--size that MLP neurons alone meet (a stock model)")
     source = slicing.get("source_model", "")
     try:
         source_gguf = EMBEDDED_MODELS[source]() if source in EMBEDDED_MODELS else Path(source)
@@ -657,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         print("slicegpt: interrupted", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
-        print("slicegpt: error: out of memory; use a smaller --batch-size or --samples, or --offload disk "
+        print("slicegpt: error: out of memory; use a smaller --batch-size or --samples, or --activations-dir DIR "
               "(an interrupted slice resumes when run again)", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a vanished file: the system's words, without a traceback

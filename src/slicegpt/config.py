@@ -31,9 +31,9 @@ class SlicingConfig:
     ridge: float | None = None  # compensation's relative regulariser
     dense_share: float | None = None  # compensation: share of the calibration batches the dense stream ran on
     widths_rule: str = "equal"  # "adaptive": each boundary its own width within the budget
-    parameters_budget: float | None = None  # --parameters: fraction of the dense count asked for
+    parameters_budget: float | None = None  # --size: fraction of the dense count asked for
     widths: list = field(default_factory=list)  # one width per block boundary
-    mlp_width: float | str | None = None  # --mlp-width as asked ("auto", a fraction, None: not pruned)
+    mlp_width: float | str | None = None  # --neurons as resolved ("auto", a fraction, None: not pruned)
     mlp_neurons: int | None = None  # MLP neurons kept per layer (None: all)
     mlp_neurons_dense: int | None = None
     compensation: dict = field(default_factory=dict)  # summed calibration errors, paper's weights vs fitted

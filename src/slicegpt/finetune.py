@@ -308,7 +308,8 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
             manifest = slicing if isinstance(slicing, dict) else {"slicing": slicing.to_dict()}
             config = SlicingConfig.from_dict(manifest.get("slicing", {}))
             config.finetune = [*config.finetune, record]
-            extra = {k: v for k, v in manifest.items() if k not in ("format_version", "slicing", "files")}
+            extra = {k: v for k, v in manifest.items()
+                     if k not in ("format_version", "slicegpt_version", "slicing", "files")}
             save(model, tokenizer, config, out, force=force, extra=extra, fill_extra=add_adapter)
     finally:
         if staging is not None:

@@ -28,7 +28,7 @@ class Branch:
     are added together (Phi-2, GPT-NeoX): they share one skip connection.
     `width_attrs` are plain attributes that store the residual width (a router's hidden_dim).
     `neurons` are the inputs whose output rows are an MLP's neurons (gate and up): with them
-    the neurons can be pruned (`--mlp-width`), taking those rows and the matching columns of
+    the neurons can be pruned (`--neurons`), taking those rows and the matching columns of
     the single output linear.
     """
 

@@ -3,7 +3,7 @@
 A sliced model's parameter count is ``constant + sum_b a_b k_b (+ sum_s k_s k_{s+1})``: every
 reader of boundary b loses columns, every writer loses rows, each norm keeps k_b gains, and
 per-layer rotation adds a k_s x k_{s+1} skip matrix per step. The coefficients come from the
-dense model's shapes only (a meta skeleton is enough), so `--parameters` can choose widths
+dense model's shapes only (a meta skeleton is enough), so `--size` can choose widths
 before the first layer is read. Every added matrix is counted: skip, entry and branch-output
 rotations, and a head that slicing unties from the embeddings.
 """

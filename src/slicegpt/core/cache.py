@@ -46,7 +46,7 @@ class ActivationCache:
         if offload not in OFFLOADS:
             raise SliceGPTError(f"offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
         if offload == "disk" and directory is None:
-            raise SliceGPTError("--offload disk needs a directory")
+            raise SliceGPTError("activations on disk need a directory (--activations-dir)")
         self.offload = offload
         self.entries: list[Any] = []
         self.directory: Path | None = None

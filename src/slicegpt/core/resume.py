@@ -130,6 +130,9 @@ class RunDirectory(Hooks):
             raise self._refuse("has a damaged progress record (checksum mismatch)")
         if record.get("version") != RECORD_VERSION:
             raise self._refuse(f"was written by another slicegpt version (record {record.get('version')!r})")
+        made_by, this = record.get("settings", {}).get("slicegpt"), self.settings.get("slicegpt")
+        if made_by != this:  # other code would continue another algorithm's half-made model
+            raise self._refuse(f"was made by slicegpt {made_by} (this is {this})")
         if record.get("fingerprint") != self.fingerprint:
             raise self._refuse("sliced another model (the source's fingerprint differs)")
         if record.get("settings") != self.settings:

@@ -233,9 +233,7 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
     model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
                             slice_head=slice_head, total=dense_parameters)
-    if parameters is not None:
-        if not 0.0 < parameters <= 2.0:
-            raise SliceGPTError(f"parameters is a fraction of the dense count, e.g. 0.75; got {parameters}")
+    if parameters is not None:  # checked by the plan (`slicegpt.plan`)
         budget = int(parameters * dense_parameters)
     else:
         budget = model.count([dim] * n)
@@ -298,7 +296,7 @@ def neurons_need_full_width(adapter: ModelAdapter) -> bool:
 def _refuse_mixing(adapter: ModelAdapter) -> None:
     if neurons_need_full_width(adapter):
         raise SliceGPTError(f"{adapter.family} MLPs write through a branch-output norm: their neurons are pruned "
-                            "only while the stream keeps its width (--sparsity 0, or a budget neurons alone meet)")
+                            "only while the stream keeps its width (a --size that neurons alone meet)")
 
 
 def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round_to: int) -> int | None:
@@ -306,7 +304,7 @@ def _neurons(view: LayeredModel, adapter: ModelAdapter, mlp: float | None, round
     if mlp is None:
         return None
     if not 0.0 < mlp <= 1.0:
-        raise SliceGPTError(f"--mlp-width is the fraction of MLP neurons to keep, in (0, 1]; got {mlp}")
+        raise SliceGPTError(f"--neurons is the fraction of MLP neurons to keep, in (0, 1]; got {mlp}")
     from slicegpt.core.weights import mlp_neurons
 
     total = mlp_neurons(view.model, adapter)

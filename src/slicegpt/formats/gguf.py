@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slicegpt.version import __version__
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.standard import head_dim
 
@@ -180,7 +181,7 @@ def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
         name = names.get_name(prefix)
         if name is None and prefix == "lm_head":
             raise SliceGPTError(f"llama.cpp's {layout.arch} has no separate head matrix (the head is the embedding "
-                                "table), and this model's head is untied; slice it with --fit-tied-head")
+                                "table), and this model's head is untied; slice it with --head fit")
         if name is None:
             raise SliceGPTError(f"no GGUF name for {key} in llama.cpp's {layout.arch} layout")
         if layout.permute_qk and prefix.endswith("self_attn.q_proj"):
@@ -310,6 +311,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     with atomic_file(out, force=True) as tmp:  # existence checked above
         writer = GGUFWriter(str(tmp), layout.arch)
         writer.add_name(name or f"{model_type} sliced to {config.hidden_size}")
+        writer.add_string("slicegpt.version", __version__)  # which code wrote it (llama.cpp ignores the key)
         writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
         context = config.max_position_embeddings
         if layout.window_as_context and getattr(config, "sliding_window", None):

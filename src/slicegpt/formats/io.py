@@ -22,6 +22,7 @@ from slicegpt.atomic import atomic_directory, read_json, refuse_existing
 from slicegpt.config import SlicingConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.shards import sha256
+from slicegpt.version import __version__
 from slicegpt.modeling.runtime import (CONFIG_KEY, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, WEIGHTS_NAME,
                                               sliced_structure)
 
@@ -143,7 +144,8 @@ def finish_directory(tmp: Path, tokenizer, config: SlicingConfig, extra: dict | 
     known = known or {}
     files = {p.relative_to(tmp).as_posix(): known.get(p.relative_to(tmp).as_posix()) or sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {"format_version": FORMAT_VERSION, "slicing": config.to_dict(), "files": files, **(extra or {})}
+    manifest = {"format_version": FORMAT_VERSION, "slicegpt_version": __version__, "slicing": config.to_dict(),
+                "files": files, **(extra or {})}
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
