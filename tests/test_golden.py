@@ -19,6 +19,10 @@ of the numbers is intended, and say in the change why the numbers moved (and by 
     .venv/bin/python tests/make_golden.py        # rewrites tests/data/golden.{safetensors,json}
     .venv/bin/python -m pytest -q tests/test_golden.py
 
+make_golden.py refuses while src/ or tests/ have uncommitted changes (`--allow-dirty` overrides
+it, deliberately), so the commit it records in golden.json ("generated_with": "slicegpt_commit")
+names the code that made the numbers; a test checks that commit is an ancestor of HEAD.
+
 Adding or editing a case in golden_cases.py also needs a regeneration (the test checks the stored
 case definitions and inputs match golden_cases.py). The numbers were made with the torch and
 transformers versions recorded in golden.json ("generated_with"); a new transformers release may
@@ -29,6 +33,8 @@ to confirm it is the dependency, not slicegpt, that moved them.
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +63,35 @@ def test_golden_data_covers_every_case():
         "the cases in golden_cases.py differ from the stored ones: regenerate (see the docstring)"
     keys = {f"{kind}/{name}" for name in GOLDEN["cases"] for kind in ("logits", "logsumexp", "spectra")}
     assert set(TENSORS) == keys
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+
+
+def test_golden_data_commit_is_an_ancestor_of_head():
+    """The numbers were made by code in this history (not by a branch that was rebased away, or by
+    uncommitted code that then changed): golden.json's recorded commit is an ancestor of HEAD."""
+    commit = GOLDEN["generated_with"].get("slicegpt_commit")
+    assert commit, "golden.json records no slicegpt_commit: regenerate from a git checkout (tests/make_golden.py)"
+    try:
+        inside = _git("rev-parse", "--is-inside-work-tree")
+    except OSError:
+        pytest.skip("git is not installed: cannot check which commit made the golden data")
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        pytest.skip("not a git checkout: cannot check which commit made the golden data")
+    shallow = _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true"
+    if _git("cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        if shallow:
+            pytest.skip(f"shallow clone without the golden data's commit {commit[:12]} (fetch with --unshallow)")
+        pytest.fail(f"golden.json was made by commit {commit[:12]}, which this repository does not have "
+                    "(rewritten history?): regenerate from a clean checkout with tests/make_golden.py")
+    result = _git("merge-base", "--is-ancestor", commit, "HEAD")
+    if result.returncode == 1 and shallow:
+        pytest.skip(f"shallow clone: the history between {commit[:12]} and HEAD is not available")
+    assert result.returncode == 0, (
+        f"golden.json was made by commit {commit[:12]}, which is not an ancestor of HEAD "
+        f"({result.stderr.strip() or 'another branch'}): regenerate from a clean checkout with tests/make_golden.py")
 
 
 def _close(name: str, what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
