@@ -10,7 +10,8 @@ The work of `slicegpt slice ... --out OUT` lives in a hidden sibling, ``.OUT.sli
   SHA-256, the state tensors (current basis, running sums) and the activation snapshot, and
   carries a checksum of itself.
 - ``state-N.safetensors`` and ``activations-N/``: what the engine needs to continue after
-  layer N (float64 basis and sums; the calibration stream at that boundary).
+  layer N (float64 basis and sums; the calibration streams at that boundary: the sliced one, and
+  with compensation the dense one).
 
 In a distributed job (`core.distributed`) rank 0 owns the lock, the shards, the state and the
 record; every rank snapshots its own share of the activations (``activations-N.rankR/``),
@@ -211,22 +212,16 @@ class RunDirectory(Hooks):
         return record
 
     def _snapshot(self, streams: dict[str, ActivationCache], n: str) -> str:
-        """This rank's calibration streams at this boundary, one file per stream and batch, ``<stream>-<batch>.pt``
-        (hard links for disk offload)."""
+        """This rank's calibration streams at this boundary, one file per stream and batch,
+        ``x-<stream>-<batch>.pt`` (hard links for disk offload)."""
         name = f"activations-{n}"
         target = self._activations(name)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for stream, i, entry in ((s, i, e) for s, cache in streams.items() for i, e in enumerate(cache.entries)):
-            path = tmp / f"{stream}-{i:06d}.pt"
-            if isinstance(entry, Path):
-                try:
-                    os.link(entry, path)  # the cache replaces files, never rewrites them in place
-                except OSError:
-                    shutil.copyfile(entry, path)
-            else:
-                torch.save(entry, path)
+        for stream, cache in streams.items():
+            for i, entry in enumerate(cache.entries):
+                _save_entry(entry, tmp / f"x-{stream}-{i:06d}.pt")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return name
@@ -250,8 +245,8 @@ class RunDirectory(Hooks):
                 raise SliceGPTError(f"the interrupted run in {self.root} is damaged: the activation snapshot of rank "
                                     f"{missing.index(True)} is missing; pass --restart to start over", shared=True)
             activations = {}  # per stream, its batches in order
-            for path in sorted(directory.glob("*-*.pt")):
-                activations.setdefault(path.name.rpartition("-")[0], []).append(_LazyTensor(path))
+            for path in sorted(directory.glob("x-*-*.pt")):
+                activations.setdefault(path.name[2:].rpartition("-")[0], []).append(_LazyTensor(path))
         return progress, activations
 
     def remove(self) -> None:
@@ -260,6 +255,18 @@ class RunDirectory(Hooks):
         if self.ranks.writer:
             shutil.rmtree(self.root, ignore_errors=True)
             self._lock.close()
+
+
+def _save_entry(entry, path: Path) -> None:
+    """One cached batch as a snapshot file: a hard link to a disk entry (the cache replaces files, never
+    rewrites them in place), or a copy."""
+    if isinstance(entry, Path):
+        try:
+            os.link(entry, path)
+        except OSError:
+            shutil.copyfile(entry, path)
+    else:
+        torch.save(entry, path)
 
 
 def _clear(root: Path) -> None:
