@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.core.cache import ActivationCache, LayerArguments
-from slicegpt.core.engine import Batch, capture
+from slicegpt.core.streams import Batch, capture
 from slicegpt.core.onload import LayeredModel
 from slicegpt.modeling.runtime import get_path
 

@@ -10,7 +10,8 @@ The work of `slicegpt slice ... --out OUT` lives in a hidden sibling, ``.OUT.sli
   SHA-256, the state tensors (current basis, running sums) and the activation snapshot, and
   carries a checksum of itself.
 - ``state-N.safetensors`` and ``activations-N/``: what the engine needs to continue after
-  layer N (float64 basis and sums; the calibration stream at that boundary).
+  layer N (float64 basis and sums; the calibration streams at that boundary: the sliced one, and
+  with compensation the dense one).
 
 In a distributed job (`core.distributed`) rank 0 owns the lock, the shards, the state and the
 record; every rank snapshots its own share of the activations (``activations-N.rankR/``),
@@ -37,11 +38,11 @@ import torch
 from slicegpt.core.cache import ActivationCache
 from slicegpt.core.compensation import FitRecord
 from slicegpt.core.distributed import Ranks
-from slicegpt.core.engine import Hooks, Progress
+from slicegpt.core.run import Hooks, Progress
 from slicegpt.errors import SliceGPTError
 from slicegpt.shards import sha256, write_shard
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: one activation snapshot per stream (sliced, dense)
 PROGRESS_NAME = "progress.json"
 KILL_SWITCH = "SLICEGPT_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL the process after this many layers
 KILL_RANK = "SLICEGPT_TEST_KILL_RANK"  # tests: only this rank of a distributed job kills itself
@@ -160,14 +161,14 @@ class RunDirectory(Hooks):
         """This rank's snapshot folder for the record's activation name."""
         return self.root / (name if not self.ranks.distributed else f"{name}.rank{self.ranks.rank}")
 
-    def checkpoint(self, progress: Progress, cache: ActivationCache | None) -> None:
+    def checkpoint(self, progress: Progress, streams: dict[str, ActivationCache] | None) -> None:
         self.checkpoints += 1
-        final = progress.phase == "weights" and cache is None  # no activations to snapshot: cheap, always recorded
+        final = progress.phase == "weights" and not streams  # no activations to snapshot: cheap, always recorded
         if not final and self.checkpoints % self.every:
             return
         n = f"{progress.phase}-{progress.next_layer}"
         try:
-            activations = self._snapshot(cache, n) if cache is not None else None
+            activations = self._snapshot(streams, n) if streams else None
             failed = ""
         except OSError as e:
             failed = f"{e.strerror or e}" + (" (the disk is full)" if e.errno == 28 else "")
@@ -213,27 +214,22 @@ class RunDirectory(Hooks):
             (self.root / old["state"]).unlink(missing_ok=True)
         return record
 
-    def _snapshot(self, cache: ActivationCache, n: str) -> str:
-        """This rank's calibration stream at this boundary, one file per batch (hard links for disk offload)."""
+    def _snapshot(self, streams: dict[str, ActivationCache], n: str) -> str:
+        """This rank's calibration streams at this boundary, one file per stream and batch,
+        ``x-<stream>-<batch>.pt`` (hard links for disk offload)."""
         name = f"activations-{n}"
         target = self._activations(name)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for i, entry in enumerate(cache.entries):
-            path = tmp / f"x-{i:06d}.pt"
-            if isinstance(entry, Path):
-                try:
-                    os.link(entry, path)  # the cache replaces files, never rewrites them in place
-                except OSError:
-                    shutil.copyfile(entry, path)
-            else:
-                torch.save(entry, path)
+        for stream, cache in streams.items():
+            for i, entry in enumerate(cache.entries):
+                _save_entry(entry, tmp / f"x-{stream}-{i:06d}.pt")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return name
 
-    def resume(self) -> tuple[Progress, list[torch.Tensor] | None] | None:
+    def resume(self) -> tuple[Progress, dict[str, list] | None] | None:
         if self.record is None:
             return None
         from safetensors.torch import load_file
@@ -251,8 +247,9 @@ class RunDirectory(Hooks):
             if any(missing):
                 raise SliceGPTError(f"the interrupted run in {self.root} is damaged: the activation snapshot of rank "
                                     f"{missing.index(True)} is missing; pass --restart to start over", shared=True)
-            files = sorted(directory.glob("x-*.pt"))
-            activations = [_LazyTensor(p) for p in files]
+            activations = {}  # per stream, its batches in order
+            for path in sorted(directory.glob("x-*-*.pt")):
+                activations.setdefault(path.name[2:].rpartition("-")[0], []).append(_LazyTensor(path))
         return progress, activations
 
     def remove(self) -> None:
@@ -261,6 +258,18 @@ class RunDirectory(Hooks):
         if self.ranks.writer:
             shutil.rmtree(self.root, ignore_errors=True)
             self._lock.close()
+
+
+def _save_entry(entry, path: Path) -> None:
+    """One cached batch as a snapshot file: a hard link to a disk entry (the cache replaces files, never
+    rewrites them in place), or a copy."""
+    if isinstance(entry, Path):
+        try:
+            os.link(entry, path)
+        except OSError:
+            shutil.copyfile(entry, path)
+    else:
+        torch.save(entry, path)
 
 
 def _clear(root: Path) -> None:

@@ -48,7 +48,7 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
     ranks = ranks or Ranks()
     from tqdm.auto import tqdm
 
-    from slicegpt.core.engine import outside, capture
+    from slicegpt.core.streams import outside, capture
 
     model = view.model
     layer_paths = [f"{adapter.layers}.{i}" for i in range(len(get_path(model, adapter.layers)))]
