@@ -16,7 +16,8 @@ from slicegpt.adapters import get_adapter
 from slicegpt.config import SlicingConfig
 from slicegpt.core.compensation import dense_first_batches
 from slicegpt.core.distributed import Ranks
-from slicegpt.core.engine import slice_layers, slice_uniform
+from slicegpt.core.engine import slice_layers
+from slicegpt.core.uniform import slice_uniform
 from slicegpt.core.onload import ConfigModel, ResidentModel
 from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
 from slicegpt.errors import SliceGPTError

@@ -29,7 +29,7 @@ from slicegpt.api import calibration_batches, complete_plan, run_plan
 from slicegpt.atomic import publish, refuse_existing, write_json
 from slicegpt.config import SlicingConfig
 from slicegpt.core.distributed import Ranks, local_device
-from slicegpt.core.engine import Hooks, Progress
+from slicegpt.core.run import Hooks, Progress
 from slicegpt.core.forward import streamed_logits
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
 from slicegpt.core.resume import RunDirectory

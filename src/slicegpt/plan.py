@@ -21,7 +21,8 @@ from slicegpt.adapters.base import branch_groups
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.budget import parameter_model
-from slicegpt.core.engine import per_layer_ties, uniform_ties
+from slicegpt.core.engine import per_layer_ties
+from slicegpt.core.uniform import uniform_ties
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.widths import plan_widths
 from slicegpt.data import DEFAULT_DATA

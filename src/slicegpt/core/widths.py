@@ -26,7 +26,7 @@ from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite
 from slicegpt.errors import SliceGPTError
-from slicegpt.modeling.runtime import get_path, run_branch
+from slicegpt.modeling.runtime import get_path
 from slicegpt.adapters.base import branch_groups
 
 WIDTHS = ("adaptive", "equal")
@@ -48,7 +48,7 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
     ranks = ranks or Ranks()
     from tqdm.auto import tqdm
 
-    from slicegpt.core.streams import outside, capture
+    from slicegpt.core.streams import capture, outside, residual
 
     model = view.model
     layer_paths = [f"{adapter.layers}.{i}" for i in range(len(get_path(model, adapter.layers)))]
@@ -93,13 +93,8 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
                 layer = view.onload(path)
                 for group in groups:
                     for b in range(len(cache)):
-                        x = cache.get(b, view.device)
                         kwargs = arguments.get(li, b, view.device)
-                        normed: dict = {}
-                        h = x
-                        for branch in group:
-                            h = h + run_branch(layer, specs[branch.name], x, kwargs, normed)
-                        cache.put(b, h)
+                        cache.put(b, residual(layer, group, specs, cache.get(b, view.device), kwargs))
                     add(cache, f"of layer {li} ({'+'.join(b.name for b in group)})")
                 view.offload(path)
                 bar.update()
