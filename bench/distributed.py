@@ -1,7 +1,7 @@
 """Benchmark: one process against N ranks under torchrun (Gloo on this machine's CPUs).
 
-    .venv/bin/python bench/distributed.py                  # default model, 25%, 16 x 1024 calibration tokens
-    .venv/bin/python bench/distributed.py --nproc 2 --samples 32 --method paper
+    .venv/bin/python bench/distributed.py                  # default model, --size 0.8, 16 x 1024 calibration tokens
+    .venv/bin/python bench/distributed.py --nproc 2 --samples 32 --recipe paper   # --slicing 0.25
 
 Each configuration is a fresh `slicegpt slice` process (or N of them under torchrun) with every
 rank on one CPU thread per process-share of the machine (OMP_NUM_THREADS = cores / N), so one
@@ -73,14 +73,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--sparsity", default="0.25")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", default=None, help="share of the dense parameters kept (default recipe: 0.8)")
+    size.add_argument("--slicing", default=None, help="share of the hidden width removed (paper recipe: 0.25)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--eval-samples", type=int, default=4)
-    p.add_argument("--method", default="default", choices=("default", "paper"))
+    p.add_argument("--recipe", default="default", choices=("default", "paper"))
     args = p.parse_args()
-    slice_args = [args.model, "--sparsity", args.sparsity, "--samples", str(args.samples), "--seqlen",
-                  str(args.seqlen), "--eval-samples", str(args.eval_samples), "--method", args.method]
+    if args.size is None and args.slicing is None:
+        args.size, args.slicing = ("0.8", None) if args.recipe == "default" else (None, "0.25")
+    measure = ["--size", args.size] if args.size is not None else ["--slicing", args.slicing]
+    slice_args = [args.model, *measure, "--samples", str(args.samples), "--seqlen", str(args.seqlen),
+                  "--eval-samples", str(args.eval_samples), "--recipe", args.recipe]
     import slicegpt
     from slicegpt.core.onload import read_config
     from slicegpt.formats.loading import checkpoint_directory
@@ -89,14 +94,14 @@ def main() -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, layers = text.hidden_size, text.num_hidden_layers
     attention = text.num_attention_heads * getattr(text, "head_dim", hidden // text.num_attention_heads)
-    formula = reduced_per_layer(hidden, attention, text.intermediate_size, args.method == "default")
+    formula = reduced_per_layer(hidden, attention, text.intermediate_size, args.recipe == "default")
 
     with tempfile.TemporaryDirectory(prefix="slicegpt-bench-") as tmp:
         rows = [run(1, slice_args, Path(tmp) / "one"), run(args.nproc, slice_args, Path(tmp) / "ranks")]
     base = rows[0]
     mib = 2 ** 20
     print(f"\n{args.model}: {layers} layers, d={hidden}, {args.samples} x {args.seqlen} calibration tokens, "
-          f"method {args.method}, {os.cpu_count()} cores, slicegpt {slicegpt.__version__}")
+          f"recipe {args.recipe} ({' '.join(measure)}), {os.cpu_count()} cores, slicegpt {slicegpt.__version__}")
     print("| processes | wall s | slicing s | wall vs 1 | peak RSS per rank MiB (process / slicing) "
           "| all-reduced per layer MiB | perplexity dense -> sliced |")
     print("|---|---|---|---|---|---|---|")

@@ -3,14 +3,15 @@
 Per model and sparsity, each in a fresh process, same calibration (32 x 1024 Shakespeare
 tokens by default) and held-out text as bench/slice_default.py:
 
-- paper: `--method paper` (equal widths, no compensation);
+- paper: `--recipe paper --slicing S` (equal widths, no compensation);
 - compensation alone, adaptive widths alone, compensation with the stream sliced (equal or
-  adaptive widths, `--mlp-width 1`), and the default (`--mlp-width auto`: MLP neurons pruned
-  in compensation's fit, the stream unsliced; `--sparsity` of the decoder layers' weights
-  removed), also at the paper's parameter count ("default at paper size": `--parameters`),
-  and with the dense model on every calibration window or on none (`--dense-share 1 / 0`;
-  the default runs it on 1/8 of them);
-- uniform rotation (stock model) with the paper's algorithm and with compensation (`--uniform`);
+  adaptive widths, `--neurons off --slicing S`), and the default recipe (`--neurons auto`: MLP
+  neurons pruned in compensation's fit, the stream unsliced) at the `--size` that removes S of
+  the decoder layers' weights (what `--sparsity S` meant under the default method before 0.2),
+  also at the paper's parameter count ("default at paper size"), and with the dense model on
+  every calibration window or on none (`--dense-share 1 / 0`; the default runs it on 1/8 of them);
+- uniform rotation (stock model) with the paper's algorithm and with compensation (`--rotation
+  uniform`); "uniform default" is refused where MLP neurons alone meet the size (nothing rotated);
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
   output are most alike (angular distance on the calibration tokens) until the model is no
   larger than the paper's sliced one. Implemented here only, as a baseline.
@@ -37,21 +38,32 @@ import torch
 
 from common import add_data_arguments, dense_floor, evaluation  # bench/common.py
 
+# Each row's settings; its size is `slicing` = the row's sparsity where no neurons are pruned (the
+# paper recipe, --neurons off), else the `size` that removes that share of the decoder layers' weights.
 ROWS = {
-    "paper": {"method": "paper"},
-    "compensation": {"method": "paper", "compensate": True},
-    "adaptive widths": {"method": "paper", "widths": "adaptive"},
-    "default": {"method": "default"},  # --mlp-width auto: neurons first, `sparsity` of the layers' weights
-    "default at paper size": {"method": "default"},  # the same, --parameters = the paper's count
-    "default dense everywhere": {"method": "default", "dense_share": 1.0},  # the dense model on every window
-    "default no dense targets": {"method": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
-    "stream sliced": {"method": "default", "mlp_width": 1.0},  # compensation, the stream sliced (no neurons)
-    "stream sliced adaptive": {"method": "default", "mlp_width": 1.0, "widths": "adaptive"},
-    "uniform paper": {"method": "paper", "rotation": "uniform", "standard": False},
-    "uniform compensation": {"method": "default", "rotation": "uniform", "standard": False, "mlp_width": 1.0},
-    "uniform default": {"method": "default", "rotation": "uniform"},
+    "paper": {"recipe": "paper"},
+    "compensation": {"recipe": "paper", "compensate": "writers"},
+    "adaptive widths": {"recipe": "paper", "widths": "adaptive"},
+    "default": {"recipe": "default"},  # --neurons auto: neurons first
+    "default at paper size": {"recipe": "default"},  # the same, --size = the paper's count
+    "default dense everywhere": {"recipe": "default", "dense_share": 1.0},  # the dense model on every window
+    "default no dense targets": {"recipe": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
+    "stream sliced": {"recipe": "default", "neurons": "off"},  # compensation, the stream sliced (no neurons)
+    "stream sliced adaptive": {"recipe": "default", "neurons": "off", "widths": "adaptive"},
+    "uniform paper": {"recipe": "paper", "rotation": "uniform", "standard": False},
+    "uniform compensation": {"recipe": "default", "rotation": "uniform", "standard": False, "neurons": "off"},
+    "uniform default": {"recipe": "default", "rotation": "uniform"},
     "shortgpt": None,
 }
+
+
+def layers_size(model, sparsity: float) -> float:
+    """The size (share of the dense parameters kept) that removes `sparsity` of the decoder layers' weights."""
+    import slicegpt
+
+    dense = slicegpt.count_parameters(model)
+    layer_weights = sum(p.numel() for p in model.model.layers.parameters())
+    return (dense - int(sparsity * layer_weights) + 0.5) / dense
 
 
 def _load(args):
@@ -124,9 +136,13 @@ def child(args) -> dict:
                 "parameters": slicegpt.count_parameters(model), "dropped": dropped, "floor_seconds": floor}
     options = dict(ROWS[name])
     if name == "default at paper size":  # the paper's count from its row of this run
-        options["parameters"] = (json.loads(args.budget) + 0.5) / slicegpt.count_parameters(model)
+        options["size"] = (json.loads(args.budget) + 0.5) / slicegpt.count_parameters(model)
+    elif options["recipe"] == "paper" or options.get("neurons") == "off":
+        options["slicing"] = sparsity
+    else:
+        options["size"] = layers_size(model, sparsity)
     with measure() as m:
-        model, config = slicegpt.slice_model(model, tokenizer, calibration, sparsity, batch_size=args.batch_size,
+        model, config = slicegpt.slice_model(model, tokenizer, calibration, batch_size=args.batch_size,
                                              progress=False, **options)
     return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
             "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation,
@@ -163,7 +179,7 @@ def main() -> None:
     print(f"model {args.model}; calibration {args.samples} x {args.seqlen} tokens of {args.data}; perplexity on "
           f"{args.eval_samples} x {args.eval_seqlen} held-out tokens; dense perplexity {dense['perplexity']:.2f}, "
           f"{dense['parameters'] / 1e6:.1f}M parameters; floor {dense['floor_seconds']:.1f} s\n", flush=True)
-    print("| sparsity | method | ppl | params | ratio | slicing s | x floor |")
+    print("| sparsity | recipe | ppl | params | ratio | slicing s | x floor |")
     print("|---|---|---|---|---|---|---|", flush=True)
     results = []
     for sparsity in args.sparsities.split(","):

@@ -1,10 +1,10 @@
-"""Benchmark: slice the embedded default model at several sparsities and print a table.
+"""Benchmark: slice the embedded default model at several slicings (the paper's measure) and print a table.
 
 Both rotations can be compared in one run (`--rotation both`): per-layer (the paper's, skip
 matrices) and uniform (one basis, a standard model of the family; its exact-vs-standard
 perplexity is shown where the stock class only approximates it, `--accept-deviation`).
 
-For each sparsity: dense and sliced perplexity, parameter counts (skip matrices included),
+For each slicing: dense and sliced perplexity, parameter counts (skip matrices included),
 slicing wall time, peak memory during slicing; "x floor" is slicing time over the floor, one
 dense forward pass through the decoder over the same calibration tokens, timed in the same
 process just before slicing (`common.dense_floor`). Every configuration runs in a fresh
@@ -14,6 +14,7 @@ process, so its peak RSS is its own.
     .venv/bin/python bench/slice_default.py --samples 8 --seqlen 256 --sparsities 0.25
     .venv/bin/python bench/slice_default.py --model gemma3-270m --sparsities 0.25
     .venv/bin/python bench/slice_default.py --rotation both --fit-tied-head   # README trade-off table
+    .venv/bin/python bench/slice_default.py --recipe default   # compensation, the stream sliced (--neurons off)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common import add_data_arguments, dense_floor, evaluation  # bench/common.p
 
 
 def child(args) -> dict:
-    """One configuration in this process: 'dense' (floor + dense perplexity) or a sparsity."""
+    """One configuration in this process: 'dense' (floor + dense perplexity) or a slicing."""
     import slicegpt
     from slicegpt.evaluation.measure import measure
 
@@ -48,10 +49,12 @@ def child(args) -> dict:
     sparsity, rotation, variant = (args.child.split("/") + ["", ""])[:3]
     windows = evaluation(tokenizer, args)
     with measure() as m:
-        model, config = slicegpt.slice_model(model, tokenizer, calibration, float(sparsity), rotation=rotation,
-                                             standard=False, fit_tied_head=variant == "fit",
-                                             pooling=args.pooling if rotation == "uniform" else "unit-trace",
-                                             batch_size=args.batch_size, progress=False, method=args.method)
+        model, config = slicegpt.slice_model(model, tokenizer, calibration, recipe=args.recipe,
+                                             slicing=float(sparsity), rotation=rotation, standard=False,
+                                             head="fit" if variant == "fit" else None,
+                                             pooling=args.pooling if rotation == "uniform" else None,
+                                             neurons="off" if args.recipe == "default" else None,
+                                             batch_size=args.batch_size, progress=False)
     row = {"sparsity": float(sparsity), "rotation": rotation + (" (fitted tied head)" if variant == "fit" else ""),
            "seconds": m.seconds, "peak_bytes": m.peak_bytes, "floor_seconds": floor.seconds}
     if rotation == "uniform":
@@ -69,10 +72,12 @@ def main() -> None:
     add_data_arguments(p)
     p.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--method", choices=("paper", "default"), default="paper",
-                   help="the paper's algorithm (these tables) or slicegpt's default levers (bench/quality.py)")
+    p.add_argument("--recipe", choices=("paper", "default"), default="paper",
+                   help="the paper's algorithm (these tables) or the default recipe's compensation with the stream "
+                        "sliced, --neurons off (MLP neurons: bench/quality.py)")
     p.add_argument("--rotation", choices=("per-layer", "uniform", "both"), default="per-layer")
-    p.add_argument("--fit-tied-head", action="store_true", help="uniform: also the fitted tied head variant")
+    p.add_argument("--fit-tied-head", action="store_true",
+                   help="uniform: also the fitted tied head variant (--head fit)")
     p.add_argument("--pooling", choices=("unit-trace", "tokens"), default="unit-trace", help="uniform: see slicegpt slice")
     p.add_argument("--accept-deviation", action="store_true",
                    help="uniform on families the stock class only approximates: measure exact and standard")
@@ -99,7 +104,7 @@ def main() -> None:
           f"{args.eval_samples} x {args.eval_seqlen} held-out tokens; torch threads {torch.get_num_threads()}")
     print(f"floor (one dense decoder forward over the calibration tokens): {dense['floor_seconds']:.1f} s, "
           f"peak {dense['floor_peak_bytes'] / gib:.2f} GiB\n")
-    print("| sparsity | rotation | d' | ppl dense | ppl sliced | params dense | params sliced | ratio | slicing s "
+    print("| slicing | rotation | d' | ppl dense | ppl sliced | params dense | params sliced | ratio | slicing s "
           "| x floor | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,10 +1,11 @@
 """Benchmark: peak memory of the streaming engine against model depth and calibration size.
 
-Every slice runs in a fresh process (`python -m slicegpt slice ...`); its peak RSS is the
+Every slice runs in a fresh process (`python -m slicegpt slice ... --slicing 0.25 --neurons off`: the
+default recipe's compensation, the stream sliced with per-layer rotation); its peak RSS is the
 process's own high-water mark (VmHWM in /proc/self/status), read at its end.
 
     .venv/bin/python bench/stream_memory.py depth        # random Llama, width 1024, 8/16/32/64 layers
-    .venv/bin/python bench/stream_memory.py calibration  # default model, 32/64/128 x 1024 tokens, --offload disk
+    .venv/bin/python bench/stream_memory.py calibration  # default model, 32/64/128 x 1024 tokens, --activations-dir
 
 depth: the same width at 8, 16, 32 and 64 layers (0.5 to 3.8 GB in float32 on disk); peak RSS
 should stay flat as depth grows, and far below the model's size for the deepest one.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SLICING = ("--slicing", "0.25", "--neurons", "off")  # the stream sliced, per-layer, with compensation
 TEXT = HERE.parent / "tests" / "data" / "tempest_excerpt.txt"
 WRAPPER = """
 import sys
@@ -64,7 +66,7 @@ def depth(args) -> None:
             model = Path(work) / f"llama-{layers}"
             size = write_random_llama(model, layers=layers, hidden=args.hidden, intermediate=4 * args.hidden,
                                       tokenizer=tokenizer)
-            seconds, peak, figures = slice_process(model, "--sparsity", "0.25", "--calibration", TEXT, "--samples", "8",
+            seconds, peak, figures = slice_process(model, *SLICING, "--calibration", TEXT, "--samples", "8",
                                                    "--seqlen", "256", "--no-eval", "--out", Path(work) / "out",
                                                    "--force")
             rows.append((layers, size, peak, seconds, figures["slicing_seconds"]))
@@ -73,7 +75,7 @@ def depth(args) -> None:
             print(f"{layers} layers done", file=sys.stderr)
     base = rows[0][2]
     print(f"random Llama, hidden {args.hidden}, ffn {4 * args.hidden}, float32; 8 x 256 calibration tokens; "
-          "per-layer rotation, 25%")
+          "per-layer rotation, slicing 0.25 (--neurons off)")
     print("| layers | model on disk | peak RSS | RSS / model | RSS vs 8 layers | slicing s | process s |")
     print("|---|---|---|---|---|---|---|")
     for layers, size, peak, seconds, slicing in rows:
@@ -85,13 +87,14 @@ def calibration(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         for samples in args.samples:
-            seconds, peak, figures = slice_process(args.model, "--sparsity", "0.25", "--samples", samples, "--seqlen",
-                                                   "1024", "--no-eval", "--offload", "disk", "--offload-dir",
+            seconds, peak, figures = slice_process(args.model, *SLICING, "--samples", samples, "--seqlen",
+                                                   "1024", "--no-eval", "--activations-dir",
                                                    Path(work) / "acts", "--out", Path(work) / "out", "--force")
             rows.append((samples, peak, figures["slicing_seconds"], seconds))
             print(f"{samples} samples done", file=sys.stderr)
     base = rows[0][1]
-    print(f"{args.model}, per-layer rotation 25%, --offload disk, calibration windows of 1024 tokens")
+    print(f"{args.model}, per-layer rotation, slicing 0.25 (--neurons off), --activations-dir, calibration windows "
+          "of 1024 tokens")
     print("| samples | tokens | peak RSS | RSS vs 32 samples | slicing s | process s |")
     print("|---|---|---|---|---|---|")
     for samples, peak, slicing, seconds in rows:

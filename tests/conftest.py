@@ -145,11 +145,3 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 def clone(model):
     return copy.deepcopy(model)
 
-
-@pytest.fixture
-def stream_slicing(monkeypatch):
-    """The default method without MLP neurons (`--mlp-width 1`): for the modules that test how the
-    stream is sliced, written before neurons became the default (tests/test_mlp.py tests those)."""
-    import slicegpt.api
-
-    monkeypatch.setattr(slicegpt.api, "DEFAULT_MLP_WIDTH", None)

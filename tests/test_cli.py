@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def test_help_lists_commands():
 
 def test_slice_eval_generate_on_a_local_model(tiny_model_dir, tmp_path):
     out = tmp_path / "sliced"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE,
+    result = run("slice", tiny_model_dir, "--slicing", "0.25", "--neurons", "off", "--calibration", TEXT_FILE,
                  "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -60,21 +61,28 @@ def test_slice_eval_generate_on_a_local_model(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Full fathom five")
 
-    again = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--out", out)
+    again = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--out", out)
     assert_one_line_error(again, "already exists.*--force")
 
 
-@pytest.mark.parametrize("sparsity", ["1.0", "-0.2", "1.5"])
-def test_sparsity_out_of_range(tiny_model_dir, tmp_path, sparsity):
-    result = run("slice", tiny_model_dir, "--sparsity", sparsity, "--out", tmp_path / "o")
-    assert_one_line_error(result, r"sparsity must be in \[0, 1\)")
+@pytest.mark.parametrize("flag, value, pattern", [
+    ("--size", "1.0", r"--size is the share of the dense parameters to keep, in \(0, 1\)"),
+    ("--size", "-0.2", r"--size is the share of the dense parameters to keep, in \(0, 1\)"),
+    ("--size", "1.5", r"--size is the share of the dense parameters to keep, in \(0, 1\)"),
+    ("--slicing", "1.0", r"--slicing is the share of the hidden width to remove, in \(0, 1\)"),
+    ("--slicing", "-0.2", r"--slicing is the share of the hidden width to remove, in \(0, 1\)"),
+])
+def test_size_out_of_range(tiny_model_dir, tmp_path, flag, value, pattern):
+    result = run("slice", tiny_model_dir, flag, value, "--recipe", "paper" if flag == "--slicing" else "default",
+                 "--out", tmp_path / "o")
+    assert_one_line_error(result, pattern)
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("share", ["1.5", "-0.25"])
 def test_dense_share_out_of_range(tiny_model_dir, tmp_path, share):
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--dense-share", share, "--out", tmp_path / "o")
-    assert_one_line_error(result, r"dense share must be in \[0, 1\]")
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--dense-share", share, "--out", tmp_path / "o")
+    assert_one_line_error(result, r"--dense-share must be in \[0, 1\]")
     assert not (tmp_path / "o").exists()
 
 
@@ -93,7 +101,7 @@ def test_unknown_architecture_lists_supported(tmp_path, tokenizer):
 
     BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    result = run("slice", tmp_path, "--sparsity", "0.25", "--out", tmp_path / "o")
+    result = run("slice", tmp_path, "--size", "0.8", "--out", tmp_path / "o")
     assert_one_line_error(result, "unsupported model type 'bloom'; supported model types: .*gpt2.*llama.*opt.*qwen3_moe")
 
 
@@ -106,13 +114,13 @@ def test_encoder_model_is_refused(tmp_path):
 
 
 def test_calibration_text_too_short(tiny_model_dir, tmp_path):
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "5000",
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "5000",
                  "--seqlen", "64", "--out", tmp_path / "o")
     assert_one_line_error(result, "calibration text too short.*5000 samples")
 
 
 def test_missing_data_file(tiny_model_dir, tmp_path):
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", tmp_path / "none.txt",
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", tmp_path / "none.txt",
                  "--out", tmp_path / "o")
     assert_one_line_error(result, "data file not found")
 
@@ -123,14 +131,14 @@ def test_nan_in_activations(tmp_path, tokenizer):
         model.model.layers[0].self_attn.o_proj.weight.fill_(float("inf"))
     model.save_pretrained(tmp_path / "bad")
     tokenizer.save_pretrained(tmp_path / "bad")
-    result = run("slice", tmp_path / "bad", "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "4",
+    result = run("slice", tmp_path / "bad", "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "4",
                  "--seqlen", "64", "--no-eval", "--out", tmp_path / "o")
     assert_one_line_error(result, "non-finite values .*layer 0")
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_argument_is_one_line():
-    result = run("slice", "--sparsity", "lots", "--out", "x")
+    result = run("slice", "--size", "lots", "--out", "x")
     assert_one_line_error(result, "invalid float value")
 
 
@@ -156,12 +164,12 @@ def test_uniform_slice_writes_a_standard_model_and_exports_gguf(tiny_model_dir, 
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "uniform"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--rotation", "uniform", "--mlp-width", "1",
+    result = run("slice", tiny_model_dir, "--slicing", "0.25", "--rotation", "uniform", "--neurons", "off",
                  "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["rotation"] == "uniform" and figures["standard"] is True and figures["deviations"] == []
-    assert "standard llama model" in result.stdout
+    assert "stock LlamaForCausalLM" in result.stdout
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert type(plain).__name__ == "LlamaForCausalLM" and plain.config.hidden_size == 48
     assert sum(p.numel() for p in plain.parameters()) == figures["parameters_sliced"]
@@ -183,7 +191,7 @@ def test_uniform_slice_writes_a_standard_model_and_exports_gguf(tiny_model_dir, 
 
 def test_export_refuses_per_layer_models_and_non_outputs(tiny_model_dir, tmp_path):
     out = tmp_path / "per-layer"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE,
+    result = run("slice", tiny_model_dir, "--slicing", "0.25", "--neurons", "off", "--calibration", TEXT_FILE,
                  "--samples", "4",
                  "--seqlen", "64", "--no-eval", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -194,20 +202,21 @@ def test_export_refuses_per_layer_models_and_non_outputs(tiny_model_dir, tmp_pat
 
 def test_uniform_refusals_come_before_any_work(tmp_path, tokenizer):
     gemma = _model_dir(tmp_path / "gemma2", "gemma2", tokenizer)
-    result = run("slice", gemma, "--sparsity", "0.25", "--rotation", "uniform", "--out", tmp_path / "o")
+    result = run("slice", gemma, "--slicing", "0.25", "--neurons", "off", "--rotation", "uniform",
+                 "--out", tmp_path / "o")
     assert_one_line_error(result, "cannot compute the sliced model exactly.*branch-output norms.*--accept-deviation")
     gpt2 = _model_dir(tmp_path / "gpt2", "gpt2", tokenizer)
-    result = run("slice", gpt2, "--sparsity", "0.25", "--rotation", "uniform", "--out", tmp_path / "o")
+    result = run("slice", gpt2, "--size", "0.8", "--rotation", "uniform", "--out", tmp_path / "o")
     assert_one_line_error(result, "no standard export for gpt2.*--rotation per-layer")
-    result = run("slice", gpt2, "--sparsity", "0.25", "--fit-tied-head", "--out", tmp_path / "o")
-    assert_one_line_error(result, "--fit-tied-head applies to --rotation uniform only")
+    result = run("slice", gpt2, "--size", "0.8", "--head", "fit", "--out", tmp_path / "o")
+    assert_one_line_error(result, "--head fit applies to --rotation uniform only")
     assert not (tmp_path / "o").exists()
 
 
 def test_accepted_deviation_is_measured_and_reported(tmp_path, tokenizer):
     gemma = _model_dir(tmp_path / "gemma2", "gemma2", tokenizer)
     out = tmp_path / "o"
-    result = run("slice", gemma, "--sparsity", "0.25", "--rotation", "uniform", "--accept-deviation", "--mlp-width", "1",
+    result = run("slice", gemma, "--slicing", "0.25", "--rotation", "uniform", "--accept-deviation", "--neurons", "off",
                  "--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2", "--out", out,
                  "--json")
     assert result.returncode == 0, result.stderr
@@ -221,7 +230,7 @@ def test_accepted_deviation_is_measured_and_reported(tmp_path, tokenizer):
 
 def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
     out = tmp_path / "sliced"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "4",
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "4",
                  "--seqlen", "64", "--no-eval", "--out", out)
     assert result.returncode == 0, result.stderr
     result = run("bench", out, "--batch-sizes", "1,2", "--seqlens", "16", "--decode-tokens", "4", "--repeats", "1",
@@ -240,28 +249,31 @@ def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
 
 
 def test_a_parameter_budget_and_the_papers_method_from_the_command_line(tiny_model_dir, tmp_path):
-    result = run("slice", tiny_model_dir, "--parameters", "0.8", "--mlp-width", "1", "--calibration", TEXT_FILE,
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--neurons", "off", "--calibration", TEXT_FILE,
                  "--samples", "8",
                  "--seqlen", "64", "--no-eval", "--out", tmp_path / "budget", "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["parameters_sliced"] <= 0.8 * figures["parameters_dense"]
     record = json.loads((tmp_path / "budget" / "slicegpt.json").read_text())["slicing"]
-    assert record["parameters_budget"] == 0.8 and record["method"] == "default"
+    assert record["parameters_budget"] == 0.8 and record["method"] == "default" and record["recipe"] == "default"
+    assert record["size"] == 0.8 and record["slicing"] is None
     assert record["compensate"] == "writers" and record["widths_rule"] == "equal"
     assert record["compensation"]["writers"]["error_fitted"] <= record["compensation"]["writers"]["error_paper"]
 
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--method", "paper", "--calibration", TEXT_FILE,
+    result = run("slice", tiny_model_dir, "--slicing", "0.25", "--recipe", "paper", "--calibration", TEXT_FILE,
                  "--samples", "8", "--seqlen", "64", "--no-eval", "--out", tmp_path / "paper", "--json")
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "paper" / "slicegpt.json").read_text())["slicing"]
     assert record["method"] == "paper" and record["compensate"] == "off" and record["widths"] == [48] * 6 + [64]
-    assert "method" in result.stdout and "compensation off" in result.stdout
+    assert record["recipe"] == "paper" and record["slicing"] == 0.25
+    assert re.search(r"recipe\s+paper: slicing 0.25", result.stdout)
+    assert re.search(r"compensation\s+off", result.stdout)
 
 
-def test_sparsity_and_a_parameter_budget_together_are_refused(tiny_model_dir, tmp_path):
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--parameters", "0.8", "--out", tmp_path / "o")
+def test_slicing_and_a_size_together_are_refused(tiny_model_dir, tmp_path):
+    result = run("slice", tiny_model_dir, "--slicing", "0.25", "--size", "0.8", "--out", tmp_path / "o")
     assert_one_line_error(result, "not allowed with argument")
-    result = run("slice", tiny_model_dir, "--parameters", "80", "--out", tmp_path / "o")
-    assert_one_line_error(result, "fraction of the dense count")
+    result = run("slice", tiny_model_dir, "--size", "80", "--out", tmp_path / "o")
+    assert_one_line_error(result, r"share of the dense parameters to keep, in \(0, 1\)")
     assert not (tmp_path / "o").exists()

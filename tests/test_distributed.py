@@ -21,20 +21,22 @@ TEXT_FILE = str(DATA / "tempest_excerpt.txt")
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SLICE = dict(calibration=TEXT_FILE, samples=8, seqlen=64, eval_samples=3, eval_seqlen=64, progress=False)
-CLI_ARGS = ("--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64",
+CLI_ARGS = ("--slicing", "0.25", "--neurons", "off", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64",
             "--eval-samples", "3")
-# (family, rotation, dtype, extra arguments): both rotations, RMSNorm and LayerNorm, sandwich norms,
-# parallel branches, MoE, every quality lever (compensation is the default)
+STREAM = dict(slicing=0.25, neurons="off")  # the stream sliced (compensated), no MLP neurons pruned
+# (family, layout, dtype, settings): both rotations, RMSNorm and LayerNorm, sandwich norms,
+# parallel branches, MoE, every quality lever (compensation is the default recipe's)
 JOBS = [
-    ("llama", "per-layer", "float64", {}),  # the default: MLP neurons pruned, the stream unrotated
-    ("llama", "uniform", "float64", {"fit_tied_head": True, "mlp_width": 1.0}),
-    ("qwen2", "per-layer", "float64", {"widths": "adaptive", "parameters": 0.9, "compensate": "all",
-                                       "mlp_width": 1.0}),
-    ("opt", "per-layer", "float32", {}),
-    ("phi", "uniform", "float32", {}),
-    ("gemma3_text", "per-layer", "float32", {"method": "paper"}),
-    ("gemma3_text", "uniform", "float32", {"accept_deviation": True, "pooling": "tokens"}),
-    ("mixtral", "per-layer", "float32", {}),
+    ("llama", "neurons", "float64", {"size": 0.8}),  # the default: MLP neurons pruned, the stream unrotated
+    ("llama", "uniform", "float64", {**STREAM, "rotation": "uniform", "head": "fit"}),
+    ("qwen2", "per-layer", "float64", {"rotation": "per-layer", "widths": "adaptive", "size": 0.9,
+                                       "compensate": "all", "neurons": "off"}),
+    ("opt", "per-layer", "float32", {**STREAM, "rotation": "per-layer"}),
+    ("phi", "uniform", "float32", {**STREAM, "rotation": "uniform"}),
+    ("gemma3_text", "per-layer", "float32", {"recipe": "paper", "slicing": 0.25}),
+    ("gemma3_text", "uniform", "float32", {**STREAM, "rotation": "uniform", "accept_deviation": True,
+                                           "pooling": "tokens"}),
+    ("mixtral", "per-layer", "float32", {**STREAM, "rotation": "per-layer"}),
 ]
 TOLERANCE = {"float64": 1e-6, "float32": 1e-4}  # relative to the largest logit
 
@@ -81,13 +83,13 @@ def _errors(output: str) -> list[str]:
 
 def test_two_ranks_slice_like_one_process_on_every_family_and_both_rotations(tmp_path, tokenizer):
     jobs, expected = [], []
-    for i, (family, rotation, dtype, extra) in enumerate(JOBS):
+    for i, (family, layout, dtype, settings) in enumerate(JOBS):
         source = _model_dir(tmp_path / family, family, tokenizer)
-        kwargs = dict(model=str(source), sparsity=0.25, rotation=rotation, dtype=dtype, **SLICE, **extra)
+        kwargs = dict(model=str(source), dtype=dtype, **SLICE, **settings)
         jobs.append({"api": "slice_and_save", "kwargs": {**kwargs, "out": str(tmp_path / f"ranks-{i}")}})
         expected.append(slicegpt.slice_and_save(out=tmp_path / f"single-{i}", **kwargs))
     # slice_model (the in-memory API) inside the process group as well
-    model_job = dict(model=str(tmp_path / "llama"), calibration=TEXT_FILE, sparsity=0.25, samples=8, seqlen=64,
+    model_job = dict(model=str(tmp_path / "llama"), calibration=TEXT_FILE, size=0.8, samples=8, seqlen=64,
                      dtype="float64", progress=False)
     jobs.append({"api": "slice_model", "kwargs": {**model_job, "out": str(tmp_path / "ranks-model")}})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
@@ -95,7 +97,7 @@ def test_two_ranks_slice_like_one_process_on_every_family_and_both_rotations(tmp
     done = torchrun(WORKER, tmp_path / "jobs.json", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    for i, ((family, rotation, dtype, extra), single) in enumerate(zip(JOBS, expected)):
+    for i, ((family, layout, dtype, settings), single) in enumerate(zip(JOBS, expected)):
         out = tmp_path / f"ranks-{i}"
         _assert_same_model(single.out, out, dtype)
         record = json.loads((out / "slicegpt.json").read_text())
@@ -104,10 +106,12 @@ def test_two_ranks_slice_like_one_process_on_every_family_and_both_rotations(tmp
         assert record["slicing"]["distributed"]["samples_per_rank"] == [4, 4]
         assert sum(record["slicing"]["distributed"]["tokens_per_rank"]) == reference["slicing"]["calibration"]["tokens"]
         assert record["slicing"]["widths"] == reference["slicing"]["widths"]
+        assert record["slicing"]["rotation"] == ("uniform" if layout == "neurons" else layout)
+        assert record["slicing"]["plan"]["layout"] == reference["slicing"]["plan"]["layout"]
         assert record["slicing"]["parameters_sliced"] == reference["slicing"]["parameters_sliced"]
         results, alone = record["results"], reference["results"]
         for key in ("perplexity_dense", "perplexity_sliced"):  # the evaluation windows were shared too
-            assert results[key] == pytest.approx(alone[key], rel=TOLERANCE[dtype]), (family, rotation, key)
+            assert results[key] == pytest.approx(alone[key], rel=TOLERANCE[dtype]), (family, layout, key)
         assert results["allreduce_bytes"] > 0 and len(results["peak_memory_bytes_per_rank"]) == 2
 
     from slicegpt.formats.loading import load_model
@@ -187,13 +191,14 @@ def test_a_killed_rank_ends_the_job_in_one_line_and_the_same_command_resumes(tmp
 
 def test_ranks_started_with_different_arguments_are_refused_in_one_line(tmp_path, tokenizer):
     source = _model_dir(tmp_path / "llama", "llama", tokenizer)
-    script = tmp_path / "mismatch.sh"  # rank 1 asks for another sparsity
+    script = tmp_path / "mismatch.sh"  # rank 1 asks for another slicing
     script.write_text(f'S=0.25; [ "$RANK" = 1 ] && S=0.3\nexec {sys.executable} -m slicegpt slice {source} '
-                      f'--sparsity $S --calibration {TEXT_FILE} --samples 8 --seqlen 64 --out {tmp_path / "out"}\n')
+                      f'--slicing $S --neurons off --calibration {TEXT_FILE} --samples 8 --seqlen 64 '
+                      f'--out {tmp_path / "out"}\n')
     done = torchrun("--no-python", "bash", script, timeout=120)
     errors = _errors(done.stderr)
     assert done.returncode != 0
-    assert len(errors) == 1 and "different arguments" in errors[0] and "sparsity" in errors[0], done.stderr[-2000:]
+    assert len(errors) == 1 and "different arguments" in errors[0] and "slicing" in errors[0], done.stderr[-2000:]
     _no_traceback_of_ours(done.stderr)
     assert not (tmp_path / "out").exists()
 

@@ -25,8 +25,8 @@ def sliced_dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("sliced")
     dirs = {}
     for rotation in ("per-layer", "uniform"):
-        model, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, 0.25, rotation=rotation,
-                                             progress=False, mlp_width=1.0)  # the stream sliced both ways
+        model, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, slicing=0.25, rotation=rotation,
+                                             progress=False, neurons="off")  # the stream sliced both ways
         dirs[rotation] = slicegpt.save(model, tokenizer, config, root / rotation,
                                        extra={"results": {"perplexity_sliced": 1.0}})
     return dirs
@@ -150,7 +150,8 @@ def test_dense_model_saves_as_a_plain_checkpoint(adapters_only, tiny_model_dir, 
 @pytest.mark.parametrize("model_type", ["gpt2", "qwen2_moe", "phi"])
 def test_other_families_merge_exactly(model_type, tokenizer, calibration):
     """Conv1D (transposed) linears, MoE layers, parallel branches: merged equals adapted."""
-    model, _ = slicegpt.slice_model(make_model(model_type), tokenizer, calibration, 0.25, progress=False)
+    model, _ = slicegpt.slice_model(make_model(model_type), tokenizer, calibration, slicing=0.25, neurons="off",
+                                    progress=False)
     result = finetune(model, tokenizer, calibration, **dict(FAST, steps=3))
     adapted = logits(result.model)
     assert torch.allclose(logits(result.model.merge_and_unload()), adapted, atol=1e-4)
@@ -211,9 +212,10 @@ def test_cli_finetune_reports_and_saves(sliced_dirs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_model_recovers_held_out_perplexity(tmp_path):
-    """Real: SmolLM2 sliced by 25% (small calibration), a few LoRA steps, better held-out perplexity."""
+    """Real: SmolLM2 cut to 80% of its parameters (small calibration), a few LoRA steps, better held-out
+    perplexity."""
     loaded = slicegpt.load_model("default")
-    model, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25, samples=8,
+    model, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", size=0.8, samples=8,
                                          seqlen=256, progress=False)
     result = finetune(model, loaded.tokenizer, "shakespeare", steps=12, batch_size=4, seqlen=128, eval_samples=4,
                       eval_seqlen=256, progress=False)

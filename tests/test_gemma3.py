@@ -28,8 +28,8 @@ def test_gemma3_slices_saves_loads_and_generates(tmp_path):
     assert torch.all(windows.input_ids[:, 0] == bos)
     dense = slicegpt.perplexity(model, windows, progress=False)
 
-    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=8, seqlen=256,
-                                         progress=False, mlp_width=1.0)  # the stream sliced (per-layer format)
+    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", slicing=0.25, samples=8, seqlen=256,
+                                         progress=False, neurons="off")  # the stream sliced (per-layer format)
     assert config.family == "gemma2" and config.widths_rule == "equal" and config.compensate == "writers"
     assert all(w % 8 == 0 for w in config.widths) and config.widths[-1] == 640  # the head reads d
     layer = model.model.layers[0]
@@ -52,19 +52,21 @@ def test_gemma3_slices_saves_loads_and_generates(tmp_path):
 
 
 def test_gemma3_default_prunes_neurons_into_a_stock_model_that_beats_the_paper(tmp_path):
-    """The default at 25%: MLP neurons pruned (the writers fitted before the branch-output norms), a
-    stock Gemma3ForCausalLM smaller than dense and than the paper's model, with lower perplexity;
-    plain transformers reloads it and generates the same text."""
+    """The default at the size that removes 25% of the decoder layers' weights: MLP neurons pruned (the
+    writers fitted before the branch-output norms), a stock Gemma3ForCausalLM smaller than dense and than
+    the paper's model at slicing 0.25, with lower perplexity; plain transformers reloads it and generates
+    the same text."""
     loaded = slicegpt.load_model("gemma3-270m")
     model, tokenizer = loaded.model, loaded.tokenizer
     windows = evaluation_windows(tokenize(tokenizer, load_text("shakespeare", "evaluation")), seqlen=256,
                                  samples=4, bos=bos_token(tokenizer))
     dense_count = slicegpt.count_parameters(model)
-    paper, paper_config = slicegpt.slice_model(copy.deepcopy(model), tokenizer, "shakespeare", 0.25, samples=8,
-                                               seqlen=256, progress=False, method="paper")
+    paper, paper_config = slicegpt.slice_model(copy.deepcopy(model), tokenizer, "shakespeare", recipe="paper",
+                                               slicing=0.25, samples=8, seqlen=256, progress=False)
     paper_ppl = slicegpt.perplexity(paper, windows, progress=False)
     del paper
-    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=8, seqlen=256,
+    size = (dense_count - int(0.25 * sum(p.numel() for p in model.model.layers.parameters())) + 0.5) / dense_count
+    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", size=size, samples=8, seqlen=256,
                                          progress=False)
     assert type(model).__name__ == "Gemma3ForCausalLM" and config.standard and not config.deviations
     assert model.config.hidden_size == 640 and model.config.intermediate_size == config.mlp_neurons < 2048

@@ -4,12 +4,20 @@ import pytest
 import torch
 
 from slicegpt.adapters import get_adapter
+from slicegpt.adapters.base import branch_groups
+from slicegpt.core.engine import slice_layers
 from slicegpt.core.invariance import fuse_norms
+from slicegpt.core.onload import ResidentModel
 from slicegpt.modeling.runtime import get_path
-from slicegpt.api import slice_resident
 from conftest import FAMILIES, clone, make_model
 
 IDS = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+def rotate_at_full_width(model, adapter, batches) -> None:
+    """Per-layer rotation keeping every one of the 64 coordinates at each block boundary, in place."""
+    steps = len(get_path(model, adapter.layers)) * len(branch_groups(adapter.branches))
+    slice_layers(ResidentModel(model), adapter, batches, [64] * (steps + 1), progress=False)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -27,7 +35,7 @@ def test_rotated_model_at_zero_sparsity_is_equivalent_float64(model_type, exact_
     reference = model(IDS).logits
     rotated = clone(model)
     adapter = get_adapter(rotated.config)
-    slice_resident(rotated, adapter, calibration.batches(4), 64, progress=False)
+    rotate_at_full_width(rotated, adapter, calibration.batches(4))
     # the rotation really happened: in the embeddings, or (tied head) in the first layer's entry matrix
     embedding = adapter.embeddings[0]
     entry = getattr(get_path(rotated, adapter.layers)[0], "entry_rotation", None)
@@ -43,6 +51,6 @@ def test_rotated_model_at_zero_sparsity_is_equivalent_float32(model_type, calibr
     model = make_model(model_type, torch.float32)
     reference = model(IDS).logits
     rotated = clone(model)
-    slice_resident(rotated, get_adapter(rotated.config), calibration.batches(4), 64, progress=False)
+    rotate_at_full_width(rotated, get_adapter(rotated.config), calibration.batches(4))
     error = (rotated(IDS).logits - reference).abs().max() / reference.abs().max()
     assert error < 1e-4

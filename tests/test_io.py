@@ -15,8 +15,8 @@ IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
 
 @pytest.fixture
 def saved(tmp_path, calibration, tokenizer):
-    model, config = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, 0.25, progress=False,
-                                         mlp_width=1.0)  # the per-layer format
+    model, config = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, slicing=0.25, neurons="off",
+                                         progress=False)  # the per-layer format
     out = slicegpt.save(model, tokenizer, config, tmp_path / "sliced")
     return model, out
 
@@ -25,8 +25,8 @@ def saved(tmp_path, calibration, tokenizer):
 def test_round_trip_both_load_paths(model_type, tmp_path, calibration, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    model, config = slicegpt.slice_model(make_model(model_type), tokenizer, calibration, 0.25, progress=False,
-                                         mlp_width=1.0)  # the per-layer format
+    model, config = slicegpt.slice_model(make_model(model_type), tokenizer, calibration, slicing=0.25, neurons="off",
+                                         progress=False)  # the per-layer format
     out = slicegpt.save(model, tokenizer, config, tmp_path / "sliced")
     expected = model(IDS).logits
     loaded = slicegpt.load(out)
@@ -82,8 +82,8 @@ def test_existing_directory_needs_force(saved, tokenizer):
 def test_interrupted_save_leaves_nothing(tmp_path, calibration, tokenizer, monkeypatch):
     import safetensors.torch
 
-    model, config = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, 0.25, progress=False,
-                                         mlp_width=1.0)  # the per-layer format
+    model, config = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, slicing=0.25, neurons="off",
+                                         progress=False)  # the per-layer format
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -44,27 +44,31 @@ def llama_cpp_run(path: Path, prompt: list[int], continuation: list[int], text: 
 
 
 GEMMA3_GLOBAL_EVERY_6 = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])
-FAMILIES = {  # family -> (config overrides, slice_model options)
-    "llama": ({}, {"mlp_width": 1.0}),  # the stream sliced; the others: the default, MLP neurons pruned
-    "mistral": ({}, {}),
-    "qwen2": ({}, {}),
-    "qwen3": ({}, {"accept_deviation": True}),
-    "phi3": ({"sliding_window": 32}, {}),  # written as llama with the context capped at the window
-    "gemma": ({}, {"fit_tied_head": True}),
+DEFAULT = dict(size=0.8)  # the default recipe: MLP neurons alone meet it, the stream unrotated, a stock model
+UNIFORM = dict(slicing=0.25, neurons="off", rotation="uniform")  # the stream sliced with one basis
+FAMILIES = {  # family -> (config overrides, slice_model settings)
+    "llama": ({}, UNIFORM),
+    "mistral": ({}, DEFAULT),
+    "qwen2": ({}, DEFAULT),
+    "qwen3": ({}, DEFAULT),
+    "phi3": ({"sliding_window": 32}, UNIFORM),  # written as llama with the context capped at the window
+    "gemma": ({}, DEFAULT),
     # query_pre_attn_scalar 256 != head_dim 16: llama.cpp's fixed scale is folded into q_proj
-    "gemma2": ({}, {"accept_deviation": True, "fit_tied_head": True}),
-    "gemma3_text": (GEMMA3_GLOBAL_EVERY_6, {"accept_deviation": True}),
-    "mixtral": ({}, {}),
-    "qwen3_moe": ({"norm_topk_prob": True}, {"accept_deviation": True}),
+    "gemma2": ({}, DEFAULT),
+    "gemma3_text": (GEMMA3_GLOBAL_EVERY_6, DEFAULT),
+    "mixtral": ({}, UNIFORM),
+    "qwen3_moe": ({"norm_topk_prob": True}, dict(UNIFORM, accept_deviation=True)),
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, calibration, tokenizer, tmp_path):
-    overrides, options = FAMILIES[family]
+    overrides, settings = FAMILIES[family]
     model = make_model(family, **overrides)
-    stock, _ = slicegpt.slice_model(model, tokenizer, calibration, 0.25, rotation="uniform", progress=False,
-                                    **options)
+    stock, config = slicegpt.slice_model(model, tokenizer, calibration, progress=False, **settings)
+    assert config.standard and config.rotation == "uniform"
+    if settings is DEFAULT:  # what the default recipe gives at this size: only neurons pruned
+        assert config.mlp_neurons < config.mlp_neurons_dense and set(config.widths) == {config.hidden_size}
     # a neutral name: llama.cpp looks for Phi-3 chat tokens when the name says phi3, and the test tokenizer has none
     path = export_gguf(stock, tokenizer, tmp_path / f"{family}.gguf", dtype="f32", name="slicegpt test model")
     if family == "phi3":

@@ -25,13 +25,31 @@ def tempest_tasks(tmp_path_factory):
     return directory
 
 
-def _slice(model, tokenizer, sparsity, **kwargs):
-    from slicegpt import slice_model
+def _windows(tokenizer):
     from slicegpt.data import calibration_windows, tokenize
 
-    windows = calibration_windows(tokenize(tokenizer, TEXT), samples=8, seqlen=64, seed=0)
-    sliced, config = slice_model(model, tokenizer, windows, sparsity, progress=False, **kwargs)
+    return calibration_windows(tokenize(tokenizer, TEXT), samples=8, seqlen=64, seed=0)
+
+
+def _slice(model, tokenizer, **settings):
+    from slicegpt import slice_model
+
+    sliced, config = slice_model(model, tokenizer, _windows(tokenizer), progress=False, **settings)
     return sliced, config
+
+
+def _rotated_at_full_width(model, tokenizer, keep_tied_head=True):
+    """A per-layer sliced model that keeps every coordinate (the engine at full width: a size or
+    slicing of 0 is no run `slice_model` makes): rotated, skip matrices, compensated, the dense function."""
+    from slicegpt.adapters import get_adapter
+    from slicegpt.core.engine import slice_layers
+    from slicegpt.core.onload import ResidentModel
+
+    adapter = get_adapter(model.config)
+    widths = [model.config.hidden_size] * (2 * model.config.num_hidden_layers + 1)
+    outcome = slice_layers(ResidentModel(model), adapter, _windows(tokenizer).batches(4), widths,
+                           keep_tied_head=keep_tied_head, compensate="writers", progress=False)
+    return model, outcome
 
 
 def _direct_loglikelihood(model, tokenizer, context, choice):
@@ -82,8 +100,8 @@ def test_per_layer_sliced_model_scores_like_the_dense_one(tempest_tasks, tokeniz
     picked = [max(range(4), key=lambda k: doc_ll[k]) for doc_ll in ll]
     assert score.acc == pytest.approx(sum(p == d["label"] for p, d in zip(picked, docs)) / 16)
 
-    sliced, _ = _slice(copy.deepcopy(reference), tokenizer, 0.0)
-    untied, config = _slice(copy.deepcopy(reference), tokenizer, 0.0, keep_tied_head=False)
+    sliced, _ = _rotated_at_full_width(copy.deepcopy(reference), tokenizer)
+    untied, config = _rotated_at_full_width(copy.deepcopy(reference), tokenizer, keep_tied_head=False)
     assert not config.tied_head and untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
     for model, batch_size in ((sliced, 1), (sliced, 5), (untied, 3)):
         other = zero_shot(model, tokenizer, load_tasks(TASK, include_path=tempest_tasks), batch_size=batch_size,
@@ -92,7 +110,8 @@ def test_per_layer_sliced_model_scores_like_the_dense_one(tempest_tasks, tokeniz
         assert (other.score(TASK).acc, other.score(TASK).acc_norm) == (score.acc, score.acc_norm)
         assert "tie_weights" not in vars(model)  # lm-eval's re-tying was only shadowed during the run
 
-    smaller, _ = _slice(copy.deepcopy(reference), tokenizer, 0.5)  # the run really uses the model it is given
+    smaller, _ = _slice(copy.deepcopy(reference), tokenizer, slicing=0.5,
+                        neurons="off")  # the run really uses the model it is given
     changed = zero_shot(smaller, tokenizer, load_tasks(TASK, include_path=tempest_tasks), progress=False)
     assert (torch.tensor(changed.loglikelihoods[TASK]) - torch.tensor(ll)).abs().max() > 1e-3
 
@@ -101,7 +120,7 @@ def test_cli_on_a_sliced_directory_prints_the_table_and_json(tempest_tasks, toke
     from slicegpt import load, save
     from slicegpt.evaluation.zero_shot import zero_shot
 
-    model, config = _slice(make_model("llama"), tokenizer, 0.25)
+    model, config = _slice(make_model("llama"), tokenizer, size=0.8)
     out = save(model, tokenizer, config, tmp_path / "sliced")
     result = run("lm-eval", out, "--tasks", f"{TASK},{TASK}_b", "--include-path", tempest_tasks, "--limit", "12",
                  "--batch-size", "4", "--json")

@@ -1,4 +1,4 @@
-"""Pruning MLP neurons in compensation's fit (`--mlp-width`): the OBS math, shapes, budgets, formats."""
+"""Pruning MLP neurons in compensation's fit (`--neurons`): the OBS math, shapes, budgets, formats."""
 
 import copy
 import json
@@ -63,7 +63,8 @@ def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decode
 
     dense = make_model(family)
     ids = calibration.input_ids[:2]
-    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, 0.0, mlp_width=0.5,
+    # a size that half the neurons alone meet: the stream keeps its width
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=0.8, neurons=0.5,
                                          progress=False)
     assert type(model) is type(dense) and config.standard and config.rotation == "uniform"
     assert not config.deviations and config.max_logit_deviation < 1e-5
@@ -94,9 +95,16 @@ def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decode
 def test_neurons_and_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer, calibration):
     from transformers import AutoModelForCausalLM
 
-    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, mlp_width=0.5,
+    dense = make_model("llama")
+    adapter = get_adapter(dense.config)
+    predicted = parameter_model(dense, adapter, rotation="per-layer", tied=True, source_tied=True, slice_head=False)
+    total = slicegpt.count_parameters(dense)
+    # the count of width 40 with half the neurons (on this tiny model width 48's skip matrices count more
+    # than the unrotated stream with those neurons, which the plan would choose instead)
+    size = (predicted.count([40] * 6 + [64], 48) + 0.5) / total
+    model, config = slicegpt.slice_model(dense, None, calibration.input_ids, size=size, neurons=0.5,
                                          progress=False)
-    assert config.rotation == "per-layer" and config.widths[0] == 48 and config.mlp_neurons == 48
+    assert config.rotation == "per-layer" and config.widths[0] == 40 and config.mlp_neurons == 48
     ids = calibration.input_ids[:2]
     with torch.no_grad():
         expected = model(ids).logits
@@ -105,9 +113,6 @@ def test_neurons_and_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer
         assert torch.equal(slicegpt.load(out).model(ids).logits, expected)
         remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
         assert torch.equal(remote(ids).logits, expected)
-    adapter = get_adapter(model.config)
-    predicted = parameter_model(make_model("llama"), adapter, rotation="per-layer", tied=True, source_tied=True,
-                                slice_head=False)
     assert predicted.count(config.widths, 48) == config.parameters_sliced
 
 
@@ -117,7 +122,7 @@ def test_auto_meets_a_parameter_budget_with_neurons_first(budget, calibration):
     stream is sliced for the rest. Within one round-to step of neurons (or stream width)."""
     dense = make_model("llama")
     total = slicegpt.count_parameters(dense)
-    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, parameters=budget,
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=budget,
                                          progress=False)
     count = slicegpt.count_parameters(model)
     assert count == config.parameters_sliced <= budget * total
@@ -138,19 +143,22 @@ def test_auto_meets_a_parameter_budget_with_neurons_first(budget, calibration):
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.25])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_default_sparsity_removes_that_share_of_the_decoder_layers(family, sparsity, calibration):
-    """--sparsity s under the default method removes s of the decoder layers' weights, by neurons alone
-    (a stock model, the stream unrotated), within one round-to step: smaller than the paper's model at s
-    (at 10% that one is even larger than the dense model: untied head, skip matrices)."""
+def test_default_size_of_the_papers_share_of_the_decoder_layers(family, sparsity, calibration):
+    """The default recipe at the size that removes s of the decoder layers' weights (what --sparsity s
+    meant under the default method) gets there by neurons alone (a stock model, the stream unrotated),
+    within one round-to step: smaller than the paper's model at slicing s (at 10% that one is even
+    larger than the dense model: untied head, skip matrices)."""
     dense = make_model(family)
     total = slicegpt.count_parameters(dense)
     layer_weights = sum(p.numel() for p in dense.model.layers.parameters())
-    _, paper = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, sparsity, method="paper",
-                                    progress=False)
+    _, paper = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, recipe="paper",
+                                    slicing=sparsity, progress=False)
     if sparsity == 0.1:
         assert paper.parameters_sliced > total
-    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, sparsity, progress=False)
     budget = total - int(sparsity * layer_weights)
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids,
+                                         size=(budget + 0.5) / total, progress=False)
+    assert int(config.size * total) == budget
     assert type(model) is type(dense) and config.standard and config.mlp_neurons % 8 == 0
     assert config.sparsity == 0.0 and set(config.widths) == {64}
     assert slicegpt.count_parameters(model) == config.parameters_sliced <= budget < paper.parameters_sliced
@@ -163,15 +171,15 @@ def test_default_sparsity_removes_that_share_of_the_decoder_layers(family, spars
 def test_bad_mlp_settings_are_refused_in_one_line(calibration):
     ids = calibration.input_ids
     with pytest.raises(SliceGPTError, match="fraction of MLP neurons to keep"):
-        slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width=1.5)
-    with pytest.raises(SliceGPTError, match="'auto' or the fraction"):
-        slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width="half")
+        slicegpt.slice_model(make_model("llama"), None, ids, size=0.8, neurons=1.5)
+    with pytest.raises(SliceGPTError, match="auto, off or the fraction"):
+        slicegpt.slice_model(make_model("llama"), None, ids, size=0.8, neurons="half")
     with pytest.raises(SliceGPTError, match="needs compensation"):
-        slicegpt.slice_model(make_model("llama"), None, ids, 0.25, mlp_width=0.5, compensate="off")
-    with pytest.raises(SliceGPTError, match="pruned only while the stream keeps its width"):
-        slicegpt.slice_model(make_model("gemma3_text"), None, ids, 0.25, mlp_width=0.5, progress=False)
+        slicegpt.slice_model(make_model("llama"), None, ids, size=0.8, neurons=0.5, compensate="off")
+    with pytest.raises(SliceGPTError, match="pruned only while the stream keeps its width"):  # half alone: 0.75
+        slicegpt.slice_model(make_model("gemma3_text"), None, ids, size=0.6, neurons=0.5, progress=False)
     with pytest.raises(SliceGPTError, match=r"not described for opt models \(llama, .*gemma3_text have it\)"):
-        slicegpt.slice_model(make_model("opt"), None, ids, 0.25, mlp_width=0.5, progress=False)
+        slicegpt.slice_model(make_model("opt"), None, ids, size=0.8, neurons=0.5, progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
@@ -191,20 +199,21 @@ def test_an_unrotated_run_without_pruning_changes_nothing(family, exact_norms, c
 
 
 def test_the_default_from_the_command_line_is_a_stock_model_with_fewer_neurons(tiny_model_dir, tmp_path):
-    """`slicegpt slice --sparsity 0.25` (default method): the paper's size met by neurons, a stock model
-    that plain transformers loads, whose GGUF file transformers reads back with the same logits."""
+    """`slicegpt slice --size 0.8` (default recipe): the size met by neurons, a stock model that plain
+    transformers loads (no larger than the paper's at slicing 0.25), whose GGUF file transformers reads
+    back with the same logits."""
     from transformers import AutoModelForCausalLM
 
     from test_cli import TEXT_FILE, run
 
     out = tmp_path / "default"
-    result = run("slice", tiny_model_dir, "--sparsity", "0.25", "--calibration", TEXT_FILE, "--samples", "8",
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "8",
                  "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["standard"] is True and figures["mlp_neurons"] < 96 and figures["sliced_hidden_size"] == 64
-    assert "MLP neurons" in result.stdout and "standard llama model" in result.stdout
-    paper = run("slice", tiny_model_dir, "--sparsity", "0.25", "--method", "paper", "--calibration", TEXT_FILE,
+    assert "MLP neurons" in result.stdout and "stock LlamaForCausalLM" in result.stdout
+    paper = run("slice", tiny_model_dir, "--slicing", "0.25", "--recipe", "paper", "--calibration", TEXT_FILE,
                 "--samples", "8", "--seqlen", "64", "--no-eval", "--out", tmp_path / "paper", "--json")
     assert paper.returncode == 0, paper.stderr
     assert figures["parameters_sliced"] <= json.loads(paper.stdout.strip().splitlines()[-1])["parameters_sliced"]
@@ -220,4 +229,4 @@ def test_the_default_from_the_command_line_is_a_stock_model_with_fewer_neurons(t
         assert torch.allclose(back(ids).logits, plain(ids).logits, atol=1e-5)
     record = json.loads((out / "slicegpt.json").read_text())["slicing"]
     assert record["mlp_width"] == "auto" and record["mlp_neurons"] == figures["mlp_neurons"]
-    assert record["sparsity"] == 0.0
+    assert record["sparsity"] == 0.0 and record["size"] == 0.8 and record["recipe"] == "default"

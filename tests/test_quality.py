@@ -194,18 +194,18 @@ def test_without_dense_targets_the_fits_keep_the_papers_weights(family, exact_no
     paper's weights meet exactly, so stream-sliced compensation gives the paper's model; with
     neurons to prune the fit still prunes them (and differs)."""
     ids = calibration.input_ids[:2]
-    paper, _ = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids, 0.25,
-                                    method="paper", progress=False)
-    local, config = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids, 0.25,
-                                         mlp_width=1.0, dense_share=0.0, progress=False)
+    paper, _ = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids,
+                                    recipe="paper", slicing=0.25, progress=False)
+    local, config = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids,
+                                         slicing=0.25, neurons="off", dense_share=0.0, progress=False)
     assert config.compensate == "writers" and config.dense_share == 0.0
     assert config.compensation["writers"]["error_fitted"] == 0.0
     with torch.no_grad():
         expected = paper(ids).logits
         assert torch.allclose(local(ids).logits, expected, atol=1e-10, rtol=0)
     if family == "llama":
-        pruned, config = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids, 0.25,
-                                              dense_share=0.0, progress=False)
+        pruned, config = slicegpt.slice_model(make_model(family, torch.float64), None, calibration.input_ids,
+                                              size=0.8, dense_share=0.0, progress=False)
         assert config.mlp_neurons is not None and config.mlp_neurons < config.mlp_neurons_dense
         assert config.compensation["writers"]["error_fitted"] > 0.0
 
@@ -260,8 +260,8 @@ def test_allocation_meets_the_budget_within_one_round_to_step_and_prefers_steep_
 def test_a_parameter_budget_is_met_within_one_round_to_step(widths, calibration):
     model = make_model("llama")
     dense = slicegpt.count_parameters(model)
-    sliced, config = slicegpt.slice_model(model, None, calibration.input_ids, parameters=0.8, widths=widths,
-                                          compensate=False, progress=False, batch_size=4)
+    sliced, config = slicegpt.slice_model(model, None, calibration.input_ids, size=0.8, widths=widths,
+                                          compensate="off", neurons="off", progress=False, batch_size=4)
     count = slicegpt.count_parameters(sliced)
     assert count == config.parameters_sliced <= 0.8 * dense
     assert config.parameters_budget == 0.8 and config.widths_rule == widths
@@ -286,10 +286,10 @@ def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, to
     same sparsity, saved and loaded both ways, KV-cache generation equal to no cache."""
     from transformers import AutoModelForCausalLM
 
-    paper, paper_config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3,
-                                               method="paper", progress=False)
-    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.3, progress=False,
-                                         widths="adaptive", mlp_width=1.0)
+    paper, paper_config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids,
+                                               recipe="paper", slicing=0.3, progress=False)
+    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, slicing=0.3,
+                                         progress=False, widths="adaptive", neurons="off")
     assert config.method == "default" and config.compensate == "writers" and config.widths_rule == "adaptive"
     assert len(set(config.widths[:-1])) > 1, config.widths
     assert config.parameters_sliced <= paper_config.parameters_sliced
@@ -311,19 +311,19 @@ def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, to
 
 
 def test_bad_lever_settings_are_refused_in_one_line(calibration):
-    with pytest.raises(SliceGPTError, match="method must be one of"):
-        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, method="best")
-    with pytest.raises(SliceGPTError, match="widths must be one of"):
-        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, widths="random")
+    with pytest.raises(SliceGPTError, match="unknown recipe 'best'; choose one of default, paper"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.8, recipe="best")
+    with pytest.raises(SliceGPTError, match="--widths must be one of"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.8, widths="random")
     for share in (-0.1, 1.5, float("nan")):
-        with pytest.raises(SliceGPTError, match="dense share must be in"):
-            slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, dense_share=share)
-    with pytest.raises(SliceGPTError, match="compensate must be one of"):
-        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, compensate="some")
-    with pytest.raises(SliceGPTError, match="adaptive widths apply to per-layer"):
-        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, 0.25, rotation="uniform",
+        with pytest.raises(SliceGPTError, match=r"--dense-share must be in \[0, 1\]"):
+            slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.8, dense_share=share)
+    with pytest.raises(SliceGPTError, match="--compensate must be one of"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.8, compensate="some")
+    with pytest.raises(SliceGPTError, match="--widths adaptive applies to per-layer rotation"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.6, rotation="uniform",
                              widths="adaptive")
-    with pytest.raises(SliceGPTError, match="fraction of the dense count"):
-        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, parameters=75)
+    with pytest.raises(SliceGPTError, match=r"--size is the share of the dense parameters to keep, in \(0, 1\)"):
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=75)
     with pytest.raises(SliceGPTError, match="budget"):
-        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, parameters=0.01, progress=False)
+        slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.01, progress=False)

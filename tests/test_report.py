@@ -42,8 +42,8 @@ def runs_dir(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("runs")
     windows = _windows(tokenizer)
     for sparsity, rotation in [(0.25, "per-layer"), (0.5, "per-layer"), (0.25, "uniform")]:
-        model, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, sparsity, rotation=rotation,
-                                             mlp_width=1.0, progress=False)
+        model, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, slicing=sparsity,
+                                             rotation=rotation, neurons="off", progress=False)
         results = {"model": "tiny-llama", "perplexity_dense": 300.0, "perplexity_sliced": 300.0 * (1 + sparsity),
                    "eval_tokens": 256, "eval_data": "tempest",
                    "speed": _speed("dense", 1000.0, 20.0) + _speed("sliced", 1250.0, 16.0)}
@@ -59,8 +59,8 @@ def report(runs_dir):
 
 def test_spectra_round_trip_exactly(tmp_path, tokenizer):
     for rotation in ("per-layer", "uniform"):
-        model, config = slicegpt.slice_model(make_model("llama"), tokenizer, _windows(tokenizer), 0.25,
-                                             rotation=rotation, progress=False, mlp_width=1.0)
+        model, config = slicegpt.slice_model(make_model("llama"), tokenizer, _windows(tokenizer), slicing=0.25,
+                                             rotation=rotation, progress=False, neurons="off")
         out = slicegpt.save(model, tokenizer, config, tmp_path / rotation)
         loaded = load_spectra(out)
         # per-layer: one spectrum per boundary (embeddings + every step but the unsliced head's); uniform: pooled
@@ -145,9 +145,9 @@ def test_perplexity_and_throughput_data(runs_dir):
 
 def test_cli_slice_report_bench_and_report_over_runs(tiny_model_dir, tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["--mlp-width", "1", "--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2"]
+    common = ["--neurons", "off", "--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "64", "--eval-samples", "2"]
     # as a user runs it: a subprocess, with --report and its quick speed check
-    result = subprocess.run([sys.executable, "-m", "slicegpt", "slice", str(tiny_model_dir), "--sparsity", "0.25",
+    result = subprocess.run([sys.executable, "-m", "slicegpt", "slice", str(tiny_model_dir), "--slicing", "0.25",
                              *common, "--out", str(tmp_path / "s25"), "--report", str(tmp_path / "r25"),
                              "--report-bench"],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -158,7 +158,7 @@ def test_cli_slice_report_bench_and_report_over_runs(tiny_model_dir, tmp_path, c
     assert record["perplexity_sliced"] > 0 and {r["role"] for r in record["speed"]} == {"dense", "sliced"}
 
     # the rest in-process (same code path as `main`; saves the interpreter start-ups)
-    assert cli.main(["slice", str(tiny_model_dir), "--sparsity", "0.5", *common, "--out", str(tmp_path / "s50")]) == 0
+    assert cli.main(["slice", str(tiny_model_dir), "--slicing", "0.5", *common, "--out", str(tmp_path / "s50")]) == 0
     bench = tmp_path / "bench.json"
     assert cli.main(["bench", str(tmp_path / "s50"), "--batch-sizes", "1", "--seqlens", "16", "--decode-tokens", "2",
                      "--repeats", "1", "--save", str(bench), "--json"]) == 0
@@ -197,10 +197,10 @@ def test_report_never_replaces_its_inputs(runs_dir, tiny_model_dir, tmp_path, ca
     run = runs_dir / "uniform-25"
     assert cli.main(["report", str(run), "--out", str(run), "--force"]) == 1
     assert "would replace the run" in capsys.readouterr().err and (run / "slicegpt.json").is_file()
-    assert cli.main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "m"),
+    assert cli.main(["slice", str(tiny_model_dir), "--size", "0.8", "--out", str(tmp_path / "m"),
                      "--report", str(tmp_path / "m" / "report")]) == 1
     assert "must be separate directories" in capsys.readouterr().err and not (tmp_path / "m").exists()
-    assert cli.main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "m"),
+    assert cli.main(["slice", str(tiny_model_dir), "--size", "0.8", "--out", str(tmp_path / "m"),
                      "--report-bench"]) == 1
     assert "--report-bench applies to --report only" in capsys.readouterr().err
 

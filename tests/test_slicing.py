@@ -14,7 +14,8 @@ from conftest import FAMILIES, clone, make_model
 
 V, D, I, H, KV, HD, L = 300, 64, 96, 4, 2, 16, 3
 
-pytestmark = pytest.mark.usefixtures("stream_slicing")  # how the stream is sliced (neurons: test_mlp.py)
+# how the stream is sliced: the default recipe without MLP neurons (neurons: test_mlp.py)
+STREAM = dict(neurons="off")
 
 
 @pytest.mark.parametrize("sparsity,expected", [(0.0, 64), (0.25, 48), (0.3, 40), (0.5, 32), (0.99, 8)])
@@ -49,13 +50,14 @@ def expected_llama_parameters(k: int, slice_head: bool, tied: bool) -> int:
     return V * k + layers + head_in + V * head_in
 
 
-@pytest.mark.parametrize("slice_head,keep_tied", [(False, True), (False, False), (True, True)])
-def test_shapes_and_parameter_counts(calibration, slice_head, keep_tied):
+@pytest.mark.parametrize("slice_head,keep_tied,head", [(False, True, "auto"), (False, False, "untied"),
+                                                       (True, True, "sliced")])
+def test_shapes_and_parameter_counts(calibration, slice_head, keep_tied, head):
     model = make_model("llama")
     assert slicegpt.count_parameters(model) == V * D + L * (4 * D * D // 1 - 2 * D * D + 2 * D * KV * HD
                                                             + 3 * D * I + 2 * D) + D  # tied head
-    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, slice_head=slice_head,
-                                          keep_tied_head=keep_tied, progress=False)
+    sliced, config = slicegpt.slice_model(model, None, calibration, slicing=0.25, **STREAM, head=head,
+                                          progress=False)
     k = 48
     tied = keep_tied and not slice_head
     assert config.sliced_hidden_size == k and config.hidden_size == D and config.tied_head is tied
@@ -81,14 +83,15 @@ def test_shapes_and_parameter_counts(calibration, slice_head, keep_tied):
 def test_tied_and_untied_heads_compute_the_same_function(calibration):
     model = make_model("llama", torch.float64)
     ids = calibration.input_ids[:2]
-    tied, _ = slicegpt.slice_model(clone(model), None, calibration, 0.25, progress=False)
-    untied, _ = slicegpt.slice_model(clone(model), None, calibration, 0.25, keep_tied_head=False, progress=False)
+    tied, _ = slicegpt.slice_model(clone(model), None, calibration, slicing=0.25, **STREAM, progress=False)
+    untied, _ = slicegpt.slice_model(clone(model), None, calibration, slicing=0.25, **STREAM, head="untied",
+                                     progress=False)
     assert slicegpt.count_parameters(tied) < slicegpt.count_parameters(untied)
     assert (tied(ids).logits - untied(ids).logits).abs().max() < 1e-8
 
 
 def test_rms_norm_constants_follow_the_kept_width(calibration):
-    sliced, _ = slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, progress=False)
+    sliced, _ = slicegpt.slice_model(make_model("llama"), None, calibration, slicing=0.25, **STREAM, progress=False)
     norm = sliced.model.layers[1].input_layernorm
     assert torch.allclose(norm.weight, torch.full((48,), math.sqrt(64 / 48)))
     assert norm.variance_epsilon == pytest.approx(sliced.config.rms_norm_eps * 64 / 48)
@@ -96,7 +99,7 @@ def test_rms_norm_constants_follow_the_kept_width(calibration):
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_generation_with_kv_cache_matches_full_recompute(model_type, calibration):
-    sliced, _ = slicegpt.slice_model(make_model(model_type), None, calibration, 0.25, progress=False)
+    sliced, _ = slicegpt.slice_model(make_model(model_type), None, calibration, slicing=0.25, **STREAM, progress=False)
     prompt = torch.tensor([[5, 17, 42, 99, 7]])
     cached = sliced.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
     uncached = sliced.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
@@ -118,9 +121,10 @@ def test_slicing_keeps_most_of_a_low_rank_signal(calibration):
             layer.mlp.down_proj.weight.copy_(project @ layer.mlp.down_proj.weight)
     ids = calibration.input_ids[:2]
     reference = model(ids).logits
-    sliced, _ = slicegpt.slice_model(clone(model), None, calibration, 0.25, progress=False)
+    sliced, _ = slicegpt.slice_model(clone(model), None, calibration, slicing=0.25, **STREAM, progress=False)
     assert (sliced(ids).logits - reference).abs().max() < 1e-6
-    cut, _ = slicegpt.slice_model(clone(model), None, calibration, 0.5, progress=False)  # 32 < 40 dims
+    cut, _ = slicegpt.slice_model(clone(model), None, calibration, slicing=0.5, **STREAM,
+                                  progress=False)  # 32 < 40 dims
     assert (cut(ids).logits - reference).abs().max() > 1e-3
 
 
@@ -143,15 +147,16 @@ def test_padded_calibration_matches_unpadded(calibration):
     ids = calibration.input_ids[:4]
     padded_ids = torch.cat([ids, torch.zeros(4, 16, dtype=torch.long)], dim=1)
     padded = Windows(padded_ids, torch.cat([torch.ones_like(ids), torch.zeros(4, 16, dtype=torch.long)], 1))
-    a, _ = slicegpt.slice_model(clone(model), None, Windows(ids, torch.ones_like(ids)), 0.25, progress=False)
-    b, _ = slicegpt.slice_model(clone(model), None, padded, 0.25, progress=False)
+    a, _ = slicegpt.slice_model(clone(model), None, Windows(ids, torch.ones_like(ids)), slicing=0.25, **STREAM,
+                                progress=False)
+    b, _ = slicegpt.slice_model(clone(model), None, padded, slicing=0.25, **STREAM, progress=False)
     assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-4)
 
 
 def test_already_sliced_model_is_refused(calibration):
-    sliced, _ = slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, progress=False)
+    sliced, _ = slicegpt.slice_model(make_model("llama"), None, calibration, slicing=0.25, **STREAM, progress=False)
     with pytest.raises(slicegpt.SliceGPTError, match="already sliced"):
-        slicegpt.slice_model(sliced, None, calibration, 0.25, progress=False)
+        slicegpt.slice_model(sliced, None, calibration, slicing=0.25, **STREAM, progress=False)
 
 
 def test_nan_activations_give_a_clear_error(calibration):
@@ -159,7 +164,7 @@ def test_nan_activations_give_a_clear_error(calibration):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(slicegpt.SliceGPTError, match="non-finite values .* layer 1 \\(mlp\\)"):
-        slicegpt.slice_model(model, None, calibration, 0.25, progress=False)
+        slicegpt.slice_model(model, None, calibration, slicing=0.25, **STREAM, progress=False)
 
 
 def test_unsupported_and_encoder_models_are_refused():
@@ -190,7 +195,7 @@ def test_parallel_residual_follows_the_config(model_type, parallel, calibration)
 
     adapter = get_adapter(make_config(model_type))
     assert adapter.branches[1].parallel is parallel
-    sliced, _ = slicegpt.slice_model(make_model(model_type), None, calibration, 0.25, progress=False)
+    sliced, _ = slicegpt.slice_model(make_model(model_type), None, calibration, slicing=0.25, **STREAM, progress=False)
     layer = sliced.gpt_neox.layers[0]
     assert hasattr(layer, "attn_shortcut") and hasattr(layer, "mlp_shortcut") is not parallel
 
@@ -202,8 +207,9 @@ def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration, 
     from slicegpt.modeling.runtime import RMSNorm
 
     model = make_model("opt")
-    sliced, config = slicegpt.slice_model(model, None, calibration, 0.25, keep_tied_head=keep_tied, progress=False,
-                                          method="paper")  # equal widths: the shapes below
+    sliced, config = slicegpt.slice_model(model, None, calibration, recipe="paper", slicing=0.25,
+                                          head="auto" if keep_tied else "untied",
+                                          progress=False)  # equal widths: the shapes below
     layer = sliced.model.decoder.layers[0]
     assert isinstance(layer.self_attn_layer_norm, RMSNorm) and isinstance(layer.final_layer_norm, RMSNorm)
     assert layer.self_attn_layer_norm.weight.shape == (48,)
@@ -218,7 +224,8 @@ def test_layernorm_models_become_rmsnorm_models_with_folded_biases(calibration, 
 
 def test_post_norm_branches_keep_full_width_writers_and_count_their_rotations(calibration):
     """Gemma 2/3: the branch-output norm needs all d coordinates, then a d x k matrix rotates and slices."""
-    sliced, config = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, progress=False,
+    sliced, config = slicegpt.slice_model(make_model("gemma2"), None, calibration, slicing=0.25, **STREAM,
+                                          progress=False,
                                           widths="equal")  # the shapes below
     first, last = sliced.model.layers[0], sliced.model.layers[-1]
     assert first.self_attn.o_proj.weight.shape == (D, H * 16) and first.mlp.down_proj.weight.shape == (D, I)

@@ -10,6 +10,14 @@ import slicegpt
 from slicegpt.data import evaluation_windows, load_text, tokenize
 
 
+def size_removing(model, share: float) -> float:
+    """The size that removes `share` of the decoder layers' weights (what --sparsity meant under the
+    default method before 0.2; as tests/golden_cases.py translates it)."""
+    dense = slicegpt.count_parameters(model)
+    layer_weights = sum(p.numel() for p in model.model.layers.parameters())
+    return (dense - int(share * layer_weights) + 0.5) / dense
+
+
 def test_default_model_slices_saves_loads_and_generates(tmp_path):
     loaded = slicegpt.load_model("default")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -19,13 +27,13 @@ def test_default_model_slices_saves_loads_and_generates(tmp_path):
     prompt = "The king said to his daughter"
     dense_text = slicegpt.generate(model, tokenizer, prompt, max_new_tokens=12)
 
-    paper, paper_config = slicegpt.slice_model(copy.deepcopy(model), tokenizer, "shakespeare", 0.25, samples=16,
-                                               seqlen=256, progress=False, method="paper")
+    paper, paper_config = slicegpt.slice_model(copy.deepcopy(model), tokenizer, "shakespeare", recipe="paper",
+                                               slicing=0.25, samples=16, seqlen=256, progress=False)
     assert paper_config.sliced_hidden_size == 432 and paper_config.widths == [432] * 60 + [576]
     paper_ppl = slicegpt.perplexity(paper, windows, progress=False)
     del paper
-    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", 0.25, samples=16, seqlen=256,
-                                         progress=False)
+    model, config = slicegpt.slice_model(model, tokenizer, "shakespeare", size=size_removing(model, 0.25),
+                                         samples=16, seqlen=256, progress=False)
     assert config.method == "default" and config.widths_rule == "equal" and config.compensate == "writers"
     assert config.parameters_sliced == slicegpt.count_parameters(model) <= paper_config.parameters_sliced
     sliced = slicegpt.perplexity(model, windows, progress=False)
@@ -48,8 +56,8 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
     GGUF file (tokenizer copied from the source GGUF) loads back through transformers' reader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stock, config = slicegpt.slice_model("default", sparsity=0.25, samples=8, seqlen=256, rotation="uniform",
-                                         progress=False, mlp_width=1.0)
+    stock, config = slicegpt.slice_model("default", slicing=0.25, samples=8, seqlen=256, rotation="uniform",
+                                         progress=False, neurons="off")
     assert type(stock).__name__ == "LlamaForCausalLM" and stock.config.hidden_size == 432
     assert config.standard and not config.deviations and config.max_logit_deviation < 1e-3
     assert not config.tied_head  # SmolLM2's final norm gain is not uniform: the head is untied
@@ -84,12 +92,12 @@ def test_default_model_as_a_standard_llama_and_a_gguf_file(tmp_path):
 def test_default_model_streamed_from_its_gguf_equals_the_in_memory_slice(tmp_path):
     """`slice_and_save("default")`: the GGUF is converted to the safetensors cache, read one layer at a
     time, written in shards; the result is the in-memory API's, bit for bit, and generates the same text."""
-    run = slicegpt.slice_and_save("default", tmp_path / "streamed", 0.25, samples=8, seqlen=256, eval_samples=2,
-                                  eval_seqlen=256, progress=False)
+    run = slicegpt.slice_and_save("default", tmp_path / "streamed", size=0.8, samples=8, seqlen=256,
+                                  eval_samples=2, eval_seqlen=256, progress=False)
     assert run.config.compensate == "writers" and run.config.source_model.endswith(".gguf")
     assert len(list((tmp_path / "streamed").glob("model-*-of-00032.safetensors"))) == 32  # 30 layers + 2 ends
     loaded = slicegpt.load_model("default")
-    reference, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", 0.25, samples=8,
+    reference, config = slicegpt.slice_model(loaded.model, loaded.tokenizer, "shakespeare", size=0.8, samples=8,
                                              seqlen=256, progress=False)
     assert run.config.parameters_sliced == config.parameters_sliced and run.config.widths == config.widths
     streamed = slicegpt.load(run.out)

@@ -11,7 +11,8 @@ from slicegpt.adapters import get_adapter
 from slicegpt.errors import SliceGPTError
 from slicegpt.modeling.runtime import sliced_structure
 from slicegpt.formats.gguf import export_gguf
-from slicegpt.api import slice_resident
+from slicegpt.core.engine import slice_uniform
+from slicegpt.core.onload import ResidentModel
 from slicegpt.formats.standard import to_standard
 from conftest import FAMILIES, TEXT, clone, make_model
 
@@ -19,7 +20,8 @@ EXACT = ["gemma", "llama", "mistral", "mixtral", "phi", "phi3", "qwen2", "qwen2_
 APPROXIMATE = ["gemma2", "gemma3_text", "qwen3", "qwen3_moe"]
 BLOCKED = ["gpt2", "gpt_neox", "gpt_neox_sequential", "opt", "opt_project"]
 
-pytestmark = pytest.mark.usefixtures("stream_slicing")  # how the stream is sliced (neurons: test_mlp.py)
+# how the stream is sliced: the default recipe without MLP neurons (neurons: test_mlp.py)
+STREAM = dict(neurons="off")
 
 
 def test_every_family_is_classified():
@@ -38,7 +40,7 @@ def test_uniform_rotation_without_slicing_is_exact(family, exact_norms):
     expected = model(ids).logits
     adapter = get_adapter(model.config)
     hidden = model.get_submodule(adapter.embeddings[0]).weight.shape[1]  # the residual width
-    slice_resident(model, adapter, [(ids, torch.ones_like(ids))], hidden, rotation="uniform", progress=False)
+    slice_uniform(ResidentModel(model), adapter, [(ids, torch.ones_like(ids))], hidden, progress=False)
     layer = model.get_submodule(adapter.layers)[0]
     assert not [n for n, _ in layer.named_parameters() if "shortcut" in n]
     assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)
@@ -50,7 +52,8 @@ def test_standard_model_equals_the_sliced_model_and_loads_with_plain_transformer
     from transformers import AutoModelForCausalLM
 
     model = make_model(family, torch.float64)
-    sliced, config = slicegpt.slice_model(model, tokenizer, calibration, 0.25, rotation="uniform", standard=False,
+    sliced, config = slicegpt.slice_model(model, tokenizer, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                                          standard=False,
                                           progress=False)
     ids = calibration.input_ids[:2, :32]
     expected = sliced(ids).logits
@@ -86,7 +89,7 @@ def test_families_whose_stock_class_ties_attention_to_the_width_are_refused_befo
     model = make_model(family)
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(SliceGPTError, match="attention width .* cannot have a sliced hidden size.*per-layer"):
-        slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform", progress=False)
+        slicegpt.slice_model(model, None, calibration, slicing=0.25, **STREAM, rotation="uniform", progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -94,20 +97,22 @@ def test_families_whose_stock_class_ties_attention_to_the_width_are_refused_befo
 def test_approximate_families_need_accept_deviation_and_report_it(family, calibration):
     model = make_model(family)
     with pytest.raises(SliceGPTError, match="cannot compute the sliced model exactly.*--accept-deviation"):
-        slicegpt.slice_model(clone(model), None, calibration, 0.25, rotation="uniform", progress=False)
-    stock, config = slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform",
+        slicegpt.slice_model(clone(model), None, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                             progress=False)
+    stock, config = slicegpt.slice_model(model, None, calibration, slicing=0.25, **STREAM, rotation="uniform",
                                          accept_deviation=True, progress=False)
     assert config.standard and config.deviations
     assert config.max_logit_deviation is not None and config.max_logit_deviation > 0
     assert sliced_structure(stock) is None and "slicegpt" not in stock.config.to_dict()
     # the exact uniform model is still available without the standard conversion
-    exact, exact_config = slicegpt.slice_model(make_model(family), None, calibration, 0.25, rotation="uniform",
+    exact, exact_config = slicegpt.slice_model(make_model(family), None, calibration, slicing=0.25, **STREAM,
+                                               rotation="uniform",
                                                standard=False, progress=False)
     assert not exact_config.standard and sliced_structure(exact)["structure"]["rotation"] == "uniform"
 
 
 def test_per_layer_models_have_no_standard_form(calibration):
-    model, _ = slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, progress=False)
+    model, _ = slicegpt.slice_model(make_model("llama"), None, calibration, slicing=0.25, **STREAM, progress=False)
     with pytest.raises(SliceGPTError, match="only a model sliced with --rotation uniform"):
         to_standard(model)
     with pytest.raises(SliceGPTError, match="--rotation uniform"):
@@ -118,7 +123,8 @@ def test_layernorm_basis_makes_kept_coordinates_sum_to_zero(calibration):
     """Phi: a stock LayerNorm on the sliced stream must subtract a zero mean."""
     model = make_model("phi", torch.float64)
     seen = []
-    stock, config = slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform", progress=False)
+    stock, config = slicegpt.slice_model(model, None, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                                         progress=False)
     assert isinstance(stock.model.final_layernorm, torch.nn.LayerNorm)
     hook = stock.model.layers[1].input_layernorm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     stock(calibration.input_ids[:2, :32])
@@ -140,13 +146,13 @@ def test_tied_head_stays_tied_only_when_exact_and_fit_is_opt_in(calibration, exa
     V, k = 300, 48
     ids = calibration.input_ids[:2, :32]
     # non-uniform final gain: untied (costs V x k parameters), exact
-    untied, cu = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, 0.25,
+    untied, cu = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, slicing=0.25, **STREAM,
                                       rotation="uniform", progress=False)
     assert not untied.config.tie_word_embeddings and not cu.tied_head
     assert untied.lm_head.weight.shape == (V, k) and untied.lm_head.weight is not untied.model.embed_tokens.weight
     # fitted: tied again, V x k fewer parameters, the final gain is a fitted diagonal
-    fitted, cf = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, 0.25,
-                                      rotation="uniform", fit_tied_head=True, progress=False)
+    fitted, cf = slicegpt.slice_model(make_model("llama", torch.float64), None, calibration, slicing=0.25, **STREAM,
+                                      rotation="uniform", head="fit", progress=False)
     assert fitted.config.tie_word_embeddings and cf.tied_head and cf.fit_tied_head
     assert fitted.lm_head.weight is fitted.model.embed_tokens.weight
     assert cu.parameters_sliced - cf.parameters_sliced == V * k
@@ -154,16 +160,18 @@ def test_tied_head_stays_tied_only_when_exact_and_fit_is_opt_in(calibration, exa
     # uniform final gain: stays tied and exact (same function as the untied slicing)
     dense = make_model("llama", torch.float64)
     _final_gain(dense, 1.0)
-    reference, _ = slicegpt.slice_model(clone(dense), None, calibration, 0.25, rotation="uniform",
-                                        keep_tied_head=False, standard=False, progress=False)
-    tied, ct = slicegpt.slice_model(dense, None, calibration, 0.25, rotation="uniform", progress=False)
+    reference, _ = slicegpt.slice_model(clone(dense), None, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                                        standard=False, progress=False)
+    tied, ct = slicegpt.slice_model(dense, None, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                                    progress=False)
     assert ct.tied_head and tied.lm_head.weight is tied.model.embed_tokens.weight
     assert torch.allclose(tied(ids).logits, reference(ids).logits, atol=1e-10, rtol=0)
     with pytest.raises(SliceGPTError, match="not tied"):
-        slicegpt.slice_model(make_model("qwen2"), None, calibration, 0.25, rotation="uniform",
-                             fit_tied_head=True, progress=False)
+        slicegpt.slice_model(make_model("qwen2"), None, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                             head="fit", progress=False)
     with pytest.raises(SliceGPTError, match="uniform only"):
-        slicegpt.slice_model(make_model("llama"), None, calibration, 0.25, fit_tied_head=True, progress=False)
+        slicegpt.slice_model(make_model("llama"), None, calibration, slicing=0.25, **STREAM, head="fit",
+                             progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -174,9 +182,10 @@ def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, c
     # transformers' reader takes query_pre_attn_scalar from its default (256), llama.cpp from head_dim: real
     # Gemmas have both equal; tests/test_llama_cpp.py checks the fold that exports other values for llama.cpp
     overrides = {"head_dim": 256} if family == "gemma2" else {}
-    stock, config = slicegpt.slice_model(make_model(family, **overrides), tokenizer, calibration, 0.25,
+    stock, config = slicegpt.slice_model(make_model(family, **overrides), tokenizer, calibration, slicing=0.25,
+                                         **STREAM,
                                          rotation="uniform", accept_deviation=family == "gemma2",
-                                         fit_tied_head=family == "gemma2", progress=False)
+                                         head="fit" if family == "gemma2" else None, progress=False)
     path = export_gguf(stock, tokenizer, tmp_path / "model.gguf", dtype=dtype)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     assert back.config.hidden_size == 48 and back.config.head_dim == (256 if family == "gemma2" else 16)
@@ -196,10 +205,13 @@ def test_every_output_kind_loads_with_slicegpt_and_transformers(calibration, tok
 
     monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
     ids = calibration.input_ids[:2, :32]
-    per_layer, c1 = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, 0.25, progress=False)
-    exact, c2 = slicegpt.slice_model(make_model("gemma2"), tokenizer, calibration, 0.25, rotation="uniform",
+    per_layer, c1 = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, slicing=0.25, **STREAM,
+                                         progress=False)
+    exact, c2 = slicegpt.slice_model(make_model("gemma2"), tokenizer, calibration, slicing=0.25, **STREAM,
+                                     rotation="uniform",
                                      standard=False, progress=False)
-    stock, c3 = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, 0.25, rotation="uniform",
+    stock, c3 = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, slicing=0.25, **STREAM,
+                                     rotation="uniform",
                                      progress=False)
     for name, model, config in [("per-layer", per_layer, c1), ("exact-uniform", exact, c2), ("standard", stock, c3)]:
         out = slicegpt.save(model, tokenizer, config, tmp_path / name)
@@ -226,19 +238,22 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_run(calibration, tmp_path):
         model = make_model(family, **overrides)
         if "partial_rotary_factor" in overrides:
             model.config.rope_parameters["partial_rotary_factor"] = 0.5
-        stock, _ = slicegpt.slice_model(model, None, calibration, 0.25, rotation="uniform", accept_deviation=True,
+        stock, _ = slicegpt.slice_model(model, None, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                                        accept_deviation=True,
                                         progress=False)
         with pytest.raises(SliceGPTError, match=why):
             export_gguf(stock, None, tmp_path / f"{family}.gguf")
-    untied, _ = slicegpt.slice_model(make_model("gemma2"), None, calibration, 0.25, rotation="uniform",
+    untied, _ = slicegpt.slice_model(make_model("gemma2"), None, calibration, slicing=0.25, **STREAM,
+                                     rotation="uniform",
                                      accept_deviation=True, progress=False)
-    with pytest.raises(SliceGPTError, match="no separate head matrix.*--fit-tied-head"):
+    with pytest.raises(SliceGPTError, match="no separate head matrix.*--head fit"):
         export_gguf(untied, None, tmp_path / "g.gguf")
     assert not list(tmp_path.iterdir())
 
 
 def test_uniform_perplexity_is_finite_and_param_count_honest(calibration):
-    stock, config = slicegpt.slice_model(make_model("llama"), None, calibration, 0.5, rotation="uniform",
+    stock, config = slicegpt.slice_model(make_model("llama"), None, calibration, slicing=0.5, **STREAM,
+                                         rotation="uniform",
                                          progress=False)
     assert config.sliced_hidden_size == 32 and config.rotation == "uniform"
     assert config.parameters_sliced == sum(p.numel() for p in {id(p): p for p in stock.parameters()}.values())
@@ -259,7 +274,8 @@ def test_gemma3_gguf_export_stores_llama_cpp_norms_and_loads_back(calibration, t
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(0.3 * torch.randn_like(p))
-    stock, _ = slicegpt.slice_model(model, tokenizer, calibration, 0.25, rotation="uniform", accept_deviation=True,
+    stock, _ = slicegpt.slice_model(model, tokenizer, calibration, slicing=0.25, **STREAM, rotation="uniform",
+                                    accept_deviation=True,
                                     progress=False)
     path = export_gguf(stock, tokenizer, tmp_path / "gemma3.gguf", dtype="f32")
     reader = GGUFReader(str(path))

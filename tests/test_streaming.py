@@ -71,17 +71,25 @@ def _model_dir(path, family, tokenizer, dtype=torch.float32):
 
 
 SLICE = dict(calibration=TEXT_FILE, samples=8, seqlen=64, eval_samples=2, eval_seqlen=64, progress=False)
+STREAM = dict(slicing=0.25, neurons="off")  # the stream sliced (compensated), no MLP neurons pruned
 
 
-@pytest.mark.parametrize("family,rotation", [("llama", "per-layer"), ("llama", "uniform"), ("gemma2", "per-layer"),
-                                             ("opt", "per-layer"), ("phi", "uniform"), ("mixtral", "per-layer")])
+def _settings(rotation: str) -> dict:
+    """The run of each case: the stream sliced with that rotation, or ("neurons") the default recipe
+    at a size that MLP neurons alone meet (the stream unrotated, a stock model)."""
+    return dict(size=0.8) if rotation == "neurons" else dict(STREAM, rotation=rotation)
+
+
+@pytest.mark.parametrize("family,rotation", [("llama", "per-layer"), ("llama", "uniform"), ("llama", "neurons"),
+                                             ("gemma2", "per-layer"), ("opt", "per-layer"), ("phi", "uniform"),
+                                             ("mixtral", "per-layer")])
 def test_slice_and_save_equals_slice_model_and_loads_every_way(family, rotation, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from slicegpt.data import calibration_windows, split_text, tokenize
 
     source = _model_dir(tmp_path / "dense", family, tokenizer)
-    run = slicegpt.slice_and_save(source, tmp_path / "out", 0.25, rotation=rotation, **SLICE)
+    run = slicegpt.slice_and_save(source, tmp_path / "out", **_settings(rotation), **SLICE)
     out = run.out
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n_layers = make_model(family).config.num_hidden_layers
@@ -90,8 +98,11 @@ def test_slice_and_save_equals_slice_model_and_loads_every_way(family, rotation,
 
     calibration = calibration_windows(tokenize(tokenizer, split_text(open(TEXT_FILE).read())[0]), 8, 64, 0,
                                       bos=slicegpt.bos_token(tokenizer))
-    reference, config = slicegpt.slice_model(make_model(family), tokenizer, calibration, 0.25, rotation=rotation,
+    reference, config = slicegpt.slice_model(make_model(family), tokenizer, calibration, **_settings(rotation),
                                              progress=False)
+    assert run.config.rotation == config.rotation == ("uniform" if rotation == "neurons" else rotation)
+    for key in ("layout", "widths", "neurons", "predicted_parameters", "tied_head", "standard"):
+        assert run.config.plan[key] == config.plan[key], key
     assert run.config.parameters_sliced == config.parameters_sliced
     assert run.config.parameters_dense == config.parameters_dense
     ids = calibration.input_ids[:2]
@@ -113,9 +124,11 @@ def test_slice_and_save_equals_slice_model_and_loads_every_way(family, rotation,
 @pytest.mark.parametrize("rotation", ["per-layer", "uniform"])
 def test_weights_in_memory_give_the_same_files_as_weights_read_from_disk(rotation, tmp_path, tokenizer):
     source = _model_dir(tmp_path / "dense", "gemma2", tokenizer)
-    settings = dict(rotation=rotation, accept_deviation=True, **SLICE)
-    from_disk = slicegpt.slice_and_save(source, tmp_path / "disk", 0.25, weights="disk", **settings)
-    in_memory = slicegpt.slice_and_save(source, tmp_path / "cpu", 0.25, weights="cpu", **settings)
+    settings = dict(STREAM, rotation=rotation, **SLICE)
+    if rotation == "uniform":
+        settings["accept_deviation"] = True
+    from_disk = slicegpt.slice_and_save(source, tmp_path / "disk", preload=False, **settings)
+    in_memory = slicegpt.slice_and_save(source, tmp_path / "cpu", preload=True, **settings)
     _same_output(from_disk.out, in_memory.out)
 
 
@@ -141,9 +154,9 @@ def _same_output(a: Path, b: Path) -> None:
         assert ma["results"][key] == mb["results"][key]
 
 
-# the stream sliced (--mlp-width 1): its phases are what these tests interrupt; "neurons" cases take the default
-ARGS = ("--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64",
-        "--eval-samples", "2")
+# the stream sliced (--neurons off): its phases are what these tests interrupt; "neurons" cases take the default
+CALIBRATE = ("--calibration", TEXT_FILE, "--samples", "8", "--seqlen", "64", "--eval-samples", "2")
+ARGS = ("--slicing", "0.25", "--neurons", "off", *CALIBRATE)
 
 
 @pytest.mark.parametrize("rotation,kill,offload", [("per-layer", "2", "cpu"), ("per-layer", "1", "disk"),
@@ -152,19 +165,19 @@ ARGS = ("--sparsity", "0.25", "--mlp-width", "1", "--calibration", TEXT_FILE, "-
                                                    ("neurons", "weights:2", "cpu")])
 def test_killed_run_resumes_to_a_bit_identical_output(rotation, kill, offload, tmp_path, tokenizer):
     source = _model_dir(tmp_path / "dense", "llama", tokenizer)
-    extra = ("--mlp-width", "auto") if rotation == "neurons" else ("--rotation", rotation)
-    extra += (("--offload", "disk", "--offload-dir", tmp_path / "acts") if offload == "disk"
-              else ("--weights", "cpu") if offload == "weights-in-memory" else ())
-    whole = run_cli("slice", source, *ARGS, *extra, "--out", tmp_path / "whole")
+    args = (("--size", "0.8", *CALIBRATE) if rotation == "neurons" else (*ARGS, "--rotation", rotation))
+    extra = (("--activations-dir", tmp_path / "acts") if offload == "disk"
+             else ("--preload",) if offload == "weights-in-memory" else ())
+    whole = run_cli("slice", source, *args, *extra, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / "resumed"
-    killed = run_cli("slice", source, *ARGS, *extra, "--out", out, env={"SLICEGPT_TEST_KILL_AFTER_LAYER": kill})
+    killed = run_cli("slice", source, *args, *extra, "--out", out, env={"SLICEGPT_TEST_KILL_AFTER_LAYER": kill})
     assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
     assert not out.exists()  # nothing half-written is visible
     record = json.loads((tmp_path / ".resumed.slicegpt-run" / "progress.json").read_text())
     assert record["next_layer"] == int(kill.rpartition(":")[2])
-    again = run_cli("slice", source, *ARGS, *extra, "--out", out, "--json")
+    again = run_cli("slice", source, *args, *extra, "--out", out, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.splitlines()[-1])["resumed_from_layer"] == record["next_layer"]
     _same_output(tmp_path / "whole", out)
@@ -186,8 +199,8 @@ def test_mismatched_or_damaged_progress_is_refused_and_restart_starts_over(tmp_p
     from test_cli import assert_one_line_error
 
     source, out, run_dir = _interrupted(tmp_path, tokenizer)
-    other = run_cli("slice", source, *ARGS, "--no-eval", "--sparsity", "0.5", "--out", out)
-    assert_one_line_error(other, r"other settings \(.*sparsity.*\).*--restart")
+    other = run_cli("slice", source, *ARGS, "--no-eval", "--slicing", "0.5", "--out", out)
+    assert_one_line_error(other, r"other settings \(.*slicing.*\).*--restart")
     record = json.loads((run_dir / "progress.json").read_text())
     record["next_layer"] = 2  # edited by hand: the checksum no longer matches
     (run_dir / "progress.json").write_text(json.dumps(record))
@@ -226,9 +239,9 @@ def sharded_llama(tmp_path, tokenizer):
 def test_sharded_source_slices_like_a_single_file(sharded_llama, tmp_path, tokenizer):
     single = _model_dir(tmp_path / "single", "llama", tokenizer)
     make_model("llama", tie_word_embeddings=False).save_pretrained(single)
-    a = slicegpt.slice_and_save(sharded_llama, tmp_path / "a", 0.25, evaluate=False, **{
+    a = slicegpt.slice_and_save(sharded_llama, tmp_path / "a", size=0.8, evaluate=False, **{
         k: v for k, v in SLICE.items() if not k.startswith("eval")})
-    b = slicegpt.slice_and_save(single, tmp_path / "b", 0.25, evaluate=False, **{
+    b = slicegpt.slice_and_save(single, tmp_path / "b", size=0.8, evaluate=False, **{
         k: v for k, v in SLICE.items() if not k.startswith("eval")})
     assert _files(a.out)["model-00003-of-00005.safetensors"] == _files(b.out)["model-00003-of-00005.safetensors"]
 
@@ -281,14 +294,14 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path, tokenizer, m
 
     monkeypatch.setattr("slicegpt.core.resume.write_shard", full_after_two)
     with pytest.raises(slicegpt.SliceGPTError, match="the disk is full"):
-        slicegpt.slice_and_save(source, tmp_path / "out", 0.25, evaluate=False, calibration=TEXT_FILE, samples=8,
-                                seqlen=64, progress=False)
+        slicegpt.slice_and_save(source, tmp_path / "out", size=0.8, evaluate=False, calibration=TEXT_FILE,
+                                samples=8, seqlen=64, progress=False)
     assert not (tmp_path / "out").exists()
     record = json.loads((tmp_path / ".out.slicegpt-run" / "progress.json").read_text())
     assert record["next_layer"] == 1  # the embeddings and layer 0 were kept
     monkeypatch.setattr("slicegpt.core.resume.write_shard", real)
-    run = slicegpt.slice_and_save(source, tmp_path / "out", 0.25, evaluate=False, calibration=TEXT_FILE, samples=8,
-                                  seqlen=64, progress=False)
+    run = slicegpt.slice_and_save(source, tmp_path / "out", size=0.8, evaluate=False, calibration=TEXT_FILE,
+                                  samples=8, seqlen=64, progress=False)
     assert run.resumed_from_layer == 1
 
 
@@ -335,9 +348,9 @@ def test_a_model_twice_the_memory_cap_slices_in_half_its_size(tmp_path, tokenize
 
     size = write_random_llama(tmp_path / "big", layers=32, tokenizer=tokenizer)
     assert size > 1.8e9
-    result, peak = peak_rss_of_slice(tmp_path / "big", "--sparsity", "0.25", "--calibration", TEXT_FILE,
+    result, peak = peak_rss_of_slice(tmp_path / "big", "--slicing", "0.25", "--calibration", TEXT_FILE,
                                      "--samples", "4", "--seqlen", "64", "--no-eval", "--out", tmp_path / "out",
-                                     "--json", "--method", "paper")
+                                     "--json", "--recipe", "paper")
     assert result.returncode == 0, result.stderr
     assert 0 < peak < size / 2, f"peak RSS {peak / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB"
     figures = json.loads(result.stdout.splitlines()[-2])

@@ -128,7 +128,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                      "dtype": str(dtype) if dtype else None, "device": device, "preload": preload,
                      "restart": restart, "force": force, "checkpoint_every": checkpoint_every, "speed": speed}
     ranks = Ranks.current()
-    ranks.agree({"model": str(model), "out": str(out), "settings": settings.to_dict(), **run_arguments})
+    ranks.agree({"model": str(model), "out": str(out), **settings.to_dict(), **run_arguments})
     device = local_device(device, ranks)
     progress = progress and ranks.writer
     if not out:
@@ -158,10 +158,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     share = ranks.part(windows)  # this rank's calibration windows
     eval_share = ranks.part(eval_windows) if eval_windows is not None else None
     layers = get_path(view.model, adapter.layers)
-    plan_record = {k: v for k, v in plan.to_dict().items() if k != "model"}
-    resume_settings = {"plan": plan_record, "dtype": str(work_dtype), "world_size": ranks.world_size,
+    resume_settings = {**_resume_keys(plan), "work_dtype": str(work_dtype), "world_size": ranks.world_size,
                        "device": torch.device(device).type,
-                       "calibration": _digest(windows.input_ids, windows.attention_mask),
+                       "calibration_windows": _digest(windows.input_ids, windows.attention_mask),
                        "torch": torch.__version__, "slicegpt": __version__}
     if preload:  # the same engine over the model in memory, moving one layer at a time to the device
         view = _in_memory(directory, work_dtype, device)
@@ -234,6 +233,15 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         shutil.rmtree(offload_dir, ignore_errors=True)
     figures["out"] = str(out)
     return SliceRun(out=out, config=config, figures=figures, resumed_from_layer=resumed, plan=plan)
+
+
+def _resume_keys(plan) -> dict:
+    """The plan as flat JSON values, so that a resume compares like with like and names what changed
+    (a setting by its own name, a planned decision as plan.<name>)."""
+    record = json.loads(json.dumps(plan.to_dict(), default=str))
+    settings = record.pop("settings")
+    record.pop("model")  # the same model may be given under another path
+    return {**settings, **{f"plan.{k}": v for k, v in record.items()}}
 
 
 def _activations_folder(activations_dir: str | os.PathLike, out: Path, ranks: Ranks) -> Path:

@@ -201,6 +201,16 @@ def _check_size(settings: SliceSettings, levers: Levers) -> None:
         return
     _refuse(not 0.0 < slicing < 1.0 or math.isnan(slicing),
             f"--slicing is the share of the hidden width to remove, in (0, 1), e.g. 0.25; got {slicing}")
+
+
+def _check_slicing_alone(settings: SliceSettings, levers: Levers) -> None:
+    """--slicing sizes a sliced stream; a run that also prunes neurons is sized by --size."""
+    if settings.slicing is None:
+        return
+    if "neurons" in settings.overrides():
+        _refuse(levers.neurons is not None,
+                f"--neurons {levers.neurons} prunes MLP neurons, so the run's size is --size; --slicing sizes "
+                "a sliced stream alone (drop --neurons, or give --size)")
     _refuse(levers.neurons is not None,
             f"--slicing is the paper's measure of a sliced stream; the {settings.recipe} recipe also prunes MLP "
             "neurons, so its size is --size (or add --neurons off to slice the stream alone)")
@@ -265,6 +275,7 @@ def check_settings(settings: SliceSettings) -> Levers:
     levers = resolve_levers(get_recipe(settings.recipe), settings.overrides())
     _check_size(settings, levers)
     _check_levers(settings, levers)
+    _check_slicing_alone(settings, levers)
     for name in ("samples", "seqlen", "batch_size"):
         _refuse(getattr(settings, name) < 1, f"--{name.replace('_', '-')} must be a positive integer, "
                                              f"got {getattr(settings, name)}")
