@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,3 +52,26 @@ def dense_floor(model, calibration, batch_size: int):
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     return m
+
+
+def save_results(name: str, data: dict) -> Path:
+    """Keep a run's raw figures as bench/results/<name>-<date>-<commit>.json, with what reproduces them:
+    the command, the commit (and whether the tree had changes), the machine and the library versions."""
+    import transformers
+
+    import slicegpt
+
+    root = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    date = datetime.date.today().isoformat()
+    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": date,
+              "commit": commit + ("+changes" if dirty else ""),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "slicegpt": slicegpt.__version__, **data}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{date}-{commit}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"raw figures: {path.relative_to(root)}")
+    return path

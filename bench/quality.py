@@ -1,28 +1,28 @@
 """Benchmark: the quality levers against the paper's algorithm and against removing whole blocks.
 
-Per model and sparsity, each in a fresh process, same calibration (32 x 1024 Shakespeare
-tokens by default) and held-out text as bench/slice_default.py:
+Per model and size (the share of the dense parameters kept, `--size`), every row in a fresh
+process, on the same calibration (32 x 1024 Shakespeare tokens by default) and held-out text:
 
-- paper: `--recipe paper --slicing S` (equal widths, no compensation);
+- paper: `--recipe paper --size F` (equal widths, no compensation);
 - compensation alone, adaptive widths alone, compensation with the stream sliced (equal or
-  adaptive widths, `--neurons off --slicing S`), and the default recipe (`--neurons auto`: MLP
-  neurons pruned in compensation's fit, the stream unsliced) at the `--size` that removes S of
-  the decoder layers' weights (what `--sparsity S` meant under the default method before 0.2),
-  also at the paper's parameter count ("default at paper size"), and with the dense model on
-  every calibration window or on none (`--dense-share 1 / 0`; the default runs it on 1/8 of them);
+  adaptive widths, `--neurons off`), and the default recipe (MLP neurons pruned in
+  compensation's fit, the stream sliced only past the neuron floor), also with the dense model
+  on every calibration window or on none (`--dense-share 1 / 0`; the default runs it on 1/8);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--rotation
   uniform`); "uniform default" is refused where MLP neurons alone meet the size (nothing rotated);
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
-  output are most alike (angular distance on the calibration tokens) until the model is no
-  larger than the paper's sliced one. Implemented here only, as a baseline.
+  output are most alike (angular distance on the calibration tokens) until at most F of the
+  parameters remain. Implemented here only, as a baseline.
 
 Every parameter is counted (skip, entry and branch-output matrices, an untied head). "x floor"
 is slicing wall time over one dense forward pass through the decoder over the calibration tokens,
 timed in the row's own process just before it slices (`common.dense_floor`).
 
-    .venv/bin/python bench/quality.py                                 # SmolLM2, 25%
-    .venv/bin/python bench/quality.py --sparsities 0.1,0.2,0.3 --rows paper,default
+    .venv/bin/python bench/quality.py                                 # SmolLM2 at 0.9, 0.8, 0.65, 0.5
+    .venv/bin/python bench/quality.py --sizes 0.8 --rows paper,default
     .venv/bin/python bench/quality.py --model gemma3-270m --eval-samples 8 --rows paper,default,shortgpt
+
+The raw figures are kept in bench/results/quality-<model>-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -36,16 +36,14 @@ import time
 
 import torch
 
-from common import add_data_arguments, dense_floor, evaluation  # bench/common.py
+from common import add_data_arguments, dense_floor, evaluation, save_results  # bench/common.py
 
-# Each row's settings; its size is `slicing` = the row's sparsity where no neurons are pruned (the
-# paper recipe, --neurons off), else the `size` that removes that share of the decoder layers' weights.
+# Each row's settings (with `size`, the share of the dense parameters kept).
 ROWS = {
     "paper": {"recipe": "paper"},
     "compensation": {"recipe": "paper", "compensate": "writers"},
     "adaptive widths": {"recipe": "paper", "widths": "adaptive"},
     "default": {"recipe": "default"},  # --neurons auto: neurons first
-    "default at paper size": {"recipe": "default"},  # the same, --size = the paper's count
     "default dense everywhere": {"recipe": "default", "dense_share": 1.0},  # the dense model on every window
     "default no dense targets": {"recipe": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
     "stream sliced": {"recipe": "default", "neurons": "off"},  # compensation, the stream sliced (no neurons)
@@ -55,15 +53,6 @@ ROWS = {
     "uniform default": {"recipe": "default", "rotation": "uniform"},
     "shortgpt": None,
 }
-
-
-def layers_size(model, sparsity: float) -> float:
-    """The size (share of the dense parameters kept) that removes `sparsity` of the decoder layers' weights."""
-    import slicegpt
-
-    dense = slicegpt.count_parameters(model)
-    layer_weights = sum(p.numel() for p in model.model.layers.parameters())
-    return (dense - int(sparsity * layer_weights) + 0.5) / dense
 
 
 def _load(args):
@@ -125,22 +114,16 @@ def child(args) -> dict:
     if args.child == "dense":
         return {"floor_seconds": floor, "perplexity": slicegpt.perplexity(model, windows, progress=False),
                 "parameters": slicegpt.count_parameters(model)}
-    sparsity, name = args.child.split("/", 1)
-    sparsity = float(sparsity)
+    size, name = args.child.split("/", 1)
+    size = float(size)
     if name == "shortgpt":
-        budget = json.loads(args.budget)
+        budget = int(size * slicegpt.count_parameters(model))
         with measure() as m, torch.no_grad():
             dropped = remove_blocks(model, calibration, budget, args.batch_size)
         model.config.use_cache = False
         return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
                 "parameters": slicegpt.count_parameters(model), "dropped": dropped, "floor_seconds": floor}
-    options = dict(ROWS[name])
-    if name == "default at paper size":  # the paper's count from its row of this run
-        options["size"] = (json.loads(args.budget) + 0.5) / slicegpt.count_parameters(model)
-    elif options["recipe"] == "paper" or options.get("neurons") == "off":
-        options["slicing"] = sparsity
-    else:
-        options["size"] = layers_size(model, sparsity)
+    options = {**ROWS[name], "size": size}
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, batch_size=args.batch_size,
                                              progress=False, **options)
@@ -152,12 +135,11 @@ def child(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
-    p.add_argument("--sparsities", default="0.25")
+    p.add_argument("--sizes", default="0.9,0.8,0.65,0.5", help="shares of the dense parameters to keep")
     p.add_argument("--rows", default="paper,compensation,adaptive widths,stream sliced,default,shortgpt",
                    help=f"comma-separated, from: {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--budget", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -167,40 +149,35 @@ def main() -> None:
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")
 
-    def run(which: str, budget: int | None = None) -> dict:
-        cmd = [sys.executable, __file__, "--child", which] + sys.argv[1:]
-        if budget is not None:
-            cmd += ["--budget", str(budget)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+    def run(which: str) -> dict:
+        done = subprocess.run([sys.executable, __file__, "--child", which] + sys.argv[1:], capture_output=True,
+                              text=True)
+        if done.returncode:  # a row the recipe refuses (e.g. nothing to rotate) is reported, not fatal
+            return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1].split("SliceGPTError: ")[-1]}
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     started = time.time()
     dense = run("dense")
     print(f"model {args.model}; calibration {args.samples} x {args.seqlen} tokens of {args.data}; perplexity on "
           f"{args.eval_samples} x {args.eval_seqlen} held-out tokens; dense perplexity {dense['perplexity']:.2f}, "
           f"{dense['parameters'] / 1e6:.1f}M parameters; floor {dense['floor_seconds']:.1f} s\n", flush=True)
-    print("| sparsity | recipe | ppl | params | ratio | slicing s | x floor |")
+    print("| size | row | ppl | params | x dense | slicing s | x floor |")
     print("|---|---|---|---|---|---|---|", flush=True)
     results = []
-    for sparsity in args.sparsities.split(","):
-        paper_params = None
+    for size in (float(s) for s in args.sizes.split(",")):
         for name in rows:
-            if name in ("shortgpt", "default at paper size"):
-                if paper_params is None:
-                    paper_params = run(f"{sparsity}/paper")["parameters"]
-                r = run(f"{sparsity}/{name}", budget=paper_params)
-                label = f"ShortGPT (drop {len(r['dropped'])} blocks: {r['dropped']})" if name == "shortgpt" else name
-            else:
-                r = run(f"{sparsity}/{name}")
-                label = name
-                if name == "paper":
-                    paper_params = r["parameters"]
-            results.append({"sparsity": float(sparsity), "row": name, **r})
-            print(f"| {float(sparsity):.0%} | {label} | {r['perplexity']:.2f} | {r['parameters'] / 1e6:.1f}M | "
+            r = run(f"{size}/{name}")
+            results.append({"size": size, "row": name, **r})
+            if "error" in r:
+                print(f"| {size:g} | {name} | refused: {r['error']} | | | | |", flush=True)
+                continue
+            label = f"ShortGPT (drop {len(r['dropped'])} blocks: {r['dropped']})" if name == "shortgpt" else name
+            print(f"| {size:g} | {label} | {r['perplexity']:.2f} | {r['parameters'] / 1e6:.1f}M | "
                   f"{r['parameters'] / dense['parameters']:.3f} | {r['seconds']:.1f} | "
                   f"{r['seconds'] / r['floor_seconds']:.2f} |", flush=True)
     print(f"\n(total {time.time() - started:.0f} s)")
-    print(json.dumps({"dense": dense, "rows": results}))
+    save_results(f"quality-{args.model}", {"dense": dense, "rows": results,
+                                            "seconds": round(time.time() - started)})
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ process just before slicing (`common.dense_floor`). Every configuration runs in 
 process, so its peak RSS is its own.
 
     .venv/bin/python bench/slice_default.py                # 32 x 1024 calibration, 10/20/25/30%
-    .venv/bin/python bench/slice_default.py --samples 8 --seqlen 256 --sparsities 0.25
-    .venv/bin/python bench/slice_default.py --model gemma3-270m --sparsities 0.25
+    .venv/bin/python bench/slice_default.py --samples 8 --seqlen 256 --slicings 0.25
+    .venv/bin/python bench/slice_default.py --model gemma3-270m --slicings 0.25
     .venv/bin/python bench/slice_default.py --rotation both --fit-tied-head   # README trade-off table
     .venv/bin/python bench/slice_default.py --recipe default   # compensation, the stream sliced (--neurons off)
 """
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from common import add_data_arguments, dense_floor, evaluation  # bench/common.py
+from common import add_data_arguments, dense_floor, evaluation, save_results  # bench/common.py
 
 
 def child(args) -> dict:
@@ -46,16 +46,16 @@ def child(args) -> dict:
                 "parameters": slicegpt.count_parameters(model)}
     from slicegpt.api import make_standard
 
-    sparsity, rotation, variant = (args.child.split("/") + ["", ""])[:3]
+    slicing, rotation, variant = (args.child.split("/") + ["", ""])[:3]
     windows = evaluation(tokenizer, args)
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, recipe=args.recipe,
-                                             slicing=float(sparsity), rotation=rotation, standard=False,
+                                             slicing=float(slicing), rotation=rotation, standard=False,
                                              head="fit" if variant == "fit" else None,
                                              pooling=args.pooling if rotation == "uniform" else None,
                                              neurons="off" if args.recipe == "default" else None,
                                              batch_size=args.batch_size, progress=False)
-    row = {"sparsity": float(sparsity), "rotation": rotation + (" (fitted tied head)" if variant == "fit" else ""),
+    row = {"slicing": float(slicing), "rotation": rotation + (" (fitted tied head)" if variant == "fit" else ""),
            "seconds": m.seconds, "peak_bytes": m.peak_bytes, "floor_seconds": floor.seconds}
     if rotation == "uniform":
         if args.accept_deviation:  # the exact sliced function, before the stock approximation
@@ -70,7 +70,7 @@ def child(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
-    p.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    p.add_argument("--slicings", default="0.1,0.2,0.25,0.3")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--recipe", choices=("paper", "default"), default="paper",
                    help="the paper's algorithm (these tables) or the default recipe's compensation with the stream "
@@ -95,9 +95,9 @@ def main() -> None:
     started = time.time()
     dense = run("dense")
     rotations = ["per-layer", "uniform"] if args.rotation == "both" else [args.rotation]
-    configs = [f"{s}/{r}" for s in args.sparsities.split(",") for r in rotations]
+    configs = [f"{s}/{r}" for s in args.slicings.split(",") for r in rotations]
     if args.fit_tied_head:
-        configs += [f"{s}/uniform/fit" for s in args.sparsities.split(",")]
+        configs += [f"{s}/uniform/fit" for s in args.slicings.split(",")]
     rows = [run(c) for c in configs]
     gib = 2**30
     print(f"model {args.model}; calibration {args.samples} x {args.seqlen} tokens of {args.data}; perplexity on "
@@ -109,13 +109,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         exact = f" (exact {r['perplexity_exact']:.2f})" if "perplexity_exact" in r else ""
-        print(f"| {r['sparsity']:.0%} | {r['rotation']} | {r['hidden']} | {dense['perplexity']:.2f} | "
+        print(f"| {r['slicing']:.0%} | {r['rotation']} | {r['hidden']} | {dense['perplexity']:.2f} | "
               f"{r['perplexity']:.2f}{exact} | "
               f"{dense['parameters'] / 1e6:.1f}M | {r['parameters'] / 1e6:.1f}M | "
               f"{r['parameters'] / dense['parameters']:.3f} | {r['seconds']:.1f} | "
               f"{r['seconds'] / r['floor_seconds']:.2f} | {r['peak_bytes'] / gib:.2f} |")
     print(f"\n(total {time.time() - started:.0f} s)")
-    print(json.dumps({"dense": dense, "sliced": rows}))
+    save_results(f"slice_default-{args.model}", {"dense": dense, "sliced": rows,
+                                                  "seconds": round(time.time() - started)})
 
 
 if __name__ == "__main__":
