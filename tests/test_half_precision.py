@@ -122,17 +122,19 @@ def test_slicing_in_half_precision(family, dtype, setting, float32_runs, tmp_pat
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_slice_model_in_memory_in_half_precision(dtype, tokenizer, calibration, tmp_path):
-    """The in-memory API on a model loaded in half precision: the weights stay in it and it round-trips.
-
-    (Loaded, not `model.to(dtype)`: that would also round the rotary tables, which loading keeps in float32.)"""
-    model = slicegpt.load_model(_source(tmp_path / "dense", "llama", tokenizer), dtype=dtype).model
-    sliced, config = slicegpt.slice_model(model, tokenizer, calibration, recipe="paper", slicing=0.25,
+    """The in-memory API loading a float32 checkpoint in half precision: the weights stay in it and it
+    round-trips. (Loaded, not `model.to(dtype)`: that would also round the rotary tables, which loading
+    keeps in float32, so a reloaded model would compute differently.)"""
+    source = _source(tmp_path / "dense", "llama", tokenizer)
+    sliced, config = slicegpt.slice_model(source, tokenizer, calibration, dtype=dtype, recipe="paper", slicing=0.25,
                                           progress=False)
     assert_generates(sliced, dtype)
     out = slicegpt.save(sliced, tokenizer, config, tmp_path / "sliced")
     loaded = slicegpt.load(out)
     with torch.no_grad():
         assert torch.equal(loaded.model(PROMPT).logits, sliced(PROMPT).logits)
+    with pytest.raises(slicegpt.SliceGPTError, match="dtype applies to a model given by name or path"):
+        slicegpt.slice_model(loaded.model, tokenizer, calibration, dtype=dtype, recipe="paper", slicing=0.25)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -216,3 +218,32 @@ def test_tolerances_hold_over_seeds_and_families(tmp_path, tokenizer):
         print(f"| {str(dtype).removeprefix('torch.')} | "
               + " | ".join(f"{100 * worst[dtype, n]:.2f}%" for n in ("rotation", "default", "dense")) + " |")
     assert all(change <= TOLERANCE[key] for key, change in worst.items()), worst
+
+
+def test_bfloat16_activations_on_disk_give_the_same_output(tmp_path, tokenizer):
+    """bfloat16 activation files round-trip exactly: the output equals the in-memory run's, byte for byte."""
+    from test_streaming import _same_output
+
+    source = _source(tmp_path / "bf16", "llama", tokenizer, torch.bfloat16)
+    memory = slicegpt.slice_and_save(source, tmp_path / "memory", **SETTINGS["default"], **RUN)
+    disk = slicegpt.slice_and_save(source, tmp_path / "disk", activations_dir=tmp_path / "acts", **SETTINGS["default"],
+                                   **RUN)
+    assert memory.plan.dtype == disk.plan.dtype == "bfloat16"
+    _same_output(memory.out, disk.out)
+
+
+def test_a_killed_bfloat16_run_resumes_to_a_bit_identical_output(tmp_path, tokenizer):
+    from test_streaming import CALIBRATE, _same_output, run_cli
+
+    source = _source(tmp_path / "bf16", "llama", tokenizer, torch.bfloat16)
+    args = ("--size", "0.8", *CALIBRATE)  # the default recipe: the sliced and the dense stream are snapshotted
+    whole = run_cli("slice", source, *args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "resumed"
+    killed = run_cli("slice", source, *args, "--out", out, env={"SLICEGPT_TEST_KILL_AFTER_LAYER": "weights:2"})
+    assert killed.returncode == -9, killed.stderr
+    assert sorted(p.name for p in (tmp_path / ".resumed.slicegpt-run").glob("activations-*/x-*"))[:1] == \
+        ["x-dense-000000.safetensors"]
+    again = run_cli("slice", source, *args, "--out", out)
+    assert again.returncode == 0, again.stderr
+    _same_output(tmp_path / "whole", out)
