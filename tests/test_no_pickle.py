@@ -127,3 +127,25 @@ def test_a_run_directory_of_the_pickle_format_is_refused_naming_restart(tmp_path
     (run_dir / PROGRESS_NAME).write_text(json.dumps(record))
     assert_one_line_error(run_cli("slice", source, *ARGS, "--no-eval", "--out", out),
                           r"another slicegpt version.*--restart")
+
+
+def test_a_failed_activation_write_is_one_line_and_leaves_no_file(tmp_path):
+    """safetensors reports a failed write as SafetensorError, not OSError: it still ends in the disk error line."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch\n"
+        "from slicegpt.core.cache import ActivationCache\n"
+        "from slicegpt.errors import SliceGPTError\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))  # files over 64 KiB fail (EFBIG)\n"
+        f"cache = ActivationCache('disk', {str(tmp_path)!r})\n"
+        "try:\n"
+        "    cache.append(torch.zeros(1 << 16))\n"
+        "except SliceGPTError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"cannot write calibration activations under .*: File too large\n", result.stdout)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []

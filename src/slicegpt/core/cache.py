@@ -68,6 +68,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) 
 
 
 def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The value `_encode` described; any other structure fails (KeyError, ValueError, ...), never runs code."""
     if not isinstance(node, dict):
         return node
     (kind, body), = node.items()
@@ -109,7 +110,7 @@ def load_value(path: Path) -> Any:
             structure = json.loads((f.metadata() or {})[_FORMAT])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         return _decode(structure, tensors)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise SliceGPTError(f"{path} is not an activation file of slicegpt ({type(e).__name__})") from None
 
 
