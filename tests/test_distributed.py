@@ -127,7 +127,7 @@ def test_two_ranks_slice_like_one_process_on_every_family_and_both_rotations(tmp
 
 
 def _snapshot_bytes(root: Path, pattern: str) -> dict[str, int]:
-    return {p.name: sum(f.stat().st_size for f in p.glob("x-*.pt")) for p in sorted(root.glob(pattern))}
+    return {p.name: sum(f.stat().st_size for f in p.glob("x-*.safetensors")) for p in sorted(root.glob(pattern))}
 
 
 def test_a_killed_rank_ends_the_job_in_one_line_and_the_same_command_resumes(tmp_path, tokenizer):

@@ -38,7 +38,7 @@ def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, sample
 def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
                 calibration: Windows | torch.Tensor | str | os.PathLike | None = None,
                 settings: SliceSettings | None = None, *, progress: bool = True,
-                **changes) -> tuple[nn.Module, SlicingConfig]:
+                dtype: str | torch.dtype | None = None, **changes) -> tuple[nn.Module, SlicingConfig]:
     """Slice `model` and return the sliced model with the record of what was done.
 
         sliced, record = slicegpt.slice_model("default", size=0.8)            # the default recipe
@@ -49,7 +49,8 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     the hidden width removed. Expert levers (`rotation`, `compensate`, `neurons`, `head`, ...)
     override the recipe; `slicegpt.plan_slice` shows the plan without slicing.
 
-    `model` may be a loaded causal LM (sliced in place), a hub id, a directory or a .gguf file.
+    `model` may be a loaded causal LM (sliced in place, in its own dtype), a hub id, a directory or
+    a .gguf file (loaded in `dtype`, default float32 as `load_model`; statistics are float64 either way).
     `calibration` is a data source (name or path; needs `tokenizer`), a [n, seqlen] tensor of
     token ids, or prepared `Windows` (default: `settings.calibration`). With uniform rotation and
     `standard` (or when only MLP neurons are pruned) the result is a new stock model of the
@@ -65,8 +66,10 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     source_model = ""
     if isinstance(model, (str, os.PathLike)):
         source_model = str(model)
-        loaded = load_model(model)
+        loaded = load_model(model, dtype=dtype)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    elif dtype is not None:
+        raise SliceGPTError("dtype applies to a model given by name or path; convert a loaded one with model.to()")
     if sliced_structure(model) is not None:
         raise SliceGPTError("this model is already sliced; slice the dense model instead")
     adapter = get_adapter(model.config)

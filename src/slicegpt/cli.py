@@ -399,7 +399,8 @@ def cmd_report(args) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32; a "
+                   "slicegpt output: the dtype it was saved in)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -496,8 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="widths and neuron counts are multiples of this (default 8)")
 
     g = p.add_argument_group("resources")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: the "
-                   "checkpoint's own dtype)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 to slice in (default: "
+                   "the checkpoint's own dtype, the one its config.json names: bfloat16 for most hub models; "
+                   "float32 for a .gguf file or a config that names none); statistics are float64 either way")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass (default 4)")
     g.add_argument("--preload", action="store_true",
@@ -597,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (right-padded; default 8)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own; "
                    "0 for the paper's tasks)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32; a "
+                   "slicegpt output: the dtype it was saved in)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.set_defaults(func=cmd_lm_eval)

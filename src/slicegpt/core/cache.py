@@ -6,11 +6,17 @@ device and the boundary is never held twice. `offload="cpu"` keeps entries in me
 `offload="disk"` keeps each as a file (read back one at a time), so memory does not grow with
 the number of calibration samples. The per-layer arguments the family's forward passes
 each layer (masks, rotary tables) are kept the same way, each distinct one once per batch.
+
+Files hold no pickle: each is a safetensors file whose header metadata carries the value's
+structure as JSON (dicts, lists, tuples, None, bools, numbers, strings; tensors by key), so a
+file planted in the directory can change numbers but never run code.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,6 +38,80 @@ def move(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(move(v, device) for v in obj)
     return obj
+
+
+FILE_SUFFIX = ".safetensors"
+_FORMAT = "slicegpt-value-1"  # the metadata key naming the structure's format
+
+
+class Unstorable(TypeError):
+    """A value with something other than tensors, containers and JSON scalars: kept in memory."""
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) -> Any:
+    """`value` as JSON, its tensors put in `tensors` (one key per tensor object: sharing survives)."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in seen:
+            t = value.detach().to("cpu").contiguous()
+            if any(t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in tensors.values()):
+                t = t.clone()  # safetensors refuses two tensors on one storage
+            seen[id(value)] = str(len(tensors))
+            tensors[seen[id(value)]] = t
+        return {"tensor": seen[id(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_encode(v, tensors, seen) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _encode(v, tensors, seen) for k, v in value.items()}}
+    raise Unstorable(f"cannot store a {type(value).__name__} in an activation file")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The value `_encode` described; any other structure fails (KeyError, ValueError, ...), never runs code."""
+    if not isinstance(node, dict):
+        return node
+    (kind, body), = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: _decode(v, tensors) for k, v in body.items()}
+    return {"list": list, "tuple": tuple}[kind](_decode(v, tensors) for v in body)
+
+
+def _os_error(e: Exception) -> OSError:
+    """safetensors reports a failed write as SafetensorError("... (os error N)"): the OSError it was."""
+    found = re.search(r"os error (\d+)", str(e))
+    errno = int(found.group(1)) if found else 5
+    return OSError(errno, os.strerror(errno))
+
+
+def save_value(value: Any, path: Path) -> None:
+    """Write `value` (tensors in containers) to `path` as safetensors with a JSON structure; OSError on failure.
+
+    Raises `Unstorable` (before writing) for any other type."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(value, tensors, {}))
+    try:
+        save_file(tensors, str(path), metadata={_FORMAT: structure})
+    except SafetensorError as e:
+        raise _os_error(e) from None
+
+
+def load_value(path: Path) -> Any:
+    """What `save_value` wrote to `path`; SliceGPTError names the file if it is not such a file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            structure = json.loads((f.metadata() or {})[_FORMAT])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return _decode(structure, tensors)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise SliceGPTError(f"{path} is not an activation file of slicegpt ({type(e).__name__})") from None
 
 
 def _disk_error(e: OSError, where: Path) -> SliceGPTError:
@@ -61,7 +141,7 @@ class ActivationCache:
         return len(self.entries)
 
     def _path(self, index: int, kind: str) -> Path:
-        return self.directory / f"{kind}-{index:06d}.pt"
+        return self.directory / f"{kind}-{index:06d}{FILE_SUFFIX}"
 
     def _store(self, index: int, value: Any, kind: str) -> Any:
         if self.offload == "cpu":
@@ -69,8 +149,10 @@ class ActivationCache:
         path = self._path(index, kind)
         tmp = path.with_name(path.name + ".tmp")
         try:  # a new file, never rewritten in place: a resume snapshot may hold a hard link to the old one
-            torch.save(move(value, "cpu"), tmp)
+            save_value(value, tmp)
             os.replace(tmp, path)
+        except Unstorable:  # a layer argument of a type we do not write (none of the families' today)
+            return move(value, "cpu")
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise _disk_error(e, self.directory) from None
@@ -78,11 +160,7 @@ class ActivationCache:
 
     def _fetch(self, entry: Any, device) -> Any:
         if isinstance(entry, Path):
-            try:
-                value = torch.load(entry, weights_only=True)
-            except Exception:  # our own scratch file holding a non-tensor layer argument
-                value = torch.load(entry, weights_only=False)
-            return move(value, device)
+            return move(load_value(entry), device)
         return move(entry, device)
 
     def append(self, value: torch.Tensor) -> None:

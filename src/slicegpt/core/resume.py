@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from slicegpt.core.cache import ActivationCache
+from slicegpt.core.cache import FILE_SUFFIX, ActivationCache, load_value, save_value
 from slicegpt.core.compensation import FitRecord
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.run import Hooks, Progress
 from slicegpt.errors import SliceGPTError
 from slicegpt.shards import sha256, write_shard
 
-RECORD_VERSION = 2  # 2: one activation snapshot per stream (sliced, dense)
+RECORD_VERSION = 3  # 2: one activation snapshot per stream (sliced, dense); 3: snapshots are safetensors, not pickles
 PROGRESS_NAME = "progress.json"
 KILL_SWITCH = "SLICEGPT_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL the process after this many layers
 KILL_RANK = "SLICEGPT_TEST_KILL_RANK"  # tests: only this rank of a distributed job kills itself
@@ -216,7 +216,7 @@ class RunDirectory(Hooks):
 
     def _snapshot(self, streams: dict[str, ActivationCache], n: str) -> str:
         """This rank's calibration streams at this boundary, one file per stream and batch,
-        ``x-<stream>-<batch>.pt`` (hard links for disk offload)."""
+        ``x-<stream>-<batch>.safetensors`` (hard links for disk offload)."""
         name = f"activations-{n}"
         target = self._activations(name)
         tmp = target.with_name(f".{target.name}.tmp")
@@ -224,7 +224,7 @@ class RunDirectory(Hooks):
         tmp.mkdir()
         for stream, cache in streams.items():
             for i, entry in enumerate(cache.entries):
-                _save_entry(entry, tmp / f"x-{stream}-{i:06d}.pt")
+                _save_entry(entry, tmp / f"x-{stream}-{i:06d}{FILE_SUFFIX}")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return name
@@ -248,7 +248,7 @@ class RunDirectory(Hooks):
                 raise SliceGPTError(f"the interrupted run in {self.root} is damaged: the activation snapshot of rank "
                                     f"{missing.index(True)} is missing; pass --restart to start over", shared=True)
             activations = {}  # per stream, its batches in order
-            for path in sorted(directory.glob("x-*-*.pt")):
+            for path in sorted(directory.glob(f"x-*-*{FILE_SUFFIX}")):
                 activations.setdefault(path.name[2:].rpartition("-")[0], []).append(_LazyTensor(path))
         return progress, activations
 
@@ -269,7 +269,7 @@ def _save_entry(entry, path: Path) -> None:
         except OSError:
             shutil.copyfile(entry, path)
     else:
-        torch.save(entry, path)
+        save_value(entry, path)
 
 
 def _clear(root: Path) -> None:
@@ -286,8 +286,12 @@ class _LazyTensor:
         self.path = path
 
     def load(self) -> torch.Tensor:
+        """The tensor; a file that is not one (damaged, or planted: it is never unpickled) is refused."""
         try:
-            return torch.load(self.path, weights_only=True)
-        except Exception as e:
-            raise SliceGPTError(f"the interrupted run's activation snapshot {self.path} is damaged ({e}); "
-                                "pass --restart to start over") from None
+            value = load_value(self.path)
+        except SliceGPTError:
+            value = None
+        if not isinstance(value, torch.Tensor):
+            raise SliceGPTError(f"the interrupted run's activation snapshot {self.path} is damaged (not a "
+                                "slicegpt activation file); pass --restart to start over")
+        return value
