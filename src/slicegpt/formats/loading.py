@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from torch import nn
 
 from slicegpt.atomic import atomic_directory, read_json
 from slicegpt.core.onload import read_config
-from slicegpt.errors import SliceGPTError
+from slicegpt.errors import SliceGPTError, SliceGPTWarning
 from slicegpt.formats.lora import with_saved_adapter
+from slicegpt.version import __version__
 from slicegpt.modeling.runtime import CONFIG_KEY, MANIFEST_NAME, CheckpointError, load_sliced_model
 
 DEFAULT_MODEL = "default"
@@ -354,25 +356,51 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel
 
 def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
          check: bool = True) -> LoadedModel:
-    """Load a slicegpt output directory (model, tokenizer, slicing record)."""
-    from transformers import AutoTokenizer
+    """Load a slicegpt output directory (model, tokenizer, slicing record).
+
+    Only the installed slicegpt's code runs: the directory's `modeling_slicegpt.py` is never
+    imported (`trust_remote_code=False` throughout), and a copy that differs from the installed
+    one is named in a warning, since `from_pretrained(..., trust_remote_code=True)` would run it."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from slicegpt.formats.io import read_manifest, verify
 
     manifest = verify(directory) if check else read_manifest(directory)
+    warn_foreign_code(Path(directory), manifest)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise SliceGPTError(f"cannot load {directory}: {str(e).splitlines()[0]}") from None
     if manifest.get("slicing", {}).get("standard"):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=parse_dtype(dtype) if dtype else "auto")
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), config=config, trust_remote_code=False,
+                                                     dtype=parse_dtype(dtype) if dtype else "auto")
         return LoadedModel(with_saved_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
                            sliced=manifest)
     try:
-        model = load_sliced_model(str(directory), dtype=parse_dtype(dtype) if dtype else None, device=device)
+        model = load_sliced_model(str(directory), dtype=parse_dtype(dtype) if dtype else None, device=device,
+                                  config=config)
     except CheckpointError as e:
         raise SliceGPTError(str(e)) from None
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return LoadedModel(with_saved_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
+
+
+def warn_foreign_code(directory: Path, manifest: dict) -> bool:
+    """Warn (once per directory) when its loader code is not the installed slicegpt's; True if it differs."""
+    from slicegpt.formats.io import CODE_NAME
+    from slicegpt.modeling import runtime
+
+    code = directory / CODE_NAME
+    if not code.is_file() or code.read_bytes() == Path(runtime.__file__).read_bytes():
+        return False
+    writer = manifest.get("slicegpt_version")
+    origin = f"written by slicegpt {writer}, " if writer and writer != __version__ else ""
+    warnings.warn(f"{code} differs from the installed slicegpt {__version__}'s loader ({origin}or edited): "
+                  "slicegpt.load ran the installed code, not this file; from_pretrained(..., trust_remote_code=True) "
+                  "would run this file, so read it before trusting it", SliceGPTWarning, stacklevel=3)
+    return True
 
 
 __all__ = ["LoadedModel", "load", "load_model", "default_model_path", "cache_dir", "CheckpointError"]
