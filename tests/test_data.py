@@ -72,7 +72,8 @@ def test_tokenize_encodes_line_ended_pieces_the_same_in_any_grouping(tokenizer):
 def test_split_text_is_disjoint_at_a_line_break():
     text = "".join(f"line {i}\n" for i in range(100))
     head, tail = split_text(text)
-    assert head + tail == text and head.endswith("\n") is False or tail.startswith("\n")
+    assert head + tail == text
+    assert tail.startswith("\n") and not head.endswith("\n")  # cut at a line break, the break on the tail's side
     assert 0.85 < len(head) / len(text) < 0.95
 
 

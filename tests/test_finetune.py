@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -181,6 +182,8 @@ def test_held_out_text_is_disjoint_from_training_text():
     train, held_out = data_texts(TEXT_FILE, None)  # one local file: split at a line break
     assert train + held_out == TEXT and len(held_out) < 0.15 * len(TEXT) and held_out.startswith("\n")
     assert data_texts(TEXT_FILE, TEXT_FILE) == (train, held_out)
+    relative = os.path.relpath(TEXT_FILE)  # the same file under another spelling is split too
+    assert data_texts(TEXT_FILE, relative) == (train, held_out) == data_texts(relative, TEXT_FILE)
 
 
 def test_cli_finetune_reports_and_saves(sliced_dirs, tmp_path, capsys):

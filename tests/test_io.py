@@ -151,3 +151,34 @@ def test_weights_from_another_model_are_refused(saved):
     save_file(state, out / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensors"):
         load_sliced_model(out)
+
+
+def test_load_runs_the_installed_code_and_names_an_edited_loader(saved, tmp_path):
+    """A published directory's modeling_slicegpt.py is never run by slicegpt.load; a copy that differs from the
+    installed one is named in a warning, because from_pretrained(trust_remote_code=True) would run it."""
+    import hashlib
+    import os
+    import warnings
+
+    from slicegpt.errors import SliceGPTWarning
+
+    model, out = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SliceGPTWarning)  # the unchanged copy: no warning
+        slicegpt.load(out)
+    marker = tmp_path / "ran"
+    code = out / "modeling_slicegpt.py"
+    code.write_text(code.read_text() + f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    manifest = json.loads((out / "slicegpt.json").read_text())  # as a publisher would: checksums that match
+    manifest["files"]["modeling_slicegpt.py"] = hashlib.sha256(code.read_bytes()).hexdigest()
+    (out / "slicegpt.json").write_text(json.dumps(manifest))
+    with pytest.warns(SliceGPTWarning, match="modeling_slicegpt.py differs from the installed slicegpt.*"
+                                             "trust_remote_code=True\\) would run this file"):
+        loaded = slicegpt.load(out)
+    assert not marker.exists() and torch.equal(loaded.model(IDS).logits, model(IDS).logits)
+    # the edit is live code: transformers' remote-code path does run it
+    script = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r}, " \
+             "trust_remote_code=True)"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+    assert marker.read_text() == "ran"

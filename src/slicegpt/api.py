@@ -19,7 +19,7 @@ from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import slice_layers
 from slicegpt.core.uniform import slice_uniform
 from slicegpt.core.onload import ConfigModel, ResidentModel
-from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, load_text, tokenize
+from slicegpt.data import DEFAULT_DATA, Windows, bos_token, calibration_windows, check_window_length, load_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model, model_config
@@ -77,6 +77,7 @@ def slice_model(model: nn.Module | str | os.PathLike, tokenizer=None,
     dense = count_parameters(model)
     plan = make_plan(settings, view, adapter, model=source_model or type(model).__name__, dense_parameters=dense)
     windows, calibration_info = _calibration_windows(calibration, tokenizer, settings)
+    check_window_length(model.config, windows.input_ids.shape[1])
     ranks = Ranks.current()
     ranks.agree({"settings": settings.to_dict(), "calibration": calibration_info,
                  "windows": [len(windows), windows.input_ids.shape[1], windows.tokens]})

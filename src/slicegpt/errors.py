@@ -11,3 +11,7 @@ class SliceGPTError(Exception):
     def __init__(self, message: str = "", shared: bool = False) -> None:
         super().__init__(message)
         self.shared = shared
+
+
+class SliceGPTWarning(UserWarning):
+    """A setting that runs but may not do what the user expects; the CLI shows it as one line."""

@@ -23,13 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.config import SlicingConfig
-from slicegpt.data import (DEFAULT_DATA, Windows, bos_token, calibration_windows, evaluation_windows, load_text,
-                           split_text, tokenize)
+from slicegpt.data import (DEFAULT_DATA, Windows, bos_token, calibration_windows, check_window_length, evaluation_windows,
+                           load_text, same_file, split_text, tokenize)
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters, perplexity
 from slicegpt.evaluation.measure import measure
 from slicegpt.formats.lora import ADAPTER_DIR, load_adapter, peft_quietly
 from slicegpt.modeling.runtime import get_path, sliced_structure
+from slicegpt.plan import check_counts
 
 RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
 
@@ -130,7 +131,7 @@ def data_texts(data: str | os.PathLike, eval_data: str | os.PathLike | None,
     """
     train = load_text(data, "calibration", text_field)
     source = data if eval_data is None else eval_data
-    if str(source) == str(data) and Path(str(data)).is_file():
+    if same_file(source, data):  # however the two were spelled
         return split_text(train)
     return train, load_text(source, "evaluation", text_field)
 
@@ -200,6 +201,7 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
     from peft import LoraConfig, get_peft_model
 
     check_settings(lora_r, lora_alpha, lora_dropout, steps, lr, batch_size, seqlen)
+    check_counts(eval_samples=eval_samples, eval_seqlen=eval_seqlen, eval_batch_size=eval_batch_size)
     settings: dict = {"data": str(data) if _named(data) else "token windows", "lora_r": lora_r,
                       "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "steps": steps, "lr": lr,
                       "batch_size": batch_size, "seqlen": seqlen, "seed": seed}
@@ -208,6 +210,9 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
     eval_windows = None
     if evaluate and held_out is not None:
         eval_windows = _windows(tokenizer, held_out, eval_seqlen, eval_samples, seed, "evaluation")
+    check_window_length(model.config, train.input_ids.shape[1], "--seqlen")
+    if eval_windows is not None:
+        check_window_length(model.config, eval_windows.input_ids.shape[1], "--eval-seqlen")
     settings.update(train_windows=len(train.input_ids), train_tokens=steps * batch_size * train.input_ids.shape[1])
 
     device = next(model.parameters()).device

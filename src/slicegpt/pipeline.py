@@ -33,7 +33,8 @@ from slicegpt.core.run import Hooks, Progress
 from slicegpt.core.forward import streamed_logits
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
 from slicegpt.core.resume import RunDirectory
-from slicegpt.data import bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
+from slicegpt.data import (bos_token, calibration_windows, check_window_length, evaluation_windows, load_text, same_file,
+                           split_text, tokenize)
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.perplexity import streamed_perplexity
@@ -41,7 +42,7 @@ from slicegpt.formats.io import finish_directory
 from slicegpt.formats.loading import checkpoint_directory, parse_dtype
 from slicegpt.formats.standard import layernorms_with_bias, standard_config_from, stock_tensors
 from slicegpt.modeling.runtime import CONFIG_KEY, get_path
-from slicegpt.plan import Plan, SliceSettings, check_settings, make_plan, record, settings_from
+from slicegpt.plan import Plan, SliceSettings, check_counts, check_settings, make_plan, record, settings_from
 from slicegpt.shards import tensor_sizes, write_index, write_shard
 from slicegpt.version import __version__
 
@@ -123,6 +124,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     """
     settings = settings_from(settings, **changes)
     check_settings(settings)  # before anything is read or written
+    check_counts(eval_samples=eval_samples, eval_seqlen=eval_seqlen, eval_batch_size=eval_batch_size,
+                 checkpoint_every=checkpoint_every)
     run_arguments = {"evaluate": evaluate, "eval_data": str(eval_data) if eval_data else None,
                      "eval_samples": eval_samples, "eval_seqlen": eval_seqlen, "eval_batch_size": eval_batch_size,
                      "dtype": str(dtype) if dtype else None, "device": device, "preload": preload,
@@ -147,6 +150,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     plan = make_plan(settings, view, adapter, model=str(model), dense_parameters=dense_parameters)
     if plan.layout == "uniform" and not plan.standard:
         raise SliceGPTError("slice_and_save writes uniform rotation as the family's stock model (standard=True)")
+    check_window_length(view.config, settings.seqlen)
+    if evaluate:
+        check_window_length(view.config, eval_seqlen or settings.seqlen, "--eval-seqlen" if eval_seqlen else "--seqlen")
     if on_plan is not None and ranks.writer:
         on_plan(plan)
     tokenizer = _tokenizer(directory)
@@ -263,7 +269,7 @@ def _windows(tokenizer, calib_text: str, settings: SliceSettings, evaluate: bool
              eval_seqlen: int | None):
     """Calibration and evaluation windows; one local file is split so the two stay disjoint."""
     eval_source = eval_data or settings.calibration
-    if eval_source == settings.calibration and Path(str(eval_source)).is_file():
+    if same_file(eval_source, settings.calibration):  # however the two were spelled
         calib_text, eval_text = split_text(calib_text)
     else:
         eval_text = load_text(eval_source, "evaluation", settings.text_field) if evaluate else ""

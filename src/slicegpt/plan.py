@@ -276,10 +276,25 @@ def check_settings(settings: SliceSettings) -> Levers:
     _check_size(settings, levers)
     _check_levers(settings, levers)
     _check_slicing_alone(settings, levers)
-    for name in ("samples", "seqlen", "batch_size"):
-        _refuse(getattr(settings, name) < 1, f"--{name.replace('_', '-')} must be a positive integer, "
-                                             f"got {getattr(settings, name)}")
+    check_counts(samples=settings.samples, seqlen=settings.seqlen, batch_size=settings.batch_size)
     return levers
+
+
+def check_counts(**counts: int | None) -> None:
+    """Refuse a count below 1 by its flag (a batch size of 0 would fail only after the dense evaluation);
+    None means "not given"."""
+    for name, value in counts.items():
+        _refuse(value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1),
+                f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _check_round_to(levers: Levers, hidden: int, neurons: int | None) -> None:
+    """A grid coarser than the model would cut nothing (or keep more neurons than there are)."""
+    _refuse(levers.round_to > hidden, f"--round-to {levers.round_to} is larger than the model's hidden size "
+                                      f"{hidden}: no width could be cut (widths are multiples of --round-to)")
+    _refuse(levers.neurons is not None and neurons is not None and levers.round_to > neurons,
+            f"--round-to {levers.round_to} is larger than the model's {neurons} MLP neurons per layer: none could "
+            "be pruned (neuron counts are multiples of --round-to)")
 
 
 def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter, *, model: str,
@@ -289,6 +304,7 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
     levers = check_settings(settings)
     config = view.model.config
     hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
+    _check_round_to(levers, hidden, getattr(config, adapter.config_neurons, None) if adapter.config_neurons else None)
     if settings.slicing is not None:
         _refuse(sliced_dim(hidden, settings.slicing, levers.round_to) >= hidden,
                 f"--slicing {settings.slicing:g} removes nothing: the model is {hidden} wide, and widths are "

