@@ -291,6 +291,7 @@ def private_directory(path: Path, marker: str, what: str) -> bool:
         raise storage_error(e, path) or SliceGPTError(f"cannot create {what} {path}: {e.strerror}") from None
     if not made:
         _check_private(path, marker, what)
+    fault_point(f"made {marker}")
     if not (path / marker).is_file():
         with storage_errors(path):
             fd = os.open(path / marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
