@@ -290,7 +290,7 @@ def private_directory(path: Path, marker: str, what: str) -> bool:
     except OSError as e:
         raise storage_error(e, path) or SliceGPTError(f"cannot create {what} {path}: {e.strerror}") from None
     if not made:
-        _check_private(path, marker, what)
+        check_private(path, marker, what)
     fault_point(f"made {marker}")
     if not (path / marker).is_file():
         with storage_errors(path):
@@ -301,7 +301,8 @@ def private_directory(path: Path, marker: str, what: str) -> bool:
     return made
 
 
-def _check_private(path: Path, marker: str, what: str) -> None:
+def check_private(path: Path, marker: str, what: str) -> None:
+    """Refuse (one line) an existing `path` that is not this user's private directory holding `marker` (or empty)."""
     info = os.lstat(path)
     why = ("is a symbolic link" if stat.S_ISLNK(info.st_mode) else
            "is not a directory" if not stat.S_ISDIR(info.st_mode) else

@@ -26,14 +26,14 @@ import torch
 
 from slicegpt.adapters import get_adapter
 from slicegpt.api import calibration_batches, complete_plan, run_plan
-from slicegpt.atomic import (private_directory, publish, refuse_existing, refuse_overlap, storage_errors,
+from slicegpt.atomic import (check_private, private_directory, publish, refuse_existing, refuse_overlap, storage_errors,
                              write_json)
 from slicegpt.config import SlicingConfig
 from slicegpt.core.distributed import Ranks, local_device
 from slicegpt.core.run import Hooks, Progress
 from slicegpt.core.forward import streamed_logits
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
-from slicegpt.core.resume import RESUME, RunDirectory, subfolder
+from slicegpt.core.resume import RESUME, RUN_MARKER, RunDirectory, run_directory, subfolder
 from slicegpt.data import bos_token, calibration_windows, evaluation_windows, load_text, split_text, tokenize
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.measure import measure
@@ -46,6 +46,7 @@ from slicegpt.plan import Plan, SliceSettings, check_settings, make_plan, record
 from slicegpt.shards import tensor_sizes, write_index, write_shard
 from slicegpt.version import __version__
 
+ACTIVATIONS_MARKER = "slicegpt-activations"  # marks an --activations-dir folder this user's run made
 DENSE_FIGURES = "dense.json"  # the dense model's perplexity, kept in the run directory across a resume
 
 
@@ -135,10 +136,14 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     if not out:
         raise SliceGPTError("an output directory is needed (--out)")
     out = Path(out)
-    refuse_existing(out, force, "output directory")  # --force replaces only a slicegpt output
     if os.path.exists(str(model)):
         refuse_overlap(out, Path(model))  # never the source, under any spelling
+    refuse_existing(out, force, "output directory")  # --force replaces only a slicegpt output
     offload, offload_dir = ("disk", _activations_folder(activations_dir, out, ranks)) if activations_dir else ("cpu", None)
+    for folder, marker, what in [(run_directory(out), RUN_MARKER, "run directory"),
+                                 (offload_dir, ACTIVATIONS_MARKER, "activation folder")]:
+        if folder is not None and os.path.lexists(folder):
+            check_private(folder, marker, what)  # refused before any slow work (and checked again when used)
     calib_text = load_text(settings.calibration, "calibration", settings.text_field)  # bad data fails first
     # every rank resolves the source itself (no collective wait around a long download); a GGUF file
     # is converted once per machine (a file lock) and huggingface_hub locks its downloads the same way
@@ -258,9 +263,9 @@ def _activations_folder(activations_dir: str | os.PathLike, out: Path, ranks: Ra
 
 def _clear_activations(folder: Path) -> None:
     """This run's activation folder, checked to be this user's own (never a link elsewhere), emptied."""
-    private_directory(folder, "slicegpt-activations", "activation folder")
+    private_directory(folder, ACTIVATIONS_MARKER, "activation folder")
     for path in folder.iterdir():
-        if path.name != "slicegpt-activations":
+        if path.name != ACTIVATIONS_MARKER:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 

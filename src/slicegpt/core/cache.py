@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from slicegpt.atomic import storage_error
 from slicegpt.errors import SliceGPTError
 
 OFFLOADS = ("cpu", "disk")
@@ -32,6 +33,14 @@ def move(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(move(v, device) for v in obj)
     return obj
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in `value` (for a full disk's message)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return sum(_nbytes(v) for v in values)
 
 
 def _disk_error(e: OSError, where: Path) -> SliceGPTError:
@@ -71,9 +80,12 @@ class ActivationCache:
         try:  # a new file, never rewritten in place: a resume snapshot may hold a hard link to the old one
             torch.save(move(value, "cpu"), tmp)
             os.replace(tmp, path)
-        except OSError as e:
+        except Exception as e:  # OSError, or torch.save's RuntimeError (a full disk)
             tmp.unlink(missing_ok=True)
-            raise _disk_error(e, self.directory) from None
+            error = storage_error(e, path, _nbytes(value), then="run the same command again to resume")
+            if error is None:
+                raise
+            raise error from None
         return path
 
     def _fetch(self, entry: Any, device) -> Any:
