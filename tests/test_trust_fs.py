@@ -195,24 +195,6 @@ def test_a_file_size_limit_mid_run_ends_in_one_line_and_the_same_command_resumes
     _same_output(whole[0], out)
 
 
-def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
-    path.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 600 KB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
-    disk = tmp_path / "disk"
-    if os.geteuid() != 0 or not _mount_tmpfs(disk, "600k"):
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
 def test_a_full_disk_ends_in_one_line_keeps_progress_and_resumes_once_space_is_free(source, whole, small_disk):
     out = small_disk / "out"
     full = run_cli(*_command(source, out, small_disk))  # activations on the small disk too
@@ -243,13 +225,12 @@ def test_a_full_disk_ends_in_one_line_keeps_progress_and_resumes_once_space_is_f
 
 # --- 3. fault injection ---
 
-def test_killed_at_durability_points_the_rerun_resumes_identically(source, whole, tmp_path):
-    """Two points of bench/fault_injection.py's harness (the script tries many): inside a shard write
-    (the file cut to half its bytes) and while an activation snapshot is being made."""
+@pytest.mark.parametrize("kind", ["written model-N-of-N.safetensors",
+                                  pytest.param("snapshot sliced", marks=pytest.mark.slow)])
+def test_killed_at_a_durability_point_the_rerun_resumes_identically(source, whole, tmp_path, kind):
+    """Points of bench/fault_injection.py's harness (the script tries many): inside a shard write (the
+    file cut to half its bytes), while an activation snapshot is being made."""
     ref, points = whole
     assert len(points) > 50
-    for kind in ("written model-N-of-N.safetensors", "snapshot sliced"):
-        n = [i for i, p in enumerate(points, 1) if p == kind][1]  # the second of its kind
-        work = tmp_path / kind.split()[0]
-        work.mkdir()
-        assert fault_injection.try_point(source, "per-layer", n, ref, work) == ("resumed", "")
+    n = [i for i, p in enumerate(points, 1) if p == kind][1]  # the second of its kind
+    assert fault_injection.try_point(source, "per-layer", n, ref, tmp_path) == ("resumed", "")

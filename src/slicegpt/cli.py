@@ -389,6 +389,8 @@ def cmd_report(args) -> None:
     from slicegpt.evaluation.report import gather, write_report
 
     out = Path(args.out)
+    for path in args.paths:
+        refuse_overlap(out, Path(path), "the run")  # --force would replace an input
     refuse_existing(out, args.force, "report directory", ours=REPORT_PAGE)  # before reading anything
     runs, benches = gather(args.paths)
     page = write_report(runs, benches, out, force=args.force)
