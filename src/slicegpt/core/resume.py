@@ -102,7 +102,19 @@ class RunDirectory(Hooks):
         if record is None:
             _clear(self.root)  # a run that died before its first record: nothing to keep
         subfolder(self.staging)
+        if record is not None:
+            self._tidy(record)
         return record
+
+    def _tidy(self, record: dict) -> None:
+        """Drop what a killed run wrote after its record: temporary files (their names start with a
+        dot) and shards the record does not name, so only the record's files reach the output."""
+        for folder in (self.root, self.staging, self.root / "exact"):
+            for path in folder.glob(".*"):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for path in self.staging.glob("model-*.safetensors"):
+            if path.name not in record["shards"]:
+                path.unlink()
 
     def _take_lock(self):
         """One run per output at a time (the kernel drops the lock of a killed process)."""
