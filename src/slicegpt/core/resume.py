@@ -108,13 +108,14 @@ class RunDirectory(Hooks):
 
     def _tidy(self, record: dict) -> None:
         """Drop what a killed run wrote after its record: temporary files (their names start with a
-        dot) and shards the record does not name, so only the record's files reach the output."""
-        for folder in (self.root, self.staging, self.root / "exact"):
+        dot), and in the staged output everything but the record's shards (unrecorded shards; the
+        configs, tokenizer and manifest of a run killed while publishing are written again)."""
+        for folder in (self.root, self.root / "exact"):
             for path in folder.glob(".*"):
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        for path in self.staging.glob("model-*.safetensors"):
+                _remove(path)
+        for path in self.staging.iterdir():
             if path.name not in record["shards"]:
-                path.unlink()
+                _remove(path)
 
     def _take_lock(self):
         """One run per output at a time (the kernel drops the lock of a killed process)."""
@@ -311,11 +312,15 @@ def subfolder(path: Path) -> None:
         raise SliceGPTError(f"{path} is not a directory slicegpt made; pass --restart to start over")
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def _clear(root: Path) -> None:
     """Everything of an old run but the lock this run holds and the marker."""
     for path in root.iterdir():
         if path.name not in ("lock", RUN_MARKER):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            _remove(path)
 
 
 class _LazyTensor:
