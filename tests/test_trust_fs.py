@@ -237,3 +237,17 @@ def test_killed_at_a_durability_point_the_rerun_resumes_identically(source, whol
     n = [i for i, p in enumerate(points, 1) if p == kind][-1]  # the last: after a progress record (a leftover
     # temporary shard and an unrecorded shard must not reach the output)
     assert fault_injection.try_point(source, "per-layer", n, ref, tmp_path) == ("resumed", "")
+
+
+def test_a_run_directory_of_another_slicegpt_version_is_refused_naming_restart(tmp_path):
+    from slicegpt.core.resume import RunDirectory
+    from slicegpt.core.run import Progress
+
+    old = RunDirectory(tmp_path / "out", 5, {"slicegpt": "0.1.0"}, "fingerprint")
+    old.write(0, {"w": torch.ones(2)})
+    old.checkpoint(Progress("layers", 1, {"basis": torch.eye(2)}), None)
+    del old  # its lock is released as a killed run's would be
+    with pytest.raises(SliceGPTError, match=r"was made by slicegpt 0\.1\.0 \(this is 0\.2\.0\); pass --restart"):
+        RunDirectory(tmp_path / "out", 5, {"slicegpt": "0.2.0"}, "fingerprint")
+    RunDirectory(tmp_path / "out", 5, {"slicegpt": "0.2.0"}, "fingerprint", restart=True).remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
