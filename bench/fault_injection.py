@@ -15,6 +15,8 @@ first) and run again. Each outcome is one of:
 
     .venv/bin/python bench/fault_injection.py --points 200 --seed 0
 
+The points are shared among the runs; a run with fewer points than its share has each tried once.
+
 Prints one line per point and the counts; exits non-zero when any outcome is BAD.
 """
 

@@ -259,16 +259,17 @@ def refuse_existing(out: Path, force: bool, what: str = "", flag: str = "--force
             raise SliceGPTError(f"{label} is not a slicegpt output (no {' or '.join(names)}); {flag} replaces only "
                                 "those, remove it yourself or choose another path")
     else:
-        with open(out, "rb") if out.is_file() else _nothing() as f:
-            head = f.read(len(ours)) if f else b""
-        if head != ours:
+        if _head(out, len(ours)) != ours:
             raise SliceGPTError(f"{label} is not a file slicegpt writes (it does not start with {ours!r}); {flag} "
                                 "replaces only those, remove it yourself or choose another path")
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
+def _head(path: Path, n: int) -> bytes:
+    """The first `n` bytes of a regular file (b"" for anything else)."""
+    if not path.is_file():
+        return b""
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def refuse_overlap(out: Path, source: Path, what: str = "the source model") -> None:
