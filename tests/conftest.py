@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,20 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 def clone(model):
     return copy.deepcopy(model)
 
+
+def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
+    path.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 KB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0 or not _mount_tmpfs(disk, "600k"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -196,7 +196,7 @@ def test_report_bad_input_is_one_line(tmp_path, capsys, make_input, pattern):
 def test_report_never_replaces_its_inputs(runs_dir, tiny_model_dir, tmp_path, capsys):
     run = runs_dir / "uniform-25"
     assert cli.main(["report", str(run), "--out", str(run), "--force"]) == 1
-    assert "would replace the run" in capsys.readouterr().err and (run / "slicegpt.json").is_file()
+    assert "overlaps the run" in capsys.readouterr().err and (run / "slicegpt.json").is_file()
     assert cli.main(["slice", str(tiny_model_dir), "--size", "0.8", "--out", str(tmp_path / "m"),
                      "--report", str(tmp_path / "m" / "report")]) == 1
     assert "must be separate directories" in capsys.readouterr().err and not (tmp_path / "m").exists()

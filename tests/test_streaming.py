@@ -277,48 +277,6 @@ def test_bad_sharded_sources_end_in_one_line(sharded_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path, tokenizer, monkeypatch):
-    import errno
-
-    import slicegpt.shards as shards
-
-    source = _model_dir(tmp_path / "dense", "llama", tokenizer)
-    real = shards.write_shard
-    calls = []
-
-    def full_after_two(directory, part, parts, tensors):
-        calls.append(part)
-        if len(calls) == 3:
-            raise slicegpt.SliceGPTError(f"cannot write {directory}: {os.strerror(errno.ENOSPC)} (the disk is full)")
-        return real(directory, part, parts, tensors)
-
-    monkeypatch.setattr("slicegpt.core.resume.write_shard", full_after_two)
-    with pytest.raises(slicegpt.SliceGPTError, match="the disk is full"):
-        slicegpt.slice_and_save(source, tmp_path / "out", size=0.8, evaluate=False, calibration=TEXT_FILE,
-                                samples=8, seqlen=64, progress=False)
-    assert not (tmp_path / "out").exists()
-    record = json.loads((tmp_path / ".out.slicegpt-run" / "progress.json").read_text())
-    assert record["next_layer"] == 1  # the embeddings and layer 0 were kept
-    monkeypatch.setattr("slicegpt.core.resume.write_shard", real)
-    run = slicegpt.slice_and_save(source, tmp_path / "out", size=0.8, evaluate=False, calibration=TEXT_FILE,
-                                  samples=8, seqlen=64, progress=False)
-    assert run.resumed_from_layer == 1
-
-
-def test_shard_writer_turns_enospc_into_one_line(tmp_path, monkeypatch):
-    import errno
-
-    from slicegpt import shards
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr("safetensors.torch.save_file", no_space)
-    with pytest.raises(slicegpt.SliceGPTError, match=r"cannot write .*model-00001-of-00003.safetensors.*disk is full"):
-        shards.write_shard(tmp_path, 0, 3, {"a": torch.zeros(2)})
-    assert list(tmp_path.iterdir()) == []  # no partial file left
-
-
 PEAK_RSS = """
 import sys
 from slicegpt.cli import main

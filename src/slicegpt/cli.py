@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 
 from slicegpt.adapters import supported_model_types
-from slicegpt.atomic import refuse_existing
+from slicegpt.atomic import refuse_existing, refuse_overlap
 from slicegpt.core.compensation import DENSE_SHARE, RIDGE
 from slicegpt.recipes import COMPENSATIONS, DEFAULT_RECIPE, HEADS, POOLINGS, RECIPES, ROTATIONS, WIDTH_RULES
 from slicegpt.version import __version__
+
+FINETUNE_RECORD = "finetune.json"  # finetune.RECORD_NAME: marks a dense fine-tuned output (module imported lazily)
+REPORT_PAGE = "index.html"  # what marks a report directory `--force` may replace
 from slicegpt.core import distributed
 from slicegpt.data import (DEFAULT_DATA, HUB_DATASETS, bos_token, check_window_length, evaluation_windows,
                            load_text, tokenize)
@@ -128,7 +131,7 @@ def cmd_slice(args) -> None:
         a, b = out.resolve(), report_dir.resolve()
         if a == b or a in b.parents or b in a.parents:  # --force would let one replace the other
             raise SliceGPTError(f"--report {report_dir} and --out {out} must be separate directories")
-        refuse_existing(report_dir, args.force, "report directory")
+        refuse_existing(report_dir, args.force, "report directory", ours=REPORT_PAGE)
     run = slice_and_save(
         args.model, out, settings, evaluate=not args.no_eval, eval_data=args.eval_data,
         eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size,
@@ -213,7 +216,8 @@ def cmd_export(args) -> None:
     if not (directory / MANIFEST_NAME).is_file():
         raise SliceGPTError(f"{directory} is not a slicegpt output directory (no {MANIFEST_NAME})")
     out = Path(args.out)
-    refuse_existing(out, args.force)  # before loading anything
+    refuse_existing(out, args.force, ours=b"GGUF")  # before loading anything; --force replaces only a GGUF file
+    refuse_overlap(out, directory)
     loaded = load(directory, dtype="float32")
     slicing = loaded.sliced.get("slicing", {})
     if not slicing.get("standard"):
@@ -289,7 +293,9 @@ def cmd_finetune(args) -> None:
     if args.adapters_only and out is None:
         raise SliceGPTError("--adapters-only says how to save; pass --out DIR too")
     if out is not None:
-        refuse_existing(out, args.force, "output directory")
+        refuse_existing(out, args.force, "output directory", ours=(MANIFEST_NAME, FINETUNE_RECORD))
+        if Path(args.model).exists():
+            refuse_overlap(out, Path(args.model))
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     kind = ("dense" if loaded.sliced is None else
@@ -339,7 +345,7 @@ def cmd_bench(args) -> None:
     if save_path is not None and save_path.is_dir():
         raise SliceGPTError(f"--save {save_path} is a directory; give a file name")
     if save_path is not None:
-        refuse_existing(save_path, args.force)
+        refuse_existing(save_path, args.force, ours=b"{")  # --force replaces only a JSON record
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     compare = args.compare
@@ -391,7 +397,9 @@ def cmd_report(args) -> None:
     from slicegpt.evaluation.report import gather, write_report
 
     out = Path(args.out)
-    refuse_existing(out, args.force, "report directory")  # before reading anything
+    for path in args.paths:
+        refuse_overlap(out, Path(path), "the run")  # --force would replace an input
+    refuse_existing(out, args.force, "report directory", ours=REPORT_PAGE)  # before reading anything
     runs, benches = gather(args.paths)
     page = write_report(runs, benches, out, force=args.force)
     files = sorted(p.name for p in out.iterdir())

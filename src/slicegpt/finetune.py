@@ -29,7 +29,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.perplexity import count_parameters, perplexity
 from slicegpt.evaluation.measure import measure
 from slicegpt.formats.lora import ADAPTER_DIR, load_adapter, peft_quietly
-from slicegpt.modeling.runtime import get_path, sliced_structure
+from slicegpt.modeling.runtime import MANIFEST_NAME, get_path, sliced_structure
 from slicegpt.plan import check_counts
 
 RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
@@ -276,11 +276,11 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     `PeftModel.from_pretrained(model, "DIR/lora")`). Consumes `result.model`: the returned
     model is the merged one either way. Written atomically; an existing `out` needs `force`.
     """
-    from slicegpt.atomic import atomic_directory, refuse_existing
+    from slicegpt.atomic import atomic_directory, refuse_existing, storage_errors
     from slicegpt.formats.io import save
 
     out = Path(out)
-    refuse_existing(out, force, "output directory", "--force (force=True)")
+    refuse_existing(out, force, "output directory", "--force (force=True)", ours=(MANIFEST_NAME, RECORD_NAME))
     peft_model = result.model
     if slicing is None and sliced_structure(peft_model.get_base_model()) is not None:
         raise SliceGPTError("this model is sliced: pass its slicing record (slicing=...) to save it")
@@ -301,8 +301,9 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     try:
         if adapters_only:
             out.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-", dir=out.parent))
-            _save_adapter(peft_model, staging / ADAPTER_DIR, source)
+            with storage_errors(out):
+                staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-", dir=out.parent))
+                _save_adapter(peft_model, staging / ADAPTER_DIR, source)
             model = peft_model.unload()
         else:
             model = peft_model.merge_and_unload()

@@ -26,13 +26,14 @@ import torch
 
 from slicegpt.adapters import get_adapter
 from slicegpt.api import calibration_batches, complete_plan, run_plan
-from slicegpt.atomic import publish, refuse_existing, write_json
+from slicegpt.atomic import (check_private, private_directory, publish, refuse_existing, refuse_overlap, storage_errors,
+                             write_json)
 from slicegpt.config import SlicingConfig
 from slicegpt.core.distributed import Ranks, local_device
 from slicegpt.core.run import Hooks, Progress
 from slicegpt.core.forward import streamed_logits
 from slicegpt.core.onload import CheckpointModel, LayeredModel, ResidentModel, eager_experts_for_float64
-from slicegpt.core.resume import RunDirectory
+from slicegpt.core.resume import RESUME, RUN_MARKER, RunDirectory, run_directory, subfolder
 from slicegpt.data import (bos_token, calibration_windows, check_window_length, evaluation_windows, load_text, same_file,
                            split_text, tokenize)
 from slicegpt.errors import SliceGPTError
@@ -46,6 +47,7 @@ from slicegpt.plan import Plan, SliceSettings, check_counts, check_settings, mak
 from slicegpt.shards import tensor_sizes, write_index, write_shard
 from slicegpt.version import __version__
 
+ACTIVATIONS_MARKER = "slicegpt-activations"  # marks an --activations-dir folder this user's run made
 DENSE_FIGURES = "dense.json"  # the dense model's perplexity, kept in the run directory across a resume
 
 
@@ -72,7 +74,7 @@ class _StockHooks(Hooks):
         self.inner, self.adapter, self.hidden, self.dim, self.tied, self.bias_norms = inner, adapter, hidden, dim, tied, bias_norms
         self.exact = exact
         if exact is not None:
-            exact.mkdir(exist_ok=True)
+            subfolder(exact)
 
     def write(self, part: int, tensors: dict[str, torch.Tensor]) -> None:
         if self.exact is not None and self.inner.ranks.writer:
@@ -137,12 +139,19 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     if not out:
         raise SliceGPTError("an output directory is needed (--out)")
     out = Path(out)
-    refuse_existing(out, force, "output directory")
+    if os.path.exists(str(model)):
+        refuse_overlap(out, Path(model))  # never the source, under any spelling
+    refuse_existing(out, force, "output directory")  # --force replaces only a slicegpt output
     offload, offload_dir = ("disk", _activations_folder(activations_dir, out, ranks)) if activations_dir else ("cpu", None)
+    for folder, marker, what in [(run_directory(out), RUN_MARKER, "run directory"),
+                                 (offload_dir, ACTIVATIONS_MARKER, "activation folder")]:
+        if folder is not None and os.path.lexists(folder):
+            check_private(folder, marker, what)  # refused before any slow work (and checked again when used)
     calib_text = load_text(settings.calibration, "calibration", settings.text_field)  # bad data fails first
     # every rank resolves the source itself (no collective wait around a long download); a GGUF file
     # is converted once per machine (a file lock) and huggingface_hub locks its downloads the same way
     directory, source_name = checkpoint_directory(model)
+    refuse_overlap(out, directory)
     view = CheckpointModel(directory, dtype=parse_dtype(dtype) if dtype else None, device=device)
     fingerprint, work_dtype = view.fingerprint(), view.dtype
     adapter = get_adapter(view.config)
@@ -172,9 +181,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
         view = _in_memory(directory, work_dtype, device)
     run_dir = RunDirectory(out, len(layers) + 2, resume_settings, fingerprint, restart=restart,
                            checkpoint_every=checkpoint_every, ranks=ranks)
+    if offload_dir is not None:  # ours, private; what a killed run left there is removed
+        _clear_activations(offload_dir)
     resumed = run_dir.record["next_layer"] if run_dir.resuming else None
-    if offload_dir is not None:  # what a killed run left there
-        shutil.rmtree(offload_dir, ignore_errors=True)
 
     figures: dict = {"model": str(model), "recipe": settings.recipe, "size": settings.size,
                      "slicing": settings.slicing}
@@ -195,7 +204,8 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
 
     staging = run_dir.staging
     if ranks.writer:
-        _write_configs(staging, directory, view, adapter, plan, outcome, run_dir.shards)
+        with storage_errors(staging, then=RESUME):
+            _write_configs(staging, directory, view, adapter, plan, outcome, run_dir.shards)
     ranks.barrier()  # every rank reads the output from here on
     calibration = {"source": str(settings.calibration), "seed": settings.seed, "samples": len(windows.input_ids),
                    "seqlen": windows.input_ids.shape[1], "tokens": windows.tokens}
@@ -230,8 +240,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
     ranks.barrier()  # every rank is done reading the staged output
 
     def finish() -> None:
-        finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
-        publish(staging, out)
+        with storage_errors(staging, then=RESUME):
+            finish_directory(staging, tokenizer, config, extra={"results": figures}, known=run_dir.shards)
+            publish(staging, out)
 
     ranks.on_writer(finish)
     run_dir.remove()
@@ -254,6 +265,14 @@ def _activations_folder(activations_dir: str | os.PathLike, out: Path, ranks: Ra
     """This run's own folder under `activations_dir` (emptied once the run holds its lock)."""
     folder = Path(activations_dir) / f"slicegpt-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
     return folder.with_name(f"{folder.name}-rank{ranks.rank}") if ranks.distributed else folder
+
+
+def _clear_activations(folder: Path) -> None:
+    """This run's activation folder, checked to be this user's own (never a link elsewhere), emptied."""
+    private_directory(folder, ACTIVATIONS_MARKER, "activation folder")
+    for path in folder.iterdir():
+        if path.name != ACTIVATIONS_MARKER:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _tokenizer(directory: Path):
@@ -289,8 +308,9 @@ def _measure_deviation(run_dir: RunDirectory, view, outcome, config: SlicingConf
 
     exact = run_dir.root / "exact"
     if ranks.writer:
-        write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
-        write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
+        with storage_errors(exact, then=RESUME):
+            write_sliced_config(view.model.config, None, outcome.structure, outcome.module_attributes, exact)
+            write_index(exact, {p.name: "" for p in exact.glob("model-*.safetensors")})
     ranks.barrier()
     sample = [(windows.input_ids[:1], windows.attention_mask[:1])]
     (stock_view, stock_layers), (exact_view, exact_layers) = (_output_view(run_dir.staging, work_dtype, device),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from slicegpt.atomic import write_file
 from slicegpt.errors import SliceGPTError
 from slicegpt.modeling.runtime import INDEX_NAME
 from slicegpt.modeling.runtime import WEIGHTS_NAME as SINGLE_NAME
@@ -36,21 +37,15 @@ def sha256(path: Path) -> str:
 
 
 def write_shard(directory: Path, part: int, parts: int, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """Write one part durably; returns (file name, SHA-256)."""
+    """Write one part durably (`atomic.write_file`); returns (file name, SHA-256). A failed write
+    (a full disk) ends in one line and leaves no temporary file."""
     from safetensors.torch import save_file
 
     name = shard_name(part, parts)
-    tmp = directory / f".{name}.tmp"
     state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SliceGPTError(f"cannot write {directory / name}: {e.strerror or e}"
-                            + (" (the disk is full)" if e.errno == 28 else "")) from None
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    write_file(directory / name, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}), needed,
+               then="run the same command again to resume")
     return name, sha256(directory / name)
 
 
@@ -74,8 +69,8 @@ def write_index(directory: Path, shards: dict[str, str]) -> None:
         for key, (_, size) in tensor_sizes(directory / name).items():
             weight_map[key] = name
             total += size
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                    "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    write_file(directory / INDEX_NAME, lambda tmp: tmp.write_text(text), len(text))
 
 
 

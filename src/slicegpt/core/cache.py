@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from slicegpt.atomic import storage_error
 from slicegpt.errors import SliceGPTError
 
 OFFLOADS = ("cpu", "disk")
@@ -114,6 +115,14 @@ def load_value(path: Path) -> Any:
         raise SliceGPTError(f"{path} is not an activation file of slicegpt ({type(e).__name__})") from None
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in `value` (for a full disk's message)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return sum(_nbytes(v) for v in values)
+
+
 def _disk_error(e: OSError, where: Path) -> SliceGPTError:
     return SliceGPTError(f"cannot write calibration activations under {where}: {e.strerror or e}"
                          + (" (the disk is full)" if e.errno == 28 else ""))
@@ -153,9 +162,12 @@ class ActivationCache:
             os.replace(tmp, path)
         except Unstorable:  # a layer argument of a type we do not write (none of the families' today)
             return move(value, "cpu")
-        except OSError as e:
+        except Exception as e:  # OSError (save_value turns safetensors' errors into one)
             tmp.unlink(missing_ok=True)
-            raise _disk_error(e, self.directory) from None
+            error = storage_error(e, path, _nbytes(value), then="run the same command again to resume")
+            if error is None:
+                raise
+            raise error from None
         return path
 
     def _fetch(self, entry: Any, device) -> Any:

@@ -13,6 +13,14 @@ The work of `slicegpt slice ... --out OUT` lives in a hidden sibling, ``.OUT.sli
   layer N (float64 basis and sums; the calibration streams at that boundary: the sliced one, and
   with compensation the dense one).
 
+The directory is private (0700) and is used, emptied or resumed only when it is a real directory
+of this user's holding the marker ``slicegpt-run`` (or empty): a symbolic link or another user's
+directory is refused in one line. Every file a resume depends on is written under a fresh
+temporary name, fsynced and renamed, and the directory fsynced (`atomic.write_file`), so the
+record names only complete files, after a crash or a power loss. The record's SHA-256 checksum
+catches damage, not forgery: nobody else can write into the private directory, so a key would
+add nothing.
+
 In a distributed job (`core.distributed`) rank 0 owns the lock, the shards, the state and the
 record; every rank snapshots its own share of the activations (``activations-N.rankR/``),
 and the record is replaced only once every rank's snapshot is complete, so it never names a
@@ -31,10 +39,13 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import torch
 
+from slicegpt.atomic import (fault_point, fsync_path, fsync_tree, private_directory, storage_error, storage_errors,
+                             write_file, write_json)
 from slicegpt.core.cache import FILE_SUFFIX, ActivationCache, load_value, save_value
 from slicegpt.core.compensation import FitRecord
 from slicegpt.core.distributed import Ranks
@@ -44,6 +55,8 @@ from slicegpt.shards import sha256, write_shard
 
 RECORD_VERSION = 3  # 2: one activation snapshot per stream (sliced, dense); 3: snapshots are safetensors, not pickles
 PROGRESS_NAME = "progress.json"
+RUN_MARKER = "slicegpt-run"  # marks a directory slicegpt made for a run (see `atomic.private_directory`)
+RESUME = "run the same command again to resume"
 KILL_SWITCH = "SLICEGPT_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL the process after this many layers
 KILL_RANK = "SLICEGPT_TEST_KILL_RANK"  # tests: only this rank of a distributed job kills itself
 KILL_SIGNAL = "SLICEGPT_TEST_KILL_SIGNAL"  # tests: STOP instead of KILL (a rank that hangs)
@@ -83,26 +96,35 @@ class RunDirectory(Hooks):
     def _open(self, restart: bool) -> dict | None:
         """Rank 0: take the lock, keep a valid record (or clear what is left), make the staging folder."""
         self._lock = self._take_lock()
-        if restart and self.root.exists():
+        if restart:
             _clear(self.root)
         record = self._read_record()
-        if record is None and self.root.exists():
+        if record is None:
             _clear(self.root)  # a run that died before its first record: nothing to keep
-        try:
-            self.staging.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SliceGPTError(f"cannot create {self.root}: {e.strerror or e}") from None
+        subfolder(self.staging)
+        if record is not None:
+            self._tidy(record)
         return record
+
+    def _tidy(self, record: dict) -> None:
+        """Drop what a killed run wrote after its record: temporary files (their names start with a
+        dot), and in the staged output everything but the record's shards (unrecorded shards; the
+        configs, tokenizer and manifest of a run killed while publishing are written again)."""
+        for folder in (self.root, self.root / "exact"):
+            for path in folder.glob(".*"):
+                _remove(path)
+        for path in self.staging.iterdir():
+            if path.name not in record["shards"]:
+                _remove(path)
 
     def _take_lock(self):
         """One run per output at a time (the kernel drops the lock of a killed process)."""
         import fcntl
 
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            handle = open(self.root / "lock", "a")
-        except OSError as e:
-            raise SliceGPTError(f"cannot create {self.root}: {e.strerror or e}") from None
+        private_directory(self.root, RUN_MARKER, "run directory")  # a symlink or another's directory: refused
+        with storage_errors(self.root, then=RESUME):
+            handle = os.fdopen(os.open(self.root / "lock", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                                       0o600), "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -170,17 +192,19 @@ class RunDirectory(Hooks):
         try:
             activations = self._snapshot(streams, n) if streams else None
             failed = ""
-        except OSError as e:
-            failed = f"{e.strerror or e}" + (" (the disk is full)" if e.errno == 28 else "")
-        except RuntimeError as e:  # torch.save reports a failed write (a full disk) this way
-            failed = (str(e).strip().splitlines() or ["write failed"])[0]
+        except Exception as e:  # a full disk: OSError, or torch.save's RuntimeError
+            error = e if isinstance(e, SliceGPTError) else storage_error(e, self.root, _bytes(streams), RESUME)
+            if error is None:
+                raise
+            failed = str(error)
         failed = next((f for f in self.ranks.gather(failed) if f), "")  # every snapshot is complete, or none counts
         if failed:
-            raise SliceGPTError(f"cannot record progress in {self.root}: {failed}", shared=True)
+            raise SliceGPTError(failed, shared=True)
         old = self.record
         self.record = self.ranks.on_writer(lambda: self._record(progress, n, activations))
         if old is not None and old.get("activations") and old["activations"] != activations:
             shutil.rmtree(self._activations(old["activations"]), ignore_errors=True)  # superseded
+        fault_point(f"checkpoint {progress.phase}")
         kill = os.environ.get(KILL_SWITCH, "")  # "k" (first phase to reach layer k) or "phase:k"
         if kill and kill in (str(progress.next_layer), f"{progress.phase}:{progress.next_layer}") and \
                 os.environ.get(KILL_RANK, str(self.ranks.rank)) == str(self.ranks.rank):
@@ -194,11 +218,8 @@ class RunDirectory(Hooks):
         tensors.update({f"spectrum.{i}": v.detach().to("cpu", torch.float64).contiguous()
                         for i, v in enumerate(progress.spectra)})
         state = self.root / f"state-{n}.safetensors"
-        try:
-            save_file(tensors, str(state))
-        except OSError as e:
-            raise SliceGPTError(f"cannot record progress in {self.root}: {e.strerror or e}"
-                                + (" (the disk is full)" if e.errno == 28 else "")) from None
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_file(state, lambda tmp: save_file(tensors, str(tmp)), needed, then=RESUME)
         old = self.record
         record = {"version": RECORD_VERSION, "settings": self.settings, "fingerprint": self.fingerprint,
                   "phase": progress.phase, "next_layer": progress.next_layer, "shards": dict(self.shards),
@@ -207,8 +228,6 @@ class RunDirectory(Hooks):
                   "fits": [f.to_dict() for f in progress.fits],
                   "activations": activations}
         record["checksum"] = _checksum(record)
-        from slicegpt.atomic import write_json
-
         write_json(self.root / PROGRESS_NAME, record)
         if old is not None and old["state"] != record["state"]:  # the previous checkpoint is superseded
             (self.root / old["state"]).unlink(missing_ok=True)
@@ -219,14 +238,21 @@ class RunDirectory(Hooks):
         ``x-<stream>-<batch>.safetensors`` (hard links for disk offload)."""
         name = f"activations-{n}"
         target = self._activations(name)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for stream, cache in streams.items():
-            for i, entry in enumerate(cache.entries):
-                _save_entry(entry, tmp / f"x-{stream}-{i:06d}{FILE_SUFFIX}")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.root))
+        try:
+            for stream, cache in streams.items():
+                for i, entry in enumerate(cache.entries):
+                    _save_entry(entry, tmp / f"x-{stream}-{i:06d}{FILE_SUFFIX}")
+                    fault_point(f"snapshot {stream}", partial=tmp / f"x-{stream}-{i:06d}{FILE_SUFFIX}")
+            fsync_tree(tmp)
+            fault_point("snapshot synced")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            fault_point("snapshot renamed")
+            fsync_path(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return name
 
     def resume(self) -> tuple[Progress, dict[str, list] | None] | None:
@@ -272,11 +298,29 @@ def _save_entry(entry, path: Path) -> None:
         save_value(entry, path)
 
 
+def _bytes(streams: dict[str, ActivationCache] | None) -> int | None:
+    """The bytes of a snapshot's tensors held in memory (disk entries are hard links: no new bytes)."""
+    tensors = [e for cache in (streams or {}).values() for e in cache.entries if isinstance(e, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) or None
+
+
+def subfolder(path: Path) -> None:
+    """A folder of the (verified, private) run directory: made private, or a real directory already."""
+    with storage_errors(path, then=RESUME):
+        path.mkdir(mode=0o700, exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise SliceGPTError(f"{path} is not a directory slicegpt made; pass --restart to start over")
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def _clear(root: Path) -> None:
-    """Everything of an old run but the lock this run holds."""
+    """Everything of an old run but the lock this run holds and the marker."""
     for path in root.iterdir():
-        if path.name != "lock":
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.name not in ("lock", RUN_MARKER):
+            _remove(path)
 
 
 class _LazyTensor:

@@ -298,7 +298,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     if dtype not in DTYPES:
         raise SliceGPTError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    refuse_existing(out, force)  # before the checks and the writing
+    refuse_existing(out, force, ours=b"GGUF")  # before the checks and the writing; --force replaces only GGUF
     config = model.config
     _check_supported(config, layout)
     heads = config.num_attention_heads

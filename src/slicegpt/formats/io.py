@@ -120,7 +120,8 @@ def save(model: nn.Module, tokenizer, config: SlicingConfig, out_dir: str | os.P
     slicing = sliced_structure(model)
     if slicing is None and not config.standard:
         raise SliceGPTError("this model was not sliced by slicegpt (no slicing structure attached)")
-    with atomic_directory(out, force=True) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # for a full disk's message
+    with atomic_directory(out, force=True, needed=needed) as tmp:  # existence checked above
         if slicing is None:  # a stock model (uniform rotation): the family's own format, nothing else
             model.save_pretrained(tmp)
         else:

@@ -119,7 +119,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    with atomic_directory(target, force=True) as tmp:  # a concurrent converter's equal result may be replaced
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic_directory(target, force=True, needed=needed) as tmp:  # a concurrent converter's equal result may be replaced
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
