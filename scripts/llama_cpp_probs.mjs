@@ -11,7 +11,7 @@ const prompt = JSON.parse(promptJson), continuation = JSON.parse(continuationJso
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const model = await llama.loadModel({modelPath: file});
 const vocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
-const context = await model.createContext({contextSize: 256, batchSize: 256});
+const context = await model.createContext({contextSize: 256, batchSize: 256, threads: 1});
 const sequence = context.getSequence();
 const probs = [];
 // yieldEogToken: a sampled end-of-generation token must not end the walk (without it, it silently does)

@@ -137,9 +137,9 @@ def test_unreachable_hub_id_names_the_fix(tmp_path):
 def test_unknown_architecture_lists_supported(tmp_path, tokenizer):
     from transformers import BloomConfig, BloomForCausalLM
 
-    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    result = run("slice", tmp_path, "--size", "0.8", "--out", tmp_path / "o")
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    result = run("slice", tmp_path / "m", "--size", "0.8", "--out", tmp_path / "o")
     assert_one_line_error(result, "unsupported model type 'bloom'; supported model types: .*gpt2.*llama.*opt.*qwen3_moe")
 
 
@@ -229,15 +229,21 @@ def test_uniform_slice_writes_a_standard_model_and_exports_gguf(tiny_model_dir, 
     assert_one_line_error(run("export", out, "--out", gguf), "already exists.*--force")
 
 
-def test_export_refuses_per_layer_models_and_non_outputs(tiny_model_dir, tmp_path):
+def test_export_refuses_per_layer_models_and_quantizes_dense_ones(tiny_model_dir, tmp_path):
     out = tmp_path / "per-layer"
     result = run("slice", tiny_model_dir, "--slicing", "0.25", "--neurons", "off", "--calibration", TEXT_FILE,
                  "--samples", "4",
                  "--seqlen", "64", "--no-eval", "--out", out)
     assert result.returncode == 0, result.stderr
     assert_one_line_error(run("export", out, "--out", tmp_path / "x.gguf"), "per-layer rotations.*--rotation uniform")
-    assert_one_line_error(run("export", tiny_model_dir, "--out", tmp_path / "x.gguf"), "not a slicegpt output")
     assert not (tmp_path / "x.gguf").exists()
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("export", tmp_path / "empty", "--out", tmp_path / "x.gguf"), "no config.json")
+    dense = run("export", tiny_model_dir, "--dtype", "q8_0", "--out", tmp_path / "dense.gguf", "--json")
+    assert dense.returncode == 0, dense.stderr
+    figures = json.loads(dense.stdout.strip().splitlines()[-1])
+    assert figures["sliced"] is False and figures["tensor_types"] == {"q8_0": 22, "f32": 7}
+    assert "22 q8_0, 7 f32" in dense.stdout
 
 
 def test_uniform_refusals_come_before_any_work(tmp_path, tokenizer):

@@ -123,3 +123,105 @@ def test_llama_cpp_splits_words_like_the_tokenizer_json_it_was_named_from(tmp_pa
         assert tokens == expected, pre
         seen[pre] = [tokenizer.convert_ids_to_tokens(i) for i in expected]
     assert len({tuple(t) for t in seen.values()}) == 3  # the splitters really differ on this text
+
+
+BATCH_SCRIPT = Path(__file__).parents[1] / "scripts" / "llama_cpp_batch.mjs"
+QUANTIZED_TYPES = ("bf16", "q8_0", "q4_0", "q4_k_m")
+# Mean KL(stock model || llama.cpp file) per position, teacher-forced along 8 tokens. Largest over the
+# families, measured 2026-12-03: bf16 1.7e-5, q8_0 9.0e-5, q4_0 1.6e-2, q4_k_m 2.5e-3 (two random tiny
+# models of one family differ by 0.03-0.1, so the 4-bit bound alone is loose; hence DEQUANTIZED_KL).
+KL_TOLERANCE = {"bf16": 1e-4, "q8_0": 5e-4, "q4_0": 5e-2, "q4_k_m": 1e-2}
+# llama.cpp against transformers' dequantization of the same file: the weights agree, what is left is
+# llama.cpp's arithmetic (activations rounded to q8 for block types). Measured up to 1.9e-5 (q4_k_m),
+# against 1.6e-3 to 2.0e-3 for the same 4-bit files against the unquantized model.
+DEQUANTIZED_KL = 1e-4
+PRUNED = 77  # a neuron-pruned width, as the default recipe leaves it: not whole 32-value blocks
+
+
+def llama_cpp_batch(jobs: list[dict], tmp_path: Path) -> list[dict]:
+    """Run llama_cpp_batch.mjs on `jobs` in one llama.cpp process."""
+    home = _runner()
+    shutil.copy(BATCH_SCRIPT, home / BATCH_SCRIPT.name)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    done = subprocess.run(["node", BATCH_SCRIPT.name, str((tmp_path / "jobs.json").resolve())],
+                          cwd=home, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _check_types(path: Path, dtype: str) -> None:
+    """general.file_type names the type; matrices are quantized except where llama.cpp needs more."""
+    from gguf import GGUFReader, LlamaFileType
+
+    from slicegpt.formats.gguf import QUANTIZED, WRITTEN
+
+    reader = GGUFReader(str(path))
+    assert reader.fields["general.file_type"].contents() == LlamaFileType[{**WRITTEN, **QUANTIZED}[dtype]].value
+    for t in reader.tensors:
+        kind = t.tensor_type.name.lower()
+        if len(t.shape) == 1 or t.name.endswith("_norm.weight") or ".ffn_gate_inp." in t.name:
+            assert kind == "f32", t.name
+        elif dtype == "bf16":
+            assert kind == "bf16", t.name
+        elif t.shape[0] % 32:  # GGUF shapes list the row length first; rows of part of a block
+            assert kind == "f16", t.name
+        elif dtype == "q8_0":
+            assert kind == "q8_0", t.name
+        else:
+            assert kind.startswith(("q4", "q5", "q6", "q8")), t.name
+
+
+def _stock_models(tokenizer, calibration) -> dict:
+    """One stock model per family: the default recipe's (llama) and a uniform slice (phi3) really
+    sliced, the others dense with the shape the default recipe leaves (fewer MLP neurons), and a
+    256-wide Llama whose rows are whole k-quant blocks."""
+    models = {"llama-256": make_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16,
+                                      num_key_value_heads=8)}  # head size 16 = width / heads, as transformers reads it
+    for family, (overrides, settings) in FAMILIES.items():
+        if family in ("llama", "phi3"):
+            settings = DEFAULT if family == "llama" else UNIFORM
+            models[family] = slicegpt.slice_model(make_model(family, **overrides), tokenizer, calibration,
+                                                  progress=False, **settings)[0]
+        else:
+            models[family] = make_model(family, **overrides, intermediate_size=PRUNED)
+    assert models["llama"].config.intermediate_size % 32  # the default recipe's neurons: a fallback
+    return models
+
+
+def _dequantized_log_probs(path: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' reading of a GGUF file (dequantized to float32): the model the file holds."""
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(back(torch.tensor([ids])).logits[0, 15:].double(), -1)
+
+
+def test_quantized_gguf_files_of_every_family_load_and_generate_in_llama_cpp(calibration, tokenizer, tmp_path):
+    """bf16, q8_0, q4_0 and q4_k_m files: types as llama.cpp wants them, close to the model, generating."""
+    from slicegpt.formats.gguf import tensor_types
+
+    ids = calibration.input_ids[0, :24].tolist()
+    jobs, expected = [], {}
+    for family, stock in _stock_models(tokenizer, calibration).items():
+        with torch.no_grad():
+            expected[family] = torch.log_softmax(stock(torch.tensor([ids])).logits[0, 15:].double(), -1)
+        for dtype in QUANTIZED_TYPES:
+            path = export_gguf(stock, tokenizer, tmp_path / f"{family}-{dtype}.gguf", dtype=dtype,
+                               name="slicegpt test model")
+            _check_types(path, dtype)
+            if family == "llama-256":  # the same weights as the file: what is left is llama.cpp's arithmetic
+                expected[path.name] = _dequantized_log_probs(path, ids)
+            jobs.append(dict(file=str(path), prompt=ids[:16], continuation=ids[16:], generate=4,
+                             family=family, dtype=dtype))
+    assert {"q4_k", "q6_k"} <= set(tensor_types(tmp_path / "llama-256-q4_k_m.gguf"))
+    for job, result in zip(jobs, llama_cpp_batch(jobs, tmp_path)):
+        probs = torch.tensor(result["probs"], dtype=torch.float64)
+        reference = expected[job["family"]]
+        kl = (reference.exp() * (reference - probs.clamp_min(1e-30).log())).sum(-1).mean().item()
+        assert kl < KL_TOLERANCE[job["dtype"]], (job["family"], job["dtype"], kl)
+        if Path(job["file"]).name in expected:
+            own = expected[Path(job["file"]).name]
+            kl_own = (own.exp() * (own - probs.clamp_min(1e-30).log())).sum(-1).mean().item()
+            assert kl_own < DEQUANTIZED_KL, (job["dtype"], kl_own)
+        assert len(result["generated"]) == 4 and result["generated"][0] == int(probs[0].argmax())

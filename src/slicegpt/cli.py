@@ -32,6 +32,7 @@ from slicegpt.core import distributed
 from slicegpt.data import (DEFAULT_DATA, HUB_DATASETS, bos_token, check_window_length, evaluation_windows,
                            load_text, tokenize)
 from slicegpt.errors import SliceGPTError, SliceGPTWarning
+from slicegpt.formats.gguf import DTYPES as GGUF_DTYPES
 from slicegpt.formats.loading import DEFAULT_MODEL, load_model
 from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.report import BENCH_KIND
@@ -207,36 +208,52 @@ def cmd_generate(args) -> None:
         print(args.prompt + text)
 
 
-def cmd_export(args) -> None:
-    from slicegpt.formats.gguf import export_gguf
-    from slicegpt.formats.loading import load
+def _source_gguf(source: str) -> Path | None:
+    """The GGUF file a model came from (its tokenizer is copied field for field), if it is one."""
     from slicegpt.formats.loading import EMBEDDED_MODELS
 
-    directory = Path(args.model)
-    if not (directory / MANIFEST_NAME).is_file():
-        raise SliceGPTError(f"{directory} is not a slicegpt output directory (no {MANIFEST_NAME})")
-    out = Path(args.out)
-    refuse_existing(out, args.force, ours=b"GGUF")  # before loading anything; --force replaces only a GGUF file
-    refuse_overlap(out, directory)
+    try:
+        path = EMBEDDED_MODELS[source]() if source in EMBEDDED_MODELS else Path(source)
+    except SliceGPTError:
+        return None
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def _export_source(spec: str):
+    """(the loaded model, the GGUF it came from): a slicegpt output, or a dense model to compare with."""
+    from slicegpt.formats.loading import load
+
+    directory = Path(spec)
+    if not (directory / MANIFEST_NAME).is_file():  # dense: a directory, a .gguf file, default, a hub id
+        loaded = load_model(spec, dtype="float32")
+        return loaded, _source_gguf(loaded.source)  # the embedded models' source is their GGUF file
     loaded = load(directory, dtype="float32")
     slicing = loaded.sliced.get("slicing", {})
     if not slicing.get("standard"):
         raise SliceGPTError(f"{directory} was sliced with per-layer rotations (a matrix on every skip connection), "
                             "which GGUF cannot hold; slice it again with --rotation uniform, or with the default recipe at a "
                             "--size that MLP neurons alone meet (a stock model)")
-    source = slicing.get("source_model", "")
-    try:
-        source_gguf = EMBEDDED_MODELS[source]() if source in EMBEDDED_MODELS else Path(source)
-    except SliceGPTError:
-        source_gguf = None
-    if source_gguf is not None and source_gguf.suffix != ".gguf":
-        source_gguf = None
+    return loaded, _source_gguf(slicing.get("source_model", ""))
+
+
+def cmd_export(args) -> None:
+    from slicegpt.formats.gguf import export_gguf, tensor_types
+
+    out = Path(args.out)
+    refuse_existing(out, args.force, ours=b"GGUF")  # before loading anything; --force replaces only a GGUF file
+    if Path(str(args.model)).exists():
+        refuse_overlap(out, Path(str(args.model)))
+    loaded, source_gguf = _export_source(str(args.model))
+    name = Path(str(args.model)).name or str(args.model)
     path = export_gguf(loaded.model, loaded.tokenizer, out, dtype=args.dtype, source_gguf=source_gguf,
-                       force=args.force, name=f"{directory.name} (slicegpt)")
-    figures = {"model": str(directory), "out": str(path), "format": args.format, "dtype": args.dtype,
-               "bytes": path.stat().st_size, "tokenizer": "copied from " + str(source_gguf) if source_gguf
-               else "built from tokenizer.json"}
-    _emit(args, [("model", str(directory)), ("written", f"{path} ({figures['bytes'] / 2**20:.1f} MiB, {args.dtype})"),
+                       force=args.force, name=f"{name} ({'slicegpt' if loaded.sliced else 'dense'})")
+    types = tensor_types(path)
+    figures = {"model": str(args.model), "out": str(path), "format": args.format, "dtype": args.dtype,
+               "bytes": path.stat().st_size, "tensor_types": types, "sliced": bool(loaded.sliced),
+               "tokenizer": "copied from " + str(source_gguf) if source_gguf else "built from tokenizer.json"}
+    _emit(args, [("model", f"{args.model} ({'sliced' if loaded.sliced else 'dense'})"),
+                 ("written", f"{path} ({figures['bytes'] / 2**20:.1f} MiB, {args.dtype})"),
+                 ("tensors", ", ".join(f"{n} {kind}" for kind, n in types.items())),
                  ("tokenizer", figures["tokenizer"])], figures)
 
 
@@ -621,10 +638,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.set_defaults(func=cmd_lm_eval)
 
-    p = sub.add_parser("export", help="write a uniformly sliced model as a GGUF file for llama.cpp")
-    p.add_argument("model", help="a slicegpt output directory sliced with --rotation uniform")
+    p = sub.add_parser("export", help="write a stock model (uniformly sliced, or dense) as a GGUF file for llama.cpp")
+    p.add_argument("model", help="a slicegpt output sliced to a stock model (--rotation uniform, or the default "
+                   "recipe meeting --size with MLP neurons), or a dense model to compare with: default, a .gguf "
+                   "file, a directory or a hub id")
     p.add_argument("--format", choices=("gguf",), default="gguf")
-    p.add_argument("--dtype", choices=("f16", "f32"), default="f16", help="tensor type of the matrices (default f16)")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16",
+                   help="type of the matrices (default f16): f32, f16, bf16 and q8_0 are written directly; q4_0, "
+                   "q4_k_m, q5_k_m and q6_k by llama.cpp's own quantizer (scripts/llama_cpp_setup.sh installs it). "
+                   "Norms and other 1-D tensors stay f32; matrices whose rows are not whole quantization blocks "
+                   "fall back to f16 (the summary line counts each type)")
     p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")

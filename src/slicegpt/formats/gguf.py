@@ -11,6 +11,13 @@ derive it from the (now sliced) embedding width.
 The tokenizer goes in too: copied field for field from the source GGUF when the model came
 from one (the embedded default does), otherwise built from the Hugging Face tokenizer's
 byte-level BPE vocabulary and merges.
+
+Tensor types follow llama.cpp. f32, f16, bf16 and q8_0 are written here, as its converter
+(convert_hf_to_gguf.py) writes them: 1-D tensors, norms, biases and MoE routers stay float32,
+and a matrix whose rows are not a multiple of q8_0's 32-value blocks falls back to f16. The
+k-quant mixes and q4_0 come from llama.cpp's own quantizer (`formats.llama_cpp`), which makes its
+per-tensor choices itself. A value that the stored type cannot hold (beyond float16's ±65504) is
+refused, naming the tensor, instead of becoming inf.
 """
 
 from __future__ import annotations
@@ -28,7 +35,15 @@ from slicegpt.version import __version__
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.standard import head_dim
 
-DTYPES = ("f16", "f32")
+# --dtype -> llama.cpp file type (general.file_type); the first four written here, the rest by llama.cpp
+WRITTEN = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+QUANTIZED = {"q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+DTYPES = (*WRITTEN, *QUANTIZED)
+F16_MAX = 65504.0
+BLOCK = 32  # values per block of q8_0, q4_0, q5_0 (k-quants: 256)
+# Largest |value| each stored type holds: block types keep one float16 scale per block, the
+# value over 127 (q8_0) or over 8 (q4_0, the smallest divisor of the types llama.cpp may choose).
+_LIMITS = {"F16": F16_MAX, "Q8_0": F16_MAX * 127, "QUANTIZED": F16_MAX * 8}
 
 
 @dataclass(frozen=True)
@@ -279,13 +294,68 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(template)
 
 
+def storage_type(name: str, t: torch.Tensor, dtype: str) -> str:
+    """The GGML type llama.cpp's converter gives tensor `name` in a `dtype` file (q4/k-quants: "QUANTIZED")."""
+    if (dtype == "f32" or t.dim() <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+            or ".ffn_gate_inp." in name):  # llama.cpp reads these as float32 only
+        return "F32"
+    if dtype in QUANTIZED:
+        return "F16" if t.shape[-1] % BLOCK else "QUANTIZED"  # llama.cpp's last fallback is f16
+    if dtype == "q8_0" and t.shape[-1] % BLOCK:
+        return "F16"  # as the converter does when a row is not whole blocks
+    return dtype.upper()
+
+
+def _check_range(name: str, t: torch.Tensor, kind: str, dtype: str) -> None:
+    """Refuse a tensor whose values the stored type would turn into inf."""
+    limit = _LIMITS.get(kind)
+    if limit is None or t.numel() == 0:
+        return
+    peak = float(t.detach().abs().max())
+    if peak > limit:
+        stored = "f16" if kind == "F16" else f"{dtype}'s float16 block scales"
+        raise SliceGPTError(f"{name} has values up to {peak:.4g}, beyond what {stored} can hold "
+                            f"(±{limit:.6g}), so they would become inf; export with --dtype bf16 or f32")
+
+
+def _array(t: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
+    """The tensor as the bytes of its GGML type (block types quantized by the gguf package)."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[kind]
+    data = t.detach().to(torch.float32).cpu().numpy()
+    if qtype == GGMLQuantizationType.F16:
+        return data.astype(np.float16), qtype
+    if qtype != GGMLQuantizationType.F32:
+        data = quants.quantize(data, qtype)
+    return np.ascontiguousarray(data), qtype
+
+
+def tensor_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many tensors of each GGML type a GGUF file holds (what fell back to f16/f32 shows here)."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name.lower()] = counts.get(tensor.tensor_type.name.lower(), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _check_written(path: Path) -> None:
+    """After llama.cpp's quantizer: no f16 tensor it chose may hold inf."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    for tensor in GGUFReader(str(path)).tensors:
+        if tensor.tensor_type == GGMLQuantizationType.F16 and not np.isfinite(tensor.data).all():
+            raise SliceGPTError(f"{tensor.name} overflowed float16 in llama.cpp's quantizer; export with --dtype bf16 or f32")
+
+
 def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str = "f16",
                 source_gguf: str | os.PathLike | None = None, force: bool = False, name: str = "") -> Path:
-    """Write `model` (a stock model, e.g. from a uniform slice) as a GGUF file, atomically."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+    """Write `model` (a stock model: dense, or from a uniform slice) as a GGUF file, atomically."""
+    import tempfile
 
     from slicegpt.atomic import atomic_file, refuse_existing
-
     from slicegpt.modeling.runtime import sliced_structure
 
     if sliced_structure(model) is not None:
@@ -299,63 +369,88 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         raise SliceGPTError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     refuse_existing(out, force, ours=b"GGUF")  # before the checks and the writing; --force replaces only GGUF
+    _check_supported(model.config, layout)
+    tensors = _tensors(model, layout)
+    for key, t in tensors.items():
+        _check_range(key, t, storage_type(key, t, dtype), dtype)
+    tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
+    header = dict(model=model, layout=layout, tokenizer=tokenizer, tokenizer_fields=tokenizer_fields,
+                  name=name or f"{model_type} sliced to {model.config.hidden_size}")
+
+    with atomic_file(out, force=True) as tmp:  # existence checked above
+        if dtype in WRITTEN:
+            _write(tmp, tensors, dtype, **header)
+        else:
+            from gguf import LlamaFileType
+
+            from slicegpt.formats.llama_cpp import quantize_file
+
+            fd, name32 = tempfile.mkstemp(prefix=f".{out.name}.f32-", suffix=".gguf", dir=out.parent)
+            os.close(fd)
+            try:  # llama.cpp quantizes from float32, as llama-quantize does from the converter's output
+                _write(Path(name32), tensors, "f32", **header)
+                quantize_file(Path(name32), tmp, LlamaFileType[QUANTIZED[dtype]].value)
+            finally:
+                Path(name32).unlink(missing_ok=True)
+            _check_written(tmp)
+    return out
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.Module, layout: Layout,
+           tokenizer, tokenizer_fields: list | None, name: str) -> None:
+    """One GGUF file: llama.cpp's metadata for the architecture, the tokenizer, the tensors in `dtype`."""
+    from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
+
     config = model.config
-    _check_supported(config, layout)
     heads = config.num_attention_heads
     head_width = head_dim(config)
     rope = _rope(config)
-    tensors = _tensors(model, layout)
     vocab_size = tensors["token_embd.weight"].shape[0]
-    tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
-
-    with atomic_file(out, force=True) as tmp:  # existence checked above
-        writer = GGUFWriter(str(tmp), layout.arch)
-        writer.add_name(name or f"{model_type} sliced to {config.hidden_size}")
-        writer.add_string("slicegpt.version", __version__)  # which code wrote it (llama.cpp ignores the key)
-        writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
-        context = config.max_position_embeddings
-        if layout.window_as_context and getattr(config, "sliding_window", None):
-            context = min(context, int(config.sliding_window))  # inside the window, sliding = full attention
-        writer.add_context_length(context)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(config.num_key_value_heads or heads)
-        writer.add_key_length(head_width)
-        writer.add_value_length(head_width)
-        writer.add_rope_dimension_count(int(head_width * rope["partial_rotary_factor"]))
-        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        if layout.layer_norm:
-            writer.add_layer_norm_eps(float(config.layer_norm_eps))
-        else:
-            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        if layout.sliding_window and getattr(config, "sliding_window", None):
-            writer.add_sliding_window(int(config.sliding_window))
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
-            if getattr(config, key, None):
-                getattr(writer, f"add_{key}")(float(getattr(config, key)))
-        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-        if layout.moe_norm_topk is not None and experts:
-            writer.add_expert_count(int(experts))
-            writer.add_expert_used_count(int(config.num_experts_per_tok))
-            if getattr(config, "moe_intermediate_size", None):
-                writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
-            if getattr(config, "shared_expert_intermediate_size", None):
-                writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
-        writer.add_vocab_size(vocab_size)
-        if tokenizer_fields:
-            for field in tokenizer_fields:
-                _copy_field(writer, field)
-        else:
-            _write_tokenizer(writer, tokenizer, vocab_size)
-        for key, t in tensors.items():
-            half = dtype == "f16" and t.dim() > 1
-            array = t.detach().to(torch.float16 if half else torch.float32).cpu().numpy()
-            writer.add_tensor(key, np.ascontiguousarray(array),
-                              raw_dtype=GGMLQuantizationType.F16 if half else GGMLQuantizationType.F32)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return out
+    writer = GGUFWriter(str(path), layout.arch)
+    writer.add_name(name)
+    writer.add_string("slicegpt.version", __version__)  # which code wrote it (llama.cpp ignores the key)
+    writer.add_file_type(LlamaFileType[WRITTEN[dtype]].value)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    context = config.max_position_embeddings
+    if layout.window_as_context and getattr(config, "sliding_window", None):
+        context = min(context, int(config.sliding_window))  # inside the window, sliding = full attention
+    writer.add_context_length(context)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads or heads)
+    writer.add_key_length(head_width)
+    writer.add_value_length(head_width)
+    writer.add_rope_dimension_count(int(head_width * rope["partial_rotary_factor"]))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if layout.layer_norm:
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if layout.sliding_window and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
+        if getattr(config, key, None):
+            getattr(writer, f"add_{key}")(float(getattr(config, key)))
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if layout.moe_norm_topk is not None and experts:
+        writer.add_expert_count(int(experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        if getattr(config, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
+    writer.add_vocab_size(vocab_size)
+    if tokenizer_fields:
+        for field in tokenizer_fields:
+            _copy_field(writer, field)
+    else:
+        _write_tokenizer(writer, tokenizer, vocab_size)
+    for key, t in tensors.items():
+        array, qtype = _array(t, storage_type(key, t, dtype))
+        writer.add_tensor(key, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

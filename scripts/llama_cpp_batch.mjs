@@ -1,0 +1,39 @@
+// Many GGUF files in one llama.cpp process (node-llama-cpp's prebuilt CPU build): starting llama.cpp
+// costs seconds, a tiny model milliseconds. For each job, the next-token probabilities teacher-forced
+// along prompt + continuation (as llama_cpp_probs.mjs) and a greedy generation from the prompt.
+//   node llama_cpp_batch.mjs JOBS.json     JOBS: [{"file", "prompt": [ids], "continuation": [ids], "generate": n}]
+// Prints one JSON list: [{"file", "probs": [[p_0 ... p_vocab-1] ...], "generated": [ids]}].
+import {readFileSync} from "node:fs";
+import {getLlama, LlamaLogLevel} from "node-llama-cpp";
+
+const jobs = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
+const results = [];
+for (const {file, prompt, continuation = [], generate = 0} of jobs) {
+    const model = await llama.loadModel({modelPath: file});
+    const vocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
+    const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 2, threads: 1});
+    const probs = [];
+    const steps = context.getSequence().evaluateWithMetadata(prompt, {probabilities: true},
+        {temperature: 1, topK: 0, topP: 1, seed: 0, yieldEogToken: true});
+    let next = await steps.next();
+    for (let i = 0; !next.done; i++) {
+        const row = new Array(vocab).fill(0);
+        for (const [token, p] of next.value.probabilities) row[token] = p;
+        probs.push(row);
+        if (i >= continuation.length) break;
+        next = await steps.next(continuation[i]);  // feed our token instead of the sampled one
+    }
+    await steps.return();
+    const generated = [];
+    if (generate > 0) {
+        for await (const token of context.getSequence().evaluate(prompt, {temperature: 0, yieldEogToken: true})) {
+            generated.push(token);
+            if (generated.length >= generate) break;
+        }
+    }
+    results.push({file, probs, generated});
+    await context.dispose();
+    await model.dispose();
+}
+console.log(JSON.stringify(results));
