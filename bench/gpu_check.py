@@ -7,9 +7,9 @@ Steps, each a fresh process (the real CLI, `python -m slicegpt ...`) under a str
   install         pip builds and installs the checkout without dependencies or network into a
                   temporary folder (`--no-deps --no-build-isolation --no-index --target`), which
                   every later step imports; on failure the steps fall back to PYTHONPATH=src
-  environment     python, torch, transformers, the GPU, where slicegpt was imported from
-  prepare         generated text (Zipf-distributed pseudo-words), a BPE tokenizer trained on it,
-                  a tiny random Llama in float32
+  prepare         python, torch, transformers, the GPU, where slicegpt was imported from; generated
+                  text (Zipf-distributed pseudo-words), a BPE tokenizer trained on it, a tiny
+                  random Llama in float32
   reference_cpu   the tiny model sliced on the CPU in float32 (default recipe, --size 0.8; with a
                   GPU also the paper recipe, --slicing 0.25): the reference
   reference_cuda  the same commands with --device cuda, float32; the outputs' logits (computed on the
@@ -102,6 +102,22 @@ def make_text(words: int, seed: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
+def environment() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    import slicegpt
+
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "slicegpt": slicegpt.__version__, "slicegpt_from": slicegpt.__file__, "cuda": cuda,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+            "nccl": torch.distributed.is_nccl_available() if cuda else None, "cpus": os.cpu_count()}
+
+
 def prepare(work: Path, big: bool) -> None:
     from slicegpt.testing import train_tokenizer, write_random_llama
     import torch
@@ -110,7 +126,7 @@ def prepare(work: Path, big: bool) -> None:
     if not text_file.exists():
         text_file.write_text(make_text(200_000))
     tokenizer = train_tokenizer(text_file.read_text()[:200_000], vocab_size=300)
-    figures = {}
+    figures = {} if big else environment()
     if big:
         start = time.perf_counter()
         size = write_random_llama(work / "big", layers=setting("LAYERS"), hidden=setting("HIDDEN"),
@@ -253,6 +269,13 @@ class Check:
         print(f"[gpu-check] {name}: failed ({reason})", file=sys.stderr, flush=True)
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two outputs hold byte-identical safetensors files."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    return bool(names) and names == sorted(p.name for p in b.glob("*.safetensors")) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
 def slicegpt_command(*args) -> list[str]:
     return [sys.executable, "-m", "slicegpt", *map(str, args)]
 
@@ -284,18 +307,6 @@ def install(work: Path) -> tuple[dict, str]:
             }, str(target)
 
 
-ENVIRONMENT = """
-import json, platform, sys, torch, transformers, slicegpt
-cuda = torch.cuda.is_available()
-print(json.dumps({"python": platform.python_version(), "torch": torch.__version__,
-                  "transformers": transformers.__version__, "slicegpt": slicegpt.__version__,
-                  "slicegpt_from": slicegpt.__file__, "cuda": cuda,
-                  "gpu": torch.cuda.get_device_name(0) if cuda else None,
-                  "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-                  "nccl": torch.distributed.is_nccl_available() if cuda else None, "cpus": __import__("os").cpu_count()}))
-"""
-
-
 def slice_figures(figures: dict) -> dict:
     keep = ("parameters_dense", "parameters_sliced", "slicing_seconds", "peak_memory_bytes", "hidden_size",
             "sliced_hidden_size", "allreduce_bytes_per_layer")
@@ -304,6 +315,8 @@ def slice_figures(figures: dict) -> dict:
         out["size"] = round(out["parameters_sliced"] / out["parameters_dense"], 4)
     if "peak_memory_bytes" in out:
         out["peak_memory_gib"] = round(out.pop("peak_memory_bytes") / 2**30, 2)
+    if "slicing_seconds" in out:
+        out["slicing_seconds"] = round(out["slicing_seconds"], 1)
     return out
 
 
@@ -332,18 +345,15 @@ def main() -> int:
     check.results["install"] = installed
     print(f"[gpu-check] install: {installed['status']} in {installed.get('seconds', 0):.1f} s", file=sys.stderr,
           flush=True)
-    env = check.step("environment", [sys.executable, "-c", ENVIRONMENT], 120) or {}
-    if check.results["environment"]["status"] == "ok":
-        check.results["environment"].update(env)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    env = check.step("prepare", [*me, "_prepare", str(work), "tiny"], 120) or {}
+    check.results["prepare"].update(env)
+    prepared = check.results["prepare"]["status"] == "ok"
     device = setting("DEVICE")
     gpu = bool(env.get("cuda")) if device.startswith("cuda") else True
     no_gpu = "no GPU: torch.cuda.is_available() is false"
-    me = [sys.executable, str(Path(__file__).resolve())]
     text = str(work / "text.txt")
-
     tiny = work / "tiny"
-    check.step("prepare", [*me, "_prepare", str(work), "tiny"], 120)
-    prepared = check.results["prepare"]["status"] == "ok"
     tiny_args = ["--calibration", text, "--samples", setting("TINY_SAMPLES"), "--seqlen", setting("TINY_SEQLEN"),
                  "--no-eval", "--json", "--force"]
     recipes = {"default": ["--size", "0.8"], "paper": ["--recipe", "paper", "--slicing", "0.25"]}
@@ -357,6 +367,8 @@ def main() -> int:
 
     def compared(name: str, reference: Path, other: Path) -> tuple[dict | None, str | None]:
         """(the deviations of `other`'s logits from `reference`'s, or None with the error)."""
+        if same_weights(reference, other):  # nothing to compute: the same tensors, byte for byte
+            return {"relative_rms_deviation": 0.0, "max_abs_deviation": 0.0, "identical_weights": True}, None
         figures = check.step(f"{name}_compare", [*me, "_compare", str(reference), str(other), str(tiny), text], 120)
         result = check.results.pop(f"{name}_compare")
         return figures, result.get("error")
@@ -486,8 +498,8 @@ def main() -> int:
     for result in check.results.values():
         result.pop("_stdout", None)
     statuses = [r["status"] for r in check.results.values()]
-    summary = {"gpu_check": "failed" if "failed" in statuses else "ok",
-               "gpu": env.get("gpu"), "device": device if gpu else "cpu",
+    summary = {"gpu_check": "failed" if "failed" in statuses else "ok", "gpu": env.get("gpu"),
+               "device": device if gpu else "cpu", "torch": env.get("torch"), "transformers": env.get("transformers"),
                "seconds": round(time.monotonic() - started, 1), "budget_s": check.budget,
                "counts": {s: statuses.count(s) for s in ("ok", "failed", "skipped")},
                "work": str(work) if workdir else None, "checks": check.results}
