@@ -70,7 +70,8 @@ SETTINGS = {  # name: (default, meaning); read from GPU_CHECK_<NAME>
     "TINY_INTERMEDIATE": (704, "tiny model: MLP width"),
     "TINY_SAMPLES": (16, "tiny model: calibration windows"),
     "TINY_SEQLEN": (128, "tiny model: tokens per calibration window"),
-    "TOLERANCE": (1e-3, "reference: largest relative RMS deviation of cuda's logits from the CPU's"),
+    "TOLERANCE": (1e-2, "largest relative RMS deviation of logits from the reference's (slicing itself "
+                        "moves them by ~0.4; a near-tie in the neuron choice decided the other way, far less)"),
     "INSTALL": (1, "0: skip the install, import from src/"),
     "WORKDIR": ("", "where models and outputs go (default: a temporary folder, removed at the end)"),
     "SAVE": ("", "a folder to also write gpu_check.json and gpu_check.log (every step's output) into"),
@@ -179,6 +180,7 @@ from slicegpt.cli import main
 argv = sys.argv[1:]
 cuda = "--device" in argv and argv[argv.index("--device") + 1].startswith("cuda")
 if cuda:
+    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # as slicegpt's own init sets it
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=120))
 
@@ -251,8 +253,10 @@ class Check:
             result["_stdout"] = stdout
         else:
             lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "/s]" not in line]
-            errors = [line for line in lines if "error" in line.lower() or "timed out" in line]
-            result["error"] = ((errors or lines)[-1] if lines else f"exit status {code}").strip()[:300]
+            ours = [line for line in lines if "slicegpt: error" in line or "timed out after" in line]
+            errors = [line for line in lines if "error" in line.lower() and "ChildFailedError" not in line
+                      and "elastic" not in line]
+            result["error"] = ((ours or errors or lines)[-1] if lines else f"exit status {code}").strip()[:300]
         self.results[name] = result
         print(f"[gpu-check] {name}: {result['status']} in {seconds:.1f} s"
               + (f" ({result['error']})" if code else ""), file=sys.stderr, flush=True)
@@ -351,7 +355,7 @@ def main() -> int:
     prepared = check.results["prepare"]["status"] == "ok"
     device = setting("DEVICE")
     gpu = bool(env.get("cuda")) if device.startswith("cuda") else True
-    no_gpu = "no GPU: torch.cuda.is_available() is false"
+    no_gpu = "no GPU: torch.cuda.is_available() is false" if prepared else "prepare failed: GPU unknown"
     text = str(work / "text.txt")
     tiny = work / "tiny"
     tiny_args = ["--calibration", text, "--samples", setting("TINY_SAMPLES"), "--seqlen", setting("TINY_SEQLEN"),
@@ -378,10 +382,13 @@ def main() -> int:
     if prepared:
         for recipe in cpu_recipes:
             references[recipe] = tiny_slice("reference_cpu", recipe, "cpu")
-        ok = [r for r in cpu_recipes if references[r]]
-        check.results["reference_cpu"] = {
-            "status": "ok" if len(ok) == len(cpu_recipes) else "failed", "recipes": cpu_recipes,
-            "seconds": round(sum(check.results.pop(f"reference_cpu_{r}")["seconds"] for r in cpu_recipes), 1)}
+        steps = [check.results.pop(f"reference_cpu_{r}") for r in cpu_recipes]
+        check.results["reference_cpu"] = {"status": "ok", "recipes": cpu_recipes,
+                                          "seconds": round(sum(r.get("seconds", 0) for r in steps), 1)}
+        missing = [f"{recipe}: {r.get('error') or r.get('reason')}" for recipe, r in zip(cpu_recipes, steps)
+                   if r["status"] != "ok"]
+        if missing:
+            check.fail("reference_cpu", missing[0])
     else:
         check.skip("reference_cpu", "prepare failed")
 
@@ -394,9 +401,9 @@ def main() -> int:
         for recipe, reference in references.items():
             out = tiny_slice("reference_cuda", recipe, device)
             step = check.results.pop(f"reference_cuda_{recipe}")
-            seconds += step["seconds"]
+            seconds += step.get("seconds", 0)
             if out is None or reference is None:
-                errors.append(step.get("error", "no CPU reference"))
+                errors.append(f"{recipe}: " + (step.get("error") or step.get("reason") or "no CPU reference"))
                 continue
             figures, error = compared("reference_cuda", reference, out)
             if figures is None:
@@ -409,7 +416,7 @@ def main() -> int:
                                            "deviations": deviations}
         if errors:
             check.fail("reference_cuda", errors[0])
-        elif worst is None or worst > tolerance:
+        elif worst > tolerance:
             check.fail("reference_cuda", f"cuda's logits deviate from the CPU's by {worst:.2e} (relative RMS) "
                                          f"> {tolerance:g}")
 
