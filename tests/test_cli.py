@@ -293,6 +293,7 @@ def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
     sliced_weights = {r["weight_bytes"] for r in rows if not r["model"].startswith("dense")}
     assert max(sliced_weights) < min(r["weight_bytes"] for r in dense)
     assert "decode speedup" in result.stdout
+    assert "FutureWarning" not in result.stderr and "deprecated" not in result.stderr  # transformers' current API
     assert_one_line_error(run("bench", out, "--seqlens", "0"), "--seqlens must be comma-separated positive integers")
 
 

@@ -10,6 +10,7 @@ measurement (allocator peak on CUDA), next to the bytes of the model's weights.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -68,21 +69,31 @@ def prefill(model: nn.Module, batch: int, seqlen: int, repeats: int = 3) -> tupl
     return statistics.median(times), m.peak_bytes - m.start_bytes
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which this transformers version's forward takes the KV cache.
+
+    transformers 5 renamed `past_key_values` to `cache` (outputs too) and warns on the old name
+    (a FutureWarning on every call); older 5.x releases know only `past_key_values`.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode(model: nn.Module, batch: int, seqlen: int, new_tokens: int = 32, repeats: int = 3) -> tuple[float, int]:
     """(median seconds per generated token with the KV cache after a [batch, seqlen] prompt, peak bytes)."""
     device = next(model.parameters()).device
     ids = _prompt(model, batch, seqlen).to(device)
+    keyword = cache_keyword(model)
     times = []
     with measure(str(device)) as m:
         for _ in range(repeats + 1):  # the first round warms up
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = out[keyword], out.logits[:, -1:].argmax(-1)
             _sync(device)
             start = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, use_cache=True, **{keyword: cache})
+                cache, token = out[keyword], out.logits[:, -1:].argmax(-1)
             _sync(device)
             times.append((time.perf_counter() - start) / new_tokens)
     return statistics.median(times[1:]), m.peak_bytes - m.start_bytes
