@@ -237,10 +237,12 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     else:
         budget = model.count([dim] * n)
     neurons = None
+    unrotated = parameter_model(view.model, adapter, rotation="none", tied=source_tied,
+                                source_tied=source_tied, slice_head=True, total=dense_parameters, heads=heads)
+    full = [hidden] * n
+    if heads is not None and mlp is None and unrotated.count(full) <= budget:  # the heads alone meet the size
+        return full, "equal", None
     if mlp is not None:
-        unrotated = parameter_model(view.model, adapter, rotation="none", tied=source_tied,
-                                    source_tied=source_tied, slice_head=True, total=dense_parameters, heads=heads)
-        full = [hidden] * n
         if mlp == "auto":
             if not unrotated.neurons:
                 mlp = None  # the family describes no MLP neurons: the stream alone is sliced
