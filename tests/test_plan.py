@@ -124,6 +124,8 @@ PAPER_REFUSALS = [
     (["--size", "0.8", "--neurons", "0.5"], r"pruning MLP neurons refits the down projection.*needs compensation"),
     (["--neurons", "0.5"], r"pruning MLP neurons refits the down projection.*add --compensate writers"),
     (["--neurons", "0.5", "--compensate", "writers"], r"--neurons 0.5 prunes MLP neurons, so the run's size is --size"),
+    (["--heads", "0.5"], r"pruning attention heads refits the output projection.*add --compensate writers"),
+    (["--heads", "2x1", "--compensate", "writers"], r"--heads 2x1 prunes attention heads, so the run's size is --size"),
     (["--pooling", "tokens"], r"--pooling applies to --rotation uniform only"),
     (["--head", "fit"], r"--head fit applies to --rotation uniform only"),
     (["--accept-deviation"], r"--accept-deviation applies to --rotation uniform only"),
