@@ -11,9 +11,9 @@ compensated step is a `StepFit`, used in the order of its life cycle:
 3. `observe_sliced`: the sliced step runs with the fitted readers; the inputs X of its output
    linears (or the output of a post-norm, whose d x d matrix is fitted) are paired with
    ``h_dense - z Q^T``;
-4. `solve_writers`: the writers' fit W (pruning MLP neurons on the way), the stream after the
-   step ``z Q^T + X W`` from the kept inputs (no third pass), and the new weights, which stay
-   in the original basis for the caller to rotate.
+4. `solve_writers`: the writers' fit W (pruning MLP neurons or attention heads on the way), the
+   stream after the step ``z Q^T + X W`` from the kept inputs (no third pass), and the new
+   weights, which stay in the original basis for the caller to rotate.
 
 Batches beyond the dense share have the paper's weights' own output X P as their target.
 (Refitting the skip matrix beside the writers was tried: SmolLM2 at 25% went from 50.1 to 54.6
