@@ -135,11 +135,12 @@ def test_the_parameter_model_counts_pruned_heads():
     assert counter.count([64] * 7) == slicegpt.count_parameters(dense) - removed
 
 
-def test_a_fraction_keeps_query_heads_within_groups_first():
+def test_a_fraction_drops_whole_groups_first():
     from slicegpt.core.widths import head_layout
 
-    assert head_layout(2 / 3, (3, 3), "llama") == (3, 2)
-    assert head_layout(1 / 3, (3, 3), "llama") == (3, 1)
+    assert head_layout(2 / 3, (3, 3), "llama") == (2, 3)
+    assert head_layout(1 / 3, (3, 3), "llama") == (1, 3)
+    assert head_layout(0.5, (2, 4), "llama") == (1, 4)
     assert head_layout(0.5, (4, 1), "llama") == (2, 1)  # multi-head attention: whole groups
     assert head_layout(0.99, (3, 3), "llama") is None and head_layout("3x3", (3, 3), "llama") is None
 

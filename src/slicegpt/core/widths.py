@@ -295,8 +295,9 @@ def head_layout(heads: float | str | None, dense: tuple[int, int] | None, family
     """`--heads` as (key/value heads, query heads per key/value head) kept in every layer; None keeps all.
 
     "GxR" is taken as given. A fraction f of the H = G x R query heads keeps the layout whose count
-    is nearest f x H (at least one head), and of equal counts the one with the most key/value
-    groups: query heads go within groups before whole groups do (SmolLM2 at 0.8x, docs/benchmarks.md).
+    is nearest f x H (at least one head), and of equal counts the one with the fewest key/value
+    groups: whole groups go before query heads within groups do (SmolLM2 at 0.8x and 0.65x: one of
+    3 groups gone 47.56 and 60.84, one query head per group 50.14 and 70.14; docs/benchmarks.md).
     """
     if heads is None:
         return None
@@ -312,7 +313,7 @@ def head_layout(heads: float | str | None, dense: tuple[int, int] | None, family
     else:
         target = max(1, round(heads * groups * per_group))
         kept = min(((g, r) for g in range(1, groups + 1) for r in range(1, per_group + 1)),
-                   key=lambda gr: (abs(gr[0] * gr[1] - target), -gr[0]))
+                   key=lambda gr: (abs(gr[0] * gr[1] - target), gr[0]))
     return None if kept == (groups, per_group) else kept
 
 
