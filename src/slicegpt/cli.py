@@ -486,9 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", default=None, metavar="off|FRACTION|GxR",
                    help="attention heads kept per layer, pruned in compensation's refit of the output projection "
                         "(OBS on whole heads): off (both recipes), a fraction of the query heads, or GxR: G "
-                        "key/value heads with R query heads each (e.g. 2x3 of SmolLM2's 3x3: one whole group); with --size the "
-                        "neurons fill the rest of the budget. Llama-like families (llama, mistral, qwen2, qwen3, "
-                        "gemma, gemma2, gemma3_text)")
+                        "key/value heads with R query heads each (e.g. 2x3 of SmolLM2's 3x3: one whole group); "
+                        "with --size the neurons fill the rest of the budget. Llama-like families (llama, mistral, "
+                        "qwen2, qwen3, gemma, gemma2, gemma3_text)")
     g.add_argument("--widths", choices=WIDTH_RULES, default=None,
                    help="per-layer: one width everywhere (equal) or each boundary its own within the size "
                         "(adaptive; helped SmolLM2, hurt Gemma 3)")

@@ -150,8 +150,8 @@ class Plan:
                 ("recipe", f"{s.recipe}: {size}"),
                 ("compensation", comp)]
         if self.identity:
-            pruned = " and ".join(name for name, count in (("MLP neurons", self.neurons), ("attention heads", self.heads))
-                                  if count is not None)
+            pruned = " and ".join(name for name, count in (("MLP neurons", self.neurons),
+                                                           ("attention heads", self.heads)) if count is not None)
             rows.append(("layout", f"{pruned} pruned, the stream unrotated at its full width"))
         else:
             widths = (f"{self.width_rule}: {_widths_text(self.widths, self.hidden)}" if self.widths is not None
