@@ -10,6 +10,8 @@ process, on the same calibration (32 x 1024 Shakespeare tokens by default) and h
   on every calibration window or on none (`--dense-share 1 / 0`; the default runs it on 1/8);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--rotation
   uniform`); "uniform default" is refused where MLP neurons alone meet the size (nothing rotated);
+- the default recipe with whole attention heads pruned (`--heads 3x2`, `--heads 2x3`), the
+  neurons filling the rest of the size;
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
   output are most alike (angular distance on the calibration tokens) until at most F of the
   parameters remain. Implemented here only, as a baseline.
@@ -51,6 +53,10 @@ ROWS = {
     "uniform paper": {"recipe": "paper", "rotation": "uniform", "standard": False},
     "uniform compensation": {"recipe": "default", "rotation": "uniform", "standard": False, "neurons": "off"},
     "uniform default": {"recipe": "default", "rotation": "uniform"},
+    # attention heads pruned (--heads GxR: G key/value heads of R query heads each; SmolLM2 has 3x3), the
+    # neurons filling the rest of the size
+    "default + heads 3x2": {"recipe": "default", "heads": "3x2"},  # one query head per group
+    "default + heads 2x3": {"recipe": "default", "heads": "2x3"},  # one whole key/value group
     "shortgpt": None,
 }
 
@@ -129,7 +135,7 @@ def child(args) -> dict:
                                              progress=False, **options)
     return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
             "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation,
-            "mlp_neurons": config.mlp_neurons, "floor_seconds": floor}
+            "mlp_neurons": config.mlp_neurons, "attention_heads": config.attention_heads, "floor_seconds": floor}
 
 
 def main() -> None:

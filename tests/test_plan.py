@@ -23,6 +23,7 @@ RUN_ARGS = ("--calibration", TEXT_FILE, "--samples", "4", "--seqlen", "32")
 # which is what the plan's count assumes.
 CASES = {
     "default": ("default", {}),
+    "default-heads": ("default", {"heads": "2x1"}),
     "paper": ("paper", {}),
     "paper-uniform": ("paper", {"rotation": "uniform"}),
 }
@@ -76,6 +77,9 @@ def test_a_dry_run_reads_only_the_config_and_predicts_the_real_run(case, model_d
     if case == "default":
         assert plan.identity and plan.standard and plan.neurons < plan.dense_neurons
         assert "LlamaForCausalLM" in rows["output"]
+    elif case == "default-heads":  # one query head per group pruned, the neurons filling the size: a stock model
+        assert plan.identity and plan.standard and plan.heads == (2, 1) and plan.dense_heads == (2, 2)
+        assert rows["attention heads"] == "4 (2 key/value x 2 query) -> 2 (2 key/value x 1 query) per layer"
     elif case == "paper":
         assert plan.layout == "per-layer" and plan.neurons is None and plan.levers.compensate == "off"
     else:
@@ -95,6 +99,9 @@ def test_a_dry_run_reads_only_the_config_and_predicts_the_real_run(case, model_d
         assert {k: carried[k] for k in same} == same
     assert record["plan"]["model"] == str(dense) and record["recipe"] == record["method"] == recipe
     assert record["size"] == 0.8 and record["slicing"] is None
+    if case == "default-heads":
+        assert record["attention_heads"] == [2, 1] and record["heads"] == "2x1"
+        assert json.loads((run.out / "config.json").read_text())["num_attention_heads"] == 2
 
 
 # Default recipe at --size 0.8 on the tiny Llama: MLP neurons alone meet it (nothing rotated), so every
@@ -117,6 +124,8 @@ PAPER_REFUSALS = [
     (["--size", "0.8", "--neurons", "0.5"], r"pruning MLP neurons refits the down projection.*needs compensation"),
     (["--neurons", "0.5"], r"pruning MLP neurons refits the down projection.*add --compensate writers"),
     (["--neurons", "0.5", "--compensate", "writers"], r"--neurons 0.5 prunes MLP neurons, so the run's size is --size"),
+    (["--heads", "0.5"], r"pruning attention heads refits the output projection.*add --compensate writers"),
+    (["--heads", "2x1", "--compensate", "writers"], r"--heads 2x1 prunes attention heads, so the run's size is --size"),
     (["--pooling", "tokens"], r"--pooling applies to --rotation uniform only"),
     (["--head", "fit"], r"--head fit applies to --rotation uniform only"),
     (["--accept-deviation"], r"--accept-deviation applies to --rotation uniform only"),

@@ -72,7 +72,7 @@ def _eval_windows(tokenizer, text: str, args) -> object:
                               bos=bos_token(tokenizer))
 
 
-LEVER_FLAGS = ("rotation", "compensate", "ridge", "dense_share", "neurons", "widths", "head", "pooling",
+LEVER_FLAGS = ("rotation", "compensate", "ridge", "dense_share", "neurons", "heads", "widths", "head", "pooling",
                "accept_deviation", "round_to")
 
 
@@ -151,6 +151,10 @@ def _slice_summary(run) -> list[tuple[str, str]]:
                            f"({figures['parameter_ratio']:.1%} of the dense model)")]
     if plan.neurons is not None:
         rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer"))
+    if plan.heads is not None:
+        (groups, per_group), (kept, kept_per_group) = config.attention_heads_dense, config.attention_heads
+        rows.append(("attention heads", f"{groups * per_group} ({groups} key/value x {per_group} query) -> "
+                                        f"{kept * kept_per_group} ({kept} x {kept_per_group}) per layer"))
     if not plan.identity:
         rows.append(("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"
                                     + (" (mean over boundaries)" if plan.layout == "per-layer" else "")))
@@ -513,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neurons", default=None, metavar="auto|off|FRACTION",
                    help="MLP neurons kept per layer, pruned in compensation's refit: auto (the default recipe's: "
                         "the size is met by pruning neurons first, at least 40%% kept), off, or a fraction to keep")
+    g.add_argument("--heads", default=None, metavar="off|FRACTION|GxR",
+                   help="attention heads kept per layer, pruned in compensation's refit of the output projection "
+                        "(OBS on whole heads): off (both recipes), a fraction of the query heads, or GxR: G "
+                        "key/value heads with R query heads each (e.g. 2x3 of SmolLM2's 3x3: one whole group); "
+                        "with --size the neurons fill the rest of the budget. Llama-like families (llama, mistral, "
+                        "qwen2, qwen3, gemma, gemma2, gemma3_text)")
     g.add_argument("--widths", choices=WIDTH_RULES, default=None,
                    help="per-layer: one width everywhere (equal) or each boundary its own within the size "
                         "(adaptive; helped SmolLM2, hurt Gemma 3)")

@@ -36,6 +36,9 @@ class SlicingConfig:
     mlp_width: float | str | None = None  # --neurons as resolved ("auto", a fraction, None: not pruned)
     mlp_neurons: int | None = None  # MLP neurons kept per layer (None: all)
     mlp_neurons_dense: int | None = None
+    heads: float | str | None = None  # --heads as resolved (a fraction, "GxR", None: not pruned)
+    attention_heads: list | None = None  # [key/value heads, query heads per key/value head] kept per layer
+    attention_heads_dense: list | None = None
     compensation: dict = field(default_factory=dict)  # summed calibration errors, paper's weights vs fitted
     calibration: dict = field(default_factory=dict)  # source, samples, seqlen, seed, tokens
     source_model: str = ""

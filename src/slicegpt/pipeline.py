@@ -367,7 +367,8 @@ def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, 
     """The output's config (a stock one for a stock output), generation config and shard index."""
     generation = _generation_config(directory)
     if plan.standard:
-        stock = standard_config_from(view.model.config, adapter, plan.widths[0], outcome.tied_head, plan.neurons)
+        stock = standard_config_from(view.model.config, adapter, plan.widths[0], outcome.tied_head, plan.neurons,
+                                     plan.heads)
         for attr in (CONFIG_KEY,):
             if hasattr(stock, attr):
                 delattr(stock, attr)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from slicegpt.adapters import ModelAdapter
+from slicegpt.adapters import ADAPTERS, ModelAdapter
 from slicegpt.adapters.base import branch_groups
 from slicegpt.config import SlicingConfig
 from slicegpt.core.bases import sliced_dim
@@ -24,7 +24,8 @@ from slicegpt.core.budget import parameter_model
 from slicegpt.core.engine import per_layer_ties
 from slicegpt.core.uniform import uniform_ties
 from slicegpt.core.onload import LayeredModel
-from slicegpt.core.widths import plan_widths
+from slicegpt.core.weights import attention_heads
+from slicegpt.core.widths import head_layout, plan_widths
 from slicegpt.data import DEFAULT_DATA
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.standard import check_standard
@@ -52,6 +53,7 @@ class SliceSettings:
     ridge: float | None = None
     dense_share: float | None = None
     neurons: float | str | None = None
+    heads: float | str | None = None
     widths: str | None = None
     head: str | None = None
     pooling: str | None = None
@@ -109,11 +111,13 @@ class Plan:
     deviations: tuple[str, ...]
     predicted_parameters: int | None  # None: adaptive widths (the budget holds)
     budget: int | None  # the parameter count the size allows (`size`)
+    heads: tuple[int, int] | None = None  # attention heads kept per layer: (key/value heads, query heads each)
+    dense_heads: tuple[int, int] | None = None  # the dense model's (None: the family describes no heads)
     version: str = __version__
 
     @property
     def identity(self) -> bool:
-        """Only MLP neurons are pruned: nothing is rotated, the output is an exact stock model."""
+        """Only MLP neurons (or attention heads) are pruned: nothing is rotated, an exact stock model."""
         return self.layout == NEURONS_ONLY
 
     @property
@@ -146,7 +150,9 @@ class Plan:
                 ("recipe", f"{s.recipe}: {size}"),
                 ("compensation", comp)]
         if self.identity:
-            rows.append(("layout", "MLP neurons pruned, the stream unrotated at its full width"))
+            pruned = " and ".join(name for name, count in (("MLP neurons", self.neurons),
+                                                           ("attention heads", self.heads)) if count is not None)
+            rows.append(("layout", f"{pruned} pruned, the stream unrotated at its full width"))
         else:
             widths = (f"{self.width_rule}: {_widths_text(self.widths, self.hidden)}" if self.widths is not None
                       else "adaptive: chosen from the calibration spectra within the budget")
@@ -155,6 +161,9 @@ class Plan:
         if self.dense_neurons is not None:
             rows.append(("MLP neurons", f"{self.dense_neurons} -> {self.neurons} per layer" if self.neurons is not None
                          else f"{self.dense_neurons} per layer, none pruned"))
+        if self.dense_heads is not None:
+            rows.append(("attention heads", _heads_text(self.dense_heads) + (
+                f" -> {_heads_text(self.heads)} per layer" if self.heads is not None else " per layer, none pruned")))
         rows.append(("head", _head_text(self)))
         predicted = (f"{self.dense_parameters:,} -> {self.predicted_parameters:,} "
                      f"({self.predicted_parameters / self.dense_parameters:.1%})"
@@ -170,6 +179,11 @@ def _widths_text(widths: tuple[int, ...], hidden: int) -> str:
     distinct = sorted(set(widths[:-1]))
     inner = f"{hidden} -> {distinct[0]}" if len(distinct) == 1 else f"{hidden} -> {distinct[0]}..{distinct[-1]}"
     return inner + ("" if widths[-1] == widths[0] else f" (the head reads {widths[-1]})")
+
+
+def _heads_text(heads: tuple[int, int]) -> str:
+    groups, per_group = heads
+    return f"{groups * per_group} ({groups} key/value x {per_group} query)"
 
 
 def _head_text(plan: Plan) -> str:
@@ -207,6 +221,8 @@ def _check_slicing_alone(settings: SliceSettings, levers: Levers) -> None:
     """--slicing sizes a sliced stream; a run that also prunes neurons is sized by --size."""
     if settings.slicing is None:
         return
+    _refuse(levers.heads is not None, f"--heads {levers.heads} prunes attention heads, so the run's size is --size; "
+                                      "--slicing sizes a sliced stream alone (drop --heads, or give --size)")
     if "neurons" in settings.overrides():
         _refuse(levers.neurons is not None,
                 f"--neurons {levers.neurons} prunes MLP neurons, so the run's size is --size; --slicing sizes "
@@ -221,6 +237,9 @@ def _check_levers(settings: SliceSettings, levers: Levers) -> None:
     given = settings.overrides()
     uniform = levers.rotation == "uniform"
     if levers.compensate == "off":
+        _refuse(levers.heads is not None,
+                "pruning attention heads refits the output projection, so it needs compensation: "
+                + ("drop --compensate off" if "compensate" in given else "add --compensate writers"))
         _refuse(levers.neurons is not None,
                 "pruning MLP neurons refits the down projection, so it needs compensation: "
                 + ("drop --compensate off" if "compensate" in given else "add --compensate writers")
@@ -316,11 +335,18 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
     uniform = levers.rotation == "uniform"
     deviations = check_standard(view.model, adapter, levers.accept_deviation) if uniform and settings.standard else []
     tied = _ties(view, adapter, levers, slice_head, keep, fit)
+    dense_heads = attention_heads(view.model, adapter)
+    heads = head_layout(levers.heads, dense_heads, adapter.family, ", ".join(
+        t for a in ADAPTERS if any(b.heads for b in a.branches) for t in a.model_types))
     widths, rule, neurons = plan_widths(
         view, adapter, batches, rotation=levers.rotation, rule=levers.widths, sparsity=settings.slicing or 0.0,
         parameters=settings.size, dense_parameters=dense_parameters, round_to=levers.round_to,
-        tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons)
-    identity = widths is not None and neurons is not None and all(w == hidden for w in widths)
+        tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons, heads=heads)
+    identity = (widths is not None and (neurons is not None or heads is not None)
+                and all(w == hidden for w in widths))
+    _refuse(heads is not None and not identity and any(b.heads and b.post_norm for b in adapter.branches),
+            f"{adapter.family} attention writes through a branch-output norm: its heads are pruned only while the "
+            "stream keeps its width (a --size that heads and neurons alone meet)")
     if identity:
         _refuse_ignored_by_identity(settings)
         layout, tied, slice_head, fit, standard, deviations = NEURONS_ONLY, source_tied, True, False, True, []
@@ -328,9 +354,9 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
         layout, standard = levers.rotation, uniform and settings.standard
     counter = parameter_model(view.model, adapter, rotation="none" if identity else layout,
                               tied=bool(tied), source_tied=source_tied, slice_head=slice_head,
-                              total=dense_parameters)
+                              total=dense_parameters, heads=heads)
     predicted = counter.count(list(widths), neurons) if widths is not None else None
-    _refuse(predicted is not None and neurons is None and all(w == hidden for w in widths[:-1]),
+    _refuse(predicted is not None and neurons is None and heads is None and all(w == hidden for w in widths[:-1]),
             "nothing to cut: at this size every boundary keeps its full width "
             f"({hidden}, rounded to multiples of {levers.round_to}); choose a smaller --size")
     n_steps = len(get_path(view.model, adapter.layers)) * len(branch_groups(adapter.branches))
@@ -341,7 +367,8 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
                 layout=layout, width_rule=rule, widths=tuple(widths) if widths is not None else None, neurons=neurons,
                 slice_head=slice_head, keep_tied_head=keep, fit_tied_head=fit, tied_head=tied, standard=standard,
                 deviations=tuple(deviations), predicted_parameters=predicted,
-                budget=int(settings.size * dense_parameters) if settings.size is not None else None)
+                budget=int(settings.size * dense_parameters) if settings.size is not None else None,
+                heads=heads, dense_heads=dense_heads)
 
 
 def with_widths(plan: Plan, widths: list[int]) -> Plan:
@@ -373,7 +400,9 @@ def record(plan: Plan, outcome, *, calibration: dict, parameters_sliced: int, so
         compensate=lv.compensate, ridge=lv.ridge if compensating else None,
         dense_share=lv.dense_share if compensating else None, widths_rule=plan.width_rule,
         parameters_budget=s.size, widths=widths, mlp_width=lv.neurons, mlp_neurons=plan.neurons,
-        mlp_neurons_dense=plan.dense_neurons if plan.neurons is not None else None,
+        mlp_neurons_dense=plan.dense_neurons if plan.neurons is not None else None, heads=lv.heads,
+        attention_heads=list(plan.heads) if plan.heads is not None else None,
+        attention_heads_dense=list(plan.dense_heads) if plan.heads is not None else None,
         compensation=summarize_fits(outcome.fits), calibration=calibration, source_model=source_model,
         parameters_dense=plan.dense_parameters, parameters_sliced=parameters_sliced, spectra=outcome.spectra,
         distributed=distributed, plan=plan.to_dict(), version=plan.version)

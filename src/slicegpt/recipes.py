@@ -27,6 +27,7 @@ class Levers:
     ridge: float = RIDGE  # compensation's regulariser, relative to the mean input energy
     dense_share: float = DENSE_SHARE  # compensation: share of the calibration windows the dense model runs on
     neurons: float | str | None = None  # MLP neurons kept per layer: None (all), "auto", or a fraction
+    heads: float | str | None = None  # attention heads kept per layer: None (all), a fraction, or "GxR"
     widths: str = "equal"  # one width everywhere, or each boundary its own within the size ("adaptive")
     head: str = "auto"  # a tied head: kept tied where exact (auto), untied, its input sliced, or a fitted gain
     pooling: str = "unit-trace"  # uniform: how the boundaries' covariances are weighed
@@ -79,6 +80,27 @@ def parse_neurons(value: float | str | None) -> float | str | None:
     return None if fraction == 1.0 else fraction
 
 
+def parse_heads(value: float | str | None) -> float | str | None:
+    """`--heads`: "off" / 1 (keep every head: None), the fraction of query heads to keep, or "GxR":
+    G key/value heads with R query heads each (kept per layer)."""
+    if value is None or value in ("off", "all"):
+        return None
+    text = str(value).strip().lower()
+    groups, sep, per_group = text.partition("x")
+    if sep:
+        if not (groups.isdigit() and per_group.isdigit() and int(groups) > 0 and int(per_group) > 0):
+            raise SliceGPTError(f"--heads GxR keeps G key/value heads with R query heads each, e.g. 2x3; got {value!r}")
+        return f"{int(groups)}x{int(per_group)}"
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise SliceGPTError(f"--heads is off, the fraction of attention heads to keep, or GxR (G key/value heads "
+                            f"with R query heads each), got {value!r}") from None
+    if not 0.0 < fraction <= 1.0:
+        raise SliceGPTError(f"--heads is the fraction of attention heads to keep, in (0, 1]; got {value}")
+    return None if fraction == 1.0 else fraction
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise SliceGPTError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
@@ -92,6 +114,8 @@ def resolve_levers(recipe: Recipe, overrides: dict) -> Levers:
     values = {k: v for k, v in overrides.items() if v is not None}
     if "neurons" in values:
         values["neurons"] = parse_neurons(values["neurons"])
+    if "heads" in values:
+        values["heads"] = parse_heads(values["heads"])
     levers = Levers(**{**{f: getattr(recipe.levers, f) for f in LEVER_NAMES}, **values})
     _choice("rotation", levers.rotation, ROTATIONS)
     _choice("compensate", levers.compensate, COMPENSATIONS)

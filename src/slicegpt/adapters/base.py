@@ -18,6 +18,24 @@ BranchKind = Literal["attention", "mlp"]
 
 
 @dataclass(frozen=True)
+class Heads:
+    """Where an attention branch's heads live, for pruning whole heads (`--heads`).
+
+    Query head i reads key/value head i // (query heads per group), as transformers' `repeat_kv`
+    does; the rows of `query` (and of `key`, `value`) are head_dim blocks, one per head, and the
+    columns of the branch's single output linear are the query heads' blocks in the same order.
+    The stock config holds one count of each for every layer."""
+
+    query: str
+    key: str
+    value: str
+    head_dim: str  # plain attribute holding the per-head width
+    groups: str  # plain attribute: query heads per key/value head, rewritten when heads are pruned
+    config_heads: str = "num_attention_heads"
+    config_kv_heads: str = "num_key_value_heads"
+
+
+@dataclass(frozen=True)
 class Branch:
     """One residual branch of a decoder layer: ``x <- x + post_norm(module(norm(x)))``.
 
@@ -29,7 +47,7 @@ class Branch:
     `width_attrs` are plain attributes that store the residual width (a router's hidden_dim).
     `neurons` are the inputs whose output rows are an MLP's neurons (gate and up): with them
     the neurons can be pruned (`--neurons`), taking those rows and the matching columns of
-    the single output linear.
+    the single output linear. `heads` (an attention branch) describes its heads for `--heads`.
     """
 
     name: str
@@ -42,6 +60,7 @@ class Branch:
     parallel: bool = False
     width_attrs: tuple[str, ...] = ()
     neurons: tuple[str, ...] = ()
+    heads: Heads | None = None
 
     @property
     def shortcut(self) -> str:

@@ -4,7 +4,7 @@ Mistral, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms, which act inside th
 attention and never touch the residual stream) share the same residual layout.
 """
 
-from slicegpt.adapters.base import Branch, ModelAdapter
+from slicegpt.adapters.base import Branch, Heads, ModelAdapter
 
 ATTENTION = Branch(
     name="attn",
@@ -13,6 +13,8 @@ ATTENTION = Branch(
     module="self_attn",
     inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     outputs=("self_attn.o_proj",),
+    heads=Heads(query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+                head_dim="self_attn.head_dim", groups="self_attn.num_key_value_groups"),
 )
 MLP = Branch(
     name="mlp",

@@ -29,4 +29,5 @@ MOE = Branch(
 )
 
 ADAPTER = replace(LLAMA, family="moe", model_types=("mixtral", "qwen2_moe", "qwen3_moe"),
-                  branches=(ATTENTION, MOE), slice_head_required=True)
+                  branches=(replace(ATTENTION, heads=None), MOE),  # heads: not yet measured with routed experts
+                  slice_head_required=True)

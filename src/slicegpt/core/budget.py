@@ -17,7 +17,8 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.core.weights import bias_of, weight_of, resolve_all
+from slicegpt.adapters.base import Branch
+from slicegpt.core.weights import bias_of, resolve, resolve_all, weight_of
 from slicegpt.modeling.runtime import get_path
 
 
@@ -54,7 +55,8 @@ def _per_unit(w: torch.Tensor, hidden: int) -> int:
 
 
 def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, tied: bool, source_tied: bool,
-                    slice_head: bool, total: int | None = None) -> ParameterModel:
+                    slice_head: bool, total: int | None = None, heads: tuple[int, int] | None = None
+                    ) -> ParameterModel:
     """The count of `model` sliced with these settings, as a function of the boundary widths.
 
     `rotation`: "per-layer", "uniform", or "none" (only MLP neurons pruned: the stream keeps
@@ -62,7 +64,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
     dense count (each shared parameter once) when `model`'s own tensors do not say it (a meta
     skeleton need not share its tied head). `tied`: the sliced model keeps the head tied to
     the embeddings (per-layer: with an entry matrix; uniform: with the table sliced).
-    `source_tied`: the dense model ties them.
+    `source_tied`: the dense model ties them. `heads` (key/value heads, query heads per key/value
+    head): every layer keeps that many attention heads (a fixed choice, folded into the terms).
     """
     hidden = get_path(model, adapter.embeddings[0]).weight.shape[-1]
     groups = branch_groups(adapter.branches)
@@ -117,6 +120,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                     for target in resolve_all(layer, branch.neurons):
                         neuron_linear[s] += 1
                         neuron_constant += int(bias_of(target) is not None)
+                if heads is not None and branch.heads:
+                    constant += _head_terms(layer, branch, heads, hidden, linear, s)
 
     embeddings = [get_path(model, p).weight for p in adapter.embeddings]
     head = get_path(model, adapter.head).weight
@@ -148,6 +153,28 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         linear[n_steps] += _per_unit(head, hidden)
     return ParameterModel(constant, linear, skip=False, neurons=neurons, neuron_linear=neuron_linear,
                           neuron_constant=neuron_constant)
+
+
+def _head_terms(layer: nn.Module, branch: Branch, heads: tuple[int, int], hidden: int, linear: list[int],
+                s: int) -> int:
+    """Pruned heads take head_dim rows of the query (and, with their group, key and value) linears and
+    head_dim columns of the output linear: the step's coefficients shrink; returns the change to the
+    constant (biases, and an output linear that stays d wide before a branch-output norm)."""
+    spec = branch.heads
+    size = get_path(layer, spec.head_dim)
+    query, key, value = (resolve(layer, path) for path in (spec.query, spec.key, spec.value))
+    kv = weight_of(key).shape[-2] // size
+    removed_q = weight_of(query).shape[-2] - heads[0] * heads[1] * size
+    removed_kv = (kv - heads[0]) * size
+    change = 0
+    for target, removed in ((query, removed_q), (key, removed_kv), (value, removed_kv)):
+        linear[s] -= removed
+        change -= removed if bias_of(target) is not None else 0
+    if branch.post_norm:
+        change -= removed_q * hidden
+    else:
+        linear[s + 1] -= removed_q
+    return change
 
 
 def _entry_terms(model: nn.Module, adapter: ModelAdapter, embeddings: list[torch.Tensor], hidden: int,

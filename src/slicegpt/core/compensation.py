@@ -300,6 +300,64 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     return w, kept, error_prior, error_fit
 
 
+def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, head_dim: int, groups: int,
+                keep: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The ridge fit with whole attention heads removed (block OBS); `fit` must be summed over ranks.
+
+    `rows` are the output linear's inputs: `groups` key/value groups of query heads, each head a block
+    of `head_dim` rows. Removing a block B and refitting the rest costs ``tr(W_B^T [H^-1]_BB^-1 W_B)``
+    and is a rank-|B| update of W and H^-1 (OBS for a block, as for one row in `prune`). Whole groups
+    go first, the cheapest group (all its query heads, one block) at a time, until `keep[0]` remain;
+    then single query heads, the cheapest of any group that still has more than `keep[1]`, so every
+    group keeps the same number (the stock classes need it). The kept rows' fit is then solved afresh
+    from the sums. Returns that fit, the kept indices (in order) and the calibration errors of the
+    prior (all rows) and of the pruned fit.
+    """
+    n = fit.xx.shape[0]
+    error_prior = fit.error(prior)
+    lam = ridge * float(fit.xx.diagonal().sum()) / n
+    shift = max(lam, 1e-12 * float(fit.xx.diagonal().abs().max().clamp_min(1.0)))
+    b = fit.xy + lam * prior
+    failure = "pruning attention heads: the least-squares statistics are not finite; try a larger --ridge"
+    hinv = _inverse(fit.xx, shift, torch.float64)
+    if hinv is None:
+        raise SliceGPTError(failure)
+    w = hinv @ b.to(torch.float64)
+    per_group = len(rows) // head_dim // groups
+    alive = {g: list(range(g * per_group, (g + 1) * per_group)) for g in range(groups)}
+
+    def block(heads: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(rows.start + h * head_dim, rows.start + (h + 1) * head_dim)
+                          for h in heads]).to(w.device)
+
+    def cost(index: torch.Tensor) -> float:
+        return float((w[index] * torch.linalg.solve(hinv[index][:, index], w[index])).sum())
+
+    def remove(index: torch.Tensor) -> None:
+        nonlocal w, hinv
+        column = hinv[:, index]
+        inverse = torch.linalg.inv(hinv[index][:, index])
+        w = w - column @ (inverse @ w[index])
+        hinv = hinv - column @ inverse @ column.T
+        w[index] = 0.0
+
+    while len(alive) > keep[0]:
+        group = min(alive, key=lambda g: cost(block(alive[g])))
+        remove(block(alive.pop(group)))
+    while any(len(heads) > keep[1] for heads in alive.values()):
+        group, head = min(((g, h) for g, heads in alive.items() if len(heads) > keep[1] for h in heads),
+                          key=lambda gh: cost(block([gh[1]])))
+        alive[group].remove(head)
+        remove(block([head]))
+    kept_rows = torch.ones(n, dtype=torch.bool, device=b.device)
+    kept_rows[rows.start:rows.stop] = False
+    kept_rows[block(sorted(h for heads in alive.values() for h in heads))] = True
+    kept = kept_rows.nonzero().flatten()
+    w, error_fit = _ridge_solution(fit.xx[kept[:, None], kept], b[kept], prior[kept], shift, lam, fit.yy,
+                                   fit.tokens, failure)
+    return w, kept, error_prior, error_fit
+
+
 @dataclass
 class FitRecord:
     """What one fit did, per token: the calibration error of the paper's weights and of the fit."""

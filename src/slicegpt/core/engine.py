@@ -56,7 +56,8 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
                  slice_head: bool = False, keep_tied_head: bool = True, progress: bool = True,
                  hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
                  ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None,
-                 dense_batches: int | None = None) -> SliceOutcome:
+                 dense_batches: int | None = None,
+                 heads: tuple[int, int] | None = None) -> SliceOutcome:
     """Per-layer rotation: each block boundary b gets its own basis of width `widths[b]`.
 
     `compensate` ("writers", or "all" for the readers too) refits every step against the dense
@@ -64,6 +65,8 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     the first `dense_batches` batches (None: all; the fits' targets on the others are the
     dense weights' output on the sliced input, `compensation.dense_first_batches`).
     `neurons` (with compensation): each MLP keeps that many neurons, pruned in its writers' fit.
+    `heads` (with compensation): each attention keeps that many (key/value heads, query heads per
+    key/value head), pruned in its writers' fit (`compensation.prune_heads`).
 
     `widths` has one entry per boundary: after the embeddings, then after every residual step
     (the last one is used only when the head is sliced). A head tied to the embeddings stays
@@ -74,7 +77,7 @@ def slice_layers(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Ba
     """
     hooks = hooks or Hooks()
     run = Run(view, adapter, batches, hooks, progress, offload, offload_dir, ranks)
-    comp = compensation(run, compensate, ridge, neurons, dense_batches)
+    comp = compensation(run, compensate, ridge, neurons, dense_batches, heads=heads)
     if len(widths) != run.n_steps + 1:
         raise SliceGPTError(f"per-layer rotation needs {run.n_steps + 1} widths (one per boundary), got {len(widths)}")
     tied = per_layer_ties(view, adapter, keep_tied_head, slice_head)

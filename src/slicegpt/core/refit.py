@@ -11,9 +11,9 @@ compensated step is a `StepFit`, used in the order of its life cycle:
 3. `observe_sliced`: the sliced step runs with the fitted readers; the inputs X of its output
    linears (or the output of a post-norm, whose d x d matrix is fitted) are paired with
    ``h_dense - z Q^T``;
-4. `solve_writers`: the writers' fit W (pruning MLP neurons on the way), the stream after the
-   step ``z Q^T + X W`` from the kept inputs (no third pass), and the new weights, which stay
-   in the original basis for the caller to rotate.
+4. `solve_writers`: the writers' fit W (pruning MLP neurons or attention heads on the way), the
+   stream after the step ``z Q^T + X W`` from the kept inputs (no third pass), and the new
+   weights, which stay in the original basis for the caller to rotate.
 
 Batches beyond the dense share have the paper's weights' own output X P as their target.
 (Refitting the skip matrix beside the writers was tried: SmolLM2 at 25% went from 50.1 to 54.6
@@ -29,17 +29,17 @@ from torch import nn
 
 from slicegpt.adapters.base import Branch
 from slicegpt.core.cache import ActivationCache
-from slicegpt.core.compensation import FitRecord, LeastSquares, prune
+from slicegpt.core.compensation import FitRecord, LeastSquares, prune, prune_heads
 from slicegpt.core.run import COMPENSATIONS, Run, SliceOutcome
 from slicegpt.core.streams import Stream, dense_step, residual, step_name
-from slicegpt.core.transform import check_finite, drop_neurons, targets
+from slicegpt.core.transform import check_finite, drop_heads, drop_neurons, targets
 from slicegpt.core.weights import output_matrix, set_output_matrix
 from slicegpt.errors import SliceGPTError
 from slicegpt.modeling.runtime import get_path, run_branch
 
 
 def compensation(run: Run, compensate: str, ridge: float, neurons: int | None, dense_batches: int | None,
-                 identity: bool = False) -> "Compensation | None":
+                 identity: bool = False, heads: tuple[int, int] | None = None) -> "Compensation | None":
     """The job's compensation for the `compensate` setting, or None when it is off."""
     if compensate not in COMPENSATIONS:
         raise SliceGPTError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
@@ -49,17 +49,21 @@ def compensation(run: Run, compensate: str, ridge: float, neurons: int | None, d
         if neurons is not None:
             raise SliceGPTError("pruning MLP neurons refits the down projection: it needs compensation "
                                 "(--compensate writers or all)")
+        if heads is not None:
+            raise SliceGPTError("pruning attention heads refits the output projection: it needs compensation "
+                                "(--compensate writers or all)")
         return None
-    return Compensation(run, compensate == "all", ridge, neurons, dense_batches, identity)
+    return Compensation(run, compensate == "all", ridge, neurons, dense_batches, identity, heads)
 
 
 class Compensation:
     """Compensation for one job: the settings, and the dense stream it owns (`open_dense`, `close`)."""
 
     def __init__(self, run: Run, fit_readers: bool, ridge: float, neurons: int | None, dense_batches: int | None,
-                 identity: bool = False) -> None:
+                 identity: bool = False, heads: tuple[int, int] | None = None) -> None:
         self.run, self.fit_readers, self.ridge = run, fit_readers, ridge
         self.neurons = neurons  # MLP neurons kept per layer (None: all)
+        self.heads = heads  # attention heads kept per layer: (key/value heads, query heads each); None: all
         self.identity = identity  # the sliced stream keeps the original basis (only neurons pruned)
         # the dense stream runs on the first `dense_batches` batches (None: all, the same on every rank)
         self.partial = dense_batches is not None
@@ -108,19 +112,20 @@ class Compensation:
 class Writers:
     """A step's outputs as one fit X W ≈ Y: per block (branch, output linear or None for a post-norm's
     d x d matrix, whether it has a bias), the paper's weights P stacked, and the MLP whose neurons
-    are pruned with their rows in P."""
+    are pruned with their rows in P, or the attention whose heads are."""
 
     blocks: list[tuple[Branch, object, bool]]
     prior: torch.Tensor
     neurons: tuple[Branch, range] | None
+    heads: tuple[Branch, range] | None = None
 
 
 def writers_of(layer: nn.Module, group: tuple[Branch, ...], hidden: int, device: torch.device,
-               neurons: int | None, post_norm_matrix: bool) -> Writers:
+               neurons: int | None, post_norm_matrix: bool, heads: tuple[int, int] | None = None) -> Writers:
     """The step's writers and their prior; `post_norm_matrix`: a post-normed branch is fitted after its norm."""
     blocks: list[tuple[Branch, object, bool]] = []
     priors = []
-    pruned = None
+    pruned = pruned_heads = None
     for branch in group:
         if branch.post_norm and post_norm_matrix:
             blocks.append((branch, None, False))
@@ -131,11 +136,15 @@ def writers_of(layer: nn.Module, group: tuple[Branch, ...], hidden: int, device:
             start = sum(p.shape[0] for p in priors)
             if neurons is not None and branch.neurons and w.shape[-1] > neurons:
                 pruned = branch, range(start, start + w.shape[-1])
+            if heads is not None and branch.heads:
+                pruned_heads = branch, range(start, start + w.shape[-1])
             blocks.append((branch, target, bias is not None))
             priors.append(w.T.to(torch.float64))
             if bias is not None:
                 priors.append(bias.to(torch.float64)[None, :])
-    return Writers(blocks, torch.cat(priors), pruned)
+    if pruned is not None and pruned_heads is not None:
+        raise SliceGPTError("internal error: MLP neurons and attention heads pruned in one fit")
+    return Writers(blocks, torch.cat(priors), pruned, pruned_heads)
 
 
 def set_writers(layer: nn.Module, writers: Writers, w: torch.Tensor, hidden: int, dtype: torch.dtype) -> None:
@@ -239,10 +248,10 @@ class StepFit:
         X W with the fitted W (`solve_writers`), which saves an output matmul per branch."""
         comp, layer = self.comp, self.layer
         self.writers = writers = writers_of(layer, self.group, self.hidden, self.device, comp.neurons,
-                                            post_norm_matrix=self.dense_out is None)
+                                            post_norm_matrix=self.dense_out is None, heads=comp.heads)
         self.fit = LeastSquares(writers.prior.shape[0], self.hidden, self.device,
                                 prior=writers.prior if comp.partial else None)
-        fitting = writers.neurons is not None or comp.any_dense
+        fitting = writers.neurons is not None or writers.heads is not None or comp.any_dense
         captured: dict[int, torch.Tensor] = {}
         stubbed: list[nn.Module] = []
         self.inputs = comp.run.cache()
@@ -292,6 +301,8 @@ class StepFit:
                 self.fit.reduce(comp.run.ranks), writers.prior, comp.ridge, writers.neurons[1], comp.neurons,
                 work=torch.float64 if self.dtype == torch.float64 else torch.float32)
             comp.run.ranks.same(w, kept)
+        elif writers.heads is not None:
+            w, kept, error_prior, error_fit = self._prune_heads()
         elif comp.any_dense:
             w, error_prior, error_fit = comp.solve(self.fit, writers.prior)
         else:  # every target is X P: the fit is P, exactly
@@ -302,7 +313,26 @@ class StepFit:
         if writers.neurons is not None:
             branch, rows = writers.neurons
             drop_neurons(self.layer, branch, (kept[(kept >= rows.start) & (kept < rows.stop)] - rows.start).cpu())
+        if writers.heads is not None:
+            branch, rows = writers.heads
+            path, value = drop_heads(self.layer, branch, (kept[(kept >= rows.start) & (kept < rows.stop)]
+                                                          - rows.start).cpu())
+            owner, _, attr = path.rpartition(".")
+            prefix = f"{comp.run.adapter.layers}.{self.li}.{owner}"
+            self.outcome.module_attributes.setdefault(prefix, {})[attr] = value
         set_writers(self.layer, writers, w, self.hidden, self.dtype)
+
+    def _prune_heads(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """The writers' fit with whole attention heads pruned (`compensation.prune_heads`)."""
+        comp = self.comp
+        branch, rows = self.writers.heads
+        spec = branch.heads
+        size = get_path(self.layer, spec.head_dim)
+        groups = len(rows) // size // get_path(self.layer, spec.groups)  # query heads / query heads per group
+        w, kept, error_prior, error_fit = prune_heads(self.fit.reduce(comp.run.ranks), self.writers.prior, comp.ridge,
+                                                      rows, size, groups, comp.heads)
+        comp.run.ranks.same(w, kept)
+        return w, kept, error_prior, error_fit
 
     def _advance(self, w: torch.Tensor, kept: torch.Tensor | None) -> None:
         """The sliced stream after the step, z Q^T + X W (z + norm(X W) with `dense_out`), from the kept X."""

@@ -15,7 +15,8 @@ from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import Branch
 from slicegpt.errors import SliceGPTError
 from slicegpt.modeling.runtime import get_path, set_parameter
-from slicegpt.core.weights import Target, bias_of, weight_of, put_weight, resolve_all, rotate_input, rotate_output
+from slicegpt.core.weights import (Target, bias_of, put_weight, resolve, resolve_all, rotate_input, rotate_output,
+                                   weight_of)
 
 ModuleAttributes = dict[str, dict[str, float]]  # plain attributes to restore on load (norm epsilons, widths)
 
@@ -105,12 +106,44 @@ def rotate_writes(layer: nn.Module, group: tuple[Branch, ...], q: torch.Tensor, 
 
 
 
+def _keep_rows(target: Target, index: torch.Tensor) -> None:
+    """Keep rows `index` of a weight that feeds a pruned unit (and of its bias)."""
+    put_weight(target, weight_of(target)[index.to(weight_of(target).device)])
+    bias = bias_of(target)
+    if bias is not None:
+        set_parameter(target[0], "bias", bias.data[index.to(bias.device)].contiguous())
+
+
 def drop_neurons(layer: nn.Module, branch: Branch, kept: torch.Tensor) -> None:
     """Keep only the MLP neurons `kept`: rows (and biases) of the neuron inputs, columns of the output."""
     for target in resolve_all(layer, branch.neurons):
-        put_weight(target, weight_of(target)[kept.to(weight_of(target).device)])
-        bias = bias_of(target)
-        if bias is not None:
-            set_parameter(target[0], "bias", bias.data[kept.to(bias.device)].contiguous())
+        _keep_rows(target, kept)
     for target in targets(layer, branch, "outputs"):
         put_weight(target, weight_of(target)[:, kept.to(weight_of(target).device)])
+
+
+def drop_heads(layer: nn.Module, branch: Branch, kept: torch.Tensor) -> tuple[str, int]:
+    """Keep only the attention heads whose output-linear columns are `kept` (whole head blocks, the same
+    number in each kept group): their query rows, their groups' key and value rows, those columns. The
+    query heads per group change, an attribute the forward reads: returns its path and new value."""
+    spec = branch.heads
+    size = get_path(layer, spec.head_dim)
+    groups = weight_of(resolve(layer, spec.key)).shape[-2] // size
+    per_group = weight_of(resolve(layer, spec.query)).shape[-2] // size // groups
+    heads = sorted(set((kept.cpu() // size).tolist()))
+    kept_groups = sorted(set(h // per_group for h in heads))
+    if len(heads) % len(kept_groups) or any(sum(h // per_group == g for h in heads) != len(heads) // len(kept_groups)
+                                            for g in kept_groups):
+        raise SliceGPTError("internal error: pruned heads leave groups of different sizes")
+
+    def rows(units: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(u * size, (u + 1) * size) for u in units])
+
+    _keep_rows(resolve(layer, spec.query), rows(heads))
+    for path in (spec.key, spec.value):
+        _keep_rows(resolve(layer, path), rows(kept_groups))
+    for target in targets(layer, branch, "outputs"):
+        put_weight(target, weight_of(target)[:, rows(heads).to(weight_of(target).device)])
+    owner, _, attr = spec.groups.rpartition(".")
+    setattr(get_path(layer, owner), attr, len(heads) // len(kept_groups))
+    return spec.groups, len(heads) // len(kept_groups)

@@ -38,7 +38,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
                   fit_tied_head: bool = False, unit_trace: bool = True, progress: bool = True,
                   hooks: Hooks | None = None, offload: str = "cpu", offload_dir=None, compensate: str = "off",
                   ridge: float = RIDGE, ranks: Ranks | None = None, neurons: int | None = None,
-                  identity: bool = False, dense_batches: int | None = None) -> SliceOutcome:
+                  identity: bool = False, dense_batches: int | None = None,
+                  heads: tuple[int, int] | None = None) -> SliceOutcome:
     """One rotation Q for the whole stream: no skip matrices, a stock model of the family.
 
     Two passes over the layers: statistics of the dense stream (the pooled covariance; see
@@ -55,7 +56,7 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     are no statistics to gather, and a tied head stays tied whatever the final norm's gain.
     """
     run = Run(view, adapter, batches, hooks or Hooks(), progress, offload, offload_dir, ranks)
-    comp = compensation(run, compensate, ridge, neurons, dense_batches, identity)
+    comp = compensation(run, compensate, ridge, neurons, dense_batches, identity, heads=heads)
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
     if identity and (width != run.hidden or adapter.norm_kind != "rmsnorm"):

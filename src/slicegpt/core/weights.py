@@ -143,3 +143,22 @@ def mlp_neurons(model: nn.Module, adapter: ModelAdapter) -> int | None:
     if len(widths) != 1:
         raise SliceGPTError(f"a stock model has one MLP width for every layer; these differ: {sorted(widths)}")
     return widths.pop()
+
+
+def attention_heads(model: nn.Module, adapter: ModelAdapter) -> tuple[int, int] | None:
+    """(key/value heads, query heads per key/value head) every layer has now (pruned heads), None where
+    the family describes no heads. A stock config has one count of each for every layer."""
+    branch = next((b for b in adapter.branches if b.heads), None)
+    if branch is None:
+        return None
+    counts = set()
+    for layer in get_path(model, adapter.layers):
+        heads = branch.heads
+        size = get_path(layer, heads.head_dim)
+        query = weight_of(resolve(layer, heads.query)).shape[-2] // size
+        kv = weight_of(resolve(layer, heads.key)).shape[-2] // size
+        counts.add((kv, query // kv))
+    if len(counts) != 1:
+        raise SliceGPTError(f"a stock model has one count of attention heads for every layer; these differ: "
+                            f"{sorted(counts)}")
+    return counts.pop()

@@ -184,8 +184,8 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
 def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *, rotation: str, rule: str,
                 sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
                 slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
-                progress: bool = True, ranks: Ranks | None = None, mlp: float | str | None = None
-                ) -> tuple[list[int] | None, str, int | None]:
+                progress: bool = True, ranks: Ranks | None = None, mlp: float | str | None = None,
+                heads: tuple[int, int] | None = None) -> tuple[list[int] | None, str, int | None]:
     """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
 
     The budget is `parameters` x the dense count when given, else the count the equal widths
@@ -204,6 +204,10 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     stay at the floor and the stream is sliced for the rest (families whose MLPs write
     through a branch-output norm slice the stream alone then, to the paper's count). Where
     the stream is not sliced at all the widths are all d (the caller then rotates nothing).
+
+    `heads` (key/value heads, query heads each) are fixed before the budget is spent: every count
+    here is of the model with those heads, so neurons (or the stream) fill the rest of the budget;
+    where the heads alone meet it, nothing else is cut.
     """
     from slicegpt.core.bases import sliced_dim
     from slicegpt.core.budget import parameter_model
@@ -227,16 +231,18 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         return widths, rule, neurons
     source_tied = view.ties_head(adapter.head, adapter.embeddings[0])
     model = parameter_model(view.model, adapter, rotation=rotation, tied=tied, source_tied=source_tied,
-                            slice_head=slice_head, total=dense_parameters)
+                            slice_head=slice_head, total=dense_parameters, heads=heads)
     if parameters is not None:  # checked by the plan (`slicegpt.plan`)
         budget = int(parameters * dense_parameters)
     else:
         budget = model.count([dim] * n)
     neurons = None
+    unrotated = parameter_model(view.model, adapter, rotation="none", tied=source_tied,
+                                source_tied=source_tied, slice_head=True, total=dense_parameters, heads=heads)
+    full = [hidden] * n
+    if heads is not None and mlp is None and unrotated.count(full) <= budget:  # the heads alone meet the size
+        return full, "equal", None
     if mlp is not None:
-        unrotated = parameter_model(view.model, adapter, rotation="none", tied=source_tied,
-                                    source_tied=source_tied, slice_head=True, total=dense_parameters)
-        full = [hidden] * n
         if mlp == "auto":
             if not unrotated.neurons:
                 mlp = None  # the family describes no MLP neurons: the stream alone is sliced
@@ -246,6 +252,8 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
                     # below dense: the paper's count also holds the matrices its rotation adds)
                     layer_weights = sum(p.numel() for p in get_path(view.model, adapter.layers).parameters())
                     own = dense_parameters - int(sparsity * layer_weights)
+                if unrotated.count(full) <= own and heads is not None:  # the heads alone meet the size
+                    return full, "equal", None
                 if unrotated.count(full) <= own:  # nothing needs pruning: the stream alone, as asked
                     mlp = None
                 else:
@@ -280,6 +288,33 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
         rows -= len(probe[-1][0])
     spectra = probe_spectra(view, adapter, probe, offload, offload_dir, progress, ranks)
     return ranks.from_writer(allocate(spectra, model, budget, round_to, hidden, neurons)), rule, neurons
+
+
+def head_layout(heads: float | str | None, dense: tuple[int, int] | None, family: str,
+                described: str = "") -> tuple[int, int] | None:
+    """`--heads` as (key/value heads, query heads per key/value head) kept in every layer; None keeps all.
+
+    "GxR" is taken as given. A fraction f of the H = G x R query heads keeps the layout whose count
+    is nearest f x H (at least one head), and of equal counts the one with the fewest key/value
+    groups: whole groups go before query heads within groups do (SmolLM2 at 0.8x and 0.65x: one of
+    3 groups gone 47.56 and 60.84, one query head per group 50.14 and 70.14; docs/benchmarks.md).
+    """
+    if heads is None:
+        return None
+    if dense is None:
+        raise SliceGPTError(f"--heads applies to families whose adapter describes attention heads ({described}); "
+                            f"not {family}")
+    groups, per_group = dense
+    if isinstance(heads, str):
+        kept = tuple(int(n) for n in heads.split("x"))
+        if kept[0] > groups or kept[1] > per_group:
+            raise SliceGPTError(f"--heads {heads}: this model has {groups} key/value heads with {per_group} query "
+                                "heads each")
+    else:
+        target = max(1, round(heads * groups * per_group))
+        kept = min(((g, r) for g in range(1, groups + 1) for r in range(1, per_group + 1)),
+                   key=lambda gr: (abs(gr[0] * gr[1] - target), gr[0]))
+    return None if kept == (groups, per_group) else kept
 
 
 def neurons_need_full_width(adapter: ModelAdapter) -> bool:

@@ -27,7 +27,7 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.core.weights import mlp_neurons, resolve_all, weight_of
+from slicegpt.core.weights import attention_heads, mlp_neurons, resolve_all, weight_of
 from slicegpt.modeling.runtime import build_skeleton, get_path, sliced_structure
 
 
@@ -145,13 +145,19 @@ def layernorms_with_bias(model: nn.Module) -> set[str]:
             if isinstance(module, nn.LayerNorm) and getattr(module, "bias", None) is not None}
 
 
-def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool, neurons: int | None = None):
-    """The family's config with hidden size d', the epsilon the resized norms use and the MLP width."""
+def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool, neurons: int | None = None,
+                         heads: tuple[int, int] | None = None):
+    """The family's config with hidden size d', the epsilon the resized norms use, the MLP width and
+    the attention heads (key/value heads, query heads each; one count for every layer)."""
     config = copy.deepcopy(config)
     if neurons is not None:
         setattr(config, adapter.config_neurons, neurons)
     hidden = getattr(config, adapter.config_hidden[0])
     config.head_dim = head_dim(config)  # most families would derive it from the hidden size
+    spec = next((b.heads for b in adapter.branches if b.heads), None)
+    if heads is not None and spec is not None:
+        setattr(config, spec.config_kv_heads, heads[0])
+        setattr(config, spec.config_heads, heads[0] * heads[1])
     for attr in adapter.config_hidden:
         setattr(config, attr, dim)
     if adapter.config_eps is not None:
@@ -169,7 +175,7 @@ def standard_config(model: nn.Module, adapter: ModelAdapter):
     """The family's config with hidden size d' and the epsilon the resized norms use."""
     dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
     return standard_config_from(model.config, adapter, dim, bool(getattr(model.config, "tie_word_embeddings", False)),
-                                mlp_neurons(model, adapter))
+                                mlp_neurons(model, adapter), attention_heads(model, adapter))
 
 
 

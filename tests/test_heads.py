@@ -1,0 +1,166 @@
+"""Pruning whole attention heads in compensation's fit (`--heads`): the block OBS, shapes, budgets, formats."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import slicegpt
+from conftest import make_model
+from slicegpt.adapters import get_adapter
+from slicegpt.core.budget import parameter_model
+from slicegpt.core.compensation import LeastSquares, prune_heads
+from slicegpt.errors import SliceGPTError
+
+
+def _greedy(ids: torch.Tensor, model, steps: int = 6) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+def test_pruned_heads_fit_is_the_ridge_fit_of_the_kept_blocks():
+    """Block OBS keeps whole heads, the same number per group, and leaves the exact ridge fit on them."""
+    torch.manual_seed(0)
+    size, groups, per_group, extra = 3, 2, 3, 2  # 6 heads of 3 columns, then 2 other inputs
+    n = size * groups * per_group + extra
+    x = torch.randn(500, n, dtype=torch.float64) * torch.linspace(0.3, 2.0, n, dtype=torch.float64)
+    w = torch.randn(n, 4, dtype=torch.float64)
+    fit = LeastSquares(n, 4)
+    fit.update(x, x @ w + 0.05 * torch.randn(500, 4, dtype=torch.float64))
+    prior = w + 0.1 * torch.randn_like(w)
+    pruned, kept, error_prior, error_fit = prune_heads(copy.deepcopy(fit), prior, 0.01, range(0, n - extra), size,
+                                                        groups, (2, 2))
+    heads = sorted({i // size for i in kept.tolist() if i < n - extra})
+    assert len(heads) == 4 and sorted(h // per_group for h in heads) == [0, 0, 1, 1]
+    assert set(range(n - extra, n)) <= set(kept.tolist()) and len(kept) == 4 * size + extra
+    lam = 0.01 * float(fit.xx.diagonal().sum()) / n
+    h = fit.xx[kept][:, kept] + lam * torch.eye(len(kept), dtype=torch.float64)
+    assert torch.allclose(pruned, torch.linalg.solve(h, fit.xy[kept] + lam * prior[kept]), atol=1e-9, rtol=1e-9)
+    full = torch.zeros_like(prior)
+    full[kept] = pruned
+    assert error_fit == pytest.approx(fit.error(full)) and error_prior == pytest.approx(fit.error(prior))
+
+
+@pytest.mark.parametrize("heads, zeroed", [("1x2", [2, 3]), ("2x1", [1, 2])])
+def test_heads_that_write_nothing_are_the_ones_removed(heads, zeroed, exact_norms, calibration):
+    """With some heads' o_proj columns zero (a whole key/value group, or one query head per group),
+    OBS removes exactly those, and the model computes what the dense one does."""
+    dense = make_model("llama", torch.float64)
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            for h in zeroed:
+                layer.self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0.0
+    kept = [h for h in range(4) if h not in zeroed]
+    first = dense.model.layers[0]  # its kept query rows, with the norm's gain folded in
+    expected_q = torch.cat([first.self_attn.q_proj.weight[h * 16:(h + 1) * 16] for h in kept])
+    expected_q = expected_q * first.input_layernorm.weight
+    ids = calibration.input_ids[:2]
+    with torch.no_grad():
+        reference = dense(ids).logits
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=0.95, heads=heads,
+                                         neurons="off", dense_share=1.0, progress=False)
+    assert config.attention_heads == [int(heads[0]), int(heads[2])] and config.mlp_neurons is None
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight, expected_q, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family, heads", [("llama", "1x2"), ("qwen2", "2x1"), ("gemma3_text", 0.5)])
+def test_heads_make_a_stock_model_that_loads_and_decodes(family, heads, tmp_path, tokenizer, calibration):
+    """Heads (and neurons filling the size) pruned, the stream unrotated: the stock class with fewer heads,
+    every parameter predicted, plain transformers loads it with equal logits, KV-cache generation equals a
+    no-cache greedy loop."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_model(family)
+    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.8, heads=heads)
+    assert plan.identity and plan.standard and plan.neurons is not None
+    assert ("attention heads", f"4 (2 key/value x 2 query) -> 2 ({plan.heads[0]} key/value x {plan.heads[1]} query) "
+                               "per layer") in plan.rows()
+    model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=0.8, heads=heads,
+                                         progress=False)
+    assert type(model) is type(dense) and config.standard and not config.deviations
+    assert config.attention_heads == list(plan.heads) and config.attention_heads_dense == [2, 2]
+    assert model.config.num_key_value_heads == plan.heads[0] and model.config.num_attention_heads == 2
+    assert model.model.layers[0].self_attn.o_proj.weight.shape[1] == 2 * model.config.head_dim
+    assert plan.predicted_parameters == slicegpt.count_parameters(model) == config.parameters_sliced
+    assert config.parameters_sliced <= 0.8 * slicegpt.count_parameters(dense)
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == plan.heads[0]
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = calibration.input_ids[:2]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+    prompt = calibration.input_ids[:1, :8]
+    cached = plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, _greedy(prompt, plain))
+
+
+def test_heads_with_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer, calibration):
+    """Per-layer rotation: the head count lives in the layers' attribute, restored on load."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_model("llama")
+    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.5, heads="2x1")
+    assert plan.layout == "per-layer" and plan.heads == (2, 1)
+    model, config = slicegpt.slice_model(dense, None, calibration.input_ids, size=0.5, heads="2x1", progress=False)
+    assert plan.predicted_parameters == config.parameters_sliced == slicegpt.count_parameters(model)
+    ids = calibration.input_ids[:2]
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(slicegpt.load(out).model(ids).logits, expected)
+        assert torch.equal(remote(ids).logits, expected)
+    prompt = calibration.input_ids[:1, :8]
+    assert torch.equal(remote.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                       _greedy(prompt, remote))
+
+
+def test_the_parameter_model_counts_pruned_heads():
+    dense = make_model("qwen2")  # q/k/v biases, an untied head
+    adapter = get_adapter(dense.config)
+    counter = parameter_model(dense, adapter, rotation="none", tied=False, source_tied=False, slice_head=True,
+                              heads=(1, 1))
+    removed = 0
+    for layer in dense.model.layers:
+        attention = layer.self_attn
+        removed += 3 * (attention.q_proj.weight.numel() + attention.q_proj.bias.numel()) // 4  # 3 of 4 query heads
+        removed += (attention.k_proj.weight.numel() + attention.k_proj.bias.numel()) // 2 * 2  # 1 of 2 groups: k, v
+        removed += 3 * attention.o_proj.weight.numel() // 4
+    assert counter.count([64] * 7) == slicegpt.count_parameters(dense) - removed
+
+
+def test_a_fraction_drops_whole_groups_first():
+    from slicegpt.core.widths import head_layout
+
+    assert head_layout(2 / 3, (3, 3), "llama") == (2, 3)
+    assert head_layout(1 / 3, (3, 3), "llama") == (1, 3)
+    assert head_layout(0.5, (2, 4), "llama") == (1, 4)
+    assert head_layout(0.5, (4, 1), "llama") == (2, 1)  # multi-head attention: whole groups
+    assert head_layout(0.99, (3, 3), "llama") is None and head_layout("3x3", (3, 3), "llama") is None
+
+
+def test_bad_heads_settings_are_refused_in_one_line(calibration):
+    ids = calibration.input_ids
+    cases = [
+        (dict(heads="half"), "--heads is off, the fraction"),
+        (dict(heads=1.5), r"in \(0, 1\]"),
+        (dict(heads="2x"), "GxR keeps G key/value heads"),
+        (dict(heads="3x1"), "this model has 2 key/value heads with 2 query heads each"),
+        (dict(heads=0.5, compensate="off", neurons="off"), "attention heads .* needs compensation"),
+        (dict(heads=0.5, neurons="off", slicing=0.2, size=None), "--slicing sizes a sliced stream alone"),
+    ]
+    for changes, message in cases:
+        settings = {"size": 0.8, **changes}
+        with pytest.raises(SliceGPTError, match=message):
+            slicegpt.slice_model(make_model("llama"), None, ids, progress=False, **settings)
+    with pytest.raises(SliceGPTError, match=r"describes attention heads \(llama, .*gemma3_text\); not phi3"):
+        slicegpt.slice_model(make_model("phi3"), None, ids, size=0.8, heads=0.5, progress=False)
+    with pytest.raises(SliceGPTError, match="heads are pruned only while the stream keeps its width"):
+        slicegpt.slice_model(make_model("gemma3_text"), None, ids, size=0.5, heads=0.5, neurons="off",
+                             progress=False)
