@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("core",),  # the algorithm
     ("formats", "data", "evaluation"),  # outputs, text, measurements
     ("recipes", "plan"),  # named presets of the levers; every decision of a run, made once
-    ("api", "pipeline", "finetune"),  # the public calls
+    ("api", "pipeline", "finetune", "distill"),  # the public calls
     ("cli", "__init__", "__main__", "testing"),  # the thin layers on top; test material
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -303,41 +303,90 @@ def cmd_lm_eval(args) -> None:
         print(json.dumps(figures))
 
 
+def _student_tokenizer(model: str, dtype, device: str):
+    """The student's tokenizer before its weights load: read from its directory, else from the whole model."""
+    path = Path(model)
+    if path.is_dir() and any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    return load_model(model, dtype=dtype, device=device).tokenizer  # a dense student (GGUF, hub): rare
+
+
+def _finetune_settings(args) -> dict:
+    return dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, steps=args.steps,
+                lr=args.lr, batch_size=args.batch_size, seqlen=args.seqlen, eval_samples=args.eval_samples,
+                eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size, seed=args.seed,
+                text_field=args.text_field, evaluate=not args.no_eval, train=args.train)
+
+
+def _distilled(args, device: str):
+    """The teacher's pass first (its logits to a temporary folder, the teacher freed), then the student's training:
+    one model in memory at a time."""
+    from slicegpt.distill import resolve_teacher, teacher_logits
+    from slicegpt.finetune import finetune, training_batches, training_windows
+
+    teacher = resolve_teacher(args.model, args.teacher)
+    tokenizer = _student_tokenizer(args.model, args.dtype, device)
+    windows = training_windows(tokenizer, args.data, args.eval_data, args.seqlen, args.seed, args.text_field)
+    batches = training_batches(windows, args.batch_size, args.steps, args.seed)
+    with teacher_logits(teacher, batches, steps=args.steps, tokenizer=tokenizer, top_k=args.top_k,
+                        temperature=args.temperature, dtype=args.dtype, device=device) as logits:
+        loaded = load_model(args.model, dtype=args.dtype, device=device)
+        result = finetune(loaded.model, loaded.tokenizer, args.data, args.eval_data, teacher=logits,
+                          ce_weight=args.ce_weight, **_finetune_settings(args))
+    return loaded, result
+
+
 def cmd_finetune(args) -> None:
+    from slicegpt.distill import check_distill_settings
     from slicegpt.finetune import check_settings, finetune, save_finetuned
     from slicegpt.plan import check_counts
 
     check_settings(args.lora_r, args.lora_alpha, args.lora_dropout, args.steps, args.lr, args.batch_size,
-                   args.seqlen)  # before any slow work
+                   args.seqlen, args.train)  # before any slow work
     check_counts(eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size)
+    distill = args.loss == "distill"
+    if distill:
+        check_distill_settings(args.top_k, args.temperature, args.ce_weight)
+    elif args.teacher:
+        raise SliceGPTError("--teacher names the model to distill from; add --loss distill")
     out = Path(args.out) if args.out else None
     if args.adapters_only and out is None:
         raise SliceGPTError("--adapters-only says how to save; pass --out DIR too")
+    if args.adapters_only and args.train == "full":
+        raise SliceGPTError("--adapters-only saves LoRA adapters; --train full changes the weights themselves")
     if out is not None:
         refuse_existing(out, args.force, "output directory", ours=(MANIFEST_NAME, FINETUNE_RECORD))
         if Path(args.model).exists():
             refuse_overlap(out, Path(args.model))
     device = _device(args.device)
-    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    if distill:
+        loaded, result = _distilled(args, device)
+    else:
+        loaded = load_model(args.model, dtype=args.dtype, device=device)
+        result = finetune(loaded.model, loaded.tokenizer, args.data, args.eval_data, **_finetune_settings(args))
     kind = ("dense" if loaded.sliced is None else
             "standard sliced" if loaded.sliced.get("slicing", {}).get("standard") else "per-layer sliced")
-    result = finetune(loaded.model, loaded.tokenizer, args.data, args.eval_data, lora_r=args.lora_r,
-                      lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, steps=args.steps, lr=args.lr,
-                      batch_size=args.batch_size, seqlen=args.seqlen, eval_samples=args.eval_samples,
-                      eval_seqlen=args.eval_seqlen, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                      text_field=args.text_field, evaluate=not args.no_eval)
     figures = {"model": str(args.model), "kind": kind, **result.record()}
     if out is not None:
         save_finetuned(result, loaded.tokenizer, out, loaded.sliced, adapters_only=args.adapters_only,
                        force=args.force, source=str(loaded.source))
         figures["out"] = str(out)
     loss_start, loss_end = result.loss_summary()
+    what = (f"LoRA parameters ({result.trainable_parameters / result.parameters:.2%} of {result.parameters:,}; "
+            f"r={args.lora_r}" if args.train == "lora" else
+            f"weights ({result.trainable_parameters / result.parameters:.2%} of {result.parameters:,}; full")
     rows = [("model", f"{args.model} ({kind})"),
-            ("trainable", f"{result.trainable_parameters:,} LoRA parameters "
-                          f"({result.trainable_parameters / result.parameters:.2%} of {result.parameters:,}; "
-                          f"r={args.lora_r} on {', '.join(figures['target_modules'])})"),
+            ("trainable", f"{result.trainable_parameters:,} {what} on {', '.join(figures['target_modules'])})"),
             ("training", f"{args.steps} steps x {args.batch_size} x {args.seqlen} tokens of {args.data}; "
                          f"loss {loss_start:.3f} -> {loss_end:.3f} (means over the first and last tenth)")]
+    if distill:
+        k = max(1, len(result.kl) // 10)
+        rows.append(("distillation", f"KL to {figures['teacher']} {sum(result.kl[:k]) / k:.4f} -> "
+                                     f"{sum(result.kl[-k:]) / k:.4f} nats/token (T={args.temperature:g}, top-{args.top_k} "
+                                     f"+ rest, next-token weight {args.ce_weight:g}; teacher logits "
+                                     f"{figures['teacher_logits_bytes'] / 2**20:.1f} MiB, removed)"))
     if result.perplexity_before is not None:
         rows.append(("perplexity", f"{result.perplexity_before:.3f} -> {result.perplexity_after:.3f} "
                                    f"({result.eval_tokens:,} held-out tokens of {figures['eval_data']})"))
@@ -580,7 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("finetune", help="recover a sliced model's quality with LoRA adapters, report perplexity")
+    from slicegpt.distill import TOP_K
+    from slicegpt.finetune import TRAINS
+
+    p = sub.add_parser("finetune", help="recover a sliced model's quality with LoRA adapters or full weights, on "
+                                        "next-token loss or by distillation from the dense model; report perplexity")
     p.add_argument("model", help=model_help + ", or a sliced model directory")
     p.add_argument("--data", default=DEFAULT_DATA, help=data_help + " (training text: its calibration part)")
     p.add_argument("--eval-data", default=None, help="held-out perplexity data (default: --data's evaluation "
@@ -591,7 +644,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter inputs (default 0: "
                    "a few hundred steps see each window once at most)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
+    p.add_argument("--train", choices=TRAINS, default="lora", help="lora: adapters on the attention and MLP "
+                   "linears (default); full: those linears' own weights (skip matrices, norms and embeddings stay)")
+    p.add_argument("--loss", choices=("next-token", "distill"), default="next-token", help="next-token "
+                   "(default), or distill: KL to the dense teacher's next-token distributions")
+    p.add_argument("--teacher", default=None, help="--loss distill: the dense model (default: the source model "
+                   "recorded in the sliced directory's slicegpt.json); it needs the student's vocabulary")
+    p.add_argument("--temperature", type=float, default=1.0, help="--loss distill: softmax temperature of both "
+                   "distributions (default 1; the loss is scaled by T^2)")
+    p.add_argument("--top-k", type=int, default=TOP_K, help=f"--loss distill: teacher tokens kept per position, "
+                   f"the rest as one bucket (default {TOP_K})")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="--loss distill: share of next-token loss mixed "
+                   "in (default 0)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW (default 1e-3 for lora, "
+                   "1e-4 for full)")
     p.add_argument("--batch-size", type=int, default=4, help="training windows per step (default 4)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per training window (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for the adapters' init, dropout and window order")

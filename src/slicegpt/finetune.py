@@ -1,10 +1,12 @@
-"""Recovery fine-tuning: LoRA adapters on a sliced (or dense) model, perplexity before and after.
+"""Recovery fine-tuning: LoRA adapters or full weights of a sliced (or dense) model, perplexity before and after.
 
 Slicing drops the directions of least variance at every block boundary; what that costs is
 spread thinly over all layers, so small low-rank updates of the attention and MLP linears
-recover much of it for a fraction of the parameters. Only the adapters train (peft LoRA);
-everything slicing computed (skip-connection and entry matrices, norms, embeddings) stays
-as it is, so the merged model has exactly the input's structure and saves in its format.
+recover much of it for a fraction of the parameters. Only the adapters train (peft LoRA), or
+with `train="full"` the same linears' own weights; everything else slicing computed
+(skip-connection and entry matrices, norms, embeddings) stays as it is, so the result has
+exactly the input's structure and saves in its format. The objective is the next token, or
+with a `teacher` (slicegpt.distill) the dense model's distributions.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -32,14 +34,19 @@ from slicegpt.formats.lora import ADAPTER_DIR, load_adapter, peft_quietly
 from slicegpt.modeling.runtime import MANIFEST_NAME, get_path, sliced_structure
 from slicegpt.plan import check_counts
 
+if TYPE_CHECKING:
+    from slicegpt.distill import TeacherLogits
+
 RECORD_NAME = "finetune.json"  # the fine-tuning record of a dense output (sliced ones use the manifest)
+TRAINS = ("lora", "full")
+DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}  # full weights move the model directly: a tenth of LoRA's rate
 
 
 @dataclass
 class FinetuneResult:
     """What `finetune` did: the adapted model (peft, not merged) and the figures."""
 
-    model: nn.Module  # a peft PeftModel around the input model
+    model: nn.Module  # a peft PeftModel around the input model (LoRA), or the input model itself (full)
     perplexity_before: float | None
     perplexity_after: float | None
     losses: list[float]  # training loss per step
@@ -49,6 +56,7 @@ class FinetuneResult:
     peak_memory_bytes: int
     eval_tokens: int
     settings: dict = field(default_factory=dict)
+    kl: list[float] = field(default_factory=list)  # distillation: KL to the teacher per step (nats per token)
 
     def loss_summary(self) -> tuple[float, float]:
         """Mean training loss over the first and the last tenth of the steps (one batch is noisy)."""
@@ -61,12 +69,15 @@ class FinetuneResult:
                 "perplexity_before": self.perplexity_before, "perplexity_after": self.perplexity_after,
                 "eval_tokens": self.eval_tokens, "seconds": round(self.seconds, 2),
                 "loss_start": self.loss_summary()[0], "loss_end": self.loss_summary()[1],
-                "losses": [round(x, 4) for x in self.losses]}
+                "losses": [round(x, 4) for x in self.losses],
+                **({"kl": [round(x, 5) for x in self.kl]} if self.kl else {})}
 
 
-def check_settings(lora_r: int, lora_alpha: float, lora_dropout: float, steps: int, lr: float,
-                   batch_size: int, seqlen: int) -> None:
-    """Refuse impossible settings before anything slow happens."""
+def check_settings(lora_r: int, lora_alpha: float, lora_dropout: float, steps: int, lr: float | None,
+                   batch_size: int, seqlen: int, train: str = "lora") -> None:
+    """Refuse impossible settings before anything slow happens (`lr` None: the default for `train`)."""
+    if train not in TRAINS:
+        raise SliceGPTError(f"--train must be one of {', '.join(TRAINS)}, got {train!r}")
     if not isinstance(lora_r, int) or lora_r < 1:
         raise SliceGPTError(f"--lora-r must be a positive integer, got {lora_r}")
     if not lora_alpha > 0:
@@ -75,7 +86,7 @@ def check_settings(lora_r: int, lora_alpha: float, lora_dropout: float, steps: i
         raise SliceGPTError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if steps < 1:
         raise SliceGPTError(f"--steps must be at least 1, got {steps}")
-    if not (lr > 0 and math.isfinite(lr)):
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise SliceGPTError(f"--lr must be a positive number, got {lr}")
     if batch_size < 1:
         raise SliceGPTError(f"--batch-size must be at least 1, got {batch_size}")
@@ -182,12 +193,39 @@ def _sources(data, eval_data, text_field: str) -> tuple:
     return train, held_out, str(eval_data) if _named(eval_data) else None
 
 
+def training_windows(tokenizer, data: str | os.PathLike | Windows | torch.Tensor = DEFAULT_DATA,
+                     eval_data: str | os.PathLike | Windows | torch.Tensor | None = None, seqlen: int = 128,
+                     seed: int = 0, text_field: str = "text") -> Windows:
+    """The windows `finetune` trains on for these settings (a teacher's pass must see the same ones)."""
+    train_data, _, _ = _sources(data, eval_data, text_field)
+    return _windows(tokenizer, train_data, seqlen, None, seed, "calibration")
+
+
+def _trainable(model: nn.Module, train: str, targets: list[str], lora_r: int, lora_alpha: float,
+               lora_dropout: float) -> nn.Module:
+    """The model to train: a peft wrapper with LoRA adapters, or the model with only the targets' weights free."""
+    if train == "full":
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.endswith(tuple(targets)) and _is_linear(module):
+                module.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.endswith(tuple(targets)))
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
+    with peft_quietly():
+        return get_peft_model(model, config)
+
+
 def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows | torch.Tensor = DEFAULT_DATA,
              eval_data: str | os.PathLike | Windows | torch.Tensor | None = None, *, lora_r: int = 8,
-             lora_alpha: float = 16.0, lora_dropout: float = 0.0, steps: int = 200, lr: float = 1e-3,
+             lora_alpha: float = 16.0, lora_dropout: float = 0.0, steps: int = 200, lr: float | None = None,
              batch_size: int = 4, seqlen: int = 128, eval_samples: int | None = 16, eval_seqlen: int = 1024,
              eval_batch_size: int = 2, target_modules: list[str] | None = None, seed: int = 0,
-             text_field: str = "text", evaluate: bool = True, progress: bool = True) -> FinetuneResult:
+             text_field: str = "text", evaluate: bool = True, progress: bool = True, train: str = "lora",
+             teacher: TeacherLogits | None = None, ce_weight: float = 0.0) -> FinetuneResult:
     """Train LoRA adapters on `model` (dense, per-layer sliced or standard sliced) for `steps` steps.
 
     `data` is a data source (as `load_text` takes, its calibration part), a [n, seqlen] tensor
@@ -196,24 +234,36 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
     evaluation. Perplexity is measured before and after with the standard protocol
     (`eval_samples` x `eval_seqlen`, the `slicegpt eval` defaults), so it compares with the
     figures of `slice` and `eval`. The model is adapted in place and returned wrapped in a peft
-    model (`result.model`); `save_finetuned` merges and writes it.
-    """
-    from peft import LoraConfig, get_peft_model
+    model (`result.model`); `save_finetuned` merges and writes it. `train="full"` trains the
+    target linears' own weights instead (`lr` defaults to DEFAULT_LR[train]).
 
-    check_settings(lora_r, lora_alpha, lora_dropout, steps, lr, batch_size, seqlen)
+    With `teacher` (slicegpt.distill.teacher_logits) the batches are the ones the teacher saw
+    and the loss is T^2 x KL to the teacher's distributions, mixed with `ce_weight` of the
+    next-token loss; `data` then only names the held-out text.
+    """
+    check_settings(lora_r, lora_alpha, lora_dropout, steps, lr, batch_size, seqlen, train)
     check_counts(eval_samples=eval_samples, eval_seqlen=eval_seqlen, eval_batch_size=eval_batch_size)
-    settings: dict = {"data": str(data) if _named(data) else "token windows", "lora_r": lora_r,
-                      "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "steps": steps, "lr": lr,
-                      "batch_size": batch_size, "seqlen": seqlen, "seed": seed}
+    lr = DEFAULT_LR[train] if lr is None else lr
+    settings: dict = {"data": str(data) if _named(data) else "token windows", "train": train,
+                      **({"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+                         if train == "lora" else {}),
+                      "steps": steps, "lr": lr, "batch_size": batch_size, "seqlen": seqlen, "seed": seed}
     train_data, held_out, settings["eval_data"] = _sources(data, eval_data, text_field)
-    train = _windows(tokenizer, train_data, seqlen, None, seed, "calibration")
+    if teacher is None:
+        windows = _windows(tokenizer, train_data, seqlen, None, seed, "calibration")
+        check_window_length(model.config, windows.input_ids.shape[1], "--seqlen")
+        batches, train_windows = training_batches(windows, batch_size, steps, seed), len(windows.input_ids)
+    else:
+        if teacher.steps != steps:
+            raise SliceGPTError(f"the teacher's logits cover {teacher.steps} steps, training has {steps}")
+        teacher.check_student(model, tokenizer)
+        batches, train_windows = teacher.batches(), None
+        settings.update(loss="distill", teacher=teacher.source, temperature=teacher.temperature,
+                        top_k=teacher.top_k, ce_weight=ce_weight, teacher_logits_bytes=teacher.bytes())
     eval_windows = None
     if evaluate and held_out is not None:
         eval_windows = _windows(tokenizer, held_out, eval_seqlen, eval_samples, seed, "evaluation")
-    check_window_length(model.config, train.input_ids.shape[1], "--seqlen")
-    if eval_windows is not None:
         check_window_length(model.config, eval_windows.input_ids.shape[1], "--eval-seqlen")
-    settings.update(train_windows=len(train.input_ids), train_tokens=steps * batch_size * train.input_ids.shape[1])
 
     device = next(model.parameters()).device
     model.eval()
@@ -222,24 +272,29 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
     settings["target_modules"] = targets
     parameters = count_parameters(model)
     torch.manual_seed(seed)  # LoRA's A matrices and dropout
-    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.endswith(tuple(targets)))
-    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
-    with peft_quietly():
-        peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    trained = _trainable(model, train, targets, lora_r, lora_alpha, lora_dropout)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = max(1, min(20, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
 
     losses: list[float] = []
-    peft_model.train()
-    with measure(str(device)) as m, tqdm(training_batches(train, batch_size, steps, seed), total=steps,
-                                         desc="fine-tuning", unit="step", disable=not progress) as bar:
-        for ids in bar:
+    kls: list[float] = []
+    tokens = 0
+    trained.train()
+    with measure(str(device)) as m, tqdm(batches, total=steps, desc="fine-tuning", unit="step",
+                                         disable=not progress) as bar:
+        for step, ids in enumerate(bar):
             ids = ids.to(device)
-            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            tokens += ids.numel()
+            if teacher is None:
+                loss = trained(input_ids=ids, labels=ids, use_cache=False).loss
+            else:
+                out = trained(input_ids=ids, labels=ids if ce_weight else None, use_cache=False)
+                kl = teacher.kl(step, out.logits)
+                kls.append(kl.item())
+                loss = (1 - ce_weight) * teacher.temperature ** 2 * kl + (ce_weight * out.loss if ce_weight else 0)
             if not torch.isfinite(loss):
                 raise SliceGPTError(f"training loss is not finite at step {len(losses) + 1}; use a smaller --lr")
             loss.backward()
@@ -249,10 +304,16 @@ def finetune(model: nn.Module, tokenizer=None, data: str | os.PathLike | Windows
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    peft_model.eval()
-    after = perplexity(peft_model, eval_windows, eval_batch_size, progress) if eval_windows is not None else None
-    return FinetuneResult(peft_model, before, after, losses, sum(p.numel() for p in trainable), parameters,
-                          m.seconds, m.peak_bytes, eval_windows.tokens if eval_windows is not None else 0, settings)
+    trained.eval()
+    if train == "full":
+        trained.requires_grad_(False)
+    if train_windows is not None:
+        settings["train_windows"] = train_windows
+    settings["train_tokens"] = tokens
+    after = perplexity(trained, eval_windows, eval_batch_size, progress) if eval_windows is not None else None
+    return FinetuneResult(trained, before, after, losses, sum(p.numel() for p in trainable), parameters,
+                          m.seconds, m.peak_bytes, eval_windows.tokens if eval_windows is not None else 0, settings,
+                          kls)
 
 
 def _save_adapter(peft_model: nn.Module, target: Path, source: str) -> None:
@@ -280,11 +341,15 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
     from slicegpt.formats.io import save
 
     out = Path(out)
+    full = result.settings.get("train") == "full"
+    if full and adapters_only:
+        raise SliceGPTError("--adapters-only saves LoRA adapters; --train full changed the weights themselves")
     refuse_existing(out, force, "output directory", "--force (force=True)", ours=(MANIFEST_NAME, RECORD_NAME))
     peft_model = result.model
-    if slicing is None and sliced_structure(peft_model.get_base_model()) is not None:
+    if slicing is None and sliced_structure(peft_model if full else peft_model.get_base_model()) is not None:
         raise SliceGPTError("this model is sliced: pass its slicing record (slicing=...) to save it")
-    record = dict(result.record(), saved="adapter in lora/" if adapters_only else "merged", source_model=source)
+    saved = "adapter in lora/" if adapters_only else "full weights" if full else "merged"
+    record = dict(result.record(), saved=saved, source_model=source)
     staging = None
 
     def add_adapter(tmp: Path) -> None:
@@ -306,7 +371,7 @@ def save_finetuned(result: FinetuneResult, tokenizer, out: str | os.PathLike,
                 _save_adapter(peft_model, staging / ADAPTER_DIR, source)
             model = peft_model.unload()
         else:
-            model = peft_model.merge_and_unload()
+            model = peft_model if full else peft_model.merge_and_unload()
         if slicing is None:
             with atomic_directory(out, force=True) as tmp:  # existence checked above
                 fill_dense(tmp)
