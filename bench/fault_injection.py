@@ -37,10 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_FILE = ROOT / "tests" / "data" / "tempest_excerpt.txt"
 # the stream sliced with compensation, activations on disk (their snapshots are hard links), and
-# the default recipe's stock output: between them every kind of write a resume depends on
+# the default recipe's stock output, and one rotation for all layers (a stock output with the stream
+# sliced, activations in memory): between them every kind of write a resume depends on
 RUNS = {
     "per-layer": ["--slicing", "0.25", "--neurons", "off", "--activations-dir", "{work}/acts"],
     "default": ["--size", "0.8"],
+    "uniform": ["--slicing", "0.25", "--neurons", "off", "--rotation", "uniform"],
 }
 CALIBRATE = ["--calibration", str(TEXT_FILE), "--samples", "8", "--seqlen", "64", "--eval-samples", "2"]
 
