@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
 
 
@@ -34,16 +32,11 @@ def export(model: str, dtype: str, out: Path) -> dict:
 
 def perplexities(files: list[Path], windows: list[list[int]]) -> dict:
     """llama.cpp's perplexity of each file on the windows, in one llama.cpp process."""
-    from slicegpt.formats.loading import cache_dir
+    from slicegpt.formats.llama_cpp import run_node_script
 
-    home = cache_dir() / "node-llama-cpp"
-    script = HERE.parent / "scripts" / "llama_cpp_perplexity.mjs"
-    shutil.copy(script, home / script.name)
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as jobs:
-        json.dump({"files": [str(f) for f in files], "windows": windows, "threads": 2}, jobs)
-        jobs.flush()
-        done = subprocess.run(["node", script.name, jobs.name], cwd=home, capture_output=True, text=True, check=True)
-    return {r["file"]: r["perplexity"] for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    result = run_node_script("llama_cpp_perplexity.mjs", {"files": [str(f) for f in files], "windows": windows,
+                                                          "threads": 2})
+    return {r["file"]: r["perplexity"] for r in result}
 
 
 def main() -> None:

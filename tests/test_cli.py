@@ -297,6 +297,15 @@ def test_bench_compares_sliced_with_its_dense_source(tiny_model_dir, tmp_path):
     assert_one_line_error(run("bench", out, "--seqlens", "0"), "--seqlens must be comma-separated positive integers")
 
 
+def test_bench_of_gguf_files_refuses_what_llama_cpp_cannot_measure_in_one_line(tiny_model_dir, tmp_path):
+    """A .gguf path goes to llama.cpp; its files are checked before anything starts."""
+    model = tmp_path / "sliced.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    assert_one_line_error(run("bench", tmp_path / "missing.gguf"), r"missing.gguf: no such file")
+    assert_one_line_error(run("bench", model, "--compare", tiny_model_dir),
+                          r"--compare .* is not a GGUF file; llama.cpp measures .gguf files only")
+
+
 def test_a_parameter_budget_and_the_papers_method_from_the_command_line(tiny_model_dir, tmp_path):
     result = run("slice", tiny_model_dir, "--size", "0.8", "--neurons", "off", "--calibration", TEXT_FILE,
                  "--samples", "8",

@@ -407,15 +407,46 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def cmd_bench(args) -> None:
-    from slicegpt.evaluation.speed import speed_report
-
-    batch_sizes, seqlens = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.seqlens, "--seqlens")
+def _bench_save_path(args) -> Path | None:
+    """--save checked before anything is measured."""
     save_path = Path(args.save) if args.save else None
     if save_path is not None and save_path.is_dir():
         raise SliceGPTError(f"--save {save_path} is a directory; give a file name")
     if save_path is not None:
         refuse_existing(save_path, args.force, ours=b"{")  # --force replaces only a JSON record
+    return save_path
+
+
+def _bench_record(args, record: dict, save_path: Path | None) -> None:
+    if save_path is not None:  # a record `slicegpt report` reads; written whole or not at all
+        from slicegpt.atomic import atomic_file
+
+        with atomic_file(save_path, force=True) as tmp:  # existence checked before measuring
+            tmp.write_text(json.dumps(record, indent=1))
+        print(f"saved {save_path}")
+    if args.json:
+        print(json.dumps(record))
+
+
+def _bench_engine(args) -> str:
+    """llama.cpp for a .gguf file given by path (where GGUF files run), else PyTorch."""
+    if args.engine != "auto":
+        return args.engine
+    return "llama.cpp" if str(args.model).lower().endswith(".gguf") else "torch"
+
+
+def cmd_bench(args) -> None:
+    from slicegpt.evaluation.speed import speed_report
+
+    if (args.threads is not None and args.threads < 1) or args.repeats < 1 or args.decode_tokens < 1:
+        raise SliceGPTError("--threads, --repeats and --decode-tokens must be positive")
+    if _bench_engine(args) == "llama.cpp":
+        return _bench_gguf(args)
+    batch_sizes = _int_list(args.batch_sizes or "1,4", "--batch-sizes")
+    seqlens = _int_list(args.seqlens or "128,512", "--seqlens")
+    save_path = _bench_save_path(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     compare = args.compare
@@ -450,17 +481,47 @@ def cmd_bench(args) -> None:
                       f"{pre.weight_bytes / mib:.0f} |")
                 figures += [dict(pre.to_dict(), speedup=up_pre, role=role),
                             dict(dec.to_dict(), speedup=up_dec, role=role)]
-    record = {"kind": BENCH_KIND, "model": str(args.model), "compare": compare, "device": device,
+    record = {"kind": BENCH_KIND, "engine": "torch", "model": str(args.model), "compare": compare, "device": device,
               "torch_threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
               "repeats": args.repeats, "rows": figures}
-    if save_path is not None:  # a record `slicegpt report` reads; written whole or not at all
-        from slicegpt.atomic import atomic_file
+    _bench_record(args, record, save_path)
 
-        with atomic_file(save_path, force=True) as tmp:  # existence checked before measuring
-            tmp.write_text(json.dumps(record, indent=1))
-        print(f"saved {save_path}")
-    if args.json:
-        print(json.dumps(record))
+
+def _bench_gguf(args) -> None:
+    """`bench FILE.gguf [--compare DENSE.gguf]`: both files in llama.cpp, in turns (evaluation.speed.gguf_bench)."""
+    from slicegpt.evaluation.speed import GGUF_SEQLENS, gguf_bench
+
+    if args.batch_sizes and _int_list(args.batch_sizes, "--batch-sizes") != [1]:
+        raise SliceGPTError("llama.cpp is measured at batch 1 only; leave out --batch-sizes")
+    if args.dtype or (args.device and args.device != "cpu"):
+        raise SliceGPTError("a GGUF file runs in llama.cpp's CPU build with its own tensor types; "
+                            "leave out --dtype and --device")
+    seqlens = _int_list(args.seqlens, "--seqlens") if args.seqlens else list(GGUF_SEQLENS)
+    save_path = _bench_save_path(args)
+    result = gguf_bench(args.model, args.compare, seqlens, args.decode_tokens, args.repeats, args.threads)
+    compared = bool(result.limits)
+    print(f"llama.cpp {result.llama_cpp} (node-llama-cpp {result.node_llama_cpp}, CPU build); threads "
+          f"{result.threads}; batch 1; pp = a prompt of random token ids in one batch; tg = {args.decode_tokens} "
+          f"tokens generated greedily after it; median of {args.repeats} turn(s)"
+          + (", the files alternating" if compared else ""))
+    if compared:
+        print("limits in brackets: pp by the weights' multiply-adds per token, tg by the file sizes (bytes read "
+              "per token)")
+    print("| model | prompt | pp tok/s | pp speedup | tg tok/s | tg ms/token | tg speedup | file MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = {(r.model, r.phase, r.seqlen): r for r in result.rows}
+    for model in dict.fromkeys(r.model for r in result.rows):
+        for seqlen in seqlens:
+            pre, dec = rows[(model, "prefill", seqlen)], rows[(model, "decode", seqlen)]
+            up = {r.phase: f"{r.speedup:.2f}x ({r.limit:.2f}x)" if r.speedup else "-" for r in (pre, dec)}
+            print(f"| {pre.role} {Path(model).name} | {seqlen} | {pre.tokens_per_second:,.0f} | {up['prefill']} | "
+                  f"{dec.tokens_per_second:,.1f} | {dec.ms_per_token:.2f} | {up['decode']} | "
+                  f"{pre.file_bytes / 2**20:.1f} |")
+    record = {"kind": BENCH_KIND, "engine": "llama.cpp", "model": str(args.model), "compare": args.compare,
+              "device": "cpu (llama.cpp)", "llama_cpp": result.llama_cpp, "node_llama_cpp": result.node_llama_cpp,
+              "threads": result.threads, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+              "limits": result.limits, "rows": [r.to_dict() for r in result.rows]}
+    _bench_record(args, record, save_path)
 
 
 def cmd_report(args) -> None:
@@ -672,14 +733,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("bench", help="prefill throughput, decode latency and memory, dense and sliced side by side")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + ", or a sliced model directory")
+    p = sub.add_parser("bench", help="prefill throughput, decode latency and memory, dense and sliced side by "
+                       "side; a .gguf file in real llama.cpp")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + ", or a sliced model directory; "
+                   "a .gguf path is measured in llama.cpp (scripts/llama_cpp_setup.sh installs it)")
     p.add_argument("--compare", default=None, help="the dense model to compare with (default: a sliced "
-                   "directory's source model)")
-    p.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
-    p.add_argument("--seqlens", default="128,512", help="prompt lengths, comma-separated (default 128,512)")
+                   "directory's source model); in llama.cpp a .gguf file, measured in turns with MODEL")
+    p.add_argument("--engine", choices=["auto", "torch", "llama.cpp"], default="auto",
+                   help="where to measure (default auto: llama.cpp for a .gguf path, else PyTorch; torch "
+                        "dequantizes a GGUF file)")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4; llama.cpp: 1 only)")
+    p.add_argument("--seqlens", default=None, help="prompt lengths, comma-separated (default 128,512)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per setting (the median is shown)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (llama.cpp default: all cores, "
+                   "os.cpu_count(); PyTorch: its own default unless given)")
     p.add_argument("--save", default=None, metavar="FILE",
                    help="write the figures as a JSON record that `slicegpt report` reads")
     p.add_argument("--force", action="store_true", help="replace an existing --save file")
