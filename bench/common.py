@@ -73,5 +73,5 @@ def save_results(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}-{date}-{commit}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"raw figures: {path.relative_to(root)}")
+    print(f"raw figures: {path.relative_to(root) if path.is_relative_to(root) else path}")
     return path

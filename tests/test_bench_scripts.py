@@ -1,0 +1,144 @@
+"""The benchmark scripts under bench/: their pure helpers, and bench/deploy_speed.py end to end on a tiny Llama
+(the llama.cpp part only where node-llama-cpp is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def deploy_speed(monkeypatch, tmp_path):
+    """bench/deploy_speed.py as a module, its raw figures going to tmp_path/results."""
+    monkeypatch.syspath_prepend(str(BENCH))  # its `from common import save_results`
+    spec = importlib.util.spec_from_file_location("deploy_speed", BENCH / "deploy_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    return module
+
+
+def _llama_shapes(hidden: int, neurons: int, tied: bool, shortcuts: bool = False) -> dict:
+    shapes = {"model.embed_tokens.weight": (100, 16), "model.norm.weight": (hidden,),
+              "model.layers.0.input_layernorm.weight": (hidden,),
+              "model.layers.0.self_attn.q_proj.weight": (16, hidden),
+              "model.layers.0.self_attn.o_proj.weight": (hidden, 16),
+              "model.layers.0.mlp.up_proj.weight": (neurons, hidden),
+              "model.layers.0.mlp.down_proj.weight": (hidden, neurons)}
+    if not tied:
+        shapes["lm_head.weight"] = (100, hidden)
+    if shortcuts:
+        shapes["model.layers.0.attn_shortcut"] = (hidden, hidden)
+    return shapes
+
+
+def test_per_token_costs_and_limits(deploy_speed):
+    # tied: the embedding is the head, read every decoded token and multiplied once per prompt
+    tied = deploy_speed.per_token(_llama_shapes(16, 32, tied=True), prompt=4)
+    assert tied["read"] == 1600 + 16 + 16 + 256 + 256 + 512 + 512
+    assert tied["multiply_adds"] == 256 + 256 + 512 + 512 + 1600 / 4
+    # untied: the embedding is only looked up; the head is read and multiplied; skip matrices count too
+    untied = deploy_speed.per_token(_llama_shapes(8, 16, tied=False, shortcuts=True), prompt=4)
+    assert untied["read"] == 8 + 8 + 128 + 128 + 128 + 128 + 800 + 64
+    assert untied["multiply_adds"] == 128 * 4 + 64 + 800 / 4
+    limits = deploy_speed.torch_limits(tied, untied)
+    assert limits == {"decode": tied["read"] / untied["read"],
+                      "prefill": tied["multiply_adds"] / untied["multiply_adds"]}
+    with pytest.raises(SystemExit, match="Llama-style"):
+        deploy_speed.per_token({"transformer.wte.weight": (10, 4)})
+
+
+def test_rows_mark_the_issue_targets_and_the_table_shows_them(deploy_speed):
+    stock = {"label": "default 0.8", "stock": True, "parameter_ratio": 0.8}
+    per_layer = {"label": "paper 0.8", "stock": False, "parameter_ratio": 0.79}
+    record = {"rows": [{"role": "dense", "phase": "decode", "batch": 1, "speedup": 1.0},
+                       {"role": "sliced", "phase": "decode", "batch": 1, "speedup": 1.2},
+                       {"role": "sliced", "phase": "prefill", "batch": 1, "speedup": 1.0}]}
+    gguf = deploy_speed.bench_rows(stock, record, "llama.cpp", "q8_0", {"decode": 1.25, "prefill": 1.3}, False)
+    assert [(r["phase"], r["ratio"], r["target_met"]) for r in gguf] == [
+        ("decode", pytest.approx(0.96), True), ("prefill", pytest.approx(1 / 1.3), None)]  # pp: no target
+    torch_cpu = deploy_speed.bench_rows(stock, record, "PyTorch", "float32", {"decode": 1.25, "prefill": 1.3}, False)
+    assert [r["target_met"] for r in torch_cpu] == [None, None]  # prefill's target is on the compute-bound model
+    bound = deploy_speed.bench_rows(per_layer, record, "PyTorch", "float32", {"decode": 1.5, "prefill": 1.2}, True)
+    assert [r["target_met"] for r in bound] == [None, False]
+    rows = gguf + torch_cpu + bound + [deploy_speed.note_row(per_layer, "llama.cpp", "", deploy_speed.PER_LAYER_NOTE)]
+    text = deploy_speed.table(rows)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| default 0.8 (stock) | 0.800 | llama.cpp q8_0 | decode | 1 | 1.20x | 1.25x bytes | 0.96 | met |" in text
+    assert "| paper 0.8 (per-layer) | 0.790 | PyTorch float32 | prefill | 1 | 1.00x | 1.20x multiply-adds | 0.83 | " \
+           "**not met** |" in text
+    assert lines[-1].startswith("| paper 0.8 (per-layer) | 0.790 | llama.cpp | - |") and "PyTorch only" in lines[-1]
+    assert deploy_speed.targets_summary(rows) == ["llama.cpp generation >= 0.9 x bytes ratio: 1 of 1 rows met",
+                                                  "PyTorch prefill >= 0.9 x multiply-add ratio: 0 of 1 rows met"]
+
+
+def test_deploy_speed_end_to_end_on_a_tiny_llama(deploy_speed, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--quick on a tiny Llama: sliced in a subprocess, measured by `slicegpt bench` (PyTorch, and llama.cpp f16
+    where installed), the table printed and the raw figures saved; a second run reuses the output."""
+    from slicegpt.formats.llama_cpp import node_llama_cpp
+
+    llama_cpp = node_llama_cpp() is not None
+    work = tmp_path / "work"
+    data = deploy_speed.main(["--model", str(tiny_model_dir), "--quick", "--work", str(work), "--samples", "8",
+                              "--seqlen", "64", "--decode-tokens", "2", "--threads", "1", "--gguf-types", "f16",
+                              *([] if llama_cpp else ["--skip-llama-cpp"])])
+    printed = capsys.readouterr().out
+    saved = json.loads(Path(data["path"]).read_text())
+    assert Path(data["path"]).parent == tmp_path / "results" and saved["rows"] == data["rows"]
+    assert saved["sizes"] == [0.8] and saved["recipes"] == ["default"] and saved["repeats"] == 1
+    (output,) = saved["outputs"]
+    assert output["stock"] and output["slicing"]["reused"] is False
+    assert (work / "default-0.8" / "slicegpt.json").is_file()
+    assert output["torch_limits"]["decode"] > 1 and output["torch_limits"]["prefill"] > 1
+    torch_rows = [r for r in saved["rows"] if r["engine"] == "PyTorch"]
+    assert {(r["phase"], r["batch"]) for r in torch_rows} == {(p, b) for p in ("prefill", "decode") for b in (1, 8)}
+    assert all(r["speedup"] > 0 and r["ratio"] == pytest.approx(r["speedup"] / r["limit"]) for r in torch_rows)
+    assert all(r["limit"] == output["torch_limits"][r["phase"]] for r in torch_rows)
+    gguf_rows = [r for r in saved["rows"] if r["engine"] == "llama.cpp"]
+    if llama_cpp:
+        bench = output["gguf"]["f16"]["bench"]
+        assert {(r["phase"], r["kind"]) for r in gguf_rows} == {("prefill", "f16"), ("decode", "f16")}
+        assert [r["limit"] for r in gguf_rows if r["phase"] == "decode"] == [bench["limits"]["decode"]]
+        assert next(r for r in gguf_rows if r["phase"] == "decode")["target_met"] is not None
+        assert (work / "gguf" / "dense-f16.gguf").is_file() and (work / "gguf" / "default-0.8-f16.gguf").is_file()
+    else:
+        assert not gguf_rows and "skipped" in saved["llama_cpp"]
+    assert "| default 0.8 (stock) | " in printed and "llama.cpp generation >= 0.9 x bytes ratio" in printed
+
+    def no_command(*args):
+        raise AssertionError(f"ran slicegpt {args[0]} again")
+
+    monkeypatch.setattr(deploy_speed, "slicegpt_cli", no_command)  # present in --work: nothing is sliced or exported
+    again = deploy_speed.sliced_output(str(tiny_model_dir.resolve()), "default", 0.8, work / "default-0.8", [])
+    assert again["reused"] and again["parameters_sliced"] == output["slicing"]["parameters_sliced"]
+    if llama_cpp:
+        assert deploy_speed.gguf_file(str(work / "default-0.8"), work / "default-0.8" / "slicegpt.json", "f16",
+                                      work / "gguf" / "default-0.8-f16.gguf")["reused"]
+    with pytest.raises(SystemExit, match="holds default at 0.8"):
+        deploy_speed.sliced_output(str(tiny_model_dir.resolve()), "default", 0.5, work / "default-0.8", [])
+
+
+def test_random_llama_is_written_once_with_the_default_tokenizer(deploy_speed, tmp_path, monkeypatch):
+    """--model random-llama's checkpoint (here at a tiny width): the embedded model's tokenizer and vocabulary,
+    renamed into place whole, reused by the next run, refused when --work holds another shape."""
+    monkeypatch.setattr(deploy_speed, "RANDOM_LLAMA", dict(layers=1, hidden=32, intermediate=64, heads=2, kv_heads=1))
+    path = deploy_speed.random_llama(tmp_path / "random-llama")
+    config = json.loads((path / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (1, 32, 49152)
+    assert (path / "tokenizer.json").is_file() and not (tmp_path / "random-llama.partial").exists()
+    cost = deploy_speed.per_token(deploy_speed.tensor_shapes(path))
+    assert cost["read"] == 49152 * 32 + 32 * 3 + 32 * 32 * 2 + 16 * 32 * 2 + 64 * 32 * 3  # untied: embedding not read
+    written = (path / "model.safetensors.index.json").stat().st_mtime_ns
+    assert deploy_speed.random_llama(path) == path
+    assert (path / "model.safetensors.index.json").stat().st_mtime_ns == written
+    monkeypatch.setattr(deploy_speed, "RANDOM_LLAMA", dict(layers=2, hidden=32, intermediate=64, heads=2, kv_heads=1))
+    with pytest.raises(SystemExit, match="another random Llama"):
+        deploy_speed.random_llama(path)
