@@ -18,7 +18,7 @@ one but an input embedding that is not also the head, both in one dtype; llama.c
 `evaluation.speed.gguf_limits`). Prompt processing (prefill) is arithmetic, so its limit is the ratio of the
 weight multiply-adds per prompt token (PyTorch: every matrix but the embedding, skip-connection matrices
 included, the head once per prompt since only the last position's logits are computed; llama.cpp:
-`gguf_limits`, which counts the output head for every prompt token). Attention over the prompt is left out
+`gguf_limits`, which leaves the output head out). Attention over the prompt is left out
 of both. The issue's targets are marked met or not: llama.cpp generation speedup >= 0.9 x its bytes ratio,
 and PyTorch prefill speedup >= 0.9 x its multiply-add ratio on the compute-bound model (`random-llama`).
 

@@ -23,7 +23,7 @@ def test_q8_0_file_keeps_norms_f32_and_partial_block_rows_f16_and_reads_back(tok
     from transformers import AutoModelForCausalLM
 
     model = make_model("llama", intermediate_size=77)
-    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q8_0")
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q8_0", pad_neurons=0)
     tensors = _tensors(path)
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "F16"
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q8_0"
@@ -46,7 +46,7 @@ def test_f16_export_refuses_a_weight_beyond_float16_and_bf16_keeps_it(tokenizer,
     for dtype in ("f16", "q8_0", "q4_k_m"):  # the block types store these rows of 77 as f16
         with pytest.raises(SliceGPTError, match=r"^blk\.1\.ffn_down\.weight has values up to 1e\+05, beyond .*"
                                                 r"\(±65504\).*--dtype bf16 or f32$"):
-            export_gguf(model, tokenizer, tmp_path / f"{dtype}.gguf", dtype=dtype)
+            export_gguf(model, tokenizer, tmp_path / f"{dtype}.gguf", dtype=dtype, pad_neurons=0)
         assert list(tmp_path.iterdir()) == []
     for dtype in ("bf16", "f32"):
         path = export_gguf(model, tokenizer, tmp_path / f"{dtype}.gguf", dtype=dtype)
@@ -55,6 +55,31 @@ def test_f16_export_refuses_a_weight_beyond_float16_and_bf16_keeps_it(tokenizer,
         t = _tensors(path)["blk.1.ffn_down.weight"]
         values = dequantize(t.data, t.tensor_type) if dtype == "bf16" else np.asarray(t.data)
         assert np.isfinite(values).all() and values.max() == pytest.approx(1e5, rel=4e-3)
+
+
+def test_neurons_padded_to_whole_blocks_change_nothing(tokenizer, tmp_path):
+    """77 neurons are written as 96 (the 19 zero neurons add exactly nothing): the down projections
+    quantize, llama.cpp is told 96, and the file computes what the model does (transformers reads
+    it back here; tests/test_llama_cpp.py runs every family's padded files in llama.cpp)."""
+    from transformers import AutoModelForCausalLM
+
+    from slicegpt.formats.gguf import feed_forward_length
+
+    model = make_model("llama", intermediate_size=77)
+    path = export_gguf(model, tokenizer, tmp_path / "q8.gguf", dtype="q8_0")
+    assert "f16" not in tensor_types(path)  # unpadded, the down projections stay f16 (the test above)
+    assert feed_forward_length(path) == 96
+    path = export_gguf(model, tokenizer, tmp_path / "f32.gguf", dtype="f32")
+    down = _tensors(path)["blk.0.ffn_down.weight"]
+    assert tuple(down.shape) == (96, model.config.hidden_size) and not np.asarray(down.data)[:, 77:].any()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert back.config.intermediate_size == 96
+    ids = torch.tensor([[5, 17, 42, 99, 123, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert feed_forward_length(export_gguf(model, tokenizer, tmp_path / "off.gguf", pad_neurons=0)) == 77
+    with pytest.raises(SliceGPTError, match="--pad-neurons must be 0 .off. or a positive number"):
+        export_gguf(model, tokenizer, tmp_path / "bad.gguf", pad_neurons=-1)
 
 
 def test_q8_0_holds_large_values_in_whole_blocks(tokenizer, tmp_path):

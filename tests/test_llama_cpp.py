@@ -184,7 +184,7 @@ def _stock_models(tokenizer, calibration) -> dict:
                                                   progress=False, **settings)[0]
         else:
             models[family] = make_model(family, **overrides, intermediate_size=PRUNED)
-    assert models["llama"].config.intermediate_size % 32  # the default recipe's neurons: a fallback
+    assert models["llama"].config.intermediate_size % 32  # the default recipe's neurons: padded to whole blocks
     return models
 
 

@@ -241,8 +241,10 @@ def _export_source(spec: str):
 
 
 def cmd_export(args) -> None:
-    from slicegpt.formats.gguf import export_gguf, tensor_types
+    from slicegpt.formats.gguf import export_gguf, feed_forward_length, tensor_types
 
+    if args.pad_neurons < 0:
+        raise SliceGPTError(f"--pad-neurons must be 0 (off) or a positive number of neurons, got {args.pad_neurons}")
     out = Path(args.out)
     refuse_existing(out, args.force, ours=b"GGUF")  # before loading anything; --force replaces only a GGUF file
     if Path(str(args.model)).exists():
@@ -250,14 +252,20 @@ def cmd_export(args) -> None:
     loaded, source_gguf = _export_source(str(args.model))
     name = Path(str(args.model)).name or str(args.model)
     path = export_gguf(loaded.model, loaded.tokenizer, out, dtype=args.dtype, source_gguf=source_gguf,
-                       force=args.force, name=f"{name} ({'slicegpt' if loaded.sliced else 'dense'})")
+                       force=args.force, pad_neurons=args.pad_neurons,
+                       name=f"{name} ({'slicegpt' if loaded.sliced else 'dense'})")
     types = tensor_types(path)
+    neurons = getattr(loaded.model.config, "intermediate_size", None)
+    written = feed_forward_length(path)
     figures = {"model": str(args.model), "out": str(path), "format": args.format, "dtype": args.dtype,
                "bytes": path.stat().st_size, "tensor_types": types, "sliced": bool(loaded.sliced),
+               "mlp_neurons": neurons, "mlp_neurons_written": written, "pad_neurons": args.pad_neurons,
                "tokenizer": "copied from " + str(source_gguf) if source_gguf else "built from tokenizer.json"}
     _emit(args, [("model", f"{args.model} ({'sliced' if loaded.sliced else 'dense'})"),
                  ("written", f"{path} ({figures['bytes'] / 2**20:.1f} MiB, {args.dtype})"),
                  ("tensors", ", ".join(f"{n} {kind}" for kind, n in types.items())),
+                 *([("mlp neurons", f"{written} ({written - neurons} zero neurons pad {neurons} to a multiple of "
+                                   f"{args.pad_neurons})")] if neurons and written and written != neurons else []),
                  ("tokenizer", figures["tokenizer"])], figures)
 
 
@@ -792,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "q4_k_m, q5_k_m and q6_k by llama.cpp's own quantizer (scripts/llama_cpp_setup.sh installs it). "
                    "Norms and other 1-D tensors stay f32; matrices whose rows are not whole quantization blocks "
                    "fall back to f16 (the summary line counts each type)")
+    p.add_argument("--pad-neurons", type=int, default=32, metavar="N",
+                   help="pad each MLP with zero neurons to a multiple of N (default 32, a quantization block; 0: "
+                   "off). Exact: a zero neuron adds nothing; the down projections quantize and run faster kernels")
     p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")

@@ -228,11 +228,12 @@ def gguf_speed(files: list[str | Path], seqlens: list[int] | tuple[int, ...] = G
     return GGUFSpeed(rows, str(result.get("llama_cpp", "?")), node_llama_cpp_version(), int(result.get("threads") or threads))
 
 
-def weight_multiply_adds(path: str | Path) -> int:
+def weight_multiply_adds(path: str | Path, head: bool = True) -> int:
     """Multiply-adds of a GGUF model's weight matrices per token: what bounds prompt processing.
 
     Every matrix counts once except the token embedding (a lookup), which counts when it is also
     the output head (no output.weight); MoE experts count by the share of experts a token uses.
+    `head=False` leaves the output head out: a prompt computes logits at its last position only.
     Attention over the prompt (scores and weighted sums) is left out: it shrinks only when heads
     are removed, so for other slices the ratio of these counts bounds the prompt speedup from above.
     """
@@ -248,6 +249,8 @@ def weight_multiply_adds(path: str | Path) -> int:
     for t in reader.tensors:
         if len(t.shape) < 2 or (t.name == "token_embd.weight" and "output.weight" in names):
             continue
+        if not head and (t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in names)):
+            continue
         total += int(t.n_elements) * (share if "_exps." in t.name else 1.0)
     return int(total)
 
@@ -255,9 +258,9 @@ def weight_multiply_adds(path: str | Path) -> int:
 def gguf_limits(dense: str | Path, sliced: str | Path) -> dict[str, float]:
     """How much faster the sliced file could be at most, cheaply: generation reads every weight
     once per token (bound by memory bandwidth: the file sizes' ratio); prompt processing is bound
-    by arithmetic (the weight multiply-adds' ratio)."""
+    by arithmetic (the weight multiply-adds' ratio, the head left out: logits of the last position only)."""
     return {"decode": Path(dense).stat().st_size / Path(sliced).stat().st_size,
-            "prefill": weight_multiply_adds(dense) / weight_multiply_adds(sliced)}
+            "prefill": weight_multiply_adds(dense, head=False) / weight_multiply_adds(sliced, head=False)}
 
 
 def gguf_bench(model: str | Path, compare: str | Path | None = None,

@@ -216,6 +216,42 @@ def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
+_MLP_INPUTS = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_up.bias")  # one row (entry) per neuron
+_MLP_OUTPUT = ".ffn_down.weight"  # one column per neuron
+
+
+def pad_mlp(tensors: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """The dense MLPs' neurons padded with zero neurons to a multiple of `multiple` (MoE experts unchanged)."""
+    out = {}
+    for key, t in tensors.items():
+        if key.startswith("blk.") and key.endswith(_MLP_INPUTS):
+            missing = -t.shape[0] % multiple
+            t = torch.cat([t, t.new_zeros(missing, *t.shape[1:])]) if missing else t
+        elif key.startswith("blk.") and key.endswith(_MLP_OUTPUT):
+            missing = -t.shape[1] % multiple
+            t = torch.cat([t, t.new_zeros(t.shape[0], missing)], dim=1) if missing else t
+        out[key] = t
+    return out
+
+
+def _zero_at_zero(config) -> bool:
+    """Whether the MLP's activation maps 0 to 0, so that a zero neuron adds nothing (true of every
+    family slicegpt exports; checked, not assumed)."""
+    from transformers.activations import ACT2FN
+
+    name = next((getattr(config, key) for key in ("hidden_activation", "hidden_act", "activation_function")
+                 if isinstance(getattr(config, key, None), str)), None)
+    if name not in ACT2FN:
+        return False
+    return float(ACT2FN[name](torch.zeros(1))[0]) == 0.0
+
+
+def _feed_forward(tensors: dict[str, torch.Tensor], config) -> int:
+    """llama.cpp's feed_forward_length: the dense MLP's neurons as written (padded or not)."""
+    down = next((t for key, t in tensors.items() if key.startswith("blk.") and key.endswith(_MLP_OUTPUT)), None)
+    return int(down.shape[1]) if down is not None else int(config.intermediate_size)
+
+
 def _source_tokenizer_fields(source_gguf: Path | None) -> list | None:
     """The tokenizer.* fields of the GGUF the model was converted from, if it is at hand."""
     if source_gguf is None or not source_gguf.is_file():
@@ -341,6 +377,15 @@ def tensor_types(path: str | os.PathLike) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def feed_forward_length(path: str | os.PathLike) -> int | None:
+    """The MLP neurons per layer a GGUF file declares (None for a file without the key)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    key = next((k for k in fields if k.endswith(".feed_forward_length")), None)
+    return int(fields[key].parts[-1][0]) if key else None
+
+
 def _check_written(path: Path) -> None:
     """After llama.cpp's quantizer: no f16 tensor it chose may hold inf."""
     from gguf import GGMLQuantizationType, GGUFReader
@@ -351,8 +396,14 @@ def _check_written(path: Path) -> None:
 
 
 def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str = "f16",
-                source_gguf: str | os.PathLike | None = None, force: bool = False, name: str = "") -> Path:
-    """Write `model` (a stock model: dense, or from a uniform slice) as a GGUF file, atomically."""
+                source_gguf: str | os.PathLike | None = None, force: bool = False, name: str = "",
+                pad_neurons: int = BLOCK) -> Path:
+    """Write `model` (a stock model: dense, or from a uniform slice) as a GGUF file, atomically.
+
+    MLP neuron counts are padded with zero neurons to a multiple of `pad_neurons` (0 or 1: not
+    padded). A zero neuron adds exactly nothing (its activation of 0 is 0), and whole blocks let
+    llama.cpp quantize the down projections and run its faster kernels; see docs/outputs.md.
+    """
     import tempfile
 
     from slicegpt.atomic import atomic_file, refuse_existing
@@ -370,12 +421,17 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     out = Path(out)
     refuse_existing(out, force, ours=b"GGUF")  # before the checks and the writing; --force replaces only GGUF
     _check_supported(model.config, layout)
+    if not isinstance(pad_neurons, int) or pad_neurons < 0:
+        raise SliceGPTError(f"--pad-neurons must be 0 (off) or a positive number of neurons, got {pad_neurons}")
     tensors = _tensors(model, layout)
+    if pad_neurons > 1 and _zero_at_zero(model.config):
+        tensors = pad_mlp(tensors, pad_neurons)
     for key, t in tensors.items():
         _check_range(key, t, storage_type(key, t, dtype), dtype)
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
     header = dict(model=model, layout=layout, tokenizer=tokenizer, tokenizer_fields=tokenizer_fields,
-                  name=name or f"{model_type} sliced to {model.config.hidden_size}")
+                  name=name or f"{model_type} sliced to {model.config.hidden_size}",
+                  feed_forward=_feed_forward(tensors, model.config))
 
     with atomic_file(out, force=True) as tmp:  # existence checked above
         if dtype in WRITTEN:
@@ -397,7 +453,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.Module, layout: Layout,
-           tokenizer, tokenizer_fields: list | None, name: str) -> None:
+           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int) -> None:
     """One GGUF file: llama.cpp's metadata for the architecture, the tokenizer, the tensors in `dtype`."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 
@@ -417,7 +473,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.M
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(feed_forward)
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.num_key_value_heads or heads)
     writer.add_key_length(head_width)
