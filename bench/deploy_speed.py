@@ -1,4 +1,4 @@
-"""Benchmark: speed where models run (issue 23, item 2): sliced against dense in PyTorch and in llama.cpp,
+"""Benchmark: speed where models run: sliced against dense in PyTorch and in llama.cpp,
 each speedup next to the most it could be.
 
 A model is sliced by `slicegpt slice --no-eval` (each output in a fresh process) with the default recipe and
@@ -19,7 +19,7 @@ one but an input embedding that is not also the head, both in one dtype; llama.c
 weight multiply-adds per prompt token (PyTorch: every matrix but the embedding, skip-connection matrices
 included, the head once per prompt since only the last position's logits are computed; llama.cpp:
 `gguf_limits`, which leaves the output head out). Attention over the prompt is left out
-of both. The issue's targets are marked met or not: llama.cpp generation speedup >= 0.9 x its bytes ratio,
+of both. The targets are marked met or not: llama.cpp generation speedup >= 0.9 x its bytes ratio,
 and PyTorch prefill speedup >= 0.9 x its multiply-add ratio on the compute-bound model (`random-llama`).
 
 `--model random-llama` writes a random-weight Llama (slicegpt.testing.write_random_llama: 12 layers,
@@ -56,7 +56,7 @@ RECIPES = ("default", "paper")
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 PROMPT = 128
 BATCHES = (1, 8)
-TARGET = 0.9  # the issue's share of each limit
+TARGET = 0.9  # the targets: this share of each limit
 RANDOM_LLAMA = dict(layers=12, hidden=2048, intermediate=5632, heads=16, kv_heads=4)
 RANDOM_CALIBRATION = (8, 512)  # samples, seqlen
 PER_LAYER_NOTE = "per-layer output (skip-connection matrices): PyTorch only, GGUF holds stock models"
@@ -130,7 +130,7 @@ def torch_limits(dense: dict[str, float], sliced: dict[str, float]) -> dict[str,
 # Rows and the table
 
 def target_applies(engine: str, phase: str, compute_bound: bool) -> bool:
-    """The issue's targets: llama.cpp generation against its bytes ratio; PyTorch prefill against its
+    """The targets: llama.cpp generation against its bytes ratio; PyTorch prefill against its
     multiply-add ratio, on a compute-bound model."""
     return (engine == "llama.cpp" and phase == "decode") or (engine == "PyTorch" and phase == "prefill"
                                                               and compute_bound)
