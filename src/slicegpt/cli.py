@@ -533,19 +533,21 @@ def _bench_gguf(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from slicegpt.evaluation.report import gather, write_report
+    from slicegpt.evaluation.report import Frontier, gather, write_report
 
     out = Path(args.out)
     for path in args.paths:
         refuse_overlap(out, Path(path), "the run")  # --force would replace an input
     refuse_existing(out, args.force, "report directory", ours=REPORT_PAGE)  # before reading anything
-    runs, benches = gather(args.paths)
-    page = write_report(runs, benches, out, force=args.force)
+    runs, records = gather(args.paths)
+    page = write_report(runs, records, out, force=args.force)
     files = sorted(p.name for p in out.iterdir())
+    frontiers = sum(isinstance(r, Frontier) for r in records)
     figures = {"out": str(out), "page": str(page), "runs": [r.path for r in runs],
-               "bench_records": len(benches), "files": files}
+               "bench_records": len(records) - frontiers, "frontier_records": frontiers, "files": files}
     missing = [r.name for r in runs if r.spectra is None]
-    rows = [("runs", ", ".join(r.name for r in runs) or "-"), ("bench records", str(len(benches))),
+    rows = [("runs", ", ".join(r.name for r in runs) or "-"), ("bench records", str(len(records) - frontiers)),
+            *([("frontier records", str(frontiers))] if frontiers else []),
             ("figures", ", ".join(f for f in files if f.endswith(".png")) or "-")]
     if missing:
         rows.append(("spectra", f"unavailable for {', '.join(missing)} (saved before slicegpt recorded them)"))
@@ -762,10 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("report", help="an HTML page with plots (spectra, perplexity vs sparsity, throughput) "
-                                      "over saved runs and bench records")
-    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_BENCH_JSON",
-                   help="slicegpt output directories and `bench --save` files")
+    p = sub.add_parser("report", help="an HTML page with plots (spectra, perplexity vs sparsity, throughput, "
+                                      "GGUF size/quality frontier) over saved runs and records")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_RECORD_JSON",
+                   help="slicegpt output directories, `bench --save` files and bench/gguf_quant.py records")
     p.add_argument("--out", required=True, help="report directory: index.html and PNGs (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")

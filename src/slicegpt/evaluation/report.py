@@ -3,8 +3,10 @@
 Three questions a user asks after slicing, one figure each: how much of the signal the cut
 kept at every block boundary (PCA spectra and cumulative explained variance, cut d' marked),
 what each sparsity costs in perplexity (per rotation), and what it buys in speed (prefill
-tokens/s and decode ms/token, dense against sliced). Everything is read from what `slice`
-and `bench` saved, so a report can be rebuilt from directories at any time.
+tokens/s and decode ms/token, dense against sliced). A fourth, for deployment: at one GGUF file
+size, is a pruned model better than a more quantized dense one (the size/quality frontier that
+bench/gguf_quant.py records). Everything is read from what `slice`, `bench` and the benchmark
+saved, so a report can be rebuilt from directories at any time.
 
 Plots use matplotlib's Agg canvas on `Figure` objects directly (never pyplot), so no global
 figure registry or rc state is touched. The page is written to a temporary directory and
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.evaluation.frontier import FRONTIER_KIND, MIB, mark_frontier, mib, summary, tensor_summary
 
 BENCH_KIND = "slicegpt-bench"  # the "kind" of a record written by `slicegpt bench --save/--json`
 DPI = 100
@@ -59,6 +62,22 @@ class Bench:
     name: str
     device: str
     rows: list[dict]
+
+
+@dataclass
+class Frontier:
+    """One bench/gguf_quant.py record: GGUF files of a dense model and its sliced outputs, each with its size
+    and llama.cpp perplexity; `rows` smallest first, each marked `frontier` (recomputed, not read)."""
+
+    name: str
+    model: str
+    about: str  # when, at which commit and on what the perplexities were measured
+    rows: list[dict]
+    models: list[str]  # the rows' models in the record's order (dense first)
+
+    @property
+    def summary(self) -> str:
+        return summary(self.rows)
 
 
 @dataclass
@@ -140,19 +159,26 @@ def _role(row: dict) -> str:
     return "dense" if name.startswith("dense") else "sliced" if name.endswith("(sliced)") else "model"
 
 
-def load_bench(path: str | os.PathLike) -> Bench:
-    """A bench record: `bench --save FILE`, or `bench --json` output (its last line is the JSON)."""
-    path = Path(path)
+def _read_record(path: Path) -> object:
+    """A JSON file, or the JSON on its last line (`--json` output saved whole); None if neither."""
     if not path.is_file():
         raise SliceGPTError(f"bench record not found: {path}")
     text = path.read_text(errors="replace")
-    record = None
     for candidate in (text, (text.strip().splitlines() or [""])[-1]):
         try:
-            record = json.loads(candidate)
-            break
+            return json.loads(candidate)
         except json.JSONDecodeError:
             continue
+    return None
+
+
+def load_bench(path: str | os.PathLike) -> Bench:
+    """A bench record: `bench --save FILE`, or `bench --json` output (its last line is the JSON)."""
+    path = Path(path)
+    return _bench(_read_record(path), path)
+
+
+def _bench(record: object, path: Path) -> Bench:
     needed = {"phase", "batch", "seqlen", "tokens_per_second", "ms_per_token"}
     if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or not all(
             isinstance(r, dict) and needed <= set(r) for r in record["rows"]):
@@ -161,15 +187,51 @@ def load_bench(path: str | os.PathLike) -> Bench:
     return Bench(name=str(record.get("model") or path.stem), device=str(record.get("device", "?")), rows=rows)
 
 
-def gather(paths: list[str | os.PathLike]) -> tuple[list[Run], list[Bench]]:
-    """Directories are runs, files are bench records; anything else is refused by name."""
-    runs, benches = [], []
+def load_frontier(path: str | os.PathLike) -> Frontier:
+    """A GGUF size/quality record written by bench/gguf_quant.py (kind FRONTIER_KIND)."""
+    path = Path(path)
+    return _frontier(_read_record(path), path)
+
+
+def _frontier(record: object, path: Path) -> Frontier:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    rows = record.get("rows") if isinstance(record, dict) and record.get("kind") == FRONTIER_KIND else None
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and {"model", "role", "type", "bytes"} <= set(r) and number(r["bytes"])
+            and r["bytes"] > 0 and (r.get("perplexity") is None or number(r["perplexity"])) for r in rows):
+        raise SliceGPTError(f"{path} is not a GGUF frontier record (bench/gguf_quant.py writes one): it needs "
+                            "rows with model, role, type, bytes and perplexity")
+    evaluation = record.get("evaluation") or {}
+    about = ", ".join(str(x) for x in (
+        record.get("date"), record.get("commit") and f"commit {record['commit']}", record.get("machine"),
+        evaluation.get("samples") and f"llama.cpp perplexity on {evaluation['samples']} windows of "
+                                      f"{evaluation.get('seqlen')} tokens of {evaluation.get('data', '?')}") if x)
+    roles = {str(r["model"]): r["role"] for r in rows}
+    models = sorted(roles, key=lambda m: roles[m] != "dense")  # stable: the record's order otherwise
+    return Frontier(name=path.stem, model=str(record.get("model") or "?"), about=about, rows=mark_frontier(rows),
+                    models=models)
+
+
+def load_record(path: str | os.PathLike) -> Bench | Frontier:
+    """A JSON record by its kind: a GGUF frontier record, else a bench record."""
+    path = Path(path)
+    record = _read_record(path)
+    if isinstance(record, dict) and record.get("kind") == FRONTIER_KIND:
+        return _frontier(record, path)
+    return _bench(record, path)
+
+
+def gather(paths: list[str | os.PathLike]) -> tuple[list[Run], list[Bench | Frontier]]:
+    """Directories are runs, files are records (bench or GGUF frontier); anything else is refused by name."""
+    runs, records = [], []
     for p in map(Path, paths):
         if p.is_file() or p.suffix == ".json":
-            benches.append(load_bench(p))
+            records.append(load_record(p))
         else:
             runs.append(load_run(p))
-    return runs, benches
+    return runs, records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +287,7 @@ def _speed_pair(rows: list[dict], phase: str, batch: int, seqlen: int, role: str
 def throughput_data(runs: list[Run], benches: list[Bench]) -> list[ThroughputGroup]:
     """One group per (source, batch, prompt length) that has a sliced (or single) measurement."""
     sources = [(f"{r.name}\n(quick check)", r.speed) for r in runs if r.speed]
-    sources += [(Path(b.name).name or b.name, b.rows) for b in benches]
+    sources += [(Path(b.name).name or b.name, b.rows) for b in benches if isinstance(b, Bench)]
     groups = []
     for label, rows in sources:
         settings = sorted({(r["batch"], r["seqlen"]) for r in rows})
@@ -241,6 +303,16 @@ def throughput_data(runs: list[Run], benches: list[Bench]) -> list[ThroughputGro
                                           dpre["tokens_per_second"] if dpre else None, pre["tokens_per_second"],
                                           ddec["ms_per_token"] if ddec else None, dec["ms_per_token"]))
     return groups
+
+
+def frontier_series(frontier: Frontier) -> dict[str, list[dict]]:
+    """The measured rows per model (dense first, then the sliced outputs in the record's order), smallest
+    file first; each row keeps its `frontier` mark."""
+    series: dict[str, list[dict]] = {m: [] for m in frontier.models}
+    for row in frontier.rows:  # smallest first
+        if row.get("perplexity") is not None and math.isfinite(row["perplexity"]):
+            series[str(row["model"])].append(row)
+    return {label: rows for label, rows in series.items() if rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +412,50 @@ def perplexity_figure(series: dict[str, list[tuple[float, float]]]):
     return fig
 
 
+def frontier_figure(frontier: Frontier):
+    """Perplexity (log) against file size: one series per model, points labelled by GGUF type, the Pareto
+    frontier drawn as the best perplexity at each size (a staircase) with its points ringed."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig = _figure(11.5, 5.2)
+    ax = fig.subplots()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+    series = frontier_series(frontier)
+    sliced = 0
+    for label, rows in series.items():
+        dense = rows[0]["role"] == "dense"
+        color = DENSE_COLOR if dense else palette[sliced % len(palette)]
+        sliced += not dense
+        ratio = rows[0].get("parameter_ratio")
+        name = label if dense or not isinstance(ratio, (int, float)) else f"{label} ({ratio:.3f} of the parameters)"
+        xs, ys = [r["bytes"] / MIB for r in rows], [r["perplexity"] for r in rows]
+        ax.plot(xs, ys, "s-" if dense else "o-", color=color, label=name, lw=1.2, ms=6, zorder=3)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(7, 6), fontsize=8, color=color)
+    front = [r for rows in series.values() for r in rows if r["frontier"]]
+    front.sort(key=lambda r: r["bytes"])
+    if front:
+        xs, ys = [r["bytes"] / MIB for r in front], [r["perplexity"] for r in front]
+        right = max(r["bytes"] for rows in series.values() for r in rows) / MIB
+        ax.step(xs + [right], ys + [ys[-1]], where="post", color=CUT_COLOR, ls="--", lw=1.2, zorder=2,
+                label="Pareto frontier: best perplexity at each size")
+        ax.plot(xs, ys, "o", ms=14, mfc="none", mec=CUT_COLOR, mew=1.8, zorder=4, label="on the frontier")
+    values = [r["perplexity"] for rows in series.values() for r in rows]
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if values and max(values) / min(values) < 10:  # under a decade: label the minor ticks too (20, 30, 40)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=8)
+    ax.set(xlabel="file size (MiB)", ylabel="llama.cpp perplexity (log scale; lower is better)",
+           title=f"size/quality frontier: {frontier.model}")
+    ax.margins(x=0.08, y=0.08)
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(loc="outside right upper", fontsize=9)  # beside the axes: points crowd every corner
+    return fig
+
+
 def _short(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -406,6 +522,7 @@ h3 { margin-bottom: 0.3em; } .meta, .note { color: #555; } .note { font-style: i
 table { border-collapse: collapse; font-size: 0.9em; } th, td { border: 1px solid #ccc; padding: 4px 8px; }
 th { background: #f2f2f2; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
+tr.frontier td { background: #fdecea; font-weight: 600; }
 """
 
 
@@ -427,16 +544,35 @@ def _table(runs: list[Run], kept: dict[int, ExplainedVariance]) -> str:
             + "\n".join(rows) + "\n</table>")
 
 
+def _frontier_table(frontier: Frontier) -> str:
+    head = ("model", "parameters (× dense)", "type", "MiB", "llama.cpp perplexity", "on the frontier", "tensor types")
+    rows = []
+    for r in frontier.rows:
+        ratio = r.get("parameter_ratio")
+        cells = [(str(r["model"]), ""), (_fmt(ratio if isinstance(ratio, (int, float)) else None, ".3f"), "num"),
+                 (str(r["type"]), ""), (mib(r["bytes"]), "num"), (_fmt(r.get("perplexity"), ".2f"), "num"),
+                 ("yes" if r["frontier"] else "", ""), (tensor_summary(r), "")]
+        rows.append(('<tr class="frontier">' if r["frontier"] else "<tr>")
+                    + "".join(f'<td class="{c}">{html.escape(v)}</td>' if c else f"<td>{html.escape(v)}</td>"
+                              for v, c in cells) + "</tr>")
+    return ("<table>\n<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>\n"
+            + "\n".join(rows) + "\n</table>")
+
+
 def _img(name: str, alt: str) -> str:
     return f'<p><img src="{html.escape(name)}" alt="{html.escape(alt)}"></p>'
 
 
-def write_report(runs: list[Run], benches: list[Bench], out: str | os.PathLike, force: bool = False) -> Path:
-    """Write `out/index.html` with its PNGs atomically; returns the page's path."""
+def write_report(runs: list[Run], records: list[Bench | Frontier], out: str | os.PathLike,
+                 force: bool = False) -> Path:
+    """Write `out/index.html` with its PNGs atomically; returns the page's path. `records`: bench
+    records and GGUF frontier records, as `gather` returns them."""
     from slicegpt.atomic import atomic_directory
 
-    if not runs and not benches:
+    if not runs and not records:
         raise SliceGPTError("nothing to report: pass slicegpt output directories or bench records")
+    benches = [r for r in records if isinstance(r, Bench)]
+    frontiers = [r for r in records if isinstance(r, Frontier)]
     out = Path(out)
     target = out.resolve()
     for source in [r.path for r in runs]:
@@ -447,38 +583,31 @@ def write_report(runs: list[Run], benches: list[Bench], out: str | os.PathLike, 
     series = perplexity_series(runs)
     groups = throughput_data(runs, benches)
     with atomic_directory(out, force=force) as tmp:
-        parts = [f"<h1>slicegpt report</h1>\n<p class=\"meta\">{len(runs)} run(s), {len(benches)} bench record(s); "
+        counted = f"{len(runs)} run(s), {len(benches)} bench record(s)" + (
+            f", {len(frontiers)} GGUF frontier record(s)" if frontiers else "")
+        parts = [f"<h1>slicegpt report</h1>\n<p class=\"meta\">{counted}; "
                  f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>"]
         if runs:
             parts += ["<h2>Runs</h2>", _table(runs, kept)]
         parts += [f'<p class="note">{html.escape(n)}</p>' for n in _notes(runs)]
 
-        parts.append("<h2>Perplexity versus sparsity</h2>")
-        if series:
-            perplexity_figure(series).savefig(tmp / "perplexity.png")
-            parts.append(_img("perplexity.png", "perplexity versus sparsity"))
-        else:
-            parts.append('<p class="note">No perplexities recorded in these runs.</p>')
-
-        parts.append("<h2>Throughput, dense versus sliced</h2>")
-        if groups:
-            throughput_figure(groups).savefig(tmp / "throughput.png")
-            parts.append(_img("throughput.png", "throughput dense versus sliced"))
-            if any(r.speed for r in runs):
-                parts.append('<p class="note">“quick check”: measured by <code>slice --report-bench</code> at batch 1 — '
-                             'the dense model before slicing, the sliced one after, not in turns, so a change of load '
-                             'on the machine reads as a speedup; <code>slicegpt bench DIR --save FILE</code> measures '
-                             'in turns: pass FILE here.</p>')
-        else:
-            parts.append('<p class="note">No speed measurements: pass a record from '
-                         '<code>slicegpt bench DIR --save FILE</code>.</p>')
-
-        if runs:
-            parts.append("<h2>Spectra and explained variance per block boundary</h2>")
-            parts.append('<p class="meta">Eigenvalues of the calibration covariance of the residual stream; the '
-                         'cut keeps the top d′ directions. Per-layer rotation: one spectrum per block boundary; '
-                         'uniform rotation: one spectrum of the covariance pooled over all boundaries.</p>')
+        for i, frontier in enumerate(frontiers):
+            parts.append(f"<h2>Size/quality frontier of GGUF files: {html.escape(frontier.model)}</h2>")
+            parts.append(f'<p class="meta">{html.escape(frontier.name)}: {html.escape(frontier.about)}. On the '
+                         'frontier: no other file is at most as large and at most as perplexing.</p>')
+            if frontier_series(frontier):
+                name = f"frontier-{i + 1}.png"
+                frontier_figure(frontier).savefig(tmp / name)
+                parts.append(_img(name, f"size/quality frontier of {frontier.model}"))
+            parts += [_frontier_table(frontier), f"<p>{html.escape(frontier.summary)}</p>"]
+        if runs or benches or not frontiers:  # not on a page of frontier records only
+            parts += _sparsity_and_speed(runs, series, groups, tmp)
         for i, run in enumerate(runs):
+            if i == 0:
+                parts.append("<h2>Spectra and explained variance per block boundary</h2>")
+                parts.append('<p class="meta">Eigenvalues of the calibration covariance of the residual stream; the '
+                             'cut keeps the top d′ directions. Per-layer rotation: one spectrum per block boundary; '
+                             'uniform rotation: one spectrum of the covariance pooled over all boundaries.</p>')
             parts.append(f"<h3>{html.escape(run.name)}</h3>")
             if i in kept:
                 name = f"spectra-{i + 1}.png"
@@ -492,3 +621,27 @@ def write_report(runs: list[Run], benches: list[Bench], out: str | os.PathLike, 
                 + "\n".join(parts) + "\n</body>\n</html>\n")
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _sparsity_and_speed(runs: list[Run], series: dict, groups: list[ThroughputGroup], tmp: Path) -> list[str]:
+    """The perplexity-versus-sparsity and throughput sections (each says so when it has nothing to draw)."""
+    parts = ["<h2>Perplexity versus sparsity</h2>"]
+    if series:
+        perplexity_figure(series).savefig(tmp / "perplexity.png")
+        parts.append(_img("perplexity.png", "perplexity versus sparsity"))
+    else:
+        parts.append('<p class="note">No perplexities recorded in these runs.</p>')
+
+    parts.append("<h2>Throughput, dense versus sliced</h2>")
+    if groups:
+        throughput_figure(groups).savefig(tmp / "throughput.png")
+        parts.append(_img("throughput.png", "throughput dense versus sliced"))
+        if any(r.speed for r in runs):
+            parts.append('<p class="note">“quick check”: measured by <code>slice --report-bench</code> at batch 1 — '
+                         'the dense model before slicing, the sliced one after, not in turns, so a change of load '
+                         'on the machine reads as a speedup; <code>slicegpt bench DIR --save FILE</code> measures '
+                         'in turns: pass FILE here.</p>')
+    else:
+        parts.append('<p class="note">No speed measurements: pass a record from '
+                     '<code>slicegpt bench DIR --save FILE</code>.</p>')
+    return parts
