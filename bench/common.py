@@ -75,3 +75,25 @@ def save_results(name: str, data: dict) -> Path:
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"raw figures: {path.relative_to(root) if path.is_relative_to(root) else path}")
     return path
+
+
+def model_path(name: str) -> Path:
+    """A model as a path: the embedded models' names ("default", "gemma3-270m") become their GGUF files."""
+    from slicegpt.formats.loading import EMBEDDED_MODELS
+
+    if name in EMBEDDED_MODELS and not Path(name).exists():
+        return Path(EMBEDDED_MODELS[name]())
+    return Path(name).expanduser()
+
+
+def same_model(recorded: str, model: str) -> bool:
+    """Whether a sliced output's recorded source_model is `model`: the same name or path, or the same
+    embedded GGUF file installed elsewhere (a record names the file of the environment that sliced it)."""
+    if not recorded:
+        return False
+    if recorded == model:
+        return True
+    a, b = model_path(recorded), model_path(model)
+    if a.suffix == b.suffix == ".gguf" and a.name == b.name:
+        return True
+    return a.resolve() == b.resolve() if a.exists() and b.exists() else False

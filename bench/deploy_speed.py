@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import save_results  # bench/common.py
+from common import same_model, save_results  # bench/common.py
 
 SIZES = (0.9, 0.8, 0.65, 0.5)
 RECIPES = ("default", "paper")
@@ -235,7 +235,8 @@ def sliced_output(dense: str, recipe: str, size: float, out: Path, calibration: 
                      *calibration)
         seconds = time.perf_counter() - start
     slicing = json.loads((out / "slicegpt.json").read_text())["slicing"]
-    if (slicing.get("recipe"), slicing.get("size"), slicing.get("source_model")) != (recipe, size, dense):
+    if (slicing.get("recipe"), slicing.get("size")) != (recipe, size) or not same_model(
+            slicing.get("source_model", ""), dense):
         raise SystemExit(f"{out} holds {slicing.get('recipe')} at {slicing.get('size')} of "
                          f"{slicing.get('source_model')}, not {recipe} at {size} of {dense}: remove it or give "
                          f"another --work")

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import save_results  # bench/common.py
+from common import same_model, save_results  # bench/common.py
 
 TYPES = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
 
@@ -56,28 +56,6 @@ def perplexities(files: list[Path], windows: list[list[int]], threads: int) -> d
     result = run_node_script("llama_cpp_perplexity.mjs", {"files": [str(f) for f in files], "windows": windows,
                                                           "threads": threads})
     return {r["file"]: r for r in result}
-
-
-def model_path(name: str) -> Path:
-    """A model as a path: the embedded models' names ("default", "gemma3-270m") become their GGUF files."""
-    from slicegpt.formats.loading import EMBEDDED_MODELS
-
-    if name in EMBEDDED_MODELS and not Path(name).exists():
-        return Path(EMBEDDED_MODELS[name]())
-    return Path(name).expanduser()
-
-
-def same_model(recorded: str, model: str) -> bool:
-    """Whether a sliced output's recorded source_model is `model`: the same name or path, or the same
-    embedded GGUF file installed elsewhere (a record names the file of the environment that sliced it)."""
-    if not recorded:
-        return False
-    if recorded == model:
-        return True
-    a, b = model_path(recorded), model_path(model)
-    if a.suffix == b.suffix == ".gguf" and a.name == b.name:
-        return True
-    return a.resolve() == b.resolve() if a.exists() and b.exists() else False
 
 
 def sliced_output(directory: str, model: str) -> dict:
