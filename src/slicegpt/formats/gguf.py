@@ -16,8 +16,9 @@ Tensor types follow llama.cpp. f32, f16, bf16 and q8_0 are written here, as its 
 (convert_hf_to_gguf.py) writes them: 1-D tensors, norms, biases and MoE routers stay float32,
 and a matrix whose rows are not a multiple of q8_0's 32-value blocks falls back to f16. The
 k-quant mixes and q4_0 come from llama.cpp's own quantizer (`formats.llama_cpp`), which makes its
-per-tensor choices itself. A value that the stored type cannot hold (beyond float16's ±65504) is
-refused, naming the tensor, instead of becoming inf.
+per-tensor choices itself. Before that, MLP neurons are padded with zero neurons to whole blocks
+(`pad_mlp`, exact), so neuron-pruned down projections quantize too. A value that the stored type
+cannot hold (beyond float16's ±65504) is refused, naming the tensor, instead of becoming inf.
 """
 
 from __future__ import annotations
