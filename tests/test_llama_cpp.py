@@ -173,8 +173,8 @@ def _check_types(path: Path, dtype: str) -> None:
 
 def _stock_models(tokenizer, calibration) -> dict:
     """One stock model per family: the default recipe's (llama) and a uniform slice (phi3) really
-    sliced, the others dense with the shape the default recipe leaves (fewer MLP neurons), and a
-    256-wide Llama whose rows are whole k-quant blocks."""
+    sliced, the others dense with the shape the default recipe leaves (fewer MLP neurons), a
+    256-wide Llama whose rows are whole k-quant blocks, and a Llama with attention heads pruned."""
     models = {"llama-256": make_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16,
                                       num_key_value_heads=8)}  # head size 16 = width / heads, as transformers reads it
     for family, (overrides, settings) in FAMILIES.items():
@@ -184,6 +184,9 @@ def _stock_models(tokenizer, calibration) -> dict:
                                                   progress=False, **settings)[0]
         else:
             models[family] = make_model(family, **overrides, intermediate_size=PRUNED)
+    models["llama-heads"] = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, progress=False,
+                                                 size=0.8, heads="1x2")[0]  # a key/value group pruned
+    assert models["llama-heads"].config.num_key_value_heads == 1
     assert models["llama"].config.intermediate_size % 32  # the default recipe's neurons: padded to whole blocks
     return models
 
