@@ -1,19 +1,21 @@
 // Many GGUF files in one llama.cpp process (node-llama-cpp's prebuilt CPU build): starting llama.cpp
 // costs seconds, a tiny model milliseconds. For each job, the next-token probabilities teacher-forced
-// along prompt + continuation (as llama_cpp_probs.mjs) and a greedy generation from the prompt.
-//   node llama_cpp_batch.mjs JOBS.json     JOBS: [{"file", "prompt": [ids], "continuation": [ids], "generate": n}]
-// Prints one JSON list: [{"file", "probs": [[p_0 ... p_vocab-1] ...], "generated": [ids]}].
+// along prompt + continuation, a greedy generation from the prompt, and llama.cpp's tokens for a text.
+//   node llama_cpp_batch.mjs JOBS.json
+//   JOBS: [{"file", "prompt": [ids], "continuation": [ids], "generate": n, "text": "to tokenize"}]
+// Prints one JSON list: [{"file", "probs": [[p_0 ... p_vocab-1] ...], "generated": [ids], "tokens": [ids]}].
 import {readFileSync} from "node:fs";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
 const jobs = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const results = [];
-for (const {file, prompt, continuation = [], generate = 0} of jobs) {
+for (const {file, prompt, continuation = [], generate = 0, text = ""} of jobs) {
     const model = await llama.loadModel({modelPath: file});
     const vocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
     const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 2, threads: 1});
     const probs = [];
+    // yieldEogToken: a sampled end-of-generation token must not end the walk (without it, it silently does)
     const steps = context.getSequence().evaluateWithMetadata(prompt, {probabilities: true},
         {temperature: 1, topK: 0, topP: 1, seed: 0, yieldEogToken: true});
     let next = await steps.next();
@@ -32,7 +34,7 @@ for (const {file, prompt, continuation = [], generate = 0} of jobs) {
             if (generated.length >= generate) break;
         }
     }
-    results.push({file, probs, generated});
+    results.push({file, probs, generated, tokens: Array.from(model.tokenize(text))});
     await context.dispose();
     await model.dispose();
 }

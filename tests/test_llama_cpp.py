@@ -5,9 +5,7 @@ so it cannot check them; llama.cpp itself can. It runs through npm's node-llama-
 CPU binaries), installed by scripts/setup.sh into the slicegpt cache.
 """
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,11 +13,11 @@ import torch
 
 import slicegpt
 from slicegpt.formats.gguf import export_gguf
+from slicegpt.formats.llama_cpp import run_node_script
 from slicegpt.formats.loading import cache_dir
 from conftest import TEXT, make_model
 
 SAMPLE = TEXT[:300] + " -- 12345 world's ... \"ok?!\"  (yes)"  # punctuation runs, digits, spaces
-SCRIPT = Path(__file__).parents[1] / "scripts" / "llama_cpp_probs.mjs"
 
 
 def _runner() -> Path | None:
@@ -34,12 +32,8 @@ pytestmark = pytest.mark.skipif(_runner() is None, reason="node-llama-cpp not in
 
 def llama_cpp_run(path: Path, prompt: list[int], continuation: list[int], text: str = "") -> tuple[torch.Tensor, list]:
     """llama.cpp's next-token probabilities along prompt + continuation, and its tokens for `text`."""
-    home = _runner()
-    shutil.copy(SCRIPT, home / SCRIPT.name)
-    done = subprocess.run(["node", SCRIPT.name, str(path.resolve()), json.dumps(prompt), json.dumps(continuation), text],
-                          cwd=home, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    [result] = run_node_script("llama_cpp_batch.mjs", [dict(file=str(path.resolve()), prompt=prompt,
+                                                            continuation=continuation, text=text)], timeout=300)
     return torch.tensor(result["probs"], dtype=torch.float64), result["tokens"]
 
 
@@ -125,7 +119,6 @@ def test_llama_cpp_splits_words_like_the_tokenizer_json_it_was_named_from(tmp_pa
     assert len({tuple(t) for t in seen.values()}) == 3  # the splitters really differ on this text
 
 
-BATCH_SCRIPT = Path(__file__).parents[1] / "scripts" / "llama_cpp_batch.mjs"
 QUANTIZED_TYPES = ("bf16", "q8_0", "q4_0", "q4_k_m")
 # Mean KL(stock model || llama.cpp file) per position, teacher-forced along 8 tokens. Largest over the
 # families, measured 2026-12-03: bf16 1.7e-5, q8_0 9.0e-5, q4_0 1.6e-2, q4_k_m 2.5e-3 (two random tiny
@@ -138,15 +131,9 @@ DEQUANTIZED_KL = 1e-4
 PRUNED = 77  # a neuron-pruned width, as the default recipe leaves it: not whole 32-value blocks
 
 
-def llama_cpp_batch(jobs: list[dict], tmp_path: Path) -> list[dict]:
+def llama_cpp_batch(jobs: list[dict]) -> list[dict]:
     """Run llama_cpp_batch.mjs on `jobs` in one llama.cpp process."""
-    home = _runner()
-    shutil.copy(BATCH_SCRIPT, home / BATCH_SCRIPT.name)
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    done = subprocess.run(["node", BATCH_SCRIPT.name, str((tmp_path / "jobs.json").resolve())],
-                          cwd=home, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_node_script("llama_cpp_batch.mjs", jobs, timeout=600)
 
 
 def _check_types(path: Path, dtype: str) -> None:
@@ -218,7 +205,7 @@ def test_quantized_gguf_files_of_every_family_load_and_generate_in_llama_cpp(cal
             jobs.append(dict(file=str(path), prompt=ids[:16], continuation=ids[16:], generate=4,
                              family=family, dtype=dtype))
     assert {"q4_k", "q6_k"} <= set(tensor_types(tmp_path / "llama-256-q4_k_m.gguf"))
-    for job, result in zip(jobs, llama_cpp_batch(jobs, tmp_path)):
+    for job, result in zip(jobs, llama_cpp_batch(jobs)):
         probs = torch.tensor(result["probs"], dtype=torch.float64)
         reference = expected[job["family"]]
         kl = (reference.exp() * (reference - probs.clamp_min(1e-30).log())).sum(-1).mean().item()

@@ -241,10 +241,9 @@ def _export_source(spec: str):
 
 
 def cmd_export(args) -> None:
-    from slicegpt.formats.gguf import export_gguf, feed_forward_length, tensor_types
+    from slicegpt.formats.gguf import check_pad_neurons, export_gguf, feed_forward_length, tensor_types
 
-    if args.pad_neurons < 0:
-        raise SliceGPTError(f"--pad-neurons must be 0 (off) or a positive number of neurons, got {args.pad_neurons}")
+    check_pad_neurons(args.pad_neurons)  # before loading anything
     out = Path(args.out)
     refuse_existing(out, args.force, ours=b"GGUF")  # before loading anything; --force replaces only a GGUF file
     if Path(str(args.model)).exists():

@@ -217,6 +217,12 @@ def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_pad_neurons(pad_neurons: int) -> None:
+    """Refuse a padding multiple that is not 0 (off) or a positive count, before any work."""
+    if not isinstance(pad_neurons, int) or pad_neurons < 0:
+        raise SliceGPTError(f"--pad-neurons must be 0 (off) or a positive number of neurons, got {pad_neurons}")
+
+
 _MLP_INPUTS = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_up.bias")  # one row (entry) per neuron
 _MLP_OUTPUT = ".ffn_down.weight"  # one column per neuron
 
@@ -422,8 +428,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     out = Path(out)
     refuse_existing(out, force, ours=b"GGUF")  # before the checks and the writing; --force replaces only GGUF
     _check_supported(model.config, layout)
-    if not isinstance(pad_neurons, int) or pad_neurons < 0:
-        raise SliceGPTError(f"--pad-neurons must be 0 (off) or a positive number of neurons, got {pad_neurons}")
+    check_pad_neurons(pad_neurons)
     tensors = _tensors(model, layout)
     if pad_neurons > 1 and _zero_at_zero(model.config):
         tensors = pad_mlp(tensors, pad_neurons)
