@@ -9,9 +9,14 @@ import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
 const jobs = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
+// llama.cpp's log reaches node asynchronously: after a failed load, wait for its words before node exits
+const load = (file) => llama.loadModel({modelPath: file}).catch(async (e) => {
+    await new Promise((done) => setTimeout(done, 500));
+    throw e;
+});
 const results = [];
 for (const {file, prompt, continuation = [], generate = 0, text = ""} of jobs) {
-    const model = await llama.loadModel({modelPath: file});
+    const model = await load(file);
     const vocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
     const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 2, threads: 1});
     const probs = [];

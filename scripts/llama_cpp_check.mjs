@@ -5,7 +5,12 @@ import {getLlama, LlamaCompletion, LlamaLogLevel} from "node-llama-cpp";
 
 const [file, prompt = "To be, or not to be", maxTokens = "15"] = process.argv.slice(2);
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.warn});
-const model = await llama.loadModel({modelPath: file});
+// llama.cpp's log reaches node asynchronously: after a failed load, wait for its words before node exits
+const load = (file) => llama.loadModel({modelPath: file}).catch(async (e) => {
+    await new Promise((done) => setTimeout(done, 500));
+    throw e;
+});
+const model = await load(file);
 const meta = model.fileInfo.metadata;
 const arch = meta.general?.architecture;
 console.log(`llama.cpp ${llama.llamaCppRelease.release} (${llama.buildType}); ${arch}, embedding ` +

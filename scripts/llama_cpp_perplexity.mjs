@@ -7,9 +7,14 @@ import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
 const {files, windows, threads = 1} = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
+// llama.cpp's log reaches node asynchronously: after a failed load, wait for its words before node exits
+const load = (file) => llama.loadModel({modelPath: file}).catch(async (e) => {
+    await new Promise((done) => setTimeout(done, 500));
+    throw e;
+});
 const results = [];
 for (const file of files) {
-    const model = await llama.loadModel({modelPath: file});
+    const model = await load(file);
     const longest = Math.max(...windows.map((w) => w.length));
     const context = await model.createContext({contextSize: longest + 8, batchSize: longest + 8, threads});
     let nll = 0, tokens = 0;

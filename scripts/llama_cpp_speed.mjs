@@ -13,10 +13,15 @@ import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 const {files, seqlens, generate, repeats, threads, seed = 0} = JSON.parse(readFileSync(process.argv[2], "utf8"));
 // maxThreads 0: no cap of node-llama-cpp's own, so `threads` is the number llama.cpp really uses
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error, maxThreads: 0});
+// llama.cpp's log reaches node asynchronously: after a failed load, wait for its words before node exits
+const load = (file) => llama.loadModel({modelPath: file}).catch(async (e) => {
+    await new Promise((done) => setTimeout(done, 500));
+    throw e;
+});
 const longest = Math.max(...seqlens);
 const loaded = [];
 for (const file of files) {
-    const model = await llama.loadModel({modelPath: file});
+    const model = await load(file);
     const context = await model.createContext({contextSize: longest + generate + 8, batchSize: longest,
                                                sequences: 1, threads});
     loaded.push({file, model, context, sequence: context.getSequence(),

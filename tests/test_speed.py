@@ -102,6 +102,29 @@ def test_bench_measures_gguf_files_in_llama_cpp_side_by_side(gguf_pair, tmp_path
         gguf_speed([broken], [8], repeats=1, threads=1)
 
 
+# node's report of a failed load, as node-llama-cpp 3 prints it (llama.cpp's log lines may come before it)
+NODE_REPORT = """file:///c/node_modules/node-llama-cpp/dist/evaluator/LlamaModel/LlamaModel.js:626
+                throw new Error("Failed to load model");
+                      ^
+
+Error: Failed to load model
+    at LlamaModel._create (file:///c/node_modules/node-llama-cpp/dist/evaluator/LlamaModel/LlamaModel.js:626:23)
+
+Node.js v20.20.2
+"""
+
+
+def test_a_failed_llama_cpp_run_is_reported_in_llama_cpps_words_else_nodes_message():
+    from slicegpt.formats.llama_cpp import _node_error
+
+    llama = ("[node-llama-cpp] gguf_init_from_reader: failed to read key-value pairs\n"
+             "[node-llama-cpp] llama_model_load: error loading model: llama_model_loader: failed to load model\n")
+    assert _node_error(llama + NODE_REPORT, 1) == "llama_model_load: error loading model: llama_model_loader: failed to load model"
+    # without llama.cpp's lines: node's message, never the source line it quotes
+    assert _node_error(NODE_REPORT, 1) == "Error: Failed to load model"
+    assert _node_error("", 9) == "exit status 9"
+
+
 def test_gguf_bench_without_llama_cpp_says_how_to_install_it(tmp_path, monkeypatch):
     from slicegpt.formats import llama_cpp
 

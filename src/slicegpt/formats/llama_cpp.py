@@ -70,11 +70,14 @@ def _place(script: Path, home: Path) -> Path:
 
 
 def _node_error(stderr: str, returncode: int) -> str:
-    """llama.cpp's own words when it gave any (its first error line), else node's last line."""
+    """llama.cpp's own words when it gave any (its first error line), else node's error message, else
+    node's first line. Node's report of an uncaught error quotes the throwing source line (with a `^`
+    marker under it) and a stack: those say nothing to a user and are skipped."""
     lines = [line.strip().removeprefix("[node-llama-cpp]").strip() for line in (stderr or "").splitlines()]
-    lines = [line for line in lines if line and not line.startswith("at ")]
-    said = [line for line in lines if "error" in line.lower()]
-    return (said or lines or [f"exit status {returncode}"])[0]
+    lines = [line for line in lines if line and not line.startswith(("at ", "throw ", "^", "file://", "node:"))]
+    thrown = [line for line in lines if line.startswith("Error:")]
+    said = [line for line in lines if "error" in line.lower() and line not in thrown]
+    return (said or thrown or lines or [f"exit status {returncode}"])[0]
 
 
 def run_node_script(name: str, jobs: object, timeout: float | None = None) -> object:
