@@ -5,7 +5,8 @@ and each sliced output (`--sliced`: slicegpt stock outputs of that model, severa
 at every `--types` GGUF type, each `slicegpt export` in its own process (its wall time includes loading
 the model); a file's size and tensor types come from the file. Perplexity is llama.cpp's own
 (node-llama-cpp's CPU build, scripts/llama_cpp_perplexity.mjs) on the same held-out windows for every
-file (BOS first where the tokenizer starts with one).
+file (BOS first where the tokenizer starts with one), each window evaluated in one batch as llama.cpp's
+own perplexity tool does (quantized files give slightly different figures token by token: other kernels).
 
 It prints a table sorted by file size with the Pareto frontier marked (no other file is at most as large
 and at most as perplexing), then one line saying where pruning+quantization is on the frontier and where

@@ -1,5 +1,8 @@
 // Perplexity of GGUF files in real llama.cpp (node-llama-cpp's prebuilt CPU build) on given token
 // windows, the same windows for every file: each token's probability given the ones before it in its window.
+// Each window is evaluated in one batch (prompt-processing speed); at every position llama.cpp returns only
+// the logit of the text's next token, the largest logit and sum(exp(logit - largest)), so no
+// vocabulary-sized map crosses into JavaScript: log p = logit - largest - log(sum).
 //   node llama_cpp_perplexity.mjs JOBS.json    JOBS: {"files": [paths], "windows": [[ids], ...], "threads": n}
 // Prints one JSON list: [{"file", "nll": summed negative log-likelihood, "tokens": tokens scored, "perplexity"}].
 import {readFileSync} from "node:fs";
@@ -18,19 +21,20 @@ for (const file of files) {
     const longest = Math.max(...windows.map((w) => w.length));
     const context = await model.createContext({contextSize: longest + 8, batchSize: longest + 8, threads});
     let nll = 0, tokens = 0;
+    const sequence = context.getSequence();
+    const raw = {temperature: 1, topK: 0, topP: 1, minP: 0};  // the model's own distribution, untouched
     for (const window of windows) {
-        const sequence = context.getSequence();
-        const steps = sequence.evaluateWithMetadata(window.slice(0, 1), {probabilities: true},
-            {temperature: 1, topK: 0, topP: 1, seed: 0, yieldEogToken: true});
-        let next = await steps.next();
-        for (let i = 1; i < window.length && !next.done; i++) {
-            const p = next.value.probabilities.get(window[i]) ?? 0;
-            nll -= Math.log(Math.max(p, 1e-30));
+        await sequence.clearHistory();
+        const input = window.map((token, i) => i + 1 < window.length ? [token, {generateNext: {
+            logits: {filter: {tokens: [window[i + 1]], includeTop: 1}}, totalLogitWeight: true, options: raw}}]
+            : token);
+        const output = await sequence.controlledEvaluate(input);
+        for (let i = 0; i + 1 < window.length; i++) {
+            const {logits, totalLogitWeight} = output[i].next;
+            const largest = Math.max(...logits.values());  // the top token's (includeMax returns nothing)
+            nll -= logits.get(window[i + 1]) - largest - Math.log(totalLogitWeight);
             tokens++;
-            next = await steps.next(window[i]);  // feed the text's token
         }
-        await steps.return();
-        sequence.dispose();
     }
     results.push({file, nll, tokens, perplexity: Math.exp(nll / tokens)});
     await context.dispose();

@@ -81,6 +81,20 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
     assert tokens == tokenizer(SAMPLE)["input_ids"]  # the tokenizer went in too (GPT-2 word splitting)
 
 
+def test_llama_cpp_perplexity_script_equals_pytorchs_on_the_same_windows(calibration, tokenizer, tmp_path):
+    """bench/gguf_quant.py's measure: every window in one batch, only the next token's logit read back."""
+    model = make_model("llama")
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32", name="slicegpt test model")
+    windows = calibration.input_ids[:3, :20]
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].double()
+    nll = -torch.log_softmax(logits, -1).gather(-1, windows[:, 1:, None]).sum().item()
+    [result] = run_node_script("llama_cpp_perplexity.mjs", {"files": [str(path)], "windows": windows.tolist(),
+                                                             "threads": 1}, timeout=300)
+    assert result["tokens"] == 3 * 19
+    assert result["nll"] == pytest.approx(nll, rel=1e-4)
+
+
 def _bpe_tokenizer(pre_tokenizer: str):
     """A byte-level BPE trained with one of the word splitters llama.cpp names, on text with digit runs."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
