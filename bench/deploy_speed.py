@@ -137,40 +137,52 @@ def target_applies(engine: str, phase: str, compute_bound: bool) -> bool:
 
 
 def row(output: dict, engine: str, kind: str, phase: str, batch: int, speedup: float, limit: float,
-        compute_bound: bool) -> dict:
+        compute_bound: bool, best: float | None = None) -> dict:
     ratio = speedup / limit
     return {"output": output["label"], "stock": output["stock"], "parameter_ratio": output["parameter_ratio"],
-            "engine": engine, "kind": kind, "phase": phase, "batch": batch, "speedup": speedup, "limit": limit,
-            "limit_of": "multiply-adds" if phase == "prefill" else "bytes", "ratio": ratio,
+            "engine": engine, "kind": kind, "phase": phase, "batch": batch, "speedup": speedup, "best": best,
+            "limit": limit, "limit_of": "multiply-adds" if phase == "prefill" else "bytes", "ratio": ratio,
             "target_met": ratio >= TARGET if target_applies(engine, phase, compute_bound) else None, "note": ""}
 
 
 def note_row(output: dict, engine: str, kind: str, note: str) -> dict:
     return {"output": output["label"], "stock": output["stock"], "parameter_ratio": output["parameter_ratio"],
-            "engine": engine, "kind": kind, "phase": None, "batch": None, "speedup": None, "limit": None,
+            "engine": engine, "kind": kind, "phase": None, "batch": None, "speedup": None, "best": None, "limit": None,
             "limit_of": None, "ratio": None, "target_met": None, "note": note}
 
 
 def bench_rows(output: dict, record: dict, engine: str, kind: str, limits: dict[str, float],
                compute_bound: bool) -> list[dict]:
-    """The sliced model's rows of a `slicegpt bench --json` record, each with its limit."""
-    return [row(output, engine, kind, r["phase"], r["batch"], r["speedup"], limits[r["phase"]], compute_bound)
-            for r in record["rows"] if r["role"] == "sliced"]
+    """The sliced model's rows of a `slicegpt bench --json` record, each with its limit and, where the record
+    has every turn's time (llama.cpp), the speedup of the fastest turns (dense's over sliced's): on a busy or
+    small machine the median carries the noise of the slower turns."""
+    return [row(output, engine, kind, r["phase"], r["batch"], r["speedup"], limits[r["phase"]], compute_bound,
+                best_turn(record["rows"], r)) for r in record["rows"] if r["role"] == "sliced"]
+
+
+def best_turn(rows: list[dict], sliced: dict) -> float | None:
+    """min(dense turn seconds) / min(sliced turn seconds) for the sliced row's setting, None without turns."""
+    dense = [r for r in rows if r["role"] == "dense" and (r["phase"], r["batch"], r.get("seqlen"))
+             == (sliced["phase"], sliced["batch"], sliced.get("seqlen"))]
+    if not dense or not dense[0].get("seconds") or not sliced.get("seconds"):
+        return None
+    return min(dense[0]["seconds"]) / min(sliced["seconds"])
 
 
 def table(rows: list[dict]) -> str:
     """The markdown table: each speedup beside its limit, the ratio, and the target where one applies."""
-    lines = ["| output | parameters (x dense) | engine | phase | batch | speedup | limit | speedup / limit | "
-             f"target (>= {TARGET} x limit) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| output | parameters (x dense) | engine | phase | batch | speedup | best turn | limit | speedup / limit | "
+             f"target (>= {TARGET} x limit) | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"{r['output']} ({'stock' if r['stock'] else 'per-layer'})"
         engine = f"{r['engine']} {r['kind']}".strip()
         if r["speedup"] is None:
-            lines.append(f"| {name} | {r['parameter_ratio']:.3f} | {engine} | - | - | - | - | - | - | {r['note']} |")
+            lines.append(f"| {name} | {r['parameter_ratio']:.3f} | {engine} | - | - | - | - | - | - | - | {r['note']} |")
             continue
         target = "-" if r["target_met"] is None else "met" if r["target_met"] else "**not met**"
+        best = "-" if r.get("best") is None else f"{r['best']:.2f}x"
         lines.append(f"| {name} | {r['parameter_ratio']:.3f} | {engine} | {r['phase']} | {r['batch']} | "
-                     f"{r['speedup']:.2f}x | {r['limit']:.2f}x {r['limit_of']} | {r['ratio']:.2f} | {target} | "
+                     f"{r['speedup']:.2f}x | {best} | {r['limit']:.2f}x {r['limit_of']} | {r['ratio']:.2f} | {target} | "
                      f"{r['note']} |")
     return "\n".join(lines)
 

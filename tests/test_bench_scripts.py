@@ -58,12 +58,13 @@ def test_per_token_costs_and_limits(deploy_speed):
 def test_rows_mark_the_issue_targets_and_the_table_shows_them(deploy_speed):
     stock = {"label": "default 0.8", "stock": True, "parameter_ratio": 0.8}
     per_layer = {"label": "paper 0.8", "stock": False, "parameter_ratio": 0.79}
-    record = {"rows": [{"role": "dense", "phase": "decode", "batch": 1, "speedup": 1.0},
-                       {"role": "sliced", "phase": "decode", "batch": 1, "speedup": 1.2},
+    record = {"rows": [{"role": "dense", "phase": "decode", "batch": 1, "speedup": 1.0, "seconds": [3.0, 2.0, 2.6]},
+                       {"role": "sliced", "phase": "decode", "batch": 1, "speedup": 1.2, "seconds": [1.6, 2.5, 2.0]},
                        {"role": "sliced", "phase": "prefill", "batch": 1, "speedup": 1.0}]}
     gguf = deploy_speed.bench_rows(stock, record, "llama.cpp", "q8_0", {"decode": 1.25, "prefill": 1.3}, False)
     assert [(r["phase"], r["ratio"], r["target_met"]) for r in gguf] == [
         ("decode", pytest.approx(0.96), True), ("prefill", pytest.approx(1 / 1.3), None)]  # pp: no target
+    assert [r["best"] for r in gguf] == [pytest.approx(2.0 / 1.6), None]  # fastest turns; no dense prefill turns
     torch_cpu = deploy_speed.bench_rows(stock, record, "PyTorch", "float32", {"decode": 1.25, "prefill": 1.3}, False)
     assert [r["target_met"] for r in torch_cpu] == [None, None]  # prefill's target is on the compute-bound model
     bound = deploy_speed.bench_rows(per_layer, record, "PyTorch", "float32", {"decode": 1.5, "prefill": 1.2}, True)
@@ -72,8 +73,9 @@ def test_rows_mark_the_issue_targets_and_the_table_shows_them(deploy_speed):
     text = deploy_speed.table(rows)
     lines = text.splitlines()
     assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|") for line in lines)
-    assert "| default 0.8 (stock) | 0.800 | llama.cpp q8_0 | decode | 1 | 1.20x | 1.25x bytes | 0.96 | met |" in text
-    assert "| paper 0.8 (per-layer) | 0.790 | PyTorch float32 | prefill | 1 | 1.00x | 1.20x multiply-adds | 0.83 | " \
+    assert "| default 0.8 (stock) | 0.800 | llama.cpp q8_0 | decode | 1 | 1.20x | 1.25x | 1.25x bytes | 0.96 | met |" \
+           in text
+    assert "| paper 0.8 (per-layer) | 0.790 | PyTorch float32 | prefill | 1 | 1.00x | - | 1.20x multiply-adds | 0.83 | " \
            "**not met** |" in text
     assert lines[-1].startswith("| paper 0.8 (per-layer) | 0.790 | llama.cpp | - |") and "PyTorch only" in lines[-1]
     assert deploy_speed.targets_summary(rows) == ["llama.cpp generation >= 0.9 x bytes ratio: 1 of 1 rows met",
