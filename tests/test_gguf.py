@@ -98,3 +98,32 @@ def test_llama_cpp_types_without_its_quantizer_are_refused_in_one_line(tokenizer
     with pytest.raises(SliceGPTError, match="needs llama.cpp's quantizer: run scripts/llama_cpp_setup.sh"):
         export_gguf(make_model("llama"), tokenizer, tmp_path / "m.gguf", dtype="q4_k_m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sliced_stream_padded_to_whole_blocks_changes_nothing(tokenizer, tmp_path):
+    """A stream of 40 (a uniform slice) is written as 64 zero-padded dimensions, the norm gains times
+    sqrt(40/64) and epsilon times 40/64: every matrix quantizes, and the file computes what the model does
+    (transformers reads it back here; tests/test_llama_cpp.py runs a padded uniform slice in llama.cpp)."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from slicegpt.formats.gguf import embedding_length
+
+    model = make_model("llama", hidden_size=40, head_dim=16)  # 4 heads of 16: the attention keeps its width
+    assert "f16" in tensor_types(export_gguf(model, tokenizer, tmp_path / "off.gguf", dtype="q8_0", pad_stream_to=0))
+    assert "f16" not in tensor_types(export_gguf(model, tokenizer, tmp_path / "q8.gguf", dtype="q8_0"))
+    path = export_gguf(model, tokenizer, tmp_path / "f32.gguf", dtype="f32")
+    assert embedding_length(path) == 64 and embedding_length(tmp_path / "off.gguf") == 40
+    tensors = {name: np.asarray(t.data) for name, t in _tensors(path).items()}
+    assert tensors["token_embd.weight"].shape == (model.config.vocab_size, 64)
+    assert not tensors["token_embd.weight"][:, 40:].any() and not tensors["blk.0.attn_output.weight"][40:].any()
+    gain = model.model.layers[0].input_layernorm.weight.detach().numpy()
+    np.testing.assert_allclose(tensors["blk.0.attn_norm.weight"][:40], gain * (40 / 64) ** 0.5, rtol=1e-6)
+    eps = GGUFReader(str(path)).fields["llama.attention.layer_norm_rms_epsilon"].contents()
+    assert eps == pytest.approx(model.config.rms_norm_eps * 40 / 64, rel=1e-6)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 123, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SliceGPTError, match=r"^--pad-stream must be 0 \(off\) or a positive number of dimensions"):
+        export_gguf(model, tokenizer, tmp_path / "bad.gguf", pad_stream_to=-1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import slicegpt
-from slicegpt.formats.gguf import export_gguf
+from slicegpt.formats.gguf import embedding_length, export_gguf
 from slicegpt.formats.llama_cpp import run_node_script
 from slicegpt.formats.loading import cache_dir
 from conftest import TEXT, make_model
@@ -65,6 +65,8 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
         assert config.mlp_neurons < config.mlp_neurons_dense and set(config.widths) == {config.hidden_size}
     # a neutral name: llama.cpp looks for Phi-3 chat tokens when the name says phi3, and the test tokenizer has none
     path = export_gguf(stock, tokenizer, tmp_path / f"{family}.gguf", dtype="f32", name="slicegpt test model")
+    if family in ("llama", "phi3"):  # a uniform slice of the stream (48 of 64), padded back to a whole block
+        assert config.sliced_hidden_size == 48 and embedding_length(path) == 64
     if family == "phi3":
         from gguf import GGUFReader
 

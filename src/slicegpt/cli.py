@@ -241,9 +241,11 @@ def _export_source(spec: str):
 
 
 def cmd_export(args) -> None:
-    from slicegpt.formats.gguf import check_pad_neurons, export_gguf, feed_forward_length, tensor_types
+    from slicegpt.formats.gguf import (check_pad_neurons, embedding_length, export_gguf, feed_forward_length,
+                                       tensor_types)
 
     check_pad_neurons(args.pad_neurons)  # before loading anything
+    check_pad_neurons(args.pad_stream, "--pad-stream")
     out = Path(args.out)
     refuse_existing(out, args.force, ours=b"GGUF")  # before loading anything; --force replaces only a GGUF file
     if Path(str(args.model)).exists():
@@ -251,20 +253,25 @@ def cmd_export(args) -> None:
     loaded, source_gguf = _export_source(str(args.model))
     name = Path(str(args.model)).name or str(args.model)
     path = export_gguf(loaded.model, loaded.tokenizer, out, dtype=args.dtype, source_gguf=source_gguf,
-                       force=args.force, pad_neurons=args.pad_neurons,
+                       force=args.force, pad_neurons=args.pad_neurons, pad_stream_to=args.pad_stream,
                        name=f"{name} ({'slicegpt' if loaded.sliced else 'dense'})")
     types = tensor_types(path)
     neurons = getattr(loaded.model.config, "intermediate_size", None)
     written = feed_forward_length(path)
+    width, width_written = loaded.model.config.hidden_size, embedding_length(path)
     figures = {"model": str(args.model), "out": str(path), "format": args.format, "dtype": args.dtype,
                "bytes": path.stat().st_size, "tensor_types": types, "sliced": bool(loaded.sliced),
                "mlp_neurons": neurons, "mlp_neurons_written": written, "pad_neurons": args.pad_neurons,
+               "hidden_size": width, "hidden_size_written": width_written, "pad_stream": args.pad_stream,
                "tokenizer": "copied from " + str(source_gguf) if source_gguf else "built from tokenizer.json"}
     _emit(args, [("model", f"{args.model} ({'sliced' if loaded.sliced else 'dense'})"),
                  ("written", f"{path} ({figures['bytes'] / 2**20:.1f} MiB, {args.dtype})"),
                  ("tensors", ", ".join(f"{n} {kind}" for kind, n in types.items())),
                  *([("mlp neurons", f"{written} ({written - neurons} zero neurons pad {neurons} to a multiple of "
                                    f"{args.pad_neurons})")] if neurons and written and written != neurons else []),
+                 *([("stream width", f"{width_written} ({width_written - width} zero dimensions pad {width} to a "
+                                    f"multiple of {args.pad_stream})")] if width_written and width_written != width
+                   else []),
                  ("tokenizer", figures["tokenizer"])], figures)
 
 
@@ -804,6 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-neurons", type=int, default=32, metavar="N",
                    help="pad each MLP with zero neurons to a multiple of N (default 32, a quantization block; 0: "
                    "off). Exact: a zero neuron adds nothing; the down projections quantize and run faster kernels")
+    p.add_argument("--pad-stream", type=int, default=32, metavar="N",
+                   help="pad a sliced residual stream with zero dimensions to a multiple of N (default 32; 0: off), "
+                   "in llama.cpp's llama architecture (llama, mistral, qwen2, phi3). Exact: the norms' gains and "
+                   "epsilon are rescaled for the longer mean; every matrix reading the stream quantizes")
     p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")

@@ -17,7 +17,9 @@ Tensor types follow llama.cpp. f32, f16, bf16 and q8_0 are written here, as its 
 and a matrix whose rows are not a multiple of q8_0's 32-value blocks falls back to f16. The
 k-quant mixes and q4_0 come from llama.cpp's own quantizer (`formats.llama_cpp`), which makes its
 per-tensor choices itself. Before that, MLP neurons are padded with zero neurons to whole blocks
-(`pad_mlp`, exact), so neuron-pruned down projections quantize too. A value that the stored type
+(`pad_mlp`, exact), so neuron-pruned down projections quantize too, and a sliced residual stream in
+llama.cpp's llama architecture (llama, mistral, qwen2, phi3) is padded with zero dimensions
+(`pad_stream`, exact: the RMSNorm gains and epsilon absorb the longer mean). A value that the stored type
 cannot hold (beyond float16's ±65504) is refused, naming the tensor, instead of becoming inf.
 """
 
@@ -217,10 +219,11 @@ def _tensors(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_pad_neurons(pad_neurons: int) -> None:
+def check_pad_neurons(pad_neurons: int, option: str = "--pad-neurons") -> None:
     """Refuse a padding multiple that is not 0 (off) or a positive count, before any work."""
     if not isinstance(pad_neurons, int) or pad_neurons < 0:
-        raise SliceGPTError(f"--pad-neurons must be 0 (off) or a positive number of neurons, got {pad_neurons}")
+        what = "neurons" if option == "--pad-neurons" else "dimensions"
+        raise SliceGPTError(f"{option} must be 0 (off) or a positive number of {what}, got {pad_neurons}")
 
 
 _MLP_INPUTS = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_up.bias")  # one row (entry) per neuron
@@ -239,6 +242,43 @@ def pad_mlp(tensors: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.
             t = torch.cat([t, t.new_zeros(t.shape[0], missing)], dim=1) if missing else t
         out[key] = t
     return out
+
+
+# The stream's tensors in llama.cpp's llama/qwen3 layouts: (name suffixes, the axis that is the stream)
+_STREAM_NORMS = (".attn_norm.weight", ".ffn_norm.weight")
+_STREAM_IN = (".attn_q.weight", ".attn_k.weight", ".attn_v.weight", ".ffn_gate.weight", ".ffn_up.weight")
+_STREAM_OUT = (".attn_output.weight", ".attn_output.bias", ".ffn_down.weight", ".ffn_down.bias")
+# RMSNorm over the stream, no embedding scale, no norm offset, no other norm sharing the epsilon (qwen3's
+# per-head q/k norms do; Gemma scales the embedding by sqrt(width) and stores 1 + gain)
+STREAM_ARCHS = ("llama",)
+
+
+def pad_stream(tensors: dict[str, torch.Tensor], multiple: int) -> tuple[dict[str, torch.Tensor], float] | None:
+    """The residual stream widened with zero dimensions to a multiple of `multiple`: (tensors, the factor
+    r = width / padded width for the RMSNorm epsilon), or None where the width is whole already or a tensor
+    has a stream axis this does not know (nothing is padded then).
+
+    A zero dimension stays zero through every block (the embedding, the attention and MLP outputs write
+    nothing there), and the matrices that read the stream ignore it. Only each RMSNorm's mean changes, from
+    sum / d to sum / d' = r * sum / d: epsilon * r and gains * sqrt(r) give exactly the dense norm back.
+    """
+    width = tensors["token_embd.weight"].shape[1]
+    missing = -width % multiple
+    if not missing:
+        return None
+    r = width / (width + missing)
+    out = {}
+    for key, t in tensors.items():
+        if key == "output_norm.weight" or key.endswith(_STREAM_NORMS):
+            t = torch.cat([t * r ** 0.5, t.new_zeros(missing)])
+        elif key in ("token_embd.weight", "output.weight") or key.endswith(_STREAM_IN):
+            t = torch.cat([t, t.new_zeros(t.shape[0], missing)], dim=1)
+        elif key.endswith(_STREAM_OUT):
+            t = torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
+        elif width in t.shape:  # an axis that may be the stream, of a kind not listed: leave the width alone
+            return None
+        out[key] = t
+    return out, r
 
 
 def _zero_at_zero(config) -> bool:
@@ -384,6 +424,15 @@ def tensor_types(path: str | os.PathLike) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def embedding_length(path: str | os.PathLike) -> int | None:
+    """The stream width a GGUF file declares (None for a file without the key)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    key = next((k for k in fields if k.endswith(".embedding_length")), None)
+    return int(fields[key].parts[-1][0]) if key else None
+
+
 def feed_forward_length(path: str | os.PathLike) -> int | None:
     """The MLP neurons per layer a GGUF file declares (None for a file without the key)."""
     from gguf import GGUFReader
@@ -404,12 +453,14 @@ def _check_written(path: Path) -> None:
 
 def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str = "f16",
                 source_gguf: str | os.PathLike | None = None, force: bool = False, name: str = "",
-                pad_neurons: int = BLOCK) -> Path:
+                pad_neurons: int = BLOCK, pad_stream_to: int = BLOCK) -> Path:
     """Write `model` (a stock model: dense, or from a uniform slice) as a GGUF file, atomically.
 
     MLP neuron counts are padded with zero neurons to a multiple of `pad_neurons` (0 or 1: not
     padded). A zero neuron adds exactly nothing (its activation of 0 is 0), and whole blocks let
     llama.cpp quantize the down projections and run its faster kernels; see docs/outputs.md.
+    A sliced stream width is padded to a multiple of `pad_stream_to` the same way (llama.cpp's llama
+    architecture; `pad_stream`), so that every matrix that reads it quantizes too.
     """
     import tempfile
 
@@ -429,15 +480,19 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     refuse_existing(out, force, ours=b"GGUF")  # before the checks and the writing; --force replaces only GGUF
     _check_supported(model.config, layout)
     check_pad_neurons(pad_neurons)
+    check_pad_neurons(pad_stream_to, "--pad-stream")
     tensors = _tensors(model, layout)
     if pad_neurons > 1 and _zero_at_zero(model.config):
         tensors = pad_mlp(tensors, pad_neurons)
+    eps_factor = 1.0
+    if pad_stream_to > 1 and layout.arch in STREAM_ARCHS and (padded := pad_stream(tensors, pad_stream_to)):
+        tensors, eps_factor = padded
     for key, t in tensors.items():
         _check_range(key, t, storage_type(key, t, dtype), dtype)
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
     header = dict(model=model, layout=layout, tokenizer=tokenizer, tokenizer_fields=tokenizer_fields,
                   name=name or f"{model_type} sliced to {model.config.hidden_size}",
-                  feed_forward=_feed_forward(tensors, model.config))
+                  feed_forward=_feed_forward(tensors, model.config), eps_factor=eps_factor)
 
     with atomic_file(out, force=True) as tmp:  # existence checked above
         if dtype in WRITTEN:
@@ -459,7 +514,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.Module, layout: Layout,
-           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int) -> None:
+           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int, eps_factor: float = 1.0) -> None:
     """One GGUF file: llama.cpp's metadata for the architecture, the tokenizer, the tensors in `dtype`."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 
@@ -477,7 +532,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.M
     if layout.window_as_context and getattr(config, "sliding_window", None):
         context = min(context, int(config.sliding_window))  # inside the window, sliding = full attention
     writer.add_context_length(context)
-    writer.add_embedding_length(config.hidden_size)
+    writer.add_embedding_length(int(tensors["token_embd.weight"].shape[1]))  # padded or not
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(feed_forward)
     writer.add_head_count(heads)
@@ -489,7 +544,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.M
     if layout.layer_norm:
         writer.add_layer_norm_eps(float(config.layer_norm_eps))
     else:
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps) * eps_factor)  # pad_stream's epsilon
     if layout.sliding_window and getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
