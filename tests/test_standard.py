@@ -188,7 +188,9 @@ def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, c
                                          head="fit" if family == "gemma2" else None, progress=False)
     path = export_gguf(stock, tokenizer, tmp_path / "model.gguf", dtype=dtype)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
-    assert back.config.hidden_size == 48 and back.config.head_dim == (256 if family == "gemma2" else 16)
+    # the sliced stream of 48 is written padded to a whole block of 64 where llama.cpp's layout allows (llama)
+    assert back.config.hidden_size == (48 if family == "gemma2" else 64)
+    assert back.config.head_dim == (256 if family == "gemma2" else 16)
     ids = calibration.input_ids[:2, :32]
     expected = stock(ids).logits
     scale = expected.abs().max()
