@@ -72,6 +72,10 @@ def save_results(name: str, data: dict) -> Path:
               "slicegpt": slicegpt.__version__, **data}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}-{date}-{commit}.json"
+    for n in range(2, 100):  # a second run the same day at the same commit keeps the first one's figures
+        if not path.exists():
+            break
+        path = RESULTS / f"{name}-{date}-{commit}-{n}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"raw figures: {path.relative_to(root) if path.is_relative_to(root) else path}")
     return path

@@ -10,7 +10,7 @@ process, on the same calibration (32 x 1024 Shakespeare tokens by default) and h
   on every calibration window or on none (`--dense-share 1 / 0`; the default runs it on 1/8);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--rotation
   uniform`); "uniform default" is refused where MLP neurons alone meet the size (nothing rotated);
-- the default recipe with whole attention heads pruned (`--heads 3x2`, `--heads 2x3`), the
+- the default recipe with whole attention heads pruned (row `default + heads GxR`: `--heads GxR`), the
   neurons filling the rest of the size;
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
   output are most alike (angular distance on the calibration tokens) until at most F of the
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -53,12 +54,18 @@ ROWS = {
     "uniform paper": {"recipe": "paper", "rotation": "uniform", "standard": False},
     "uniform compensation": {"recipe": "default", "rotation": "uniform", "standard": False, "neurons": "off"},
     "uniform default": {"recipe": "default", "rotation": "uniform"},
-    # attention heads pruned (--heads GxR: G key/value heads of R query heads each; SmolLM2 has 3x3), the
-    # neurons filling the rest of the size
-    "default + heads 3x2": {"recipe": "default", "heads": "3x2"},  # one query head per group
-    "default + heads 2x3": {"recipe": "default", "heads": "2x3"},  # one whole key/value group
     "shortgpt": None,
 }
+# and "default + heads GxR", any G and R: attention heads pruned (--heads GxR: G key/value heads of R query heads
+# each; SmolLM2 has 3x3, Gemma 3 270M 1x4), the neurons filling the rest of the size
+HEADS_ROW = re.compile(r"default \+ heads (\d+x\d+)")
+
+
+def row_settings(name: str) -> dict | None:
+    """A row's settings: ROWS[name], or the default recipe with --heads GxR."""
+    if found := HEADS_ROW.fullmatch(name):
+        return {"recipe": "default", "heads": found.group(1)}
+    return ROWS[name]
 
 
 def _load(args):
@@ -129,7 +136,7 @@ def child(args) -> dict:
         model.config.use_cache = False
         return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
                 "parameters": slicegpt.count_parameters(model), "dropped": dropped, "floor_seconds": floor}
-    options = {**ROWS[name], "size": size}
+    options = {**row_settings(name), "size": size}
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, batch_size=args.batch_size,
                                              progress=False, **options)
@@ -143,7 +150,7 @@ def main() -> None:
     add_data_arguments(p)
     p.add_argument("--sizes", default="0.9,0.8,0.65,0.5", help="shares of the dense parameters to keep")
     p.add_argument("--rows", default="paper,compensation,adaptive widths,stream sliced,default,shortgpt",
-                   help=f"comma-separated, from: {', '.join(ROWS)}")
+                   help=f"comma-separated, from: {', '.join(ROWS)}, default + heads GxR")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,7 +158,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = [r.strip() for r in args.rows.split(",")]
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ROWS and not HEADS_ROW.fullmatch(r)]
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")
 

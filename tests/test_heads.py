@@ -148,7 +148,7 @@ def test_a_fraction_drops_whole_groups_first():
 def test_bad_heads_settings_are_refused_in_one_line(calibration):
     ids = calibration.input_ids
     cases = [
-        (dict(heads="half"), "--heads is off, the fraction"),
+        (dict(heads="half"), "--heads is off, auto, the fraction"),
         (dict(heads=1.5), r"in \(0, 1\]"),
         (dict(heads="2x"), "GxR keeps G key/value heads"),
         (dict(heads="3x1"), "this model has 2 key/value heads with 2 query heads each"),
@@ -164,3 +164,49 @@ def test_bad_heads_settings_are_refused_in_one_line(calibration):
     with pytest.raises(SliceGPTError, match="heads are pruned only while the stream keeps its width"):
         slicegpt.slice_model(make_model("gemma3_text"), None, ids, size=0.5, heads=0.5, neurons="off",
                              progress=False)
+
+
+def test_auto_heads_order_the_layouts_whole_groups_first():
+    from slicegpt.plan import head_candidates
+
+    assert head_candidates((3, 3))[:4] == [(2, 3), (3, 2), (2, 2), (1, 3)]
+    assert head_candidates((1, 4)) == [(1, 3), (1, 2), (1, 1)]
+    assert (3, 3) not in head_candidates((3, 3)) and len(head_candidates((3, 3))) == 8
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_auto_heads_go_only_past_the_neuron_floor_where_the_stream_cannot_take_the_rest(family, calibration):
+    """`--heads auto` (the default recipe's): where neurons alone meet the size nothing changes; past
+    their floor, Gemma (neurons not prunable beside a sliced stream) prunes heads instead of slicing
+    the stream alone, and stays the stock model with the most heads that meet the size; Llama keeps
+    its heads and slices the stream beside the neurons at their floor (measured better)."""
+    ids = calibration.input_ids
+    kept, auto = slicegpt.slice_model(make_model(family), None, ids, size=0.8, progress=False)
+    plain, config = slicegpt.slice_model(make_model(family), None, ids, size=0.8, heads="off", progress=False)
+    assert auto.heads == "auto" and auto.attention_heads is None and config.attention_heads is None
+    assert auto.mlp_neurons == config.mlp_neurons and auto.standard
+    for name, param in plain.named_parameters():
+        assert torch.equal(param, dict(kept.named_parameters())[name]), name
+
+    sliced, before = slicegpt.slice_model(make_model(family), None, ids, size=0.6, heads="off", progress=False)
+    assert before.rotation == "per-layer" and not before.standard  # past the floor: the stream is sliced
+    model, after = slicegpt.slice_model(make_model(family), None, ids, size=0.6, progress=False)
+    if family == "llama":
+        assert after.attention_heads is None and after.rotation == "per-layer"
+        assert after.mlp_neurons == before.mlp_neurons and after.widths == before.widths
+        return
+    assert before.mlp_neurons is None  # Gemma without heads: the stream alone, no neuron pruned
+    assert after.standard and after.rotation == "uniform" and after.sliced_hidden_size == after.hidden_size
+    assert after.attention_heads == [1, 2]  # of 2x2: the most heads that meet 0.6 with the stream whole
+    assert after.mlp_neurons >= 0.4 * after.mlp_neurons_dense
+    assert after.parameters_sliced <= 0.6 * after.parameters_dense
+    assert after.parameters_sliced == slicegpt.count_parameters(model)
+    assert type(model).__name__ == type(make_model(family)).__name__  # the family's stock class
+
+
+def test_auto_heads_given_where_they_cannot_apply_are_refused(calibration):
+    ids = calibration.input_ids
+    with pytest.raises(SliceGPTError, match="describes attention heads .*; not phi3"):
+        slicegpt.slice_model(make_model("phi3"), None, ids, size=0.6, heads="auto", progress=False)
+    with pytest.raises(SliceGPTError, match="attention heads .* needs compensation"):
+        slicegpt.slice_model(make_model("llama"), None, ids, size=0.6, heads="auto", recipe="paper", progress=False)

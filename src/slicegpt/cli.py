@@ -643,9 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neurons", default=None, metavar="auto|off|FRACTION",
                    help="MLP neurons kept per layer, pruned in compensation's refit: auto (the default recipe's: "
                         "the size is met by pruning neurons first, at least 40%% kept), off, or a fraction to keep")
-    g.add_argument("--heads", default=None, metavar="off|FRACTION|GxR",
+    g.add_argument("--heads", default=None, metavar="auto|off|FRACTION|GxR",
                    help="attention heads kept per layer, pruned in compensation's refit of the output projection "
-                        "(OBS on whole heads): off (both recipes), a fraction of the query heads, or GxR: G "
+                        "(OBS on whole heads): auto (the default recipe's: Gemma 2/3 past the MLP neuron floor keep "
+                        "the most heads that meet the size with the stream whole, instead of slicing the stream; "
+                        "elsewhere every head stays), off, a fraction of the query heads, or GxR: G "
                         "key/value heads with R query heads each (e.g. 2x3 of SmolLM2's 3x3: one whole group); "
                         "with --size the neurons fill the rest of the budget. Llama-like families (llama, mistral, "
                         "qwen2, qwen3, gemma, gemma2, gemma3_text)")

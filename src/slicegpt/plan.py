@@ -25,7 +25,7 @@ from slicegpt.core.engine import per_layer_ties
 from slicegpt.core.uniform import uniform_ties
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.weights import attention_heads
-from slicegpt.core.widths import head_layout, plan_widths
+from slicegpt.core.widths import head_layout, neurons_need_full_width, plan_widths
 from slicegpt.data import DEFAULT_DATA
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.standard import check_standard
@@ -217,11 +217,17 @@ def _check_size(settings: SliceSettings, levers: Levers) -> None:
             f"--slicing is the share of the hidden width to remove, in (0, 1), e.g. 0.25; got {slicing}")
 
 
+def _prunes_heads(settings: SliceSettings, levers: Levers) -> bool:
+    """Whether --heads asks for heads to go: a layout, or `auto` given by the user (a recipe's `auto`
+    prunes nothing where it cannot apply)."""
+    return levers.heads not in (None, "auto") or (levers.heads == "auto" and "heads" in settings.overrides())
+
+
 def _check_slicing_alone(settings: SliceSettings, levers: Levers) -> None:
     """--slicing sizes a sliced stream; a run that also prunes neurons is sized by --size."""
     if settings.slicing is None:
         return
-    _refuse(levers.heads is not None, f"--heads {levers.heads} prunes attention heads, so the run's size is --size; "
+    _refuse(_prunes_heads(settings, levers), f"--heads {levers.heads} prunes attention heads, so the run's size is --size; "
                                       "--slicing sizes a sliced stream alone (drop --heads, or give --size)")
     if "neurons" in settings.overrides():
         _refuse(levers.neurons is not None,
@@ -237,7 +243,7 @@ def _check_levers(settings: SliceSettings, levers: Levers) -> None:
     given = settings.overrides()
     uniform = levers.rotation == "uniform"
     if levers.compensate == "off":
-        _refuse(levers.heads is not None,
+        _refuse(_prunes_heads(settings, levers),
                 "pruning attention heads refits the output projection, so it needs compensation: "
                 + ("drop --compensate off" if "compensate" in given else "add --compensate writers"))
         _refuse(levers.neurons is not None,
@@ -316,6 +322,34 @@ def _check_round_to(levers: Levers, hidden: int, neurons: int | None) -> None:
             "be pruned (neuron counts are multiples of --round-to)")
 
 
+def head_candidates(dense: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every smaller layout (key/value heads, query heads each), the most heads first and, of equal
+    counts, the fewest key/value groups first (whole groups go before query heads within groups)."""
+    groups, per_group = dense
+    return sorted(((g, r) for g in range(1, groups + 1) for r in range(1, per_group + 1) if (g, r) != dense),
+                  key=lambda gr: (-gr[0] * gr[1], gr[0]))
+
+
+def auto_heads(dense: tuple[int, int], widths, rule: str, neurons: int | None, hidden: int, widths_for):
+    """`--heads auto` (the default recipe's) in families whose MLP neurons cannot be pruned beside a
+    sliced stream (Gemma 2/3: branch-output norms), where past the neuron floor the stream alone
+    would be sliced and no neuron pruned: no head is pruned while MLP neurons alone meet the size;
+    past their floor, the most heads with which the neurons (at or above the floor) meet the size
+    with the stream whole are kept, so the output stays a stock model (Gemma 3 270M at 0.8: 1x2
+    of 1x4 heads instead of a stream 88 of 640 wide). Where even one head per layer would not do,
+    every head stays and the stream is sliced as before. Elsewhere neurons at the floor and a sliced
+    stream did better than heads (SmolLM2 at 0.5: 89.15 against 102.04 with 1x2 of 3x3 heads), so
+    `auto` prunes no heads there. Returns (heads, widths, rule, neurons), the last three as
+    `widths_for` (plan_widths for a head layout) gives them."""
+    if widths is None or all(w == hidden for w in widths):
+        return None, widths, rule, neurons
+    for layout in head_candidates(dense):
+        found = widths_for(layout)
+        if found[0] is not None and all(w == hidden for w in found[0]):
+            return (layout, *found)
+    return None, widths, rule, neurons
+
+
 def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter, *, model: str,
               dense_parameters: int, batches=None, ranks=None, progress: bool = False) -> Plan:
     """Decide the run (see the module docstring). `batches` (this rank's calibration batches) are
@@ -336,12 +370,22 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
     deviations = check_standard(view.model, adapter, levers.accept_deviation) if uniform and settings.standard else []
     tied = _ties(view, adapter, levers, slice_head, keep, fit)
     dense_heads = attention_heads(view.model, adapter)
-    heads = head_layout(levers.heads, dense_heads, adapter.family, ", ".join(
-        t for a in ADAPTERS if any(b.heads for b in a.branches) for t in a.model_types))
-    widths, rule, neurons = plan_widths(
-        view, adapter, batches, rotation=levers.rotation, rule=levers.widths, sparsity=settings.slicing or 0.0,
-        parameters=settings.size, dense_parameters=dense_parameters, round_to=levers.round_to,
-        tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons, heads=heads)
+    auto = levers.heads == "auto"
+    described = ", ".join(t for a in ADAPTERS if any(b.heads for b in a.branches) for t in a.model_types)
+    heads = None if auto else head_layout(levers.heads, dense_heads, adapter.family, described)
+    _refuse(auto and "heads" in settings.overrides() and dense_heads is None,
+            f"--heads applies to families whose adapter describes attention heads ({described}); not {adapter.family}")
+
+    def widths_for(heads: tuple[int, int] | None) -> tuple[list[int] | None, str, int | None]:
+        return plan_widths(
+            view, adapter, batches, rotation=levers.rotation, rule=levers.widths, sparsity=settings.slicing or 0.0,
+            parameters=settings.size, dense_parameters=dense_parameters, round_to=levers.round_to,
+            tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons, heads=heads)
+
+    widths, rule, neurons = widths_for(heads)
+    if (auto and settings.size is not None and levers.neurons == "auto" and dense_heads is not None
+            and neurons_need_full_width(adapter)):
+        heads, widths, rule, neurons = auto_heads(dense_heads, widths, rule, neurons, hidden, widths_for)
     identity = (widths is not None and (neurons is not None or heads is not None)
                 and all(w == hidden for w in widths))
     _refuse(heads is not None and not identity and any(b.heads and b.post_norm for b in adapter.branches),

@@ -27,7 +27,7 @@ class Levers:
     ridge: float = RIDGE  # compensation's regulariser, relative to the mean input energy
     dense_share: float = DENSE_SHARE  # compensation: share of the calibration windows the dense model runs on
     neurons: float | str | None = None  # MLP neurons kept per layer: None (all), "auto", or a fraction
-    heads: float | str | None = None  # attention heads kept per layer: None (all), a fraction, or "GxR"
+    heads: float | str | None = None  # attention heads kept per layer: None (all), "auto", a fraction, or "GxR"
     widths: str = "equal"  # one width everywhere, or each boundary its own within the size ("adaptive")
     head: str = "auto"  # a tied head: kept tied where exact (auto), untied, its input sliced, or a fitted gain
     pooling: str = "unit-trace"  # uniform: how the boundaries' covariances are weighed
@@ -47,8 +47,10 @@ RECIPES: dict[str, Recipe] = {
         "default",
         "the measured best: MLP neurons pruned first (OBS, at least 40% kept per layer) while every step's "
         "writers are refitted against the dense model; the stream is sliced (per-layer rotation) only for what "
-        "neurons cannot give. Where neurons alone meet the size nothing is rotated: a stock model.",
-        Levers(compensate="writers", neurons="auto")),
+        "neurons cannot give. Where neurons alone meet the size nothing is rotated: a stock model. Gemma 2/3, "
+        "whose neurons cannot be pruned beside a sliced stream, prune attention heads past the neuron floor "
+        "before slicing the stream (--heads auto).",
+        Levers(compensate="writers", neurons="auto", heads="auto")),
     "paper": Recipe(
         "paper",
         "the paper's algorithm, number for number: per-layer PCA rotation, equal widths, no refit, no neurons "
@@ -81,10 +83,13 @@ def parse_neurons(value: float | str | None) -> float | str | None:
 
 
 def parse_heads(value: float | str | None) -> float | str | None:
-    """`--heads`: "off" / 1 (keep every head: None), the fraction of query heads to keep, or "GxR":
-    G key/value heads with R query heads each (kept per layer)."""
+    """`--heads`: "off" / 1 (keep every head: None), "auto" (heads go only past the neuron floor, see
+    `slicegpt.plan.auto_heads`), the fraction of query heads to keep, or "GxR": G key/value heads with R
+    query heads each (kept per layer)."""
     if value is None or value in ("off", "all"):
         return None
+    if value == "auto":
+        return "auto"
     text = str(value).strip().lower()
     groups, sep, per_group = text.partition("x")
     if sep:
@@ -94,7 +99,7 @@ def parse_heads(value: float | str | None) -> float | str | None:
     try:
         fraction = float(value)
     except (TypeError, ValueError):
-        raise SliceGPTError(f"--heads is off, the fraction of attention heads to keep, or GxR (G key/value heads "
+        raise SliceGPTError(f"--heads is off, auto, the fraction of attention heads to keep, or GxR (G key/value heads "
                             f"with R query heads each), got {value!r}") from None
     if not 0.0 < fraction <= 1.0:
         raise SliceGPTError(f"--heads is the fraction of attention heads to keep, in (0, 1]; got {value}")
