@@ -202,6 +202,11 @@ def test_auto_heads_go_only_past_the_neuron_floor_where_the_stream_cannot_take_t
     assert after.parameters_sliced <= 0.6 * after.parameters_dense
     assert after.parameters_sliced == slicegpt.count_parameters(model)
     assert type(model).__name__ == type(make_model(family)).__name__  # the family's stock class
+    # the choice needs no calibration spectra: a plan before calibration (a dry run) makes it too, and
+    # so sees at once that --widths adaptive would do nothing there
+    assert slicegpt.plan_slice(make_model(family), size=0.6).heads == (1, 2)
+    with pytest.raises(SliceGPTError, match="--widths adaptive would do nothing"):
+        slicegpt.plan_slice(make_model(family), size=0.6, widths="adaptive")
 
 
 def test_auto_heads_given_where_they_cannot_apply_are_refused(calibration):

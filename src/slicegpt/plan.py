@@ -330,24 +330,25 @@ def head_candidates(dense: tuple[int, int]) -> list[tuple[int, int]]:
                   key=lambda gr: (-gr[0] * gr[1], gr[0]))
 
 
-def auto_heads(dense: tuple[int, int], widths, rule: str, neurons: int | None, hidden: int, widths_for):
+def auto_heads(dense: tuple[int, int], hidden: int, widths_for) -> tuple[int, int] | None:
     """`--heads auto` (the default recipe's) in families whose MLP neurons cannot be pruned beside a
     sliced stream (Gemma 2/3: branch-output norms), where past the neuron floor the stream alone
     would be sliced and no neuron pruned: no head is pruned while MLP neurons alone meet the size;
     past their floor, the most heads with which the neurons (at or above the floor) meet the size
     with the stream whole are kept, so the output stays a stock model (Gemma 3 270M at 0.8: 1x2
     of 1x4 heads instead of a stream 88 of 640 wide). Where even one head per layer would not do,
-    every head stays and the stream is sliced as before. Elsewhere neurons at the floor and a sliced
-    stream did better than heads (SmolLM2 at 0.5: 89.15 against 102.04 with 1x2 of 3x3 heads), so
-    `auto` prunes no heads there. Returns (heads, widths, rule, neurons), the last three as
-    `widths_for` (plan_widths for a head layout) gives them."""
-    if widths is None or all(w == hidden for w in widths):
-        return None, widths, rule, neurons
-    for layout in head_candidates(dense):
-        found = widths_for(layout)
-        if found[0] is not None and all(w == hidden for w in found[0]):
-            return (layout, *found)
-    return None, widths, rule, neurons
+    every head stays (None) and the stream is sliced as before. Elsewhere neurons at the floor and a
+    sliced stream did better than heads (SmolLM2 at 0.5: 89.15 against 102.04 with 1x2 of 3x3
+    heads), so `auto` prunes no heads there. `widths_for(layout)` is plan_widths for a head layout,
+    without the calibration batches: the choice needs no spectra, so a dry run makes the same one
+    and adaptive widths are probed only for the layout kept."""
+    def whole(layout: tuple[int, int] | None) -> bool:
+        widths = widths_for(layout)[0]
+        return widths is not None and all(w == hidden for w in widths)
+
+    if whole(None):
+        return None
+    return next((layout for layout in head_candidates(dense) if whole(layout)), None)
 
 
 def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter, *, model: str,
@@ -376,16 +377,16 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
     _refuse(auto and "heads" in settings.overrides() and dense_heads is None,
             f"--heads applies to families whose adapter describes attention heads ({described}); not {adapter.family}")
 
-    def widths_for(heads: tuple[int, int] | None) -> tuple[list[int] | None, str, int | None]:
+    def widths_for(heads: tuple[int, int] | None, batches=batches) -> tuple[list[int] | None, str, int | None]:
         return plan_widths(
             view, adapter, batches, rotation=levers.rotation, rule=levers.widths, sparsity=settings.slicing or 0.0,
             parameters=settings.size, dense_parameters=dense_parameters, round_to=levers.round_to,
             tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons, heads=heads)
 
-    widths, rule, neurons = widths_for(heads)
     if (auto and settings.size is not None and levers.neurons == "auto" and dense_heads is not None
             and neurons_need_full_width(adapter)):
-        heads, widths, rule, neurons = auto_heads(dense_heads, widths, rule, neurons, hidden, widths_for)
+        heads = auto_heads(dense_heads, hidden, lambda layout: widths_for(layout, batches=None))
+    widths, rule, neurons = widths_for(heads)
     identity = (widths is not None and (neurons is not None or heads is not None)
                 and all(w == hidden for w in widths))
     _refuse(heads is not None and not identity and any(b.heads and b.post_norm for b in adapter.branches),
