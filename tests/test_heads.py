@@ -54,7 +54,7 @@ def test_heads_that_write_nothing_are_the_ones_removed(heads, zeroed, exact_norm
             for h in zeroed:
                 layer.self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0.0
     kept = [h for h in range(4) if h not in zeroed]
-    first = dense.model.layers[0]  # its kept query rows, with the norm's gain folded in
+    first = dense.model.layers[0]  # its kept query rows times the norm's gain
     expected_q = torch.cat([first.self_attn.q_proj.weight[h * 16:(h + 1) * 16] for h in kept])
     expected_q = expected_q * first.input_layernorm.weight
     ids = calibration.input_ids[:2]
@@ -63,7 +63,8 @@ def test_heads_that_write_nothing_are_the_ones_removed(heads, zeroed, exact_norm
     model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=0.95, heads=heads,
                                          neurons="off", dense_share=1.0, progress=False)
     assert config.attention_heads == [int(heads[0]), int(heads[2])] and config.mlp_neurons is None
-    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight, expected_q, atol=1e-12, rtol=0)
+    out = model.model.layers[0]
+    assert torch.allclose(out.self_attn.q_proj.weight * out.input_layernorm.weight, expected_q, atol=1e-12, rtol=0)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference, atol=1e-5, rtol=0)
 

@@ -66,6 +66,7 @@ def test_standard_model_equals_the_sliced_model_and_loads_with_plain_transformer
     assert config.standard and config.deviations == [] and config.max_logit_deviation < tolerance
     assert torch.allclose(stock(ids).logits, expected, atol=tolerance, rtol=0)
     assert config.parameters_sliced == slicegpt.count_parameters(stock) < config.parameters_dense
+    _assert_readers_equalized(stock)
 
     out = slicegpt.save(stock, tokenizer, config, tmp_path / family)
     assert not (out / "modeling_slicegpt.py").exists()
@@ -82,6 +83,21 @@ def test_standard_model_equals_the_sliced_model_and_loads_with_plain_transformer
     cached = plain.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     uncached = plain.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(cached, uncached)
+
+
+def _assert_readers_equalized(stock):
+    """The norm gains live in the norms again: every plain reader column has RMS 1 (quantizes well)."""
+    adapter = get_adapter(stock.config)
+    checked = 0
+    for layer in stock.get_submodule(adapter.layers):
+        for norm in adapter.norm_names():
+            paths = [p for b in adapter.branches if b.norm == norm for p in b.inputs]
+            if any(ch in p for p in paths for ch in "?*"):
+                continue
+            columns = torch.cat([layer.get_submodule(p).weight.to(torch.float64) for p in paths])
+            assert torch.allclose(columns.pow(2).mean(dim=0).sqrt(), torch.ones(columns.shape[1], dtype=torch.float64))
+            checked += 1
+    assert checked
 
 
 @pytest.mark.parametrize("family", BLOCKED)

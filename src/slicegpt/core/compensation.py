@@ -241,7 +241,8 @@ def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor
 
 
 def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int,
-          work: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+          work: torch.dtype = torch.float64, costs: list[float] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The ridge fit with all but `keep` of `rows` removed (structured OBS); `fit` must be summed over ranks.
 
     Removing input j of a least-squares fit and refitting the others costs
@@ -251,7 +252,8 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     the rest absorb what they carried. The greedy search runs in `work` (float32 for a float32
     model: it only ranks the rows, at half the cost); the kept rows' fit is then solved afresh
     in float64 from the sums, the exact ridge fit on them. Returns that fit, the kept indices
-    (in order) and the calibration errors of the prior (all rows) and of the pruned fit.
+    (in order) and the calibration errors of the prior (all rows) and of the pruned fit. `costs`
+    (a list) receives each removal's cost in turn, the error it adds summed over the tokens.
     """
     n = fit.xx.shape[0]
     error_prior = fit.error(prior)
@@ -277,7 +279,10 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
         u = torch.empty(n, removals, dtype=work, device=hinv.device)
         inf = torch.tensor(torch.inf, dtype=work, device=w.device)
         for t in range(removals):
-            j = int(torch.where(alive, norms / diagonal, inf).argmin())
+            scores = torch.where(alive, norms / diagonal, inf)
+            j = int(scores.argmin())
+            if costs is not None:
+                costs.append(float(scores[j]))
             current = hinv[j] - u[:, :t] @ u[j, :t]  # H^-1 is symmetric: its row j, contiguous
             column = current / current[j]
             u[:, t] = current / current[j].sqrt()

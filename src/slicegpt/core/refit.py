@@ -38,7 +38,8 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.modeling.runtime import get_path, run_branch
 
 
-def compensation(run: Run, compensate: str, ridge: float, neurons: int | None, dense_batches: int | None,
+def compensation(run: Run, compensate: str, ridge: float, neurons: int | tuple[int, ...] | None,
+                 dense_batches: int | None,
                  identity: bool = False, heads: tuple[int, int] | None = None) -> "Compensation | None":
     """The job's compensation for the `compensate` setting, or None when it is off."""
     if compensate not in COMPENSATIONS:
@@ -59,10 +60,11 @@ def compensation(run: Run, compensate: str, ridge: float, neurons: int | None, d
 class Compensation:
     """Compensation for one job: the settings, and the dense stream it owns (`open_dense`, `close`)."""
 
-    def __init__(self, run: Run, fit_readers: bool, ridge: float, neurons: int | None, dense_batches: int | None,
+    def __init__(self, run: Run, fit_readers: bool, ridge: float, neurons: int | tuple[int, ...] | None,
+                 dense_batches: int | None,
                  identity: bool = False, heads: tuple[int, int] | None = None) -> None:
         self.run, self.fit_readers, self.ridge = run, fit_readers, ridge
-        self.neurons = neurons  # MLP neurons kept per layer (None: all)
+        self.neurons = neurons  # MLP neurons kept per layer: one count, one per layer, or None (all)
         self.heads = heads  # attention heads kept per layer: (key/value heads, query heads each); None: all
         self.identity = identity  # the sliced stream keeps the original basis (only neurons pruned)
         # the dense stream runs on the first `dense_batches` batches (None: all, the same on every rank)
@@ -71,6 +73,10 @@ class Compensation:
         # whether any rank has dense batches (if none, a fit without neurons to prune returns P)
         self.any_dense = not self.partial or run.ranks.sum_number(self.batches) > 0
         self.dense: Stream | None = None
+
+    def neurons_at(self, li: int) -> int | None:
+        """MLP neurons layer `li` keeps (None: all)."""
+        return self.neurons[li] if isinstance(self.neurons, (tuple, list)) else self.neurons
 
     def open_dense(self, sliced: Stream, restore: bool = False) -> None:
         """The dense stream: a copy of the sliced stream's first batches before the first cut, or
@@ -247,7 +253,7 @@ class StepFit:
         Each writer only records its input and returns zeros: the stream after the step is
         X W with the fitted W (`solve_writers`), which saves an output matmul per branch."""
         comp, layer = self.comp, self.layer
-        self.writers = writers = writers_of(layer, self.group, self.hidden, self.device, comp.neurons,
+        self.writers = writers = writers_of(layer, self.group, self.hidden, self.device, comp.neurons_at(self.li),
                                             post_norm_matrix=self.dense_out is None, heads=comp.heads)
         self.fit = LeastSquares(writers.prior.shape[0], self.hidden, self.device,
                                 prior=writers.prior if comp.partial else None)
@@ -298,7 +304,7 @@ class StepFit:
         kept = None
         if writers.neurons is not None:
             w, kept, error_prior, error_fit = prune(
-                self.fit.reduce(comp.run.ranks), writers.prior, comp.ridge, writers.neurons[1], comp.neurons,
+                self.fit.reduce(comp.run.ranks), writers.prior, comp.ridge, writers.neurons[1], comp.neurons_at(self.li),
                 work=torch.float64 if self.dtype == torch.float64 else torch.float32)
             comp.run.ranks.same(w, kept)
         elif writers.heads is not None:

@@ -103,9 +103,11 @@ def stock_tensors(tensors: dict[str, torch.Tensor], adapter: ModelAdapter, hidde
       becomes the least-squares diagonal of Q^T diag(gain) Q, times sqrt(d/d');
     - Gemma multiplies embeddings by sqrt(config hidden size): they keep sqrt(d) although the
       config says d' (and a tied head's final norm shrinks to match);
-    - stock LayerNorms get their bias back, zero (the kept coordinates sum to zero).
+    - stock LayerNorms get their bias back, zero (the kept coordinates sum to zero);
+    - norm gains come back out of the linears that read them (`equalize_readers`).
     """
     out = dict(tensors)
+    equalize_readers(out, adapter)
     for branch in adapter.branches:
         if not branch.post_norm:
             continue
@@ -137,6 +139,38 @@ def stock_tensors(tensors: dict[str, torch.Tensor], adapter: ModelAdapter, hidde
         if weight is not None and f"{name}.bias" not in out:
             out[f"{name}.bias"] = torch.zeros_like(weight)
     return out
+
+
+def equalize_readers(tensors: dict[str, torch.Tensor], adapter: ModelAdapter) -> None:
+    """Give each layer norm a gain that leaves its readers' input columns at one scale (in place).
+
+    Slicing folds every norm gain into the linears that read the norm, so a column of q/k/v or
+    gate/up carries its coordinate's gain: Gemma's gains span 0 to ~50 within a layer, and a
+    quantizer's 32-wide block of such a row is ruined by its largest entry. RMSNorm(x) g W^T/g
+    is RMSNorm(x) W^T for any positive diagonal g (so is a stock LayerNorm's, whose bias is
+    zero on the sliced stream), so each norm takes g = the RMS of its
+    readers' columns and the columns are divided by it: the same model, exactly, whose
+    readers quantize like a dense model's. Readers that are not plain matrices
+    (fused experts) leave their norm as it is.
+    """
+    for norm in adapter.norm_names():
+        paths = [path for b in adapter.branches if b.norm == norm for path in b.inputs]
+        if any(ch in path for path in paths for ch in "?*"):
+            continue
+        suffix = f".{norm}.weight"
+        for key in [k for k in tensors if k.endswith(suffix)]:
+            prefix = key[: -len(suffix)]
+            names = [f"{prefix}.{path}.weight" for path in paths]
+            size = tensors[key].shape[-1]
+            if not all(n in tensors and tensors[n].dim() == 2 and tensors[n].shape[1] == size for n in names):
+                continue
+            columns = torch.cat([tensors[n].to(torch.float64) for n in names])
+            scale = columns.pow(2).mean(dim=0).sqrt()
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            for n in names:
+                tensors[n] = (tensors[n].to(torch.float64) / scale).to(tensors[n].dtype)
+            gain = (tensors[key].to(torch.float64) + adapter.norm_offset) * scale
+            tensors[key] = (gain - adapter.norm_offset).to(tensors[key].dtype)
 
 
 def layernorms_with_bias(model: nn.Module) -> set[str]:
