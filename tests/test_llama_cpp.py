@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import slicegpt
-from slicegpt.formats.gguf import embedding_length, export_gguf
+from slicegpt.formats.gguf import BLOCK, embedding_length, export_gguf, feed_forward_length
 from slicegpt.formats.llama_cpp import run_node_script
 from slicegpt.formats.loading import cache_dir
 from conftest import TEXT, make_model
@@ -38,7 +38,9 @@ def llama_cpp_run(path: Path, prompt: list[int], continuation: list[int], text: 
 
 
 GEMMA3_GLOBAL_EVERY_6 = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])
-DEFAULT = dict(size=0.8)  # the default recipe: MLP neurons alone meet it, the stream unrotated, a stock model
+# the default recipe: MLP neurons alone meet it, the stream unrotated; the family's layers, each MLP
+# keeping its own measured count (an array of feed_forward_length in the file where they differ)
+DEFAULT = dict(size=0.8)
 UNIFORM = dict(slicing=0.25, neurons="off", rotation="uniform")  # the stream sliced with one basis
 FAMILIES = {  # family -> (config overrides, slice_model settings)
     "llama": ({}, UNIFORM),
@@ -60,13 +62,27 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
     overrides, settings = FAMILIES[family]
     model = make_model(family, **overrides)
     stock, config = slicegpt.slice_model(model, tokenizer, calibration, progress=False, **settings)
-    assert config.standard and config.rotation == "uniform"
+    assert config.rotation == "uniform"
     if settings is DEFAULT:  # what the default recipe gives at this size: only neurons pruned
         assert config.mlp_neurons < config.mlp_neurons_dense and set(config.widths) == {config.hidden_size}
+        assert config.allocation == "measured" and sum(config.mlp_neurons_per_layer) == (
+            config.mlp_neurons * len(config.mlp_neurons_per_layer))
+        assert config.standard == (len(set(config.mlp_neurons_per_layer)) == 1)
+    else:
+        assert config.standard
     # a neutral name: llama.cpp looks for Phi-3 chat tokens when the name says phi3, and the test tokenizer has none
     path = export_gguf(stock, tokenizer, tmp_path / f"{family}.gguf", dtype="f32", name="slicegpt test model")
     if family in ("llama", "phi3"):  # a uniform slice of the stream (48 of 64), padded back to a whole block
         assert config.sliced_hidden_size == 48 and embedding_length(path) == 64
+    if settings is DEFAULT and not config.standard:  # each layer's MLP its own width
+        from gguf import GGUFReader
+
+        arch = GGUFReader(str(path)).fields["general.architecture"].contents()
+        padded = [-(-n // BLOCK) * BLOCK for n in config.mlp_neurons_per_layer]  # zero neurons to whole blocks
+        if family in ("mistral", "qwen2"):  # llama.cpp's deci: one feed_forward_length per layer
+            assert arch == "deci" and feed_forward_length(path) == padded
+        else:  # one width in the architecture: zero neurons pad the narrower MLPs
+            assert arch != "deci" and feed_forward_length(path) == max(padded)
     if family == "phi3":
         from gguf import GGUFReader
 

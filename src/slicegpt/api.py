@@ -8,12 +8,14 @@ and build the same record (`plan.record`).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from slicegpt.adapters import get_adapter
 from slicegpt.config import SlicingConfig
+from slicegpt.core.allocation import allocate_neurons, layer_floor, probe_neuron_costs
 from slicegpt.core.compensation import dense_first_batches
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import slice_layers
@@ -140,11 +142,18 @@ def calibration_batches(plan: Plan, windows: Windows, ranks: Ranks) -> tuple[lis
 
 
 def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bool) -> Plan:
-    """Adaptive widths are chosen from the calibration spectra: the plan made again with the batches."""
-    if plan.widths is not None:
-        return plan
-    return make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
-                     batches=batches, ranks=ranks, progress=progress)
+    """What the plan leaves to the run: adaptive widths, chosen from the calibration spectra (the plan
+    made again with the batches), and measured neuron counts, from the dense model's cost curves."""
+    if plan.widths is None:
+        plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
+                         batches=batches, ranks=ranks, progress=progress)
+    if plan.measured and plan.layer_neurons is None:
+        round_to = plan.levers.round_to
+        floor = min(layer_floor(plan.dense_neurons, round_to), plan.neurons)
+        curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, progress=progress, ranks=ranks)
+        plan = replace(plan, layer_neurons=tuple(allocate_neurons(curves, plan.dense_neurons, plan.neurons,
+                                                                  round_to)))
+    return plan
 
 
 def run_plan(plan: Plan, view, adapter, batches, dense_batches: int | None, *, ranks: Ranks, progress: bool,
@@ -152,7 +161,7 @@ def run_plan(plan: Plan, view, adapter, batches, dense_batches: int | None, *, r
     """The engine, as the plan says: uniform rotation (or the identity basis), or per-layer."""
     lv = plan.levers
     common = dict(progress=progress, hooks=hooks, offload=offload, offload_dir=offload_dir, compensate=lv.compensate,
-                  ridge=lv.ridge, ranks=ranks, neurons=plan.neurons, dense_batches=dense_batches, heads=plan.heads)
+                  ridge=lv.ridge, ranks=ranks, neurons=plan.layer_neurons or plan.neurons, dense_batches=dense_batches, heads=plan.heads)
     if plan.rotation == "uniform":
         return slice_uniform(view, adapter, batches, plan.widths[0], fit_tied_head=plan.fit_tied_head,
                              unit_trace=lv.pooling == "unit-trace", identity=plan.identity, **common)
@@ -164,7 +173,7 @@ def make_standard(model: nn.Module, config: SlicingConfig, accept_deviation: boo
                   sample: torch.Tensor | None = None) -> nn.Module:
     """The stock-architecture model of a uniformly sliced one; records the deviation in `config`."""
     stock, report = to_standard(model, accept_deviation, sample)
-    config.standard = True
+    config.standard = sliced_structure(stock) is None  # else stock layers, each MLP its own width
     config.deviations = report.deviations
     config.max_logit_deviation = report.max_logit_deviation
     config.parameters_sliced = count_parameters(stock)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from slicegpt.adapters import supported_model_types
+from slicegpt.adapters import get_adapter, supported_model_types
 from slicegpt.atomic import refuse_existing, refuse_overlap
 from slicegpt.core.compensation import DENSE_SHARE, RIDGE
-from slicegpt.recipes import COMPENSATIONS, DEFAULT_RECIPE, HEADS, POOLINGS, RECIPES, ROTATIONS, WIDTH_RULES
+from slicegpt.recipes import (ALLOCATIONS, COMPENSATIONS, DEFAULT_RECIPE, HEADS, POOLINGS, RECIPES, ROTATIONS,
+                              WIDTH_RULES)
 from slicegpt.version import __version__
 
 FINETUNE_RECORD = "finetune.json"  # finetune.RECORD_NAME: marks a dense fine-tuned output (module imported lazily)
@@ -72,8 +73,8 @@ def _eval_windows(tokenizer, text: str, args) -> object:
                               bos=bos_token(tokenizer))
 
 
-LEVER_FLAGS = ("rotation", "compensate", "ridge", "dense_share", "neurons", "heads", "widths", "head", "pooling",
-               "accept_deviation", "round_to")
+LEVER_FLAGS = ("rotation", "compensate", "ridge", "dense_share", "neurons", "allocation", "heads", "widths", "head",
+               "pooling", "accept_deviation", "round_to")
 
 
 def _settings(args):
@@ -150,7 +151,9 @@ def _slice_summary(run) -> list[tuple[str, str]]:
     rows = [("parameters", f"{config.parameters_dense:,} -> {config.parameters_sliced:,} "
                            f"({figures['parameter_ratio']:.1%} of the dense model)")]
     if plan.neurons is not None:
-        rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer"))
+        counts = config.mlp_neurons_per_layer
+        rows.append(("MLP neurons", f"{config.mlp_neurons_dense} -> {config.mlp_neurons} per layer"
+                     + (f" on average ({min(counts)}..{max(counts)}, by measured loss)" if counts else "")))
     if plan.heads is not None:
         (groups, per_group), (kept, kept_per_group) = config.attention_heads_dense, config.attention_heads
         rows.append(("attention heads", f"{groups * per_group} ({groups} key/value x {per_group} query) -> "
@@ -233,7 +236,7 @@ def _export_source(spec: str):
         return loaded, _source_gguf(loaded.source)  # the embedded models' source is their GGUF file
     loaded = load(directory, dtype="float32")
     slicing = loaded.sliced.get("slicing", {})
-    if not slicing.get("standard"):
+    if not slicing.get("standard") and not slicing.get("mlp_neurons_per_layer"):
         raise SliceGPTError(f"{directory} was sliced with per-layer rotations (a matrix on every skip connection), "
                             "which GGUF cannot hold; slice it again with --rotation uniform, or with the default recipe at a "
                             "--size that MLP neurons alone meet (a stock model)")
@@ -241,6 +244,7 @@ def _export_source(spec: str):
 
 
 def cmd_export(args) -> None:
+    from slicegpt.core.weights import layer_mlp_neurons
     from slicegpt.formats.gguf import (check_pad_neurons, embedding_length, export_gguf, feed_forward_length,
                                        tensor_types)
 
@@ -256,7 +260,9 @@ def cmd_export(args) -> None:
                        force=args.force, pad_neurons=args.pad_neurons, pad_stream_to=args.pad_stream,
                        name=f"{name} ({'slicegpt' if loaded.sliced else 'dense'})")
     types = tensor_types(path)
-    neurons = getattr(loaded.model.config, "intermediate_size", None)
+    neurons = layer_mlp_neurons(loaded.model, get_adapter(loaded.model.config)) if loaded.sliced else None
+    neurons = neurons[0] if neurons and len(set(neurons)) == 1 else neurons
+    neurons = neurons or getattr(loaded.model.config, "intermediate_size", None)
     written = feed_forward_length(path)
     width, width_written = loaded.model.config.hidden_size, embedding_length(path)
     figures = {"model": str(args.model), "out": str(path), "format": args.format, "dtype": args.dtype,
@@ -268,7 +274,10 @@ def cmd_export(args) -> None:
                  ("written", f"{path} ({figures['bytes'] / 2**20:.1f} MiB, {args.dtype})"),
                  ("tensors", ", ".join(f"{n} {kind}" for kind, n in types.items())),
                  *([("mlp neurons", f"{written} ({written - neurons} zero neurons pad {neurons} to a multiple of "
-                                   f"{args.pad_neurons})")] if neurons and written and written != neurons else []),
+                                   f"{args.pad_neurons})")] if isinstance(neurons, int) and isinstance(written, int)
+                   and written != neurons else []),
+                 *([("mlp neurons", f"{min(written)}..{max(written)} per layer (each layer its own, padded to a "
+                                   f"multiple of {args.pad_neurons})")] if isinstance(written, list) else []),
                  *([("stream width", f"{width_written} ({width_written - width} zero dimensions pad {width} to a "
                                     f"multiple of {args.pad_stream})")] if width_written and width_written != width
                    else []),
@@ -643,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neurons", default=None, metavar="auto|off|FRACTION",
                    help="MLP neurons kept per layer, pruned in compensation's refit: auto (the default recipe's: "
                         "the size is met by pruning neurons first, at least 40%% kept), off, or a fraction to keep")
+    g.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="how pruned MLP neurons are shared among layers: measured (the default recipe's: each "
+                        "layer's count by its measured loss, the same total; the output keeps the family's layers, "
+                        "each MLP its own width: slicegpt.load, GGUF) or equal (one count everywhere: a stock "
+                        "transformers class)")
     g.add_argument("--heads", default=None, metavar="auto|off|FRACTION|GxR",
                    help="attention heads kept per layer, pruned in compensation's refit of the output projection "
                         "(OBS on whole heads): auto (the default recipe's: Gemma 2/3 past the MLP neuron floor keep "

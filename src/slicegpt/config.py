@@ -36,6 +36,8 @@ class SlicingConfig:
     mlp_width: float | str | None = None  # --neurons as resolved ("auto", a fraction, None: not pruned)
     mlp_neurons: int | None = None  # MLP neurons kept per layer (None: all)
     mlp_neurons_dense: int | None = None
+    allocation: str | None = None  # --allocation as resolved ("equal", "measured"; None: no neuron pruned)
+    mlp_neurons_per_layer: list | None = None  # measured allocation: each layer's count (their mean: mlp_neurons)
     heads: float | str | None = None  # --heads as resolved (a fraction, "GxR", None: not pruned)
     attention_heads: list | None = None  # [key/value heads, query heads per key/value head] kept per layer
     attention_heads_dense: list | None = None

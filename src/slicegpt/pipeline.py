@@ -41,7 +41,7 @@ from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.perplexity import streamed_perplexity
 from slicegpt.formats.io import finish_directory
 from slicegpt.formats.loading import checkpoint_directory, parse_dtype
-from slicegpt.formats.standard import layernorms_with_bias, standard_config_from, stock_tensors
+from slicegpt.formats.standard import layernorms_with_bias, standard_config_from, stock_layers_structure, stock_tensors
 from slicegpt.modeling.runtime import CONFIG_KEY, get_path
 from slicegpt.plan import Plan, SliceSettings, check_counts, check_settings, make_plan, record, settings_from
 from slicegpt.shards import tensor_sizes, write_index, write_shard
@@ -214,7 +214,9 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                     distributed={"world_size": ranks.world_size, "samples_per_rank": ranks.gather(len(share)),
                                  "tokens_per_rank": ranks.gather(share.tokens)})
     figures.update(recipe=settings.recipe, compensate=plan.levers.compensate, dense_share=config.dense_share,
-                   widths=plan.width_rule, mlp_neurons=plan.neurons, rotation=plan.rotation, standard=plan.standard,
+                   widths=plan.width_rule, mlp_neurons=plan.neurons,
+                   mlp_neurons_per_layer=list(plan.layer_neurons) if plan.layer_neurons else None,
+                   rotation=plan.rotation, standard=plan.stock_class,
                    deviations=list(plan.deviations), max_logit_deviation=None,
                    parameters_dense=config.parameters_dense, parameters_sliced=config.parameters_sliced,
                    parameters_predicted=plan.predicted_parameters,
@@ -367,14 +369,20 @@ def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, 
     """The output's config (a stock one for a stock output), generation config and shard index."""
     generation = _generation_config(directory)
     if plan.standard:
-        stock = standard_config_from(view.model.config, adapter, plan.widths[0], outcome.tied_head, plan.neurons,
+        neurons = max(plan.layer_neurons) if plan.layer_neurons else plan.neurons
+        stock = standard_config_from(view.model.config, adapter, plan.widths[0], outcome.tied_head, neurons,
                                      plan.heads)
         for attr in (CONFIG_KEY,):
             if hasattr(stock, attr):
                 delattr(stock, attr)
-        stock.save_pretrained(staging)
-        if generation is not None:
-            generation.save_pretrained(staging)
+        if plan.measured:  # the family's layers, each MLP its own width: loaded by slicegpt's loader
+            from slicegpt.formats.io import write_sliced_config
+
+            write_sliced_config(stock, generation, stock_layers_structure(adapter), {}, staging)
+        else:
+            stock.save_pretrained(staging)
+            if generation is not None:
+                generation.save_pretrained(staging)
     else:
         from slicegpt.formats.io import write_sliced_config
 

@@ -54,6 +54,7 @@ class SliceSettings:
     dense_share: float | None = None
     neurons: float | str | None = None
     heads: float | str | None = None
+    allocation: str | None = None
     widths: str | None = None
     head: str | None = None
     pooling: str | None = None
@@ -113,7 +114,20 @@ class Plan:
     budget: int | None  # the parameter count the size allows (`size`)
     heads: tuple[int, int] | None = None  # attention heads kept per layer: (key/value heads, query heads each)
     dense_heads: tuple[int, int] | None = None  # the dense model's (None: the family describes no heads)
+    # MLP neurons per layer when measured allocation shares them (chosen at run time from the probe;
+    # their mean is `neurons`)
+    layer_neurons: tuple[int, ...] | None = None
     version: str = __version__
+
+    @property
+    def measured(self) -> bool:
+        """Each layer keeps its own count of MLP neurons, by measured loss (`core.allocation`)."""
+        return self.levers.allocation == "measured" and self.neurons is not None
+
+    @property
+    def stock_class(self) -> bool:
+        """The output is the family's stock class as transformers defines it (one MLP width)."""
+        return self.standard and not self.measured
 
     @property
     def identity(self) -> bool:
@@ -127,6 +141,9 @@ class Plan:
 
     @property
     def output(self) -> str:
+        if self.standard and self.measured:
+            return (f"{self.architecture} layers, each MLP its own width (slicegpt format: slicegpt.load or "
+                    "from_pretrained with trust_remote_code; GGUF export)")
         if self.standard:
             return f"stock {self.architecture} (plain transformers from_pretrained; GGUF export)"
         if self.layout == "uniform":
@@ -159,8 +176,7 @@ class Plan:
             rows += [("rotation", self.layout + (f", pooling {lv.pooling}" if self.layout == "uniform" else "")),
                      ("hidden width", widths)]
         if self.dense_neurons is not None:
-            rows.append(("MLP neurons", f"{self.dense_neurons} -> {self.neurons} per layer" if self.neurons is not None
-                         else f"{self.dense_neurons} per layer, none pruned"))
+            rows.append(("MLP neurons", _neurons_text(self)))
         if self.dense_heads is not None:
             rows.append(("attention heads", _heads_text(self.dense_heads) + (
                 f" -> {_heads_text(self.heads)} per layer" if self.heads is not None else " per layer, none pruned")))
@@ -173,6 +189,16 @@ class Plan:
         if self.deviations:
             rows.append(("deviation", "; ".join(self.deviations)))
         return rows
+
+
+def _neurons_text(plan: Plan) -> str:
+    if plan.neurons is None:
+        return f"{plan.dense_neurons} per layer, none pruned"
+    if not plan.measured:
+        return f"{plan.dense_neurons} -> {plan.neurons} per layer"
+    chosen = (f" ({min(plan.layer_neurons)}..{max(plan.layer_neurons)})" if plan.layer_neurons is not None
+              else ", chosen at run time")
+    return f"{plan.dense_neurons} -> {plan.neurons} per layer on average, each layer's count by measured loss{chosen}"
 
 
 def _widths_text(widths: tuple[int, ...], hidden: int) -> str:
@@ -397,6 +423,9 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
         layout, tied, slice_head, fit, standard, deviations = NEURONS_ONLY, source_tied, True, False, True, []
     else:
         layout, standard = levers.rotation, uniform and settings.standard
+    _refuse("allocation" in settings.overrides() and levers.allocation == "measured" and neurons is None,
+            "--allocation measured shares the pruned MLP neurons among layers, and this run prunes none "
+            "(--neurons off, or a size the stream or the heads meet alone)")
     counter = parameter_model(view.model, adapter, rotation="none" if identity else layout,
                               tied=bool(tied), source_tied=source_tied, slice_head=slice_head,
                               total=dense_parameters, heads=heads)
@@ -440,12 +469,14 @@ def record(plan: Plan, outcome, *, calibration: dict, parameters_sliced: int, so
         model_type=plan.model_type, family=plan.family, rotation=plan.rotation, round_to=lv.round_to,
         slice_head=plan.slice_head, tied_head=outcome.tied_head, fit_tied_head=plan.fit_tied_head,
         pooling=lv.pooling if plan.rotation == "uniform" and not plan.identity else "",
-        standard=plan.standard, deviations=list(plan.deviations),
+        standard=plan.stock_class, deviations=list(plan.deviations),
         method=s.recipe, recipe=s.recipe, size=s.size, slicing=s.slicing, head=lv.head,
         compensate=lv.compensate, ridge=lv.ridge if compensating else None,
         dense_share=lv.dense_share if compensating else None, widths_rule=plan.width_rule,
         parameters_budget=s.size, widths=widths, mlp_width=lv.neurons, mlp_neurons=plan.neurons,
-        mlp_neurons_dense=plan.dense_neurons if plan.neurons is not None else None, heads=lv.heads,
+        mlp_neurons_dense=plan.dense_neurons if plan.neurons is not None else None,
+        allocation=lv.allocation if plan.neurons is not None else None,
+        mlp_neurons_per_layer=list(plan.layer_neurons) if plan.layer_neurons is not None else None, heads=lv.heads,
         attention_heads=list(plan.heads) if plan.heads is not None else None,
         attention_heads_dense=list(plan.dense_heads) if plan.heads is not None else None,
         compensation=summarize_fits(outcome.fits), calibration=calibration, source_model=source_model,

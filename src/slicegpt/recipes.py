@@ -16,6 +16,7 @@ COMPENSATIONS = ("off", "writers", "all")
 WIDTH_RULES = ("equal", "adaptive")
 HEADS = ("auto", "untied", "sliced", "fit")
 POOLINGS = ("unit-trace", "tokens")
+ALLOCATIONS = ("equal", "measured")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class Levers:
     ridge: float = RIDGE  # compensation's regulariser, relative to the mean input energy
     dense_share: float = DENSE_SHARE  # compensation: share of the calibration windows the dense model runs on
     neurons: float | str | None = None  # MLP neurons kept per layer: None (all), "auto", or a fraction
+    # how the pruned neurons are shared among layers: the same count everywhere (a stock class), or
+    # "measured": each layer's by its measured cost on one scale (core.allocation), the same total
+    allocation: str = "equal"
     heads: float | str | None = None  # attention heads kept per layer: None (all), "auto", a fraction, or "GxR"
     widths: str = "equal"  # one width everywhere, or each boundary its own within the size ("adaptive")
     head: str = "auto"  # a tied head: kept tied where exact (auto), untied, its input sliced, or a fitted gain
@@ -49,8 +53,9 @@ RECIPES: dict[str, Recipe] = {
         "writers are refitted against the dense model; the stream is sliced (per-layer rotation) only for what "
         "neurons cannot give. Where neurons alone meet the size nothing is rotated: a stock model. Gemma 2/3, "
         "whose neurons cannot be pruned beside a sliced stream, prune attention heads past the neuron floor "
-        "before slicing the stream (--heads auto).",
-        Levers(compensate="writers", neurons="auto", heads="auto")),
+        "before slicing the stream (--heads auto). Each layer keeps as many neurons as its measured loss "
+        "says (--allocation measured): the output keeps the family's layers, each MLP its own width.",
+        Levers(compensate="writers", neurons="auto", heads="auto", allocation="measured")),
     "paper": Recipe(
         "paper",
         "the paper's algorithm, number for number: per-layer PCA rotation, equal widths, no refit, no neurons "
@@ -127,6 +132,7 @@ def resolve_levers(recipe: Recipe, overrides: dict) -> Levers:
     _choice("widths", levers.widths, WIDTH_RULES)
     _choice("head", levers.head, HEADS)
     _choice("pooling", levers.pooling, POOLINGS)
+    _choice("allocation", levers.allocation, ALLOCATIONS)
     if not 0 <= levers.dense_share <= 1:  # (NaN too)
         raise SliceGPTError(f"--dense-share must be in [0, 1], got {levers.dense_share}")
     if not levers.ridge > 0:

@@ -133,16 +133,23 @@ def set_output_matrix(target: Target, w: torch.Tensor, bias: torch.Tensor | None
     if bias is not None and old_bias is not None:
         set_parameter(target[0], "bias", bias.to(old_bias.dtype))
 
-def mlp_neurons(model: nn.Module, adapter: ModelAdapter) -> int | None:
-    """The MLP width every layer has now (pruned neurons), None where the family describes none.
-    A stock config has one width for all layers."""
+def layer_mlp_neurons(model: nn.Module, adapter: ModelAdapter) -> list[int] | None:
+    """The MLP width of each layer now (pruned neurons), None where the family describes none."""
     branch = next((b for b in adapter.branches if b.neurons), None)
     if branch is None:
         return None
-    widths = {weight_of(resolve_all(layer, branch.outputs)[0]).shape[-1] for layer in get_path(model, adapter.layers)}
-    if len(widths) != 1:
-        raise SliceGPTError(f"a stock model has one MLP width for every layer; these differ: {sorted(widths)}")
-    return widths.pop()
+    return [weight_of(resolve_all(layer, branch.outputs)[0]).shape[-1] for layer in get_path(model, adapter.layers)]
+
+
+def mlp_neurons(model: nn.Module, adapter: ModelAdapter, widest: bool = False) -> int | None:
+    """The MLP width every layer has now (pruned neurons), None where the family describes none.
+    A stock config has one width for all layers; `widest`: the largest where they differ."""
+    widths = layer_mlp_neurons(model, adapter)
+    if widths is None:
+        return None
+    if len(set(widths)) != 1 and not widest:
+        raise SliceGPTError(f"a stock model has one MLP width for every layer; these differ: {sorted(set(widths))}")
+    return max(widths)
 
 
 def attention_heads(model: nn.Module, adapter: ModelAdapter) -> tuple[int, int] | None:

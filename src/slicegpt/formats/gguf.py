@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -230,16 +230,21 @@ _MLP_INPUTS = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_up.bias")  # one row 
 _MLP_OUTPUT = ".ffn_down.weight"  # one column per neuron
 
 
-def pad_mlp(tensors: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """The dense MLPs' neurons padded with zero neurons to a multiple of `multiple` (MoE experts unchanged)."""
+def pad_mlp(tensors: dict[str, torch.Tensor], multiple: int, widest: bool = False) -> dict[str, torch.Tensor]:
+    """The dense MLPs' neurons padded with zero neurons to a multiple of `multiple` (MoE experts unchanged);
+    `widest`: every MLP to the widest one's count (an architecture with one MLP width)."""
+    widths = [t.shape[1] for key, t in tensors.items() if key.startswith("blk.") and key.endswith(_MLP_OUTPUT)]
+    target = max(widths, default=0)
+
+    def missing(n: int) -> int:
+        return target - n if widest else -n % multiple
+
     out = {}
     for key, t in tensors.items():
-        if key.startswith("blk.") and key.endswith(_MLP_INPUTS):
-            missing = -t.shape[0] % multiple
-            t = torch.cat([t, t.new_zeros(missing, *t.shape[1:])]) if missing else t
-        elif key.startswith("blk.") and key.endswith(_MLP_OUTPUT):
-            missing = -t.shape[1] % multiple
-            t = torch.cat([t, t.new_zeros(t.shape[0], missing)], dim=1) if missing else t
+        if key.startswith("blk.") and key.endswith(_MLP_INPUTS) and (m := missing(t.shape[0])):
+            t = torch.cat([t, t.new_zeros(m, *t.shape[1:])])
+        elif key.startswith("blk.") and key.endswith(_MLP_OUTPUT) and (m := missing(t.shape[1])):
+            t = torch.cat([t, t.new_zeros(t.shape[0], m)], dim=1)
         out[key] = t
     return out
 
@@ -293,10 +298,15 @@ def _zero_at_zero(config) -> bool:
     return float(ACT2FN[name](torch.zeros(1))[0]) == 0.0
 
 
-def _feed_forward(tensors: dict[str, torch.Tensor], config) -> int:
-    """llama.cpp's feed_forward_length: the dense MLP's neurons as written (padded or not)."""
-    down = next((t for key, t in tensors.items() if key.startswith("blk.") and key.endswith(_MLP_OUTPUT)), None)
-    return int(down.shape[1]) if down is not None else int(config.intermediate_size)
+def _feed_forward(tensors: dict[str, torch.Tensor], config) -> int | list[int]:
+    """llama.cpp's feed_forward_length: the dense MLP's neurons as written (padded or not); one per
+    layer where the layers' MLPs differ (llama.cpp reads an array there)."""
+    downs = {int(key.split(".")[1]): int(t.shape[1]) for key, t in tensors.items()
+             if key.startswith("blk.") and key.endswith(_MLP_OUTPUT)}
+    if not downs:
+        return int(config.intermediate_size)
+    widths = [downs[i] for i in sorted(downs)]
+    return widths[0] if len(set(widths)) == 1 else widths
 
 
 def _source_tokenizer_fields(source_gguf: Path | None) -> list | None:
@@ -433,13 +443,17 @@ def embedding_length(path: str | os.PathLike) -> int | None:
     return int(fields[key].parts[-1][0]) if key else None
 
 
-def feed_forward_length(path: str | os.PathLike) -> int | None:
-    """The MLP neurons per layer a GGUF file declares (None for a file without the key)."""
+def feed_forward_length(path: str | os.PathLike) -> int | list[int] | None:
+    """The MLP neurons per layer a GGUF file declares: one count, one per layer where they differ, or None
+    for a file without the key."""
     from gguf import GGUFReader
 
     fields = GGUFReader(str(path)).fields
     key = next((k for k in fields if k.endswith(".feed_forward_length")), None)
-    return int(fields[key].parts[-1][0]) if key else None
+    if key is None:
+        return None
+    values = [int(fields[key].parts[i][0]) for i in fields[key].data]
+    return values[0] if len(values) == 1 else values
 
 
 def _check_written(path: Path) -> None:
@@ -467,7 +481,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     from slicegpt.atomic import atomic_file, refuse_existing
     from slicegpt.modeling.runtime import sliced_structure
 
-    if sliced_structure(model) is not None:
+    if (sliced_structure(model) or {"structure": {"stock": True}})["structure"].get("stock") is not True:
         raise SliceGPTError("GGUF export needs a standard model, and this one has per-layer rotations "
                             "(skip-connection matrices); slice it with --rotation uniform")
     model_type = model.config.model_type
@@ -487,6 +501,13 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     eps_factor = 1.0
     if pad_stream_to > 1 and layout.arch in STREAM_ARCHS and (padded := pad_stream(tensors, pad_stream_to)):
         tensors, eps_factor = padded
+    if isinstance(_feed_forward(tensors, model.config), list):  # each layer's MLP its own width
+        if layout.arch == "llama":  # llama.cpp's deci: the llama graph with a width per layer
+            layout = replace(layout, arch="deci")
+        elif _zero_at_zero(model.config):  # one width in the architecture: the narrower MLPs get zero neurons
+            tensors = pad_mlp(tensors, 1, widest=True)
+        else:
+            raise SliceGPTError(f"llama.cpp's {layout.arch} has one MLP width, and this model's layers differ")
     for key, t in tensors.items():
         _check_range(key, t, storage_type(key, t, dtype), dtype)
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
@@ -514,7 +535,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.Module, layout: Layout,
-           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int, eps_factor: float = 1.0) -> None:
+           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int | list[int],
+           eps_factor: float = 1.0) -> None:
     """One GGUF file: llama.cpp's metadata for the architecture, the tokenizer, the tensors in `dtype`."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from slicegpt.adapters import ModelAdapter, get_adapter
 from slicegpt.errors import SliceGPTError
-from slicegpt.core.weights import attention_heads, mlp_neurons, resolve_all, weight_of
-from slicegpt.modeling.runtime import build_skeleton, get_path, sliced_structure
+from slicegpt.core.weights import attention_heads, layer_mlp_neurons, mlp_neurons, resolve_all, weight_of
+from slicegpt.modeling.runtime import build_skeleton, get_path, record_structure, set_parameter, sliced_structure
 
 
 @dataclass
@@ -206,10 +206,23 @@ def standard_config_from(config, adapter: ModelAdapter, dim: int, tied: bool, ne
 
 
 def standard_config(model: nn.Module, adapter: ModelAdapter):
-    """The family's config with hidden size d' and the epsilon the resized norms use."""
+    """The family's config with hidden size d' and the epsilon the resized norms use (MLP width: the
+    widest layer's, where layers differ)."""
     dim = get_path(model, adapter.embeddings[0]).weight.shape[1]
     return standard_config_from(model.config, adapter, dim, bool(getattr(model.config, "tie_word_embeddings", False)),
-                                mlp_neurons(model, adapter), attention_heads(model, adapter))
+                                mlp_neurons(model, adapter, widest=True), attention_heads(model, adapter))
+
+
+def stock_layers_structure(adapter: ModelAdapter) -> dict:
+    """The slicegpt structure of a model whose layers are the family's own, each MLP its own width."""
+    return {"stock": True, "layers": adapter.layers}
+
+
+def _mlp_tensor(adapter: ModelAdapter, name: str) -> bool:
+    """A state-dict entry of an MLP's neuron readers or writer (whose shapes vary by layer)."""
+    branch = next((b for b in adapter.branches if b.neurons), None)
+    paths = (*branch.neurons, *branch.outputs) if branch else ()
+    return any(f".{path}." in name for path in paths)
 
 
 
@@ -244,6 +257,14 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
     state = stock_tensors({k: v for k, v in model.state_dict().items()}, adapter, hidden, dim, tied,
                           layernorms_with_bias(stock))
     expected = stock.state_dict()
+    neurons = layer_mlp_neurons(model, adapter)
+    per_layer = neurons is not None and len(set(neurons)) > 1
+    resized = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape
+               and per_layer and _mlp_tensor(adapter, k)]
+    for k in resized:  # each MLP its own width: the stock modules take the sliced shapes
+        owner, _, leaf = k.rpartition(".")
+        set_parameter(stock.get_submodule(owner), leaf, torch.empty_like(state[k]))
+    expected = stock.state_dict()
     problems = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
                 if k in expected and v.shape != expected[k].shape]
     unexpected = [k for k in state if k not in expected]
@@ -255,6 +276,8 @@ def to_standard(model: nn.Module, accept_deviation: bool = False, sample: torch.
     if getattr(config, "tie_word_embeddings", False):
         stock.tie_weights()
     stock.generation_config = model.generation_config
+    if per_layer:
+        record_structure(stock, stock_layers_structure(adapter), {})
     stock.eval()
     report = StandardReport(deviations=deviations)
     if reference is not None:

@@ -193,7 +193,10 @@ def layer_steps(branches: tuple[dict, ...]) -> tuple:
 
 
 def attach_structure(model: nn.Module, structure: dict) -> None:
-    """Switch every decoder layer of `model` to the generic sliced forward."""
+    """Switch every decoder layer of `model` to the generic sliced forward (not the family's own layers
+    with MLPs of their own widths: they run as they are)."""
+    if structure.get("stock"):
+        return
     branches = tuple(dict(b) for b in structure["branches"])
     for layer in get_path(model, structure["layers"]):
         layer.__class__ = sliced_layer_class(type(layer))
@@ -331,7 +334,7 @@ def load_sliced_model(directory: str, dtype: torch.dtype | None = None, device: 
     if meta["structure"].get("entry_rotation") and getattr(get_path(model, layers_path)[0], ENTRY, None) is None:
         missing.append(f"{layers_path}.0.{ENTRY}")
     for i, layer in enumerate(get_path(model, layers_path)):  # skip matrices exist only in the file
-        for shortcut, _ in layer.slicegpt_steps:
+        for shortcut, _ in getattr(layer, "slicegpt_steps", ()):
             if shortcut and getattr(layer, shortcut, None) is None:
                 missing.append(f"{layers_path}.{i}.{shortcut}")
     if missing:
