@@ -77,12 +77,12 @@ def test_heads_make_a_stock_model_that_loads_and_decodes(family, heads, tmp_path
     from transformers import AutoModelForCausalLM
 
     dense = make_model(family)
-    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.8, heads=heads)
+    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.8, heads=heads, allocation="equal")
     assert plan.identity and plan.standard and plan.neurons is not None
     assert ("attention heads", f"4 (2 key/value x 2 query) -> 2 ({plan.heads[0]} key/value x {plan.heads[1]} query) "
                                "per layer") in plan.rows()
     model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=0.8, heads=heads,
-                                         progress=False)
+                                         allocation="equal", progress=False)
     assert type(model) is type(dense) and config.standard and not config.deviations
     assert config.attention_heads == list(plan.heads) and config.attention_heads_dense == [2, 2]
     assert model.config.num_key_value_heads == plan.heads[0] and model.config.num_attention_heads == 2
@@ -105,9 +105,10 @@ def test_heads_with_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer,
     from transformers import AutoModelForCausalLM
 
     dense = make_model("llama")
-    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.5, heads="2x1")
+    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.5, heads="2x1", allocation="equal")
     assert plan.layout == "per-layer" and plan.heads == (2, 1)
-    model, config = slicegpt.slice_model(dense, None, calibration.input_ids, size=0.5, heads="2x1", progress=False)
+    model, config = slicegpt.slice_model(dense, None, calibration.input_ids, size=0.5, heads="2x1", allocation="equal",
+                                         progress=False)
     assert plan.predicted_parameters == config.parameters_sliced == slicegpt.count_parameters(model)
     ids = calibration.input_ids[:2]
     with torch.no_grad():
@@ -177,21 +178,21 @@ def test_auto_heads_order_the_layouts_whole_groups_first():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_auto_heads_go_only_past_the_neuron_floor_where_the_stream_cannot_take_the_rest(family, calibration):
-    """`--heads auto` (the default recipe's): where neurons alone meet the size nothing changes; past
+    """(Equal neuron counts throughout: a stock model is what is checked.) `--heads auto` (the default recipe's): where neurons alone meet the size nothing changes; past
     their floor, Gemma (neurons not prunable beside a sliced stream) prunes heads instead of slicing
     the stream alone, and stays the stock model with the most heads that meet the size; Llama keeps
     its heads and slices the stream beside the neurons at their floor (measured better)."""
     ids = calibration.input_ids
-    kept, auto = slicegpt.slice_model(make_model(family), None, ids, size=0.8, progress=False)
-    plain, config = slicegpt.slice_model(make_model(family), None, ids, size=0.8, heads="off", progress=False)
+    kept, auto = slicegpt.slice_model(make_model(family), None, ids, size=0.8, allocation="equal", progress=False)
+    plain, config = slicegpt.slice_model(make_model(family), None, ids, size=0.8, heads="off", allocation="equal", progress=False)
     assert auto.heads == "auto" and auto.attention_heads is None and config.attention_heads is None
     assert auto.mlp_neurons == config.mlp_neurons and auto.standard
     for name, param in plain.named_parameters():
         assert torch.equal(param, dict(kept.named_parameters())[name]), name
 
-    sliced, before = slicegpt.slice_model(make_model(family), None, ids, size=0.6, heads="off", progress=False)
+    sliced, before = slicegpt.slice_model(make_model(family), None, ids, size=0.6, heads="off", allocation="equal", progress=False)
     assert before.rotation == "per-layer" and not before.standard  # past the floor: the stream is sliced
-    model, after = slicegpt.slice_model(make_model(family), None, ids, size=0.6, progress=False)
+    model, after = slicegpt.slice_model(make_model(family), None, ids, size=0.6, allocation="equal", progress=False)
     if family == "llama":
         assert after.attention_heads is None and after.rotation == "per-layer"
         assert after.mlp_neurons == before.mlp_neurons and after.widths == before.widths
@@ -205,9 +206,9 @@ def test_auto_heads_go_only_past_the_neuron_floor_where_the_stream_cannot_take_t
     assert type(model).__name__ == type(make_model(family)).__name__  # the family's stock class
     # the choice needs no calibration spectra: a plan before calibration (a dry run) makes it too, and
     # so sees at once that --widths adaptive would do nothing there
-    assert slicegpt.plan_slice(make_model(family), size=0.6).heads == (1, 2)
+    assert slicegpt.plan_slice(make_model(family), size=0.6, allocation="equal").heads == (1, 2)
     with pytest.raises(SliceGPTError, match="--widths adaptive would do nothing"):
-        slicegpt.plan_slice(make_model(family), size=0.6, widths="adaptive")
+        slicegpt.plan_slice(make_model(family), size=0.6, widths="adaptive", allocation="equal")
 
 
 def test_auto_heads_given_where_they_cannot_apply_are_refused(calibration):

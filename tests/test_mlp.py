@@ -65,7 +65,7 @@ def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decode
     ids = calibration.input_ids[:2]
     # a size that half the neurons alone meet: the stream keeps its width
     model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids, size=0.8, neurons=0.5,
-                                         progress=False)
+                                         allocation="equal", progress=False)
     assert type(model) is type(dense) and config.standard and config.rotation == "uniform"
     assert not config.deviations and config.max_logit_deviation < 1e-5
     assert config.mlp_neurons == 48 and config.mlp_neurons_dense == 96 and config.mlp_width == 0.5
@@ -103,7 +103,7 @@ def test_neurons_and_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer
     # than the unrotated stream with those neurons, which the plan would choose instead)
     size = (predicted.count([40] * 6 + [64], 48) + 0.5) / total
     model, config = slicegpt.slice_model(dense, None, calibration.input_ids, size=size, neurons=0.5,
-                                         progress=False)
+                                         allocation="equal", progress=False)
     assert config.rotation == "per-layer" and config.widths[0] == 40 and config.mlp_neurons == 48
     ids = calibration.input_ids[:2]
     with torch.no_grad():
@@ -129,7 +129,8 @@ def test_auto_meets_a_parameter_budget_with_neurons_first(budget, calibration):
     assert config.mlp_width == "auto" and config.mlp_neurons % 8 == 0
     adapter = get_adapter(dense.config)
     if budget == 0.8:
-        assert set(config.widths) == {64} and config.standard and config.mlp_neurons >= 48
+        assert set(config.widths) == {64} and config.rotation == "uniform" and config.mlp_neurons >= 48
+        assert config.standard == (len(set(config.mlp_neurons_per_layer)) == 1)  # else each MLP its own width
         unrotated = parameter_model(dense, adapter, rotation="uniform", tied=True, source_tied=True, slice_head=True)
         assert unrotated.count(config.widths, config.mlp_neurons + 8) > budget * total
     else:
@@ -157,7 +158,7 @@ def test_default_size_of_the_papers_share_of_the_decoder_layers(family, sparsity
         assert paper.parameters_sliced > total
     budget = total - int(sparsity * layer_weights)
     model, config = slicegpt.slice_model(copy.deepcopy(dense), None, calibration.input_ids,
-                                         size=(budget + 0.5) / total, progress=False)
+                                         size=(budget + 0.5) / total, allocation="equal", progress=False)
     assert int(config.size * total) == budget
     assert type(model) is type(dense) and config.standard and config.mlp_neurons % 8 == 0
     assert config.sparsity == 0.0 and set(config.widths) == {64}
@@ -198,17 +199,17 @@ def test_an_unrotated_run_without_pruning_changes_nothing(family, exact_norms, c
         assert torch.allclose(model(ids).logits, expected, atol=1e-8, rtol=0)
 
 
-def test_the_default_from_the_command_line_is_a_stock_model_with_fewer_neurons(tiny_model_dir, tmp_path):
-    """`slicegpt slice --size 0.8` (default recipe): the size met by neurons, a stock model that plain
-    transformers loads (no larger than the paper's at slicing 0.25), whose GGUF file transformers reads
-    back with the same logits."""
+def test_equal_neurons_from_the_command_line_are_a_stock_model_with_fewer_neurons(tiny_model_dir, tmp_path):
+    """`slicegpt slice --size 0.8 --allocation equal`: the size met by neurons, one count in every layer,
+    a stock model that plain transformers loads (no larger than the paper's at slicing 0.25), whose GGUF
+    file transformers reads back with the same logits."""
     from transformers import AutoModelForCausalLM
 
     from test_cli import TEXT_FILE, run
 
     out = tmp_path / "default"
-    result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "8",
-                 "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--allocation", "equal", "--calibration", TEXT_FILE,
+                 "--samples", "8", "--seqlen", "64", "--eval-samples", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["standard"] is True and figures["mlp_neurons"] < 96 and figures["sliced_hidden_size"] == 64

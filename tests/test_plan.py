@@ -95,6 +95,10 @@ def test_a_dry_run_reads_only_the_config_and_predicts_the_real_run(case, model_d
     if case == "paper-uniform":  # known once the weights are read: the random final gain unties the head
         assert record["plan"]["tied_head"] is False and record["tied_head"] is False
         same.pop("tied_head")
+    if plan.measured:  # each layer's neuron count is measured at run time; their mean is the plan's
+        assert expected["layer_neurons"] is None and record["plan"]["layer_neurons"] == record["mlp_neurons_per_layer"]
+        assert sum(record["mlp_neurons_per_layer"]) == plan.neurons * len(record["mlp_neurons_per_layer"])
+        same.pop("layer_neurons")
     for carried in (_json(run.config.plan), record["plan"], _json(run.plan.to_dict())):
         assert {k: carried[k] for k in same} == same
     assert record["plan"]["model"] == str(dense) and record["recipe"] == record["method"] == recipe

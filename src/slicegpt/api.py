@@ -8,14 +8,13 @@ and build the same record (`plan.record`).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import torch
 from torch import nn
 
 from slicegpt.adapters import get_adapter
 from slicegpt.config import SlicingConfig
-from slicegpt.core.allocation import allocate_neurons, layer_floor, probe_neuron_costs
+from slicegpt.core.allocation import layer_floor, probe_neuron_costs
 from slicegpt.core.compensation import dense_first_batches
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import slice_layers
@@ -27,7 +26,7 @@ from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model, model_config
 from slicegpt.formats.standard import to_standard
 from slicegpt.modeling.runtime import sliced_structure
-from slicegpt.plan import Plan, SliceSettings, check_settings, make_plan, record, settings_from
+from slicegpt.plan import Plan, SliceSettings, check_settings, make_plan, record, settings_from, with_layer_neurons
 
 
 def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, samples: int = 32,
@@ -151,8 +150,7 @@ def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bo
         round_to = plan.levers.round_to
         floor = min(layer_floor(plan.dense_neurons, round_to), plan.neurons)
         curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, progress=progress, ranks=ranks)
-        plan = replace(plan, layer_neurons=tuple(allocate_neurons(curves, plan.dense_neurons, plan.neurons,
-                                                                  round_to)))
+        plan = with_layer_neurons(plan, view, adapter, curves)
     return plan
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from slicegpt.adapters import ADAPTERS, ModelAdapter
 from slicegpt.adapters.base import branch_groups
 from slicegpt.config import SlicingConfig
+from slicegpt.core.allocation import allocate_neurons
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.budget import parameter_model
 from slicegpt.core.engine import per_layer_ties
@@ -443,6 +444,23 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
                 deviations=tuple(deviations), predicted_parameters=predicted,
                 budget=int(settings.size * dense_parameters) if settings.size is not None else None,
                 heads=heads, dense_heads=dense_heads)
+
+
+def parameter_counter(plan: Plan, view: LayeredModel, adapter: ModelAdapter):
+    """The plan's parameter count as a function of its widths and neuron counts (`core.budget`)."""
+    return parameter_model(view.model, adapter, rotation="none" if plan.identity else plan.layout,
+                           tied=bool(plan.tied_head), source_tied=view.ties_head(adapter.head, adapter.embeddings[0]),
+                           slice_head=plan.slice_head, total=plan.dense_parameters, heads=plan.heads)
+
+
+def with_layer_neurons(plan: Plan, view: LayeredModel, adapter: ModelAdapter, curves) -> Plan:
+    """The plan with each layer's MLP neurons shared by measured loss (`core.allocation`): as many
+    parameters as equal counts free, at least; the predicted count follows."""
+    counter = parameter_counter(plan, view, adapter)
+    widths = list(plan.widths)
+    counts = tuple(allocate_neurons(curves, plan.dense_neurons, plan.neurons, plan.levers.round_to,
+                                    counter.neuron_costs(widths)))
+    return replace(plan, layer_neurons=counts, predicted_parameters=counter.count(widths, counts))
 
 
 def with_widths(plan: Plan, widths: list[int]) -> Plan:

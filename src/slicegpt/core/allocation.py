@@ -119,23 +119,28 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
     return curves
 
 
-def allocate_neurons(curves: Sequence[Sequence[float]], dense: int, keep: int, round_to: int) -> list[int]:
-    """Neurons per layer, `keep` of `dense` on average, removed a `round_to` block at a time where the
-    curves (each layer's removal costs in turn) say they cost least."""
+def allocate_neurons(curves: Sequence[Sequence[float]], dense: int, keep: int, round_to: int,
+                     costs: Sequence[int] | None = None) -> list[int]:
+    """Neurons per layer in place of `keep` in every layer, removed a `round_to` block at a time where the
+    curves (each layer's removal costs in turn) say they cost least per parameter. `costs`: the parameters
+    one neuron of each layer holds (the layers around a per-layer stream differ); the removals free at
+    least the parameters that `keep` everywhere would, so the count stays within the same budget."""
+    costs = list(costs) if costs is not None else [1] * len(curves)
     removed = [0] * len(curves)
     heap: list[tuple[float, int]] = []
 
     def push(i: int) -> None:
         m = removed[i]
         if m + round_to <= len(curves[i]):
-            heapq.heappush(heap, (float(sum(curves[i][m:m + round_to])), i))
+            heapq.heappush(heap, (float(sum(curves[i][m:m + round_to])) / costs[i], i))
 
     for i in range(len(curves)):
         push(i)
-    for _ in range(len(curves) * (dense - keep) // round_to):
-        if not heap:  # every layer at its floor: not reachable when keep >= the floor
-            break
+    target = sum(c * (dense - keep) for c in costs)
+    freed = 0
+    while freed < target and heap:  # (an empty heap: every layer at its floor, not reachable from keep)
         _, i = heapq.heappop(heap)
         removed[i] += round_to
+        freed += round_to * costs[i]
         push(i)
     return [dense - r for r in removed]

@@ -34,16 +34,26 @@ class ParameterModel:
     neurons: int = 0  # per MLP, dense (0: no family description of neurons)
     neuron_linear: list[int] = field(default_factory=list)
     neuron_constant: int = 0
+    # the same per MLP layer: (constant, {boundary: coefficient}), summing to the two above
+    neuron_layers: list[tuple[int, dict[int, int]]] = field(default_factory=list)
 
-    def count(self, widths: list[int], neurons: int | None = None) -> int:
+    def count(self, widths: list[int], neurons: int | list[int] | tuple[int, ...] | None = None) -> int:
+        """The parameters at these widths, each MLP keeping `neurons` (one count, or one per layer)."""
         widths = [self.fixed.get(b, w) for b, w in enumerate(widths)]
         total = self.constant + sum(a * w for a, w in zip(self.linear, widths))
         if self.skip:
             total += sum(widths[s] * widths[s + 1] for s in range(len(widths) - 1))
-        if neurons is not None and self.neurons:
+        if isinstance(neurons, (list, tuple)) and self.neurons:
+            total -= sum((self.neurons - n) * c for n, c in zip(neurons, self.neuron_costs(widths)))
+        elif neurons is not None and self.neurons:
             per_neuron = self.neuron_constant + sum(a * w for a, w in zip(self.neuron_linear, widths))
             total -= (self.neurons - neurons) * per_neuron
         return total
+
+    def neuron_costs(self, widths: list[int]) -> list[int]:
+        """Parameters one neuron of each MLP layer holds at these widths."""
+        widths = [self.fixed.get(b, w) for b, w in enumerate(widths)]
+        return [c + sum(a * widths[b] for b, a in terms.items()) for c, terms in self.neuron_layers]
 
 
 def _numel(model: nn.Module) -> int:
@@ -74,6 +84,7 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
     linear = [0] * (n_steps + 1)
     neuron_linear = [0] * (n_steps + 1)
     neuron_constant, neurons = 0, 0
+    neuron_layers: list[tuple[int, dict[int, int]]] = []
     constant = _numel(model) if total is None else total
     layernorm = adapter.norm_kind == "layernorm"
 
@@ -113,13 +124,18 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
                             linear[s + 1] += 1
                 if branch.neurons:  # per neuron: a row of each neuron input, a column of the output
                     neurons = weight_of(resolve_all(layer, branch.outputs)[0]).shape[-1]
+                    own_constant, own = 0, {s: 0}
                     if branch.post_norm:
-                        neuron_constant += hidden
+                        own_constant += hidden
                     else:
-                        neuron_linear[s + 1] += 1
+                        own[s + 1] = 1
                     for target in resolve_all(layer, branch.neurons):
-                        neuron_linear[s] += 1
-                        neuron_constant += int(bias_of(target) is not None)
+                        own[s] += 1
+                        own_constant += int(bias_of(target) is not None)
+                    neuron_layers.append((own_constant, own))
+                    neuron_constant += own_constant
+                    for b, a in own.items():
+                        neuron_linear[b] += a
                 if heads is not None and branch.heads:
                     constant += _head_terms(layer, branch, heads, hidden, linear, s)
 
@@ -140,7 +156,8 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
         if not slice_head:
             fixed[n_steps] = hidden  # the head reads the original basis
         return ParameterModel(constant, linear, skip=True, fixed=fixed, neurons=neurons,
-                              neuron_linear=neuron_linear, neuron_constant=neuron_constant)
+                              neuron_linear=neuron_linear, neuron_constant=neuron_constant,
+                              neuron_layers=neuron_layers)
 
     # uniform: one width everywhere, embeddings and head sliced, no skip matrices ("none": the
     # stream unrotated, its width d everywhere, so branch outputs need no rotation either)
@@ -152,7 +169,7 @@ def parameter_model(model: nn.Module, adapter: ModelAdapter, *, rotation: str, t
             constant -= head.numel()
         linear[n_steps] += _per_unit(head, hidden)
     return ParameterModel(constant, linear, skip=False, neurons=neurons, neuron_linear=neuron_linear,
-                          neuron_constant=neuron_constant)
+                          neuron_constant=neuron_constant, neuron_layers=neuron_layers)
 
 
 def _head_terms(layer: nn.Module, branch: Branch, heads: tuple[int, int], hidden: int, linear: list[int],
