@@ -10,6 +10,7 @@ process, on the same calibration (32 x 1024 Shakespeare tokens by default) and h
   on every calibration window or on none (`--dense-share 1 / 0`; the default runs it on 1/8);
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--rotation
   uniform`); "uniform default" is refused where MLP neurons alone meet the size (nothing rotated);
+- the default recipe with one MLP neuron count in every layer (`--allocation equal`: a stock class);
 - the default recipe with whole attention heads pruned (row `default + heads GxR`: `--heads GxR`), the
   neurons filling the rest of the size;
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
@@ -46,7 +47,8 @@ ROWS = {
     "paper": {"recipe": "paper"},
     "compensation": {"recipe": "paper", "compensate": "writers"},
     "adaptive widths": {"recipe": "paper", "widths": "adaptive"},
-    "default": {"recipe": "default"},  # --neurons auto: neurons first
+    "default": {"recipe": "default"},  # --neurons auto: neurons first, each layer's count by measured loss
+    "default equal neurons": {"recipe": "default", "allocation": "equal"},  # one neuron count in every layer
     "default dense everywhere": {"recipe": "default", "dense_share": 1.0},  # the dense model on every window
     "default no dense targets": {"recipe": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
     "stream sliced": {"recipe": "default", "neurons": "off"},  # compensation, the stream sliced (no neurons)
@@ -142,7 +144,8 @@ def child(args) -> dict:
                                              progress=False, **options)
     return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
             "parameters": config.parameters_sliced, "widths": config.widths, "compensation": config.compensation,
-            "mlp_neurons": config.mlp_neurons, "attention_heads": config.attention_heads, "floor_seconds": floor}
+            "mlp_neurons": config.mlp_neurons, "mlp_neurons_per_layer": config.mlp_neurons_per_layer,
+            "attention_heads": config.attention_heads, "floor_seconds": floor}
 
 
 def main() -> None:

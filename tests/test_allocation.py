@@ -1,0 +1,94 @@
+"""One budget across layers: MLP neurons shared by measured loss, saved, loaded and exported."""
+
+import json
+
+import pytest
+import torch
+
+import slicegpt
+from slicegpt.core.allocation import allocate_neurons, layer_floor
+from slicegpt.errors import SliceGPTError
+from conftest import make_model
+
+
+def test_removals_go_where_they_cost_least_per_parameter_and_free_the_equal_budget():
+    cheap, dear = [0.1] * 64, [5.0] * 64
+    # equal costs: every removal from the cheap layer first, the total exactly what equal counts remove
+    assert allocate_neurons([cheap, dear, dear], 96, 80, 8) == [48, 96, 96]
+    # a curve that ends (its floor) sends the rest elsewhere
+    assert allocate_neurons([[0.1] * 16, dear, [6.0] * 64], 96, 80, 8) == [80, 64, 96]
+    # neurons of the second layer hold three times the parameters: removals free at least what equal
+    # counts would (8 x 1 + 8 x 3), here two blocks of the cheap second layer
+    assert allocate_neurons([dear, [1.0] * 64], 96, 88, 8, costs=[1, 3]) == [96, 80]
+    assert layer_floor(96, 8) == 16 and layer_floor(1536, 8) == 160 and layer_floor(8, 8) == 8
+
+
+def test_measured_counts_differ_keep_the_budget_and_round_trip_everywhere(tokenizer, calibration, tmp_path):
+    """The default recipe where neurons alone meet the size: each layer its own count (their mean the
+    equal count, the same parameters), the family's own layers; slicegpt.load and trust_remote_code
+    give the same logits, and greedy decoding with the KV cache equals decoding without it."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_model("llama")
+    plan = slicegpt.plan_slice(make_model("llama"), size=0.8)
+    assert plan.measured and plan.identity and plan.layer_neurons is None
+    assert "chosen at run time" in dict(plan.rows())["MLP neurons"]
+    model, config = slicegpt.slice_model(dense, tokenizer, calibration, size=0.8, progress=False)
+    counts = config.mlp_neurons_per_layer
+    assert config.allocation == "measured" and len(set(counts)) > 1 and not config.standard
+    assert sum(counts) == config.mlp_neurons * len(counts) and all(n % 8 == 0 and n >= 16 for n in counts)
+    assert [layer.mlp.down_proj.weight.shape[1] for layer in model.model.layers] == counts
+    assert config.parameters_sliced == plan.predicted_parameters == slicegpt.count_parameters(model)
+    ids = calibration.input_ids[:2, :32]
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    loaded = slicegpt.load(out)
+    assert type(loaded.model) is type(model) and loaded.sliced["slicing"]["mlp_neurons_per_layer"] == counts
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, expected)
+        assert torch.allclose(remote(ids).logits, expected, atol=1e-6)
+    prompt = ids[:1, :6]
+    cached = remote.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    uncached = remote.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_streamed_run_equals_the_in_memory_one_and_exports_to_gguf(tiny_model_dir, tokenizer, tmp_path):
+    """`slicegpt slice --size 0.8` (streamed, from disk) probes and shares the neurons as the in-memory
+    API does; `slicegpt export` writes each layer's width."""
+    from test_cli import TEXT_FILE, run
+
+    out = tmp_path / "default"
+    result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "8",
+                 "--seqlen", "64", "--no-eval", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "by measured loss" in result.stdout and "each MLP its own width" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    record = json.loads((out / "slicegpt.json").read_text())["slicing"]
+    counts = record["mlp_neurons_per_layer"]
+    assert figures["mlp_neurons_per_layer"] == counts and figures["standard"] is False
+    assert figures["parameters_sliced"] == figures["parameters_predicted"]
+    loaded = slicegpt.load(out)
+    assert [layer.mlp.down_proj.weight.shape[1] for layer in loaded.model.model.layers] == counts
+
+    from slicegpt.data import calibration_windows, load_text, tokenize
+
+    windows = calibration_windows(tokenize(tokenizer, load_text(TEXT_FILE, "calibration")), 8, 64, 0)
+    memory, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, size=0.8, progress=False)
+    assert config.mlp_neurons_per_layer == counts
+    gguf = tmp_path / "default.gguf"
+    exported = run("export", out, "--format", "gguf", "--dtype", "f32", "--out", gguf, "--json")
+    assert exported.returncode == 0, exported.stderr
+    written = json.loads(exported.stdout.strip().splitlines()[-1])["mlp_neurons_written"]
+    assert written == [-(-n // 32) * 32 for n in counts]  # zero neurons to whole blocks, each layer its own
+
+
+def test_measured_allocation_with_nothing_to_share_is_refused(calibration):
+    with pytest.raises(SliceGPTError, match="--allocation measured shares the pruned MLP neurons"):
+        slicegpt.plan_slice(make_model("llama"), size=0.8, neurons="off", allocation="measured")
+    with pytest.raises(SliceGPTError, match="--allocation must be one of equal, measured"):
+        slicegpt.plan_slice(make_model("llama"), size=0.8, allocation="global")
+    # the paper's recipe prunes no neurons: its plan is untouched
+    assert not slicegpt.plan_slice(make_model("llama"), recipe="paper", slicing=0.25).measured
