@@ -278,6 +278,10 @@ def cmd_export(args) -> None:
                    and written != neurons else []),
                  *([("mlp neurons", f"{min(written)}..{max(written)} per layer (each layer its own, padded to a "
                                    f"multiple of {args.pad_neurons})")] if isinstance(written, list) else []),
+                 *([("mlp neurons", f"{written} in every layer: this llama.cpp architecture has one MLP width, so "
+                                   f"zero neurons pad the layers' {min(neurons)}..{max(neurons)} (exact; slice with "
+                                   "--allocation equal for a smaller file)")]
+                   if isinstance(neurons, list) and isinstance(written, int) else []),
                  *([("stream width", f"{width_written} ({width_written - width} zero dimensions pad {width} to a "
                                     f"multiple of {args.pad_stream})")] if width_written and width_written != width
                    else []),
