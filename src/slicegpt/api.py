@@ -159,7 +159,8 @@ def run_plan(plan: Plan, view, adapter, batches, dense_batches: int | None, *, r
     """The engine, as the plan says: uniform rotation (or the identity basis), or per-layer."""
     lv = plan.levers
     common = dict(progress=progress, hooks=hooks, offload=offload, offload_dir=offload_dir, compensate=lv.compensate,
-                  ridge=lv.ridge, ranks=ranks, neurons=plan.layer_neurons or plan.neurons, dense_batches=dense_batches, heads=plan.heads)
+                  ridge=lv.ridge, ranks=ranks, neurons=plan.layer_neurons or plan.neurons, dense_batches=dense_batches,
+                  heads=plan.heads)
     if plan.rotation == "uniform":
         return slice_uniform(view, adapter, batches, plan.widths[0], fit_tied_head=plan.fit_tied_head,
                              unit_trace=lv.pooling == "unit-trace", identity=plan.identity, **common)

@@ -26,7 +26,7 @@ from slicegpt.core.engine import per_layer_ties
 from slicegpt.core.uniform import uniform_ties
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.weights import attention_heads
-from slicegpt.core.widths import head_layout, neurons_need_full_width, plan_widths
+from slicegpt.core.widths import head_layout, neurons_need_full_width, no_heads_message, plan_widths
 from slicegpt.data import DEFAULT_DATA
 from slicegpt.errors import SliceGPTError
 from slicegpt.formats.standard import check_standard
@@ -402,7 +402,7 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
     described = ", ".join(t for a in ADAPTERS if any(b.heads for b in a.branches) for t in a.model_types)
     heads = None if auto else head_layout(levers.heads, dense_heads, adapter.family, described)
     _refuse(auto and "heads" in settings.overrides() and dense_heads is None,
-            f"--heads applies to families whose adapter describes attention heads ({described}); not {adapter.family}")
+            no_heads_message(adapter.family, described))
 
     def widths_for(heads: tuple[int, int] | None, batches=batches) -> tuple[list[int] | None, str, int | None]:
         return plan_widths(

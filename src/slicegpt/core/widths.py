@@ -290,6 +290,11 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     return ranks.from_writer(allocate(spectra, model, budget, round_to, hidden, neurons)), rule, neurons
 
 
+def no_heads_message(family: str, described: str) -> str:
+    """Why `--heads` does not apply to `family` (`described`: the model types whose heads are described)."""
+    return f"--heads applies to families whose adapter describes attention heads ({described}); not {family}"
+
+
 def head_layout(heads: float | str | None, dense: tuple[int, int] | None, family: str,
                 described: str = "") -> tuple[int, int] | None:
     """`--heads` as (key/value heads, query heads per key/value head) kept in every layer; None keeps all.
@@ -302,8 +307,7 @@ def head_layout(heads: float | str | None, dense: tuple[int, int] | None, family
     if heads is None:
         return None
     if dense is None:
-        raise SliceGPTError(f"--heads applies to families whose adapter describes attention heads ({described}); "
-                            f"not {family}")
+        raise SliceGPTError(no_heads_message(family, described))
     groups, per_group = dense
     if isinstance(heads, str):
         kept = tuple(int(n) for n in heads.split("x"))
