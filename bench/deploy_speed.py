@@ -139,15 +139,15 @@ def target_applies(engine: str, phase: str, compute_bound: bool) -> bool:
 def row(output: dict, engine: str, kind: str, phase: str, batch: int, speedup: float, limit: float,
         compute_bound: bool, best: float | None = None) -> dict:
     ratio = speedup / limit
-    return {"output": output["label"], "stock": output["stock"], "parameter_ratio": output["parameter_ratio"],
-            "engine": engine, "kind": kind, "phase": phase, "batch": batch, "speedup": speedup, "best": best,
+    return {"output": output["label"], "stock": output["stock"], "layout": output.get("layout"),
+            "parameter_ratio": output["parameter_ratio"], "engine": engine, "kind": kind, "phase": phase, "batch": batch, "speedup": speedup, "best": best,
             "limit": limit, "limit_of": "multiply-adds" if phase == "prefill" else "bytes", "ratio": ratio,
             "target_met": ratio >= TARGET if target_applies(engine, phase, compute_bound) else None, "note": ""}
 
 
 def note_row(output: dict, engine: str, kind: str, note: str) -> dict:
-    return {"output": output["label"], "stock": output["stock"], "parameter_ratio": output["parameter_ratio"],
-            "engine": engine, "kind": kind, "phase": None, "batch": None, "speedup": None, "best": None, "limit": None,
+    return {"output": output["label"], "stock": output["stock"], "layout": output.get("layout"),
+            "parameter_ratio": output["parameter_ratio"], "engine": engine, "kind": kind, "phase": None, "batch": None, "speedup": None, "best": None, "limit": None,
             "limit_of": None, "ratio": None, "target_met": None, "note": note}
 
 
@@ -169,12 +169,19 @@ def best_turn(rows: list[dict], sliced: dict) -> float | None:
     return min(dense[0]["seconds"]) / min(sliced["seconds"])
 
 
+def layout_name(slicing: dict) -> str:
+    """How an output is laid out, as the table names it."""
+    if slicing.get("standard"):
+        return "stock"
+    return "own MLP widths" if slicing.get("mlp_neurons_per_layer") else "per-layer"
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table: each speedup beside its limit, the ratio, and the target where one applies."""
     lines = ["| output | parameters (x dense) | engine | phase | batch | speedup | best turn | limit | speedup / limit | "
              f"target (>= {TARGET} x limit) | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"{r['output']} ({'stock' if r['stock'] else 'per-layer'})"
+        name = f"{r['output']} ({r.get('layout') or ('stock' if r['stock'] else 'per-layer')})"
         engine = f"{r['engine']} {r['kind']}".strip()
         if r["speedup"] is None:
             lines.append(f"| {name} | {r['parameter_ratio']:.3f} | {engine} | - | - | - | - | - | - | - | {r['note']} |")
@@ -330,7 +337,9 @@ def measure(args, work: Path, sizes: list[float], recipes: list[str], repeats: i
                 outputs.append({"label": label, "recipe": recipe, "size": size, "error": str(e)})
                 continue
             outputs.append({"label": label, "recipe": recipe, "size": size, "dir": str(out),
-                            "stock": bool(slicing.get("standard")), "slicing": slicing,
+                            # GGUF holds it: a stock model, or the family's layers with their own MLP widths
+                            "stock": bool(slicing.get("standard") or slicing.get("mlp_neurons_per_layer")),
+                            "layout": layout_name(slicing), "slicing": slicing,
                             "parameter_ratio": slicing["parameters_sliced"] / slicing["parameters_dense"]})
 
     rows: list[dict] = []

@@ -70,7 +70,7 @@ def sliced_output(directory: str, model: str) -> dict:
     if not same_model(source, model):
         raise SystemExit(f"{directory} was sliced from {source or 'an unrecorded model'}, not from --model {model}: "
                          "every --sliced output must come from the dense model it is compared with")
-    if not slicing.get("standard"):
+    if not slicing.get("standard") and not slicing.get("mlp_neurons_per_layer"):
         raise SystemExit(f"{directory} is a per-layer output (a matrix on every skip connection), which GGUF cannot "
                          "hold: give stock outputs (the default recipe where MLP neurons alone meet the size, or "
                          "--rotation uniform)")

@@ -227,7 +227,8 @@ def settings_of(case: Case, model) -> dict:
     A case is the paper's algorithm unless it names a method; `sparsity` is the paper's slicing
     (the hidden width's share removed) except for the default method pruning MLP neurons, where
     it was the share of the decoder layers' weights removed: that is the `size` of the same count.
-    The head options map to `head`, `mlp_width` to `neurons`, `parameters` to `size`."""
+    The head options map to `head`, `mlp_width` to `neurons`, `parameters` to `size`; the default
+    method keeps one MLP neuron count per layer (`allocation` "equal"), as it did when they were made."""
     options = dict(case.options)
     recipe = options.pop("method", "paper")
     settings: dict = {"recipe": recipe}
@@ -251,6 +252,8 @@ def settings_of(case: Case, model) -> dict:
         settings["slicing"] = case.sparsity
         if recipe == "default" and neurons is None:
             settings["neurons"] = "off"  # a family without MLP neurons: the stream alone, as then
+    if recipe == "default" and settings.get("neurons") != "off":
+        settings["allocation"] = "equal"  # the cases predate measured allocation: one neuron count per layer
     settings.update(options)
     return settings
 

@@ -73,11 +73,15 @@ def test_streamed_run_equals_the_in_memory_one_and_exports_to_gguf(tiny_model_di
     loaded = slicegpt.load(out)
     assert [layer.mlp.down_proj.weight.shape[1] for layer in loaded.model.model.layers] == counts
 
-    from slicegpt.data import calibration_windows, load_text, tokenize
+    from slicegpt.data import calibration_windows, split_text, tokenize
 
-    windows = calibration_windows(tokenize(tokenizer, load_text(TEXT_FILE, "calibration")), 8, 64, 0)
+    windows = calibration_windows(tokenize(tokenizer, split_text(open(TEXT_FILE).read())[0]), 8, 64, 0,
+                                  bos=slicegpt.bos_token(tokenizer))  # the windows the command line made
     memory, config = slicegpt.slice_model(make_model("llama"), tokenizer, windows, size=0.8, progress=False)
     assert config.mlp_neurons_per_layer == counts
+    ids = windows.input_ids[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, memory(ids).logits)
     gguf = tmp_path / "default.gguf"
     exported = run("export", out, "--format", "gguf", "--dtype", "f32", "--out", gguf, "--json")
     assert exported.returncode == 0, exported.stderr

@@ -76,8 +76,9 @@ STREAM = dict(slicing=0.25, neurons="off")  # the stream sliced (compensated), n
 
 def _settings(rotation: str) -> dict:
     """The run of each case: the stream sliced with that rotation, or ("neurons") the default recipe
-    at a size that MLP neurons alone meet (the stream unrotated, a stock model)."""
-    return dict(size=0.8) if rotation == "neurons" else dict(STREAM, rotation=rotation)
+    at a size that MLP neurons alone meet with one count per layer (the stream unrotated, a stock model;
+    measured counts: tests/test_allocation.py)."""
+    return dict(size=0.8, allocation="equal") if rotation == "neurons" else dict(STREAM, rotation=rotation)
 
 
 @pytest.mark.parametrize("family,rotation", [("llama", "per-layer"), ("llama", "uniform"), ("llama", "neurons"),
