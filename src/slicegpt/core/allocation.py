@@ -79,7 +79,7 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
             for li in range(n_layers):
                 layer = view.onload(f"{adapter.layers}.{li}")
                 target = targets(layer, mlp, "outputs")[0]
-                weight, bias = output_matrix(target)
+                weight = output_matrix(target)[0]  # its output without the bias (a constant the fit ignores)
                 fit = LeastSquares(weight.shape[-1], weight.shape[0], view.device)
                 for group in branch_groups(adapter.branches):
                     seen: list[torch.Tensor] = []
