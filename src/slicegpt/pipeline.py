@@ -39,7 +39,7 @@ from slicegpt.data import (bos_token, calibration_windows, check_window_length, 
 from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.measure import measure
 from slicegpt.evaluation.perplexity import streamed_perplexity
-from slicegpt.formats.io import finish_directory
+from slicegpt.formats.io import finish_directory, write_sliced_config
 from slicegpt.formats.loading import checkpoint_directory, parse_dtype
 from slicegpt.formats.standard import layernorms_with_bias, standard_config_from, stock_layers_structure, stock_tensors
 from slicegpt.modeling.runtime import CONFIG_KEY, get_path
@@ -376,16 +376,12 @@ def _write_configs(staging: Path, directory: Path, view: LayeredModel, adapter, 
             if hasattr(stock, attr):
                 delattr(stock, attr)
         if plan.measured:  # the family's layers, each MLP its own width: loaded by slicegpt's loader
-            from slicegpt.formats.io import write_sliced_config
-
             write_sliced_config(stock, generation, stock_layers_structure(adapter), {}, staging)
         else:
             stock.save_pretrained(staging)
             if generation is not None:
                 generation.save_pretrained(staging)
     else:
-        from slicegpt.formats.io import write_sliced_config
-
         write_sliced_config(view.model.config, generation, outcome.structure, outcome.module_attributes, staging)
     write_index(staging, shards)
 

@@ -24,7 +24,6 @@ import torch
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.core.cache import ActivationCache, LayerArguments
 from slicegpt.core.compensation import LeastSquares, prune
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
@@ -51,29 +50,21 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
     are over every rank's."""
     from tqdm.auto import tqdm
 
-    from slicegpt.core.streams import capture, outside, residual
+    from slicegpt.core.streams import dense_entry, residual
 
     ranks = ranks or Ranks()
-    model = view.model
     used, windows = [], 0
     for batch in batches:
         if windows >= PROBE_WINDOWS:
             break
         used.append(batch)
         windows += batch[0].shape[0]
-    n_layers = len(get_path(model, adapter.layers))
-    ends = outside(model, (adapter.layers, adapter.final_norm, adapter.head))
+    n_layers = len(get_path(view.model, adapter.layers))
     structure = adapter.structure()
     specs = {b["name"]: b for b in structure["branches"]}
     mlp = next(b for b in adapter.branches if b.neurons)
     curves: list[list[float]] = []
-    for path in ends:
-        view.onload(path)
-    with ActivationCache(offload, offload_dir) as cache:
-        arguments = LayerArguments(cache)
-        capture(view, adapter, used, cache, arguments)
-        for path in ends:
-            view.offload(path)
+    with dense_entry(view, adapter, used, offload, offload_dir) as (cache, arguments):
         with tqdm(total=n_layers, desc="probing neurons", unit="layer",
                   disable=not progress or not ranks.writer) as bar:
             for li in range(n_layers):

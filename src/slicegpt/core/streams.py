@@ -9,7 +9,8 @@ the same for both streams: the stream that captured them keeps them, and the oth
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +69,22 @@ def capture(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch],
     finally:
         for layer in layers:
             del layer.forward
+
+
+@contextmanager
+def dense_entry(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], offload: str = "cpu",
+                offload_dir=None) -> Iterator[tuple[ActivationCache, LayerArguments]]:
+    """The dense model's first-layer inputs per batch (a cache) and every layer's arguments, for a probe
+    that then runs the layers itself; the model's ends are on the device only while they are captured."""
+    ends = outside(view.model, (adapter.layers, adapter.final_norm, adapter.head))
+    for path in ends:
+        view.onload(path)
+    with ActivationCache(offload, offload_dir) as cache:
+        arguments = LayerArguments(cache)
+        capture(view, adapter, batches, cache, arguments)
+        for path in ends:
+            view.offload(path)
+        yield cache, arguments
 
 
 def outside(model: nn.Module, excluded: Sequence[str]) -> list[str]:

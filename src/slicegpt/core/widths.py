@@ -21,7 +21,7 @@ import torch
 from slicegpt.adapters import ModelAdapter
 from slicegpt.core.bases import Covariance
 from slicegpt.core.budget import ParameterModel
-from slicegpt.core.cache import ActivationCache, LayerArguments
+from slicegpt.core.cache import ActivationCache
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite
@@ -48,11 +48,10 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
     ranks = ranks or Ranks()
     from tqdm.auto import tqdm
 
-    from slicegpt.core.streams import capture, outside, residual
+    from slicegpt.core.streams import dense_entry, residual
 
     model = view.model
     layer_paths = [f"{adapter.layers}.{i}" for i in range(len(get_path(model, adapter.layers)))]
-    ends = outside(model, (adapter.layers, adapter.final_norm, adapter.head))
     structure = adapter.structure()
     specs = {b["name"]: b for b in structure["branches"]}
     groups = branch_groups(adapter.branches)
@@ -79,13 +78,7 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
         matrix = cov.matrix / cov.tokens - torch.outer(mean, mean)  # the mean direction carries no information
         spectra.append(torch.linalg.eigvalsh(matrix).flip(0).cpu())
 
-    for path in ends:
-        view.onload(path)
-    with ActivationCache(offload, offload_dir) as cache:
-        arguments = LayerArguments(cache)
-        capture(view, adapter, batches, cache, arguments)
-        for path in ends:
-            view.offload(path)
+    with dense_entry(view, adapter, batches, offload, offload_dir) as (cache, arguments):
         add(cache, "after the embeddings")
         with tqdm(total=len(layer_paths), desc="probing widths", unit="layer",
                   disable=not progress or not ranks.writer) as bar:
