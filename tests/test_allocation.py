@@ -7,6 +7,8 @@ import torch
 
 import slicegpt
 from slicegpt.core.allocation import allocate_neurons, layer_floor
+from slicegpt.core.compensation import LeastSquares, prune, removal_costs
+from slicegpt.core.distributed import Ranks
 from slicegpt.errors import SliceGPTError
 from conftest import make_model
 
@@ -21,6 +23,45 @@ def test_removals_go_where_they_cost_least_per_parameter_and_free_the_equal_budg
     # counts would (8 x 1 + 8 x 3), here two blocks of the cheap second layer
     assert allocate_neurons([dear, [1.0] * 64], 96, 88, 8, costs=[1, 3]) == [96, 80]
     assert layer_floor(96, 8) == 16 and layer_floor(1536, 8) == 160 and layer_floor(8, 8) == 8
+
+
+def _ridge_value(fit: LeastSquares, b: torch.Tensor, lam: float, rows: torch.Tensor) -> float:
+    """min over W (only `rows` nonzero) of the ridge objective, up to its constant: -b_R^T (H_RR + lam)^-1 b_R."""
+    h = fit.xx[rows][:, rows] + lam * torch.eye(len(rows), dtype=torch.float64)
+    return -float((b[rows] * torch.linalg.solve(h, b[rows])).sum())
+
+
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_removal_costs_are_exact_obs_steps_a_block_at_a_time(block):
+    """Each block's cost is what removing it adds to the refitted ridge objective: the costs add up to the
+    objective of the rows kept at the end, and one row a time they are `prune`'s own search."""
+    torch.manual_seed(0)
+    n, tokens = 24, 500
+    x = torch.randn(tokens, n, dtype=torch.float64) * torch.linspace(0.2, 2.0, n, dtype=torch.float64)
+    w = torch.randn(n, 5, dtype=torch.float64)
+    fit = LeastSquares(n, 5)
+    fit.update(x, x @ w + 0.1 * torch.randn(tokens, 5, dtype=torch.float64))
+    fit.reduce(Ranks())
+    prior, ridge, keep = w + 0.1 * torch.randn_like(w), 0.05, 7
+    costs = removal_costs(fit, prior, ridge, range(2, n), keep, block, work=torch.float64)
+    assert len(costs) == n - 2 - keep and all(c >= 0 for c in costs)
+    lam = ridge * float(fit.xx.diagonal().sum()) / n
+    b = fit.xy + lam * prior
+    searched: list[float] = []
+    _, kept, _, _ = prune(fit, prior, ridge, range(2, n), keep, costs=searched)
+    if block == 1:
+        assert costs == pytest.approx(searched, rel=1e-9)
+        assert sum(costs) == pytest.approx(_ridge_value(fit, b, lam, kept) - _ridge_value(fit, b, lam, torch.arange(n)))
+    # the first block alone: the `block` rows cheapest one by one, charged their exact joint cost
+    hinv = torch.linalg.inv(fit.xx + lam * torch.eye(n, dtype=torch.float64))
+    scores = ((hinv @ b).pow(2).sum(1) / hinv.diagonal())[2:]
+    first = set((scores.argsort()[:block] + 2).tolist())
+    rest = torch.tensor([i for i in range(n) if i not in first])
+    one = removal_costs(fit, prior, ridge, range(2, n), n - 2 - block, block, work=torch.float64)
+    assert sum(one) == pytest.approx(_ridge_value(fit, b, lam, rest) - _ridge_value(fit, b, lam, torch.arange(n)))
+    assert one == pytest.approx(costs[:block])
+    # greedy by blocks keeps nearly as well as row by row: within 10% of the total
+    assert sum(costs) == pytest.approx(sum(searched), rel=0.1)
 
 
 def test_measured_counts_differ_keep_the_budget_and_round_trip_everywhere(tokenizer, calibration, tmp_path):

@@ -140,16 +140,19 @@ def calibration_batches(plan: Plan, windows: Windows, ranks: Ranks) -> tuple[lis
     return dense_first_batches(windows, plan.settings.batch_size, ranks, share)
 
 
-def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bool) -> Plan:
+def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bool, offload: str = "cpu",
+                  offload_dir=None) -> Plan:
     """What the plan leaves to the run: adaptive widths, chosen from the calibration spectra (the plan
-    made again with the batches), and measured neuron counts, from the dense model's cost curves."""
+    made again with the batches), and measured neuron counts, from the dense model's cost curves.
+    The probes keep their activations where the run keeps its own (`offload`, `offload_dir`)."""
     if plan.widths is None:
         plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
-                         batches=batches, ranks=ranks, progress=progress)
+                         batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir)
     if plan.measured and plan.layer_neurons is None:
         round_to = plan.levers.round_to
         floor = min(layer_floor(plan.dense_neurons, round_to), plan.neurons)
-        curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, progress=progress, ranks=ranks)
+        curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, block=round_to,
+                                    offload=offload, offload_dir=offload_dir, progress=progress, ranks=ranks)
         plan = with_layer_neurons(plan, view, adapter, curves)
     return plan
 

@@ -193,7 +193,7 @@ def slice_and_save(model: str | os.PathLike = "default", out: str | os.PathLike 
                                                         ranks)
     batches, dense_batches = calibration_batches(plan, windows, ranks)
     with measure(device) as m:
-        plan = complete_plan(plan, view, adapter, batches, ranks, progress)
+        plan = complete_plan(plan, view, adapter, batches, ranks, progress, offload, offload_dir)
         hooks = run_dir
         if plan.standard:  # each part converted to the stock layout as it is written
             exact = run_dir.root / "exact" if plan.deviations else None

@@ -24,7 +24,7 @@ import torch
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.core.compensation import LeastSquares, prune
+from slicegpt.core.compensation import LeastSquares, removal_costs
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite, targets
@@ -42,12 +42,12 @@ def layer_floor(dense: int, round_to: int) -> int:
 
 @torch.no_grad()
 def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ridge: float, floor: int,
-                       offload: str = "cpu", offload_dir=None, progress: bool = True,
+                       block: int = 1, offload: str = "cpu", offload_dir=None, progress: bool = True,
                        ranks: Ranks | None = None) -> list[list[float]]:
     """Per layer, the cost of each removal of an MLP neuron in turn (down to `floor` kept), on one scale.
 
     Runs the dense layers as they are on the first batches (`PROBE_WINDOWS` windows); the sums
-    are over every rank's."""
+    are over every rank's. The search removes `block` neurons a step (the allocation's unit)."""
     from tqdm.auto import tqdm
 
     from slicegpt.core.streams import dense_entry, residual
@@ -98,11 +98,10 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
                     finally:
                         if hook is not None:
                             hook.remove()
-                costs: list[float] = []
                 work = torch.float64 if weight.dtype == torch.float64 else torch.float32
                 fit.reduce(ranks)
-                prune(fit, weight.T.to(torch.float64), ridge, range(0, weight.shape[-1]), floor, work=work,
-                      costs=costs)
+                costs = removal_costs(fit, weight.T.to(torch.float64), ridge, range(0, weight.shape[-1]), floor,
+                                      block, work=work)
                 curves.append([c / max(fit.tokens, 1) for c in costs])
                 view.offload(f"{adapter.layers}.{li}")
                 bar.update()

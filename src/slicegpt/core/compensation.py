@@ -305,6 +305,59 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     return w, kept, error_prior, error_fit
 
 
+def removal_costs(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int, block: int,
+                  work: torch.dtype = torch.float32) -> list[float]:
+    """What removing all but `keep` of `rows` costs, one removal after another (structured OBS as in
+    `prune`, `block` rows a time); `fit` must be summed over ranks. Only prices the rows: no fit.
+
+    Each step removes the `block` rows that cost least one by one and charges them their exact
+    cost together, ``tr(W_B^T [H^-1]_BB^-1 W_B)`` (spread evenly over the block), then refits the
+    rest as a rank-|B| update. A block at a time reads W and the update's factors once per block
+    instead of once per row, which is what makes pricing every layer down to a floor affordable
+    (`allocation.probe_neuron_costs`); the neurons themselves are still pruned one row at a time.
+    Returns one cost per removed row, in order, each the error it adds summed over the tokens."""
+    n = fit.xx.shape[0]
+    lam = ridge * float(fit.xx.diagonal().sum()) / n
+    shift = max(lam, 1e-12 * float(fit.xx.diagonal().abs().max().clamp_min(1.0)))
+    removals = len(rows) - keep
+    if removals <= 0:
+        return []
+    failure = "pricing MLP neurons: the least-squares statistics are not finite; try a larger --ridge"
+    hinv = _inverse(fit.xx, shift, work)
+    if hinv is None and work != torch.float64:
+        work = torch.float64
+        hinv = _inverse(fit.xx, shift, work)
+    if hinv is None:
+        raise SliceGPTError(failure)
+    w = hinv @ (fit.xy + lam * prior).to(work)  # the ridge fit toward the prior, as in `prune`
+    alive = torch.zeros(n, dtype=torch.bool, device=w.device)
+    alive[rows.start:rows.stop] = True
+    diagonal = hinv.diagonal().clone()
+    # the current H^-1 is hinv - V^T V, V's rows added a block per step
+    v = torch.empty(removals, n, dtype=work, device=w.device)
+    inf = torch.tensor(torch.inf, dtype=work, device=w.device)
+    costs: list[float] = []
+    t = 0
+    while t < removals:
+        k = min(block, removals - t)
+        scores = torch.where(alive, w.pow(2).sum(1) / diagonal, inf)
+        index = torch.topk(scores, k, largest=False).indices
+        current = hinv[index] - v[:t, index].T @ v[:t]  # rows `index` of the current H^-1
+        factor, info = torch.linalg.cholesky_ex(current[:, index].to(torch.float64))
+        if int(info) != 0:
+            raise SliceGPTError(failure)
+        wb = w[index].to(torch.float64)
+        cost = float(torch.linalg.solve_triangular(factor, wb, upper=False).pow(2).sum())
+        costs.extend([cost / k] * k)
+        v[t:t + k] = torch.linalg.solve_triangular(factor, current.to(torch.float64), upper=False).to(work)
+        diagonal.sub_(v[t:t + k].pow(2).sum(0))
+        w.sub_(current.T @ torch.cholesky_solve(wb, factor).to(work))
+        w[index] = 0.0
+        alive[index] = False
+        t += k
+    return costs
+
+
 def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, head_dim: int, groups: int,
                 keep: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The ridge fit with whole attention heads removed (block OBS); `fit` must be summed over ranks.
