@@ -97,13 +97,13 @@ def test_measured_counts_differ_keep_the_budget_and_round_trip_everywhere(tokeni
 
 
 def test_streamed_run_equals_the_in_memory_one_and_exports_to_gguf(tiny_model_dir, tokenizer, tmp_path):
-    """`slicegpt slice --size 0.8` (streamed, from disk) probes and shares the neurons as the in-memory
-    API does; `slicegpt export` writes each layer's width."""
+    """`slicegpt slice --size 0.8` (streamed, from disk, activations on disk: the probes' too) probes and
+    shares the neurons as the in-memory API does; `slicegpt export` writes each layer's width."""
     from test_cli import TEXT_FILE, run
 
     out = tmp_path / "default"
     result = run("slice", tiny_model_dir, "--size", "0.8", "--calibration", TEXT_FILE, "--samples", "8",
-                 "--seqlen", "64", "--no-eval", "--out", out, "--json")
+                 "--seqlen", "64", "--no-eval", "--out", out, "--json", "--activations-dir", tmp_path / "acts")
     assert result.returncode == 0, result.stderr
     assert "by measured loss" in result.stdout and "each MLP its own width" in result.stdout
     figures = json.loads(result.stdout.strip().splitlines()[-1])
