@@ -6,11 +6,16 @@ process's own high-water mark (VmHWM in /proc/self/status), read at its end.
 
     .venv/bin/python bench/stream_memory.py depth        # random Llama, width 1024, 8/16/32/64 layers
     .venv/bin/python bench/stream_memory.py calibration  # default model, 32/64/128 x 1024 tokens, --activations-dir
+    .venv/bin/python bench/stream_memory.py recipes      # random Llama 1536/24/4096: paper, default, default + heads
 
 depth: the same width at 8, 16, 32 and 64 layers (0.5 to 3.8 GB in float32 on disk); peak RSS
 should stay flat as depth grows, and far below the model's size for the deepest one.
 calibration: the embedded SmolLM2 with 32, 64 and 128 calibration windows of 1024 tokens and
 the activations on disk; peak RSS should stay flat as the calibration set grows.
+recipes: one random Llama (hidden 1536, 24 layers, MLP 4096, float32, about 2.4 GB) sliced by the
+paper's recipe (`--recipe paper --slicing 0.25`), the default recipe (`--size 0.8`: neurons by
+measured loss) and the default with half the query heads pruned as well (`--heads 4x2`); peak
+RSS against the model's size.
 """
 
 from __future__ import annotations
@@ -102,6 +107,35 @@ def calibration(args) -> None:
               f"{seconds:.1f} |")
 
 
+RECIPES = {"paper": ("--recipe", "paper", "--slicing", "0.25"), "default": ("--size", "0.8"),
+           "default + heads 4x2": ("--size", "0.8", "--heads", "4x2")}
+
+
+def recipes(args) -> None:
+    from slicegpt.testing import train_tokenizer, write_random_llama
+
+    tokenizer = train_tokenizer(TEXT.read_text())
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        model = Path(work) / "llama"
+        size = write_random_llama(model, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                                  tokenizer=tokenizer)
+        for name in args.rows.split(","):
+            seconds, peak, figures = slice_process(model, *RECIPES[name], "--calibration", TEXT, "--samples", "8",
+                                                   "--seqlen", "256", "--no-eval", "--out", Path(work) / "out",
+                                                   "--force")
+            rows.append((name, peak, figures["parameters_sliced"] / figures["parameters_dense"],
+                         figures["slicing_seconds"], seconds))
+            shutil.rmtree(Path(work) / "out", ignore_errors=True)
+            print(f"{name} done", file=sys.stderr)
+    print(f"random Llama, hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, float32, "
+          f"{size / 2**30:.2f} GiB on disk; 8 x 256 calibration tokens, streamed from disk")
+    print("| recipe | peak RSS | RSS / model | parameters kept | slicing s | process s |")
+    print("|---|---|---|---|---|---|")
+    for name, peak, kept, slicing, seconds in rows:
+        print(f"| {name} | {peak / 2**30:.2f} GiB | {peak / size:.2f} | {kept:.3f} | {slicing:.1f} | {seconds:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -115,6 +149,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--workdir", default=None)
     p.set_defaults(func=calibration)
+    p = sub.add_parser("recipes")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--rows", default=",".join(RECIPES))
+    p.add_argument("--workdir", default=None)
+    p.set_defaults(func=recipes)
     args = parser.parse_args()
     args.func(args)
 

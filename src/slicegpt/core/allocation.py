@@ -2,9 +2,9 @@
 
 Equal counts spend the budget as if every layer's neurons were worth the same; they are not.
 Before the slicing pass, each layer's MLP is probed on the dense model (a few calibration
-windows): the statistics of its down projection give the cost of removing its neurons one at a
-time, each removal's error after the others are refitted (structured OBS, `compensation.prune`,
-the same search that prunes them later). Each token's error is measured relative to the RMS of
+windows): the statistics of its down projection give the cost of removing its neurons, each
+removal's error after the others are refitted (structured OBS, `compensation.removal_costs`, the
+search that prunes them later, without its fit). Each token's error is measured relative to the RMS of
 the stream the layer writes it into, which is what the next norm divides by, so every layer's
 costs are on one scale; the budget's removals go, a `round_to` block at a time, wherever they
 cost least per parameter. The parameters freed are at least what equal counts would free.

@@ -158,6 +158,9 @@ class LeastSquares:
     def _shift_targets(self, sign: int) -> None:
         """Sums against Y + sign X P instead of Y: sign -1 makes them residuals of the prior (so that
         batches whose target is X P add nothing to them), +1 turns residuals back into targets."""
+        if self.tokens == 0:  # nothing summed yet: both forms are the same zeros
+            self._state = "residual" if sign < 0 else "complete"
+            return
         p = self.prior.to(self._xx.device)
         xxp = self.xx @ p
         self.yy += float((p * xxp).sum() + 2 * sign * (p * self.xy).sum())
@@ -243,12 +246,31 @@ def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor
     return torch.cholesky_inverse(h)
 
 
+POOL = 4  # a search step picks its rows among POOL x block candidates, the cheapest one by one
+
+
+def _greedy(hinv: torch.Tensor, w: torch.Tensor, k: int) -> list[int]:
+    """The k rows that greedy OBS removes from a small problem (H^-1 and W of a pool of rows), in order."""
+    alive = torch.ones(len(w), dtype=torch.bool, device=w.device)
+    inf = torch.tensor(torch.inf, dtype=w.dtype, device=w.device)
+    chosen = []
+    for _ in range(k):
+        j = int(torch.where(alive, w.pow(2).sum(1) / hinv.diagonal().clamp_min(1e-300), inf).argmin())
+        column = hinv[:, j] / hinv[j, j]
+        w = w - torch.outer(column, w[j])
+        hinv = hinv - torch.outer(column, hinv[j])
+        alive[j] = False
+        chosen.append(j)
+    return chosen
+
+
 def _search(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int, block: int,
             work: torch.dtype, failure: str) -> tuple[torch.Tensor, list[float], float, float, torch.Tensor]:
     """Greedy structured OBS down to `keep` of `rows`, `block` rows a step (see `prune`).
 
-    Each step takes the `block` rows that cost least one by one, charges them their exact joint
-    cost ``tr(W_B^T [H^-1]_BB^-1 W_B)`` (spread evenly over the block) and refits the rest: a
+    Each step takes `block` rows, chosen row by row (each choice refitting the others) among the
+    `POOL` x `block` that cost least one by one, charges them their exact joint cost
+    ``tr(W_B^T [H^-1]_BB^-1 W_B)`` (spread evenly over the block) and refits the rest: a
     rank-|B| update of W and of H^-1, in place (one n x n matrix beyond the sums). Once a quarter
     of the rows are gone they are dropped from both (what is left of H^-1 is the inverse of the kept
     rows' H), so later steps read less. Returns the mask of the rows kept (all of those outside
@@ -284,7 +306,11 @@ def _search(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, k
             held, dropped = len(ids), 0
         k = min(block, removals - t)
         scores = torch.where(candidate, w.pow(2).sum(1) / hinv.diagonal(), inf)
-        index = torch.topk(scores, k, largest=False).indices if k > 1 else scores.argmin().reshape(1)
+        if k == 1:
+            index = scores.argmin().reshape(1)
+        else:  # the block, row by row among the cheapest few (two copies of a neuron are not both cheap)
+            pool = torch.topk(scores, min(POOL * k, int(candidate.sum())), largest=False).indices
+            index = pool[_greedy(hinv[pool][:, pool].to(torch.float64), w[pool].to(torch.float64), k)]
         rows_b = hinv[index]  # (a copy)
         factor, info = torch.linalg.cholesky_ex(rows_b[:, index].to(torch.float64))
         if int(info) != 0:
