@@ -33,17 +33,18 @@ def _ridge_value(fit: LeastSquares, b: torch.Tensor, lam: float, rows: torch.Ten
 
 @pytest.mark.parametrize("block", [1, 3, 8])
 def test_removal_costs_are_exact_obs_steps_a_block_at_a_time(block):
-    """Each removal's cost is what it adds to the refitted ridge objective: one row a step the costs add up
-    to the objective of the rows kept at the end, and a block a step charges each block its joint cost."""
+    """Each removal's cost is what it adds to the refitted ridge objective: one row a step the costs are
+    `prune`'s and add up to the objective of the rows kept at the end; a block a step charges each block
+    its joint cost. The weights of a linear are the fit of its own outputs, so the Gram alone prices them."""
     torch.manual_seed(0)
     n, tokens = 24, 500
     x = torch.randn(tokens, n, dtype=torch.float64) * torch.linspace(0.2, 2.0, n, dtype=torch.float64)
     w = torch.randn(n, 5, dtype=torch.float64)
     fit = LeastSquares(n, 5)
-    fit.update(x, x @ w + 0.1 * torch.randn(tokens, 5, dtype=torch.float64))
+    fit.update(x, x @ w)  # a linear's own outputs: its weights are the fit (the probe's case)
     fit.reduce(Ranks())
-    prior, ridge, keep = w + 0.1 * torch.randn_like(w), 0.05, 7
-    costs = removal_costs(fit, prior, ridge, range(2, n), keep, block, work=torch.float64)
+    prior, ridge, keep = w, 0.05, 7
+    costs = removal_costs(fit.xx, w, ridge, range(2, n), keep, block, work=torch.float64)
     assert len(costs) == n - 2 - keep and all(c >= 0 for c in costs)
     lam = ridge * float(fit.xx.diagonal().sum()) / n
     b = fit.xy + lam * prior
@@ -53,7 +54,7 @@ def test_removal_costs_are_exact_obs_steps_a_block_at_a_time(block):
         assert costs == pytest.approx(searched, rel=1e-9)
         assert sum(costs) == pytest.approx(_ridge_value(fit, b, lam, kept) - _ridge_value(fit, b, lam, torch.arange(n)))
     # the first block alone: the rows greedy OBS removes first, charged their exact joint cost
-    one = removal_costs(fit, prior, ridge, range(2, n), n - 2 - block, block, work=torch.float64)
+    one = removal_costs(fit.xx, w, ridge, range(2, n), n - 2 - block, block, work=torch.float64)
     assert sum(one) == pytest.approx(sum(searched[:block]))
     assert one == pytest.approx(costs[:block])
     # a block a step keeps what one row a step keeps: here the same rows, the same total

@@ -71,9 +71,8 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
                 layer = view.onload(f"{adapter.layers}.{li}")
                 target = targets(layer, mlp, "outputs")[0]
                 weight = output_matrix(target)[0]  # without the bias (a constant the fit ignores)
-                # the writer's own output is its target: the Gram alone makes the fit (the prior's
-                # outputs are the targets of batches without any), so the probe never computes them
-                fit = LeastSquares(weight.shape[-1], weight.shape[0], view.device, prior=weight.T.to(torch.float64))
+                # the writer's own weights are the fit of its own outputs: the Gram alone (no outputs)
+                fit = LeastSquares(weight.shape[-1], 0, view.device)
                 for group in branch_groups(adapter.branches):
                     seen: list[torch.Tensor] = []
                     hook = target[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0])) \
@@ -94,14 +93,14 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
                                 h = h - h.mean(dim=-1, keepdim=True)
                             # each token's error relative to its own stream's RMS, which the next norm
                             # divides by (a few tokens' massive activations would otherwise set the scale)
-                            fit.update(x * h.pow(2).mean(-1, keepdim=True).clamp_min(1e-30).rsqrt().to(x.dtype),
-                                       mask=mask)
+                            x = x * h.pow(2).mean(-1, keepdim=True).clamp_min(1e-30).rsqrt().to(x.dtype)
+                            fit.update(x, x[..., :0], mask)
                     finally:
                         if hook is not None:
                             hook.remove()
                 work = torch.float64 if weight.dtype == torch.float64 else torch.float32
                 fit.reduce(ranks)
-                costs = removal_costs(fit, fit.prior, ridge, range(0, weight.shape[-1]), floor, block, work=work)
+                costs = removal_costs(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), floor, block, work=work)
                 curves.append([c / max(fit.tokens, 1) for c in costs])
                 view.offload(f"{adapter.layers}.{li}")
                 bar.update()

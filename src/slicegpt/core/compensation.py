@@ -137,7 +137,7 @@ class LeastSquares:
         elif self._state != "targets":
             raise SliceGPTError("internal error: a least-squares batch with targets after one without")
         x = x.reshape(-1, x.shape[-1])
-        y = y.reshape(-1, y.shape[-1]) if y is not None else None
+        y = y.reshape(x.shape[0], y.shape[-1]) if y is not None else None  # (a fit without outputs too)
         if mask is not None and not bool(mask.all()):  # (calibration windows are usually full)
             keep = mask.reshape(-1).bool()
             x, y = x[keep], (y[keep] if y is not None else None)
@@ -257,7 +257,7 @@ def _greedy(hinv: torch.Tensor, w: torch.Tensor, k: int) -> list[int]:
     chosen = []
     for _ in range(k):
         j = int(torch.where(alive, w.pow(2).sum(1) / hinv.diagonal().clamp_min(1e-300), inf).argmin())
-        column = hinv[:, j] / hinv[j, j]
+        column = hinv[:, j] / hinv[j, j].clamp_min(1e-300)
         w = w - torch.outer(column, w[j])
         hinv = hinv - torch.outer(column, hinv[j])
         alive[j] = False
@@ -265,53 +265,61 @@ def _greedy(hinv: torch.Tensor, w: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
-def _search(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int, block: int,
-            work: torch.dtype, failure: str) -> tuple[torch.Tensor, list[float], float, float, torch.Tensor]:
+def _ridge(xx: torch.Tensor, ridge: float) -> tuple[float, float]:
+    """lam = ridge x the mean of X^T X's diagonal, and the shift the inverse takes (lam, or a floor)."""
+    lam = ridge * float(xx.diagonal().sum()) / xx.shape[0]
+    return lam, max(lam, 1e-12 * float(xx.diagonal().abs().max().clamp_min(1.0)))
+
+
+def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, work: torch.dtype, failure: str,
+            b: torch.Tensor | None = None, w: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """Greedy structured OBS down to `keep` of `rows`, `block` rows a step (see `prune`).
 
     Each step takes `block` rows, chosen row by row (each choice refitting the others) among the
     `POOL` x `block` that cost least one by one, charges them their exact joint cost
     ``tr(W_B^T [H^-1]_BB^-1 W_B)`` (spread evenly over the block) and refits the rest: a
-    rank-|B| update of W and of H^-1, in place (one n x n matrix beyond the sums). Once a quarter
+    rank-|B| update of W and of H^-1, in place (one n x n matrix beyond the sums, two while it is
+    compacted). Once a quarter
     of the rows are gone they are dropped from both (what is left of H^-1 is the inverse of the kept
-    rows' H), so later steps read less. Returns the mask of the rows kept (all of those outside
-    `rows` too), each removal's cost (the error it adds summed over the tokens), lam, the shift
-    and b = X^T Y + lam P."""
-    n = fit.xx.shape[0]
-    lam = ridge * float(fit.xx.diagonal().sum()) / n
-    shift = max(lam, 1e-12 * float(fit.xx.diagonal().abs().max().clamp_min(1.0)))
-    b = fit.xy + lam * prior  # X^T Y + lam P
-    kept = torch.ones(n, dtype=torch.bool, device=b.device)
+    rows' H), so later steps read less. The fit starts from (X^T X + shift I)^-1 `b` (b = X^T Y +
+    lam P), or from `w` where it is known. Returns the mask of the rows kept (all of those outside
+    `rows` too) and each removal's cost (the error it adds summed over the tokens)."""
+    n = xx.shape[0]
+    kept = torch.ones(n, dtype=torch.bool, device=xx.device)
     costs: list[float] = []
     removals = len(rows) - keep
     if removals <= 0:
-        return kept, costs, lam, shift, b
-    hinv = _inverse(fit.xx, shift, work)
+        return kept, costs
+    hinv = _inverse(xx, shift, work)
     if hinv is None and work != torch.float64:  # too ill-conditioned for `work`
-        hinv = _inverse(fit.xx, shift, torch.float64)
+        hinv = _inverse(xx, shift, torch.float64)
     if hinv is None:
         raise SliceGPTError(failure)
-    w = (hinv @ b.to(hinv.dtype)).to(work)
+    w = (hinv @ b.to(hinv.dtype)).to(work) if w is None else w.to(device=hinv.device, dtype=work, copy=True)
     hinv = hinv.to(work)
     ids = torch.arange(n, device=w.device)  # the original index of each row still held
     candidate = torch.zeros(n, dtype=torch.bool, device=w.device)
     candidate[rows.start:rows.stop] = True
     gone = torch.zeros_like(candidate)
     inf = torch.tensor(torch.inf, dtype=work, device=w.device)
+    tiny = torch.finfo(work).tiny
     held, dropped, t = n, 0, 0
     while t < removals:
         if 4 * dropped >= held:  # drop the removed rows
-            stay = ~gone
-            hinv, w, ids, candidate = hinv[stay][:, stay], w[stay], ids[stay], candidate[stay]
+            stay = (~gone).nonzero().flatten()
+            hinv, w, ids, candidate = hinv[stay[:, None], stay], w[stay], ids[stay], candidate[stay]
             gone = torch.zeros_like(candidate)
             held, dropped = len(ids), 0
         k = min(block, removals - t)
-        scores = torch.where(candidate, w.pow(2).sum(1) / hinv.diagonal(), inf)
+        # (a diagonal that rounding took to or below zero: that row is not priced as free)
+        scores = torch.where(candidate, w.pow(2).sum(1) / hinv.diagonal().clamp_min(tiny), inf)
         if k == 1:
             index = scores.argmin().reshape(1)
         else:  # the block, row by row among the cheapest few (two copies of a neuron are not both cheap)
             pool = torch.topk(scores, min(POOL * k, int(candidate.sum())), largest=False).indices
-            index = pool[_greedy(hinv[pool][:, pool].to(torch.float64), w[pool].to(torch.float64), k)]
+            # (a small problem: on the CPU, where its many tiny steps cost no device round trips)
+            chosen = _greedy(hinv[pool[:, None], pool].to("cpu", torch.float64), w[pool].to("cpu", torch.float64), k)
+            index = pool[torch.tensor(chosen, device=pool.device)]
         rows_b = hinv[index]  # (a copy)
         factor, info = torch.linalg.cholesky_ex(rows_b[:, index].to(torch.float64))
         if int(info) != 0:
@@ -327,7 +335,7 @@ def _search(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, k
         kept[ids[index]] = False
         dropped += k
         t += k
-    return kept, costs, lam, shift, b
+    return kept, costs
 
 
 def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int,
@@ -344,11 +352,13 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     then solved afresh in float64 from the sums, the exact ridge fit on them. Returns that fit, the
     kept indices (in order) and the calibration errors of the prior (all rows) and of the pruned
     fit. `costs` (a list) receives each removal's cost in turn, the error it adds summed over the
-    tokens.
+    tokens (a step's joint cost shared evenly by its rows).
     """
     error_prior = fit.error(prior)
     failure = "pruning MLP neurons: the least-squares statistics are not finite; try a larger --ridge"
-    alive, searched, lam, shift, b = _search(fit, prior, ridge, rows, keep, block, work, failure)
+    lam, shift = _ridge(fit.xx, ridge)
+    b = fit.xy + lam * prior  # X^T Y + lam P
+    alive, searched = _search(fit.xx, shift, rows, keep, block, work, failure, b=b)
     if costs is not None:
         costs.extend(searched)
     kept = alive.nonzero().flatten()
@@ -358,14 +368,17 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     return w, kept, error_prior, error_fit
 
 
-def removal_costs(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int,
+def removal_costs(xx: torch.Tensor, weights: torch.Tensor, ridge: float, rows: range, keep: int,
                   block: int = OBS_BLOCK, work: torch.dtype = torch.float32) -> list[float]:
-    """What removing all but `keep` of `rows` costs, one removal after another, `block` rows a step
-    (`prune`'s search without its fit); `fit` must be summed over ranks. A block a step reads W and
-    H^-1 once per block instead of once per row: that makes pricing every layer's neurons down to a
-    floor affordable (`allocation.probe_neuron_costs`)."""
-    return _search(fit, prior, ridge, rows, keep, block, work,
-                   "pricing MLP neurons: the least-squares statistics are not finite; try a larger --ridge")[1]
+    """What removing all but `keep` of `rows` from a linear's own weights costs, one removal after
+    another, `block` rows a step (`prune`'s search without its fit), on the Gram `xx` of its inputs
+    (summed over ranks). `weights` ([inputs, outputs]) are the ridge fit of their own outputs, so no
+    X^T Y is needed: the sums are one n x n matrix. A block a step reads W and H^-1 once per block
+    instead of once per row: that makes pricing every layer's neurons down to a floor affordable
+    (`allocation.probe_neuron_costs`)."""
+    return _search(xx, _ridge(xx, ridge)[1], rows, keep, block, work,
+                   "pricing MLP neurons: the least-squares statistics are not finite; try a larger --ridge",
+                   w=weights)[1]
 
 
 def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, head_dim: int, groups: int,
