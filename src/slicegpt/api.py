@@ -151,8 +151,8 @@ def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bo
     if plan.measured and plan.layer_neurons is None:
         round_to = plan.levers.round_to
         floor = min(layer_floor(plan.dense_neurons, round_to), plan.neurons)
-        curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, block=round_to,
-                                    offload=offload, offload_dir=offload_dir, progress=progress, ranks=ranks)
+        curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, offload=offload,
+                                    offload_dir=offload_dir, progress=progress, ranks=ranks)
         plan = with_layer_neurons(plan, view, adapter, curves)
     return plan
 

@@ -42,12 +42,12 @@ def layer_floor(dense: int, round_to: int) -> int:
 
 @torch.no_grad()
 def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ridge: float, floor: int,
-                       block: int = 1, offload: str = "cpu", offload_dir=None, progress: bool = True,
+                       offload: str = "cpu", offload_dir=None, progress: bool = True,
                        ranks: Ranks | None = None) -> list[list[float]]:
     """Per layer, the cost of each removal of an MLP neuron in turn (down to `floor` kept), on one scale.
 
     Runs the dense layers as they are on the first batches (`PROBE_WINDOWS` windows); the sums
-    are over every rank's. The search removes `block` neurons a step (the allocation's unit)."""
+    are over every rank's."""
     from tqdm.auto import tqdm
 
     from slicegpt.core.streams import dense_entry, residual
@@ -100,7 +100,7 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
                             hook.remove()
                 work = torch.float64 if weight.dtype == torch.float64 else torch.float32
                 fit.reduce(ranks)
-                costs = removal_costs(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), floor, block, work=work)
+                costs = removal_costs(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), floor, work=work)
                 curves.append([c / max(fit.tokens, 1) for c in costs])
                 view.offload(f"{adapter.layers}.{li}")
                 bar.update()
