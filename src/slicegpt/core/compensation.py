@@ -280,9 +280,10 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
     ``tr(W_B^T [H^-1]_BB^-1 W_B)`` (spread evenly over the block) and refits the rest: a
     rank-|B| update of W and of H^-1, in place (one n x n matrix beyond the sums, two while it is
     compacted). Once a quarter of the rows are gone they are dropped from both (what is left of
-    H^-1 is the inverse of the kept rows' H), so later steps read less. The fit starts from (X^T X + shift I)^-1 `b` (b = X^T Y +
-    lam P), or from `w` where it is known. Returns the mask of the rows kept (all of those outside
-    `rows` too) and each removal's cost (the error it adds summed over the tokens)."""
+    H^-1 is the inverse of the kept rows' H), so later steps read less. The fit starts from
+    (X^T X + shift I)^-1 `b` (b = X^T Y + lam P), or from `w` where it is known. Returns the mask
+    of the rows kept (all of those outside `rows` too) and each removal's cost (the error it adds
+    summed over the tokens)."""
     n = xx.shape[0]
     kept = torch.ones(n, dtype=torch.bool, device=xx.device)
     costs: list[float] = []
