@@ -139,6 +139,8 @@ def child(args) -> dict:
         return {"perplexity": slicegpt.perplexity(model, windows, progress=False), "seconds": m.seconds,
                 "parameters": slicegpt.count_parameters(model), "dropped": dropped, "floor_seconds": floor}
     options = {**row_settings(name), "size": size}
+    if args.ridge is not None:
+        options["ridge"] = args.ridge
     with measure() as m:
         model, config = slicegpt.slice_model(model, tokenizer, calibration, batch_size=args.batch_size,
                                              progress=False, **options)
@@ -155,6 +157,7 @@ def main() -> None:
     p.add_argument("--rows", default="paper,compensation,adaptive widths,stream sliced,default,shortgpt",
                    help=f"comma-separated, from: {', '.join(ROWS)}, default + heads GxR")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--ridge", type=float, default=None, help="compensation's ridge (default: the recipe's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
