@@ -1,5 +1,6 @@
 """One budget across layers: MLP neurons shared by measured loss, saved, loaded and exported."""
 
+import copy
 import json
 
 import pytest
@@ -49,7 +50,7 @@ def test_removal_costs_are_exact_obs_steps_a_block_at_a_time(block):
     lam = ridge * float(fit.xx.diagonal().sum()) / n
     b = fit.xy + lam * prior
     searched: list[float] = []
-    _, kept, _, _ = prune(fit, prior, ridge, range(2, n), keep, costs=searched, block=1)
+    _, kept, _, _ = prune(copy.deepcopy(fit), prior, ridge, range(2, n), keep, costs=searched, block=1)
     if block == 1:
         assert costs == pytest.approx(searched, rel=1e-9)
         assert sum(costs) == pytest.approx(_ridge_value(fit, b, lam, kept) - _ridge_value(fit, b, lam, torch.arange(n)))

@@ -244,21 +244,27 @@ def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor
     h = xx.to(dtype, copy=True)
     if not _factor(h, shift) or not bool(torch.isfinite(h.diagonal()).all()):
         return None
-    return torch.cholesky_inverse(h)
+    return torch.cholesky_inverse(h, out=h)  # in place: no second n x n matrix
 
 
 POOL = 4  # a search step picks its rows among POOL x block candidates, the cheapest one by one
 
 
 def _greedy(hinv: torch.Tensor, w: torch.Tensor, k: int) -> list[int]:
-    """The k rows that greedy OBS removes from a small problem (H^-1 and W of a pool of rows), in order."""
+    """The k rows that greedy OBS removes from a small problem (H^-1 and W of a pool of rows), in order.
+
+    Works on the pool's Gram G = W W^T instead of W: a row's score is G_jj / [H^-1]_jj, and
+    removing row j (W <- W - c w_j^T, c = H^-1_{:j} / H^-1_jj) is G <- G - c g_j^T - g_j c^T + G_jj c c^T,
+    so every step is pool x pool however wide W is."""
+    g = w @ w.T
     alive = torch.ones(len(w), dtype=torch.bool, device=w.device)
     inf = torch.tensor(torch.inf, dtype=w.dtype, device=w.device)
     chosen = []
     for _ in range(k):
-        j = int(torch.where(alive, w.pow(2).sum(1) / hinv.diagonal().clamp_min(1e-300), inf).argmin())
+        j = int(torch.where(alive, g.diagonal() / hinv.diagonal().clamp_min(1e-300), inf).argmin())
         column = hinv[:, j] / hinv[j, j].clamp_min(1e-300)
-        w = w - torch.outer(column, w[j])
+        gj = g[:, j].clone()
+        g = g - torch.outer(column, gj) - torch.outer(gj, column) + gj[j] * torch.outer(column, column)
         hinv = hinv - torch.outer(column, hinv[j])
         alive[j] = False
         chosen.append(j)
@@ -312,7 +318,8 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
             held, dropped = len(ids), 0
         k = min(block, removals - t)
         # (a diagonal that rounding took to or below zero: that row is not priced as free)
-        scores = torch.where(candidate, w.pow(2).sum(1) / hinv.diagonal().clamp_min(tiny), inf)
+        norms = torch.linalg.vector_norm(w, dim=1).square()  # (no n x d temporary, unlike w.pow(2))
+        scores = torch.where(candidate, norms / hinv.diagonal().clamp_min(tiny), inf)
         if k == 1:
             index = scores.argmin().reshape(1)
         else:  # the block, row by row among the cheapest few (two copies of a neuron are not both cheap)
@@ -326,7 +333,7 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
             raise SliceGPTError(failure)
         wb = w[index].to(torch.float64)
         costs.extend([float(torch.linalg.solve_triangular(factor, wb, upper=False).pow(2).sum()) / k] * k)
-        w.sub_(rows_b.T @ torch.cholesky_solve(wb, factor).to(work))
+        w.addmm_(rows_b.T, torch.cholesky_solve(wb, factor).to(work), alpha=-1.0)
         v = torch.linalg.solve_triangular(factor, rows_b.to(torch.float64), upper=False).to(work)
         hinv.addmm_(v.T, v, alpha=-1.0)  # H^-1 - H^-1_{:B} [H^-1_BB]^-1 H^-1_{B:}
         w[index] = 0.0
@@ -341,7 +348,8 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
 def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, keep: int,
           work: torch.dtype = torch.float64, costs: list[float] | None = None, block: int = OBS_BLOCK
           ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """The ridge fit with all but `keep` of `rows` removed (structured OBS); `fit` must be summed over ranks.
+    """The ridge fit with all but `keep` of `rows` removed (structured OBS); `fit` must be summed over
+    ranks, and is consumed (its sums are changed and released).
 
     Removing input j of a least-squares fit and refitting the others costs
     ``|W_j|^2 / [H^-1]_jj`` (H = X^T X + lam I, shared by every output column), and the
@@ -357,14 +365,15 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     error_prior = fit.error(prior)
     failure = "pruning MLP neurons: the least-squares statistics are not finite; try a larger --ridge"
     lam, shift = _ridge(fit.xx, ridge)
-    b = fit.xy + lam * prior  # X^T Y + lam P
-    alive, searched = _search(fit.xx, shift, rows, keep, block, work, failure, b=b)
+    xx, b = fit.xx, fit.xy.add_(prior, alpha=lam)  # b = X^T Y + lam P, formed in place
+    fit.xx = fit.xy = None  # consumed (as `LeastSquares.solve`): each n x n matrix is freed once read
+    alive, searched = _search(xx, shift, rows, keep, block, work, failure, b=b)
     if costs is not None:
         costs.extend(searched)
     kept = alive.nonzero().flatten()
     # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I (k x k gathered directly)
-    w, error_fit = _ridge_solution(fit.xx[kept[:, None], kept], b[kept], prior[kept], shift, lam, fit.yy,
-                                   fit.tokens, failure)
+    xx = xx[kept[:, None], kept]
+    w, error_fit = _ridge_solution(xx, b[kept], prior[kept], shift, lam, fit.yy, fit.tokens, failure)
     return w, kept, error_prior, error_fit
 
 
