@@ -135,3 +135,57 @@ def test_measured_allocation_with_nothing_to_share_is_refused(calibration):
         slicegpt.plan_slice(make_model("llama"), size=0.8, allocation="global")
     # the paper's recipe prunes no neurons: its plan is untouched
     assert not slicegpt.plan_slice(make_model("llama"), recipe="paper", slicing=0.25).measured
+
+
+@pytest.mark.parametrize("keep", [(3, 2), (2, 3), (1, 1)])
+def test_head_removal_cost_is_what_the_heads_add_to_the_ridge_objective(keep):
+    """The probe's price of a head layout: `prune_heads`'s search on a linear's own weights (the fit of
+    its own outputs, so the Gram alone), the increase of the refitted ridge objective over all its rows."""
+    from slicegpt.core.compensation import head_removal_cost, prune_heads
+
+    torch.manual_seed(1)
+    head_dim, groups, per_group = 4, 3, 3
+    n, tokens = head_dim * groups * per_group, 400
+    x = torch.randn(tokens, n, dtype=torch.float64) * torch.linspace(0.3, 2.0, n, dtype=torch.float64)
+    w = torch.randn(n, 6, dtype=torch.float64)
+    fit = LeastSquares(n, 6)
+    fit.update(x, x @ w)
+    fit.reduce(Ranks())
+    ridge = 0.05
+    lam = ridge * float(fit.xx.diagonal().sum()) / n
+    b = fit.xy + lam * w
+    # the weights the probe prices are the ridge fit itself: W = (X^T X + lam I)^-1 b
+    own = torch.linalg.solve(fit.xx + lam * torch.eye(n, dtype=torch.float64), b)
+    cost = head_removal_cost(fit.xx, own, ridge, range(0, n), head_dim, groups, keep)
+    _, kept, _, _ = prune_heads(copy.deepcopy(fit), own, ridge, range(0, n), head_dim, groups, keep)
+    assert len(kept) == head_dim * keep[0] * keep[1]
+    assert cost == pytest.approx(_ridge_value(fit, b, lam, kept) - _ridge_value(fit, b, lam, torch.arange(n)))
+    assert head_removal_cost(fit.xx, own, ridge, range(0, n), head_dim, groups, (groups, per_group)) == 0.0
+
+
+def test_heads_that_carry_nothing_are_pruned_for_neurons_by_measured_loss(tokenizer, calibration, tmp_path):
+    """`--heads auto` with measured allocation weighs every head layout that keeps the stream whole against
+    the MLP neurons its parameters would keep: a query head per group that writes nothing costs nothing, so
+    the default drops it and keeps more neurons; the record holds every layout's cost; the output loads."""
+    dense = make_model("llama")
+    with torch.no_grad():
+        for layer in dense.model.layers:  # 2 key/value groups of 2 query heads, 16 wide: the second of each mute
+            layer.self_attn.o_proj.weight[:, 16:32] = 0.0
+            layer.self_attn.o_proj.weight[:, 48:64] = 0.0
+    plan = slicegpt.plan_slice(dense, size=0.8)
+    assert plan.heads_by_loss and plan.heads is None
+    assert "weighed against MLP neurons by measured loss, chosen at run time" in dict(plan.rows())["attention heads"]
+    model, config = slicegpt.slice_model(dense, tokenizer, calibration, size=0.8, progress=False)
+    costs = config.plan["head_costs"]
+    assert {"all", "2x1", "1x2"} <= set(costs) and min(costs, key=costs.get) == "2x1"
+    assert costs["2x1"] < costs["all"]
+    assert config.attention_heads == [2, 1] and config.heads == "auto" and config.allocation == "measured"
+    assert config.parameters_sliced == slicegpt.count_parameters(model) <= int(0.8 * slicegpt.count_parameters(
+        make_model("llama")))
+    assert config.mlp_neurons > plan.neurons  # the heads' parameters went to the neurons
+    ids = calibration.input_ids[:2, :32]
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    loaded = slicegpt.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+    assert [layer.self_attn.o_proj.weight.shape[1] for layer in loaded.model.model.layers] == [32] * 3

@@ -99,6 +99,10 @@ def test_a_dry_run_reads_only_the_config_and_predicts_the_real_run(case, model_d
         assert expected["layer_neurons"] is None and record["plan"]["layer_neurons"] == record["mlp_neurons_per_layer"]
         assert sum(record["mlp_neurons_per_layer"]) == plan.neurons * len(record["mlp_neurons_per_layer"])
         same.pop("layer_neurons")
+    if plan.heads_by_loss:  # heads weighed against neurons at run time: here keeping every head costs least
+        costs = record["plan"]["head_costs"]
+        assert expected["head_costs"] is None and "all" in costs and len(costs) > 1 and min(costs, key=costs.get) == "all"
+        same.pop("head_costs")
     for carried in (_json(run.config.plan), record["plan"], _json(run.plan.to_dict())):
         assert {k: carried[k] for k in same} == same
     assert record["plan"]["model"] == str(dense) and record["recipe"] == record["method"] == recipe

@@ -14,7 +14,7 @@ from torch import nn
 
 from slicegpt.adapters import get_adapter
 from slicegpt.config import SlicingConfig
-from slicegpt.core.allocation import layer_floor, probe_neuron_costs
+from slicegpt.core.allocation import layer_floor, probe_costs
 from slicegpt.core.compensation import dense_first_batches
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.engine import slice_layers
@@ -26,7 +26,8 @@ from slicegpt.evaluation.perplexity import count_parameters
 from slicegpt.formats.loading import load_model, model_config
 from slicegpt.formats.standard import to_standard
 from slicegpt.modeling.runtime import sliced_structure
-from slicegpt.plan import Plan, SliceSettings, check_settings, make_plan, record, settings_from, with_layer_neurons
+from slicegpt.plan import (Plan, SliceSettings, check_settings, choose_heads, head_choices, make_plan, record,
+                           settings_from, with_layer_neurons)
 
 
 def calibration_data(tokenizer, source: str | os.PathLike = DEFAULT_DATA, samples: int = 32,
@@ -149,11 +150,14 @@ def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bo
         plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
                          batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir)
     if plan.measured and plan.layer_neurons is None:
-        round_to = plan.levers.round_to
-        floor = min(layer_floor(plan.dense_neurons, round_to), plan.neurons)
-        curves = probe_neuron_costs(view, adapter, batches, plan.levers.ridge, floor, offload=offload,
-                                    offload_dir=offload_dir, progress=progress, ranks=ranks)
-        plan = with_layer_neurons(plan, view, adapter, curves)
+        choices = head_choices(plan, view, adapter)  # `--heads auto`: layouts weighed against neurons
+        layouts = [layout for layout in choices if layout is not None]
+        floor = min(layer_floor(plan.dense_neurons, plan.levers.round_to),
+                    *(choice.neurons for choice in choices.values()), plan.neurons)
+        probe = probe_costs(view, adapter, batches, plan.levers.ridge, floor, layouts=layouts, offload=offload,
+                            offload_dir=offload_dir, progress=progress, ranks=ranks)
+        plan = (choose_heads(choices, probe.neurons, probe.heads, view, adapter) if choices
+                else with_layer_neurons(plan, view, adapter, probe.neurons))
     return plan
 
 

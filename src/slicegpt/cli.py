@@ -157,7 +157,9 @@ def _slice_summary(run) -> list[tuple[str, str]]:
     if plan.heads is not None:
         (groups, per_group), (kept, kept_per_group) = config.attention_heads_dense, config.attention_heads
         rows.append(("attention heads", f"{groups * per_group} ({groups} key/value x {per_group} query) -> "
-                                        f"{kept * kept_per_group} ({kept} x {kept_per_group}) per layer"))
+                                        f"{kept * kept_per_group} ({kept} x {kept_per_group}) per layer"
+                                        + (" (weighed against MLP neurons by measured loss)" if plan.head_costs
+                                           else "")))
     if not plan.identity:
         rows.append(("hidden size", f"{config.hidden_size} -> {config.sliced_hidden_size}"
                                     + (" (mean over boundaries)" if plan.layout == "per-layer" else "")))
@@ -663,9 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers class)")
     g.add_argument("--heads", default=None, metavar="auto|off|FRACTION|GxR",
                    help="attention heads kept per layer, pruned in compensation's refit of the output projection "
-                        "(OBS on whole heads): auto (the default recipe's: Gemma 2/3 past the MLP neuron floor keep "
-                        "the most heads that meet the size with the stream whole, instead of slicing the stream; "
-                        "elsewhere every head stays), off, a fraction of the query heads, or GxR: G "
+                        "(OBS on whole heads): auto (the default recipe's: while the stream stays whole, each head "
+                        "layout that keeps it so is weighed against the MLP neurons its parameters would keep, by "
+                        "the probe's measured loss (--allocation measured); Gemma 2/3 past the MLP neuron floor "
+                        "prune heads instead of slicing the stream; elsewhere every head stays), off, a fraction of the query heads, or GxR: G "
                         "key/value heads with R query heads each (e.g. 2x3 of SmolLM2's 3x3: one whole group); "
                         "with --size the neurons fill the rest of the budget. Llama-like families (llama, mistral, "
                         "qwen2, qwen3, gemma, gemma2, gemma3_text)")

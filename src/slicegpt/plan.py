@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from slicegpt.adapters import ADAPTERS, ModelAdapter
 from slicegpt.adapters.base import branch_groups
 from slicegpt.config import SlicingConfig
-from slicegpt.core.allocation import allocate_neurons
+from slicegpt.core.allocation import allocate_neurons, neuron_cost
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.budget import parameter_model
 from slicegpt.core.engine import per_layer_ties
@@ -118,12 +118,21 @@ class Plan:
     # MLP neurons per layer when measured allocation shares them (chosen at run time from the probe;
     # their mean is `neurons`)
     layer_neurons: tuple[int, ...] | None = None
+    # `--heads auto` with measured allocation: the probe's cost of each head layout weighed (with the
+    # neurons that layout leaves to prune), "GxR" or "all" -> cost; None until the run has probed
+    head_costs: dict[str, float] | None = None
     version: str = __version__
 
     @property
     def measured(self) -> bool:
         """Each layer keeps its own count of MLP neurons, by measured loss (`core.allocation`)."""
         return self.levers.allocation == "measured" and self.neurons is not None
+
+    @property
+    def heads_by_loss(self) -> bool:
+        """`--heads auto` weighs attention heads against MLP neurons by measured loss (`choose_heads`):
+        measured allocation, heads the family describes, and the stream kept whole."""
+        return (self.levers.heads == "auto" and self.measured and self.identity and self.dense_heads is not None)
 
     @property
     def stock_class(self) -> bool:
@@ -179,8 +188,14 @@ class Plan:
         if self.dense_neurons is not None:
             rows.append(("MLP neurons", _neurons_text(self)))
         if self.dense_heads is not None:
-            rows.append(("attention heads", _heads_text(self.dense_heads) + (
-                f" -> {_heads_text(self.heads)} per layer" if self.heads is not None else " per layer, none pruned")))
+            chosen = " per layer, none pruned"
+            if self.heads is not None:
+                chosen = f" -> {_heads_text(self.heads)} per layer"
+            if self.heads_by_loss:
+                chosen = (" per layer; how many stay is weighed against MLP neurons by measured loss, chosen at run "
+                          "time" if self.head_costs is None else chosen + " (weighed against MLP neurons by measured "
+                                                                          "loss)")
+            rows.append(("attention heads", _heads_text(self.dense_heads) + chosen))
         rows.append(("head", _head_text(self)))
         predicted = (f"{self.dense_parameters:,} -> {self.predicted_parameters:,} "
                      f"({self.predicted_parameters / self.dense_parameters:.1%})"
@@ -464,6 +479,47 @@ def with_layer_neurons(plan: Plan, view: LayeredModel, adapter: ModelAdapter, cu
     counts = tuple(allocate_neurons(curves, plan.dense_neurons, plan.neurons, plan.levers.round_to,
                                     counter.neuron_costs(widths)))
     return replace(plan, layer_neurons=counts, predicted_parameters=counter.count(widths, counts))
+
+
+def layout_name(heads: tuple[int, int] | None) -> str:
+    return "all" if heads is None else f"{heads[0]}x{heads[1]}"
+
+
+def head_choices(plan: Plan, view: LayeredModel, adapter: ModelAdapter) -> dict[tuple[int, int] | None, Plan]:
+    """The plans `--heads auto` weighs by measured loss (`Plan.heads_by_loss`; else none): the plan as
+    made, and one per smaller head layout whose plan also keeps the stream whole, its MLP neurons
+    filling the rest of the size."""
+    if not plan.heads_by_loss:
+        return {}
+    choices = {plan.heads: plan}
+    for layout in head_candidates(plan.dense_heads):
+        if plan.heads is not None and layout[0] * layout[1] >= plan.heads[0] * plan.heads[1]:
+            continue  # (with more heads than auto's layout the stream could not stay whole)
+        try:
+            candidate = make_plan(settings_from(plan.settings, heads=layout_name(layout)), view, adapter,
+                                  model=plan.model, dense_parameters=plan.dense_parameters)
+        except SliceGPTError:  # a layout the size cannot use (every neuron kept, or the stream sliced)
+            continue
+        if candidate.identity and candidate.neurons is not None and candidate.heads == layout:
+            choices[layout] = replace(candidate, settings=plan.settings, levers=plan.levers)
+    return choices
+
+
+def choose_heads(choices: dict[tuple[int, int] | None, Plan], curves, head_costs, view: LayeredModel,
+                 adapter: ModelAdapter) -> Plan:
+    """Of the head layouts weighed, the one whose probe cost is least: its heads' cost (summed over
+    layers, `head_costs[layer][layout]`) plus that of the MLP neurons its size leaves to prune, shared
+    among layers by the same curves (`with_layer_neurons`). The layout of the plan as made wins ties."""
+    weighed, best = {}, None
+    for layout, candidate in choices.items():
+        planned = with_layer_neurons(candidate, view, adapter, curves)
+        cost = neuron_cost(curves, planned.layer_neurons, planned.dense_neurons)
+        if layout is not None and layout != planned.dense_heads:
+            cost += sum(layer[layout] for layer in head_costs)
+        weighed[layout_name(layout)] = cost
+        if best is None or cost < best[0]:
+            best = (cost, planned)
+    return replace(best[1], head_costs=weighed)
 
 
 def with_widths(plan: Plan, widths: list[int]) -> Plan:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.core.compensation import LeastSquares, removal_costs
+from slicegpt.core.compensation import LeastSquares, head_removal_cost, removal_costs
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite, targets
@@ -40,14 +41,26 @@ def layer_floor(dense: int, round_to: int) -> int:
     return min(dense, max(round_to, math.ceil(LAYER_FLOOR * dense / round_to) * round_to))
 
 
+@dataclass
+class Probe:
+    """What the probe measured, per layer, on one scale (an error per token relative to the stream's RMS):
+    each MLP neuron removal's cost in turn (`neurons`), and the cost of each attention head layout priced
+    (`heads`: (key/value heads, query heads each) -> cost)."""
+
+    neurons: list[list[float]]
+    heads: list[dict[tuple[int, int], float]]
+
+
 @torch.no_grad()
-def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ridge: float, floor: int,
-                       offload: str = "cpu", offload_dir=None, progress: bool = True,
-                       ranks: Ranks | None = None) -> list[list[float]]:
-    """Per layer, the cost of each removal of an MLP neuron in turn (down to `floor` kept), on one scale.
+def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ridge: float, floor: int,
+                layouts: Sequence[tuple[int, int]] = (), offload: str = "cpu", offload_dir=None,
+                progress: bool = True, ranks: Ranks | None = None) -> Probe:
+    """Per layer, the cost of each removal of an MLP neuron in turn (down to `floor` kept) and of each head
+    layout in `layouts`, on one scale.
 
     Runs the dense layers as they are on the first batches (`PROBE_WINDOWS` windows); the sums
-    are over every rank's."""
+    are over every rank's. A branch's error is taken on its output linear (the down projection, the
+    attention's output projection) with the other rows refitted, as the run prunes them."""
     from tqdm.auto import tqdm
 
     from slicegpt.core.streams import dense_entry, residual
@@ -63,20 +76,23 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
     structure = adapter.structure()
     specs = {b["name"]: b for b in structure["branches"]}
     mlp = next(b for b in adapter.branches if b.neurons)
-    curves: list[list[float]] = []
+    attention = next((b for b in adapter.branches if b.heads), None) if layouts else None
+    probe = Probe([], [])
     with dense_entry(view, adapter, used, offload, offload_dir) as (cache, arguments):
-        with tqdm(total=n_layers, desc="probing neurons", unit="layer",
+        with tqdm(total=n_layers, desc="probing neurons" + (" and heads" if attention else ""), unit="layer",
                   disable=not progress or not ranks.writer) as bar:
             for li in range(n_layers):
                 layer = view.onload(f"{adapter.layers}.{li}")
-                target = targets(layer, mlp, "outputs")[0]
-                weight = output_matrix(target)[0]  # without the bias (a constant the fit ignores)
-                # the writer's own weights are the fit of its own outputs: the Gram alone (no outputs)
-                fit = LeastSquares(weight.shape[-1], 0, view.device)
+                priced = [b for b in (mlp, attention) if b is not None]
+                linears = {b.name: targets(layer, b, "outputs")[0] for b in priced}
+                # each linear's own weights are the fit of its own outputs: the Gram alone (no outputs)
+                fits = {name: LeastSquares(output_matrix(t)[0].shape[-1], 0, view.device)
+                        for name, t in linears.items()}
                 for group in branch_groups(adapter.branches):
-                    seen: list[torch.Tensor] = []
-                    hook = target[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0])) \
-                        if mlp in group else None
+                    seen: dict[str, torch.Tensor] = {}
+                    hooks = [linears[b.name][0].register_forward_hook(
+                        lambda m, inp, out, name=b.name: seen.__setitem__(name, inp[0]))
+                        for b in group if b.name in linears]
                     try:
                         for b in range(len(cache)):
                             mask = used[b][1].to(view.device)
@@ -85,26 +101,44 @@ def probe_neuron_costs(view: LayeredModel, adapter: ModelAdapter, batches: Seque
                                          arguments.get(li, b, view.device))
                             check_finite(h, f"of layer {li}")
                             cache.put(b, h)
-                            if hook is None:
+                            if not hooks:
                                 continue
-                            x = seen[0]
                             h = h.to(torch.float64)
                             if adapter.norm_kind == "layernorm":
                                 h = h - h.mean(dim=-1, keepdim=True)
                             # each token's error relative to its own stream's RMS, which the next norm
                             # divides by (a few tokens' massive activations would otherwise set the scale)
-                            x = x * h.pow(2).mean(-1, keepdim=True).clamp_min(1e-30).rsqrt().to(x.dtype)
-                            fit.update(x, x[..., :0], mask)
+                            scale = h.pow(2).mean(-1, keepdim=True).clamp_min(1e-30).rsqrt()
+                            for name, x in seen.items():
+                                x = x * scale.to(x.dtype)
+                                fits[name].update(x, x[..., :0], mask)
                     finally:
-                        if hook is not None:
+                        for hook in hooks:
                             hook.remove()
+                for name, fit in fits.items():
+                    fit.reduce(ranks)
+                weight = output_matrix(linears[mlp.name])[0]  # without the bias (a constant the fit ignores)
                 work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-                fit.reduce(ranks)
+                fit = fits[mlp.name]
                 costs = removal_costs(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), floor, work=work)
-                curves.append([c / max(fit.tokens, 1) for c in costs])
+                probe.neurons.append([c / max(fit.tokens, 1) for c in costs])
+                probe.heads.append({})
+                if attention is not None:
+                    weight, fit = output_matrix(linears[attention.name])[0], fits[attention.name]
+                    head_dim = get_path(layer, attention.heads.head_dim)
+                    groups = weight.shape[-1] // head_dim // get_path(layer, attention.heads.groups)
+                    for layout in layouts:
+                        cost = head_removal_cost(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), head_dim,
+                                                 groups, layout)
+                        probe.heads[-1][tuple(layout)] = cost / max(fit.tokens, 1)
                 view.offload(f"{adapter.layers}.{li}")
                 bar.update()
-    return curves
+    return probe
+
+
+def neuron_cost(curves: Sequence[Sequence[float]], counts: Sequence[int], dense: int) -> float:
+    """The probe's cost of keeping `counts` neurons per layer: each layer's first removals summed."""
+    return float(sum(sum(curve[:dense - count]) for curve, count in zip(curves, counts)))
 
 
 def allocate_neurons(curves: Sequence[Sequence[float]], dense: int, keep: int, round_to: int,

@@ -390,6 +390,42 @@ def removal_costs(xx: torch.Tensor, weights: torch.Tensor, ridge: float, rows: r
                    w=weights)[1]
 
 
+def _head_search(hinv: torch.Tensor, w: torch.Tensor, rows: range, head_dim: int, groups: int,
+                 keep: tuple[int, int]) -> tuple[list[int], float]:
+    """Greedy block OBS over attention heads down to `keep` (see `prune_heads`), on H^-1 and the fit W
+    (changed in place of neither: the updates make new tensors). Returns the kept heads (indices
+    within `rows`, in order) and the summed cost of the removals (the error they add over the tokens)."""
+    per_group = len(rows) // head_dim // groups
+    alive = {g: list(range(g * per_group, (g + 1) * per_group)) for g in range(groups)}
+    total = 0.0
+
+    def block(heads: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(rows.start + h * head_dim, rows.start + (h + 1) * head_dim)
+                          for h in heads]).to(w.device)
+
+    def cost(index: torch.Tensor) -> float:
+        return float((w[index] * torch.linalg.solve(hinv[index][:, index], w[index])).sum())
+
+    def remove(index: torch.Tensor) -> None:
+        nonlocal w, hinv, total
+        total += cost(index)
+        column = hinv[:, index]
+        inverse = torch.linalg.inv(hinv[index][:, index])
+        w = w - column @ (inverse @ w[index])
+        hinv = hinv - column @ inverse @ column.T
+        w[index] = 0.0
+
+    while len(alive) > keep[0]:
+        group = min(alive, key=lambda g: cost(block(alive[g])))
+        remove(block(alive.pop(group)))
+    while any(len(heads) > keep[1] for heads in alive.values()):
+        group, head = min(((g, h) for g, heads in alive.items() if len(heads) > keep[1] for h in heads),
+                          key=lambda gh: cost(block([gh[1]])))
+        alive[group].remove(head)
+        remove(block([head]))
+    return sorted(h for heads in alive.values() for h in heads), total
+
+
 def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, head_dim: int, groups: int,
                 keep: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The ridge fit with whole attention heads removed (block OBS); `fit` must be summed over ranks.
@@ -405,47 +441,33 @@ def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: rang
     """
     n = fit.xx.shape[0]
     error_prior = fit.error(prior)
-    lam = ridge * float(fit.xx.diagonal().sum()) / n
-    shift = max(lam, 1e-12 * float(fit.xx.diagonal().abs().max().clamp_min(1.0)))
+    lam, shift = _ridge(fit.xx, ridge)
     b = fit.xy + lam * prior
     failure = "pruning attention heads: the least-squares statistics are not finite; try a larger --ridge"
     hinv = _inverse(fit.xx, shift, torch.float64)
     if hinv is None:
         raise SliceGPTError(failure)
-    w = hinv @ b.to(torch.float64)
-    per_group = len(rows) // head_dim // groups
-    alive = {g: list(range(g * per_group, (g + 1) * per_group)) for g in range(groups)}
-
-    def block(heads: list[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(rows.start + h * head_dim, rows.start + (h + 1) * head_dim)
-                          for h in heads]).to(w.device)
-
-    def cost(index: torch.Tensor) -> float:
-        return float((w[index] * torch.linalg.solve(hinv[index][:, index], w[index])).sum())
-
-    def remove(index: torch.Tensor) -> None:
-        nonlocal w, hinv
-        column = hinv[:, index]
-        inverse = torch.linalg.inv(hinv[index][:, index])
-        w = w - column @ (inverse @ w[index])
-        hinv = hinv - column @ inverse @ column.T
-        w[index] = 0.0
-
-    while len(alive) > keep[0]:
-        group = min(alive, key=lambda g: cost(block(alive[g])))
-        remove(block(alive.pop(group)))
-    while any(len(heads) > keep[1] for heads in alive.values()):
-        group, head = min(((g, h) for g, heads in alive.items() if len(heads) > keep[1] for h in heads),
-                          key=lambda gh: cost(block([gh[1]])))
-        alive[group].remove(head)
-        remove(block([head]))
+    heads, _ = _head_search(hinv, hinv @ b.to(torch.float64), rows, head_dim, groups, keep)
     kept_rows = torch.ones(n, dtype=torch.bool, device=b.device)
     kept_rows[rows.start:rows.stop] = False
-    kept_rows[block(sorted(h for heads in alive.values() for h in heads))] = True
+    for h in heads:
+        kept_rows[rows.start + h * head_dim:rows.start + (h + 1) * head_dim] = True
     kept = kept_rows.nonzero().flatten()
     w, error_fit = _ridge_solution(fit.xx[kept[:, None], kept], b[kept], prior[kept], shift, lam, fit.yy,
                                    fit.tokens, failure)
     return w, kept, error_prior, error_fit
+
+
+def head_removal_cost(xx: torch.Tensor, weights: torch.Tensor, ridge: float, rows: range, head_dim: int,
+                      groups: int, keep: tuple[int, int]) -> float:
+    """What pruning a linear's own weights down to the head layout `keep` costs (`prune_heads`'s search
+    without its fit), summed over the tokens of the Gram `xx` of its inputs: `weights` ([inputs,
+    outputs]) are the ridge fit of their own outputs, so no X^T Y is needed (`removal_costs` for heads)."""
+    failure = "pricing attention heads: the least-squares statistics are not finite; try a larger --ridge"
+    hinv = _inverse(xx, _ridge(xx, ridge)[1], torch.float64)
+    if hinv is None:
+        raise SliceGPTError(failure)
+    return _head_search(hinv, weights.to(device=hinv.device, dtype=torch.float64), rows, head_dim, groups, keep)[1]
 
 
 @dataclass
