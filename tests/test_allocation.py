@@ -141,7 +141,7 @@ def test_measured_allocation_with_nothing_to_share_is_refused(calibration):
 def test_head_removal_cost_is_what_the_heads_add_to_the_ridge_objective(keep):
     """The probe's price of a head layout: `prune_heads`'s search on a linear's own weights (the fit of
     its own outputs, so the Gram alone), the increase of the refitted ridge objective over all its rows."""
-    from slicegpt.core.compensation import head_removal_cost, prune_heads
+    from slicegpt.core.compensation import head_removal_costs, prune_heads
 
     torch.manual_seed(1)
     head_dim, groups, per_group = 4, 3, 3
@@ -156,11 +156,11 @@ def test_head_removal_cost_is_what_the_heads_add_to_the_ridge_objective(keep):
     b = fit.xy + lam * w
     # the weights the probe prices are the ridge fit itself: W = (X^T X + lam I)^-1 b
     own = torch.linalg.solve(fit.xx + lam * torch.eye(n, dtype=torch.float64), b)
-    cost = head_removal_cost(fit.xx, own, ridge, range(0, n), head_dim, groups, keep)
+    cost, whole = head_removal_costs(fit.xx, own, ridge, range(0, n), head_dim, groups, [keep, (groups, per_group)])
     _, kept, _, _ = prune_heads(copy.deepcopy(fit), own, ridge, range(0, n), head_dim, groups, keep)
     assert len(kept) == head_dim * keep[0] * keep[1]
     assert cost == pytest.approx(_ridge_value(fit, b, lam, kept) - _ridge_value(fit, b, lam, torch.arange(n)))
-    assert head_removal_cost(fit.xx, own, ridge, range(0, n), head_dim, groups, (groups, per_group)) == 0.0
+    assert whole == 0.0  # (every head kept)
 
 
 def test_heads_that_carry_nothing_are_pruned_for_neurons_by_measured_loss(tokenizer, calibration, tmp_path):

@@ -25,7 +25,7 @@ import torch
 
 from slicegpt.adapters import ModelAdapter
 from slicegpt.adapters.base import branch_groups
-from slicegpt.core.compensation import LeastSquares, head_removal_cost, removal_costs
+from slicegpt.core.compensation import LeastSquares, head_removal_costs, removal_costs
 from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite, targets
@@ -127,10 +127,9 @@ def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ri
                     weight, fit = output_matrix(linears[attention.name])[0], fits[attention.name]
                     head_dim = get_path(layer, attention.heads.head_dim)
                     groups = weight.shape[-1] // head_dim // get_path(layer, attention.heads.groups)
-                    for layout in layouts:
-                        cost = head_removal_cost(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), head_dim,
-                                                 groups, layout)
-                        probe.heads[-1][tuple(layout)] = cost / max(fit.tokens, 1)
+                    costs = head_removal_costs(fit.xx, weight.T, ridge, range(0, weight.shape[-1]), head_dim,
+                                               groups, layouts)
+                    probe.heads[-1] = {tuple(layout): c / max(fit.tokens, 1) for layout, c in zip(layouts, costs)}
                 view.offload(f"{adapter.layers}.{li}")
                 bar.update()
     return probe

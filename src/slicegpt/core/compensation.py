@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -458,16 +459,18 @@ def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: rang
     return w, kept, error_prior, error_fit
 
 
-def head_removal_cost(xx: torch.Tensor, weights: torch.Tensor, ridge: float, rows: range, head_dim: int,
-                      groups: int, keep: tuple[int, int]) -> float:
-    """What pruning a linear's own weights down to the head layout `keep` costs (`prune_heads`'s search
+def head_removal_costs(xx: torch.Tensor, weights: torch.Tensor, ridge: float, rows: range, head_dim: int,
+                       groups: int, layouts: Sequence[tuple[int, int]]) -> list[float]:
+    """What pruning a linear's own weights down to each head layout costs (`prune_heads`'s search
     without its fit), summed over the tokens of the Gram `xx` of its inputs: `weights` ([inputs,
-    outputs]) are the ridge fit of their own outputs, so no X^T Y is needed (`removal_costs` for heads)."""
+    outputs]) are the ridge fit of their own outputs, so no X^T Y is needed (`removal_costs` for heads).
+    One inverse serves every layout."""
     failure = "pricing attention heads: the least-squares statistics are not finite; try a larger --ridge"
     hinv = _inverse(xx, _ridge(xx, ridge)[1], torch.float64)
     if hinv is None:
         raise SliceGPTError(failure)
-    return _head_search(hinv, weights.to(device=hinv.device, dtype=torch.float64), rows, head_dim, groups, keep)[1]
+    w = weights.to(device=hinv.device, dtype=torch.float64)
+    return [_head_search(hinv, w, rows, head_dim, groups, tuple(keep))[1] for keep in layouts]
 
 
 @dataclass
