@@ -34,7 +34,7 @@ PARTS = {
     # part: (samples, seqlen, ridge) rows; ridge None is the recipe's own
     "windows": [(16, 1024, None), (32, 1024, None), (64, 1024, None), (128, 1024, None), (256, 1024, None)],
     "length": [(128, 256, None), (64, 512, None), (16, 2048, None)],
-    "ridge": [(16, 1024, 0.03), (16, 1024, 0.3), (128, 1024, 0.03)],
+    "ridge": [(16, 1024, 0.03), (16, 1024, 0.3), (64, 1024, 0.03)],
 }
 
 
