@@ -668,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(OBS on whole heads): auto (the default recipe's: while the stream stays whole, each head "
                         "layout that keeps it so is weighed against the MLP neurons its parameters would keep, by "
                         "the probe's measured loss (--allocation measured); Gemma 2/3 past the MLP neuron floor "
-                        "prune heads instead of slicing the stream; elsewhere every head stays), off, a fraction of the query heads, or GxR: G "
+                        "prune heads instead of slicing the stream; elsewhere every head stays), off, a fraction "
+                        "of the query heads, or GxR: G "
                         "key/value heads with R query heads each (e.g. 2x3 of SmolLM2's 3x3: one whole group); "
                         "with --size the neurons fill the rest of the budget. Llama-like families (llama, mistral, "
                         "qwen2, qwen3, gemma, gemma2, gemma3_text)")
