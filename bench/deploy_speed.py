@@ -2,13 +2,15 @@
 each speedup next to the most it could be.
 
 A model is sliced by `slicegpt slice --no-eval` (each output in a fresh process) with the default recipe and
-the paper's (`--recipe paper --size F`) at each `--sizes` budget, then every output is measured against the
-dense model where it would run:
+the paper's (`--recipe paper --size F`) at each `--sizes` budget (`--recipes default-equal` adds the default
+recipe with `--allocation equal`: one neuron count in every layer, against the default's own count per layer),
+then every output is measured against the dense model where it would run:
 
 - PyTorch: `slicegpt bench DIR --compare DENSE --json`, prefill and decode at batch 1 and 8, a 128-token
   prompt, dense and sliced in turns, both loaded in `--dtype` (float32).
 - llama.cpp: `slicegpt export` of the dense model and of each stock output as f16, q8_0 and q4_0 GGUF, then
-  `slicegpt bench SLICED.gguf --compare DENSE.gguf --json` (batch 1, the same prompt). Per-layer outputs
+  `slicegpt bench SLICED.gguf --compare DENSE.gguf --json` (batch 1, the same prompt); an output whose MLPs
+  differ in width is written as llama.cpp's `deci` architecture (llama, qwen2, mistral). Per-layer outputs
   (the paper recipe, the default one at small sizes: a matrix on every skip connection) have no GGUF form and
   are measured in PyTorch only; their rows say so.
 
@@ -53,6 +55,9 @@ from common import same_model, save_results  # bench/common.py
 
 SIZES = (0.9, 0.8, 0.65, 0.5)
 RECIPES = ("default", "paper")
+# rows beyond the recipes: a name -> (recipe, extra `slicegpt slice` flags, the allocation it records)
+VARIANTS = {"default": ("default", (), None), "paper": ("paper", (), None),
+            "default-equal": ("default", ("--allocation", "equal"), "equal")}  # one neuron count in every layer
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 PROMPT = 128
 BATCHES = (1, 8)
@@ -248,17 +253,20 @@ def sliced_output(dense: str, recipe: str, size: float, out: Path, calibration: 
     `slicing` record plus how long slicing took (None: reused)."""
     seconds = None
     reused = (out / "slicegpt.json").is_file()  # outputs are written whole or not at all
+    recipe, flags, allocation = VARIANTS[recipe]
     if not reused:
         start = time.perf_counter()
         slicegpt_cli("slice", dense, "--recipe", recipe, "--size", str(size), "--out", str(out), "--no-eval",
-                     *calibration)
+                     *flags, *calibration)
         seconds = time.perf_counter() - start
     slicing = json.loads((out / "slicegpt.json").read_text())["slicing"]
     if (slicing.get("recipe"), slicing.get("size")) != (recipe, size) or not same_model(
-            slicing.get("source_model", ""), dense):
-        raise SystemExit(f"{out} holds {slicing.get('recipe')} at {slicing.get('size')} of "
-                         f"{slicing.get('source_model')}, not {recipe} at {size} of {dense}: remove it or give "
-                         f"another --work")
+            slicing.get("source_model", ""), dense) or (allocation and slicing.get("allocation") != allocation):
+        held, wanted = ((f" (allocation {slicing.get('allocation')})", f" (allocation {allocation})")
+                        if allocation else ("", ""))
+        raise SystemExit(f"{out} holds {slicing.get('recipe')} at {slicing.get('size')}{held} of "
+                         f"{slicing.get('source_model')}, not {recipe} at {size}{wanted} of {dense}: remove it or "
+                         f"give another --work")
     return dict(slicing, slicing_seconds=seconds, reused=reused)
 
 
@@ -280,7 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "Llama, written into --work) or a dense Llama directory")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)),
                    help="budgets, comma-separated (slicegpt slice --size)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="default and/or paper, comma-separated")
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="default, paper and/or default-equal (the default recipe with --allocation equal: one neuron "
+                        "count per layer, a stock model), comma-separated")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of both engines (default: theirs; see "
                    "slicegpt bench --threads)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per setting (the median is used)")
@@ -300,8 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     recipes = ["default"] if args.quick else args.recipes.split(",")
     repeats = 1 if args.quick else args.repeats
     types = args.gguf_types.split(",")
-    if unknown := set(recipes) - set(RECIPES):
-        p.error(f"unknown recipe {sorted(unknown)[0]!r}: choose from {', '.join(RECIPES)}")
+    if unknown := set(recipes) - set(VARIANTS):
+        p.error(f"unknown recipe {sorted(unknown)[0]!r}: choose from {', '.join(VARIANTS)}")
     if work := args.work:
         Path(work).mkdir(parents=True, exist_ok=True)
         return measure(args, Path(work), sizes, recipes, repeats, types)

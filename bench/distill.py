@@ -5,7 +5,8 @@ same batches of the calibration part of `--data` (seeded order), then measured o
 windows `slicegpt finetune` reports (its evaluation part, 16 x 1024 tokens by default):
 
 - next-token lora: today's `slicegpt finetune` (rank 8, lr 1e-3);
-- kd lora: `--loss distill` with the same adapters (KL to the dense teacher, top-k + rest);
+- kd lora: `--loss distill` with the same adapters (KL to the dense teacher, top-k + rest, mixed half and
+  half with next-token loss as `slicegpt finetune --loss distill` does by default; `--ce-weight 0`: KL alone);
 - kd full: `--loss distill --train full` (the attention and MLP linears' own weights, lr 1e-4).
 
 The teacher (the student's recorded source model) runs once over the training batches, writes its
@@ -36,7 +37,7 @@ def main() -> None:
     import slicegpt
     from slicegpt.data import bos_token, evaluation_windows, load_text, tokenize
     from slicegpt.distill import TOP_K, resolve_teacher, teacher_logits
-    from slicegpt.finetune import finetune, training_batches, training_windows
+    from slicegpt.finetune import DISTILL_CE_WEIGHT, finetune, training_batches, training_windows
 
     from common import save_results  # bench/common.py
 
@@ -54,7 +55,9 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--lora-lr", type=float, default=None, help="peak lr of the LoRA rows (default finetune's, 1e-3)")
     p.add_argument("--full-lr", type=float, default=None, help="peak lr of the full-weight row (default 1e-4)")
-    p.add_argument("--ce-weight", type=float, default=0.0, help="share of next-token loss in the distillation rows")
+    p.add_argument("--ce-weight", type=float, default=DISTILL_CE_WEIGHT,
+                   help=f"share of next-token loss in the distillation rows (default {DISTILL_CE_WEIGHT:g}, "
+                        "finetune's)")
     args = p.parse_args()
     rows = [r.strip() for r in args.rows.split(",")]
 

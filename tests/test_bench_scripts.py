@@ -127,6 +127,8 @@ def test_deploy_speed_end_to_end_on_a_tiny_llama(deploy_speed, tiny_model_dir, t
                                       work / "gguf" / "default-0.8-f16.gguf")["reused"]
     with pytest.raises(SystemExit, match="holds default at 0.8"):
         deploy_speed.sliced_output(str(tiny_model_dir.resolve()), "default", 0.5, work / "default-0.8", [])
+    with pytest.raises(SystemExit, match=r"not default at 0.8 \(allocation equal\)"):  # measured, or no neurons
+        deploy_speed.sliced_output(str(tiny_model_dir.resolve()), "default-equal", 0.8, work / "default-0.8", [])
 
 
 def test_random_llama_is_written_once_with_the_default_tokenizer(deploy_speed, tmp_path, monkeypatch):

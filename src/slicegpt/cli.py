@@ -731,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from slicegpt.distill import TOP_K
-    from slicegpt.finetune import TRAINS
+    from slicegpt.finetune import DISTILL_CE_WEIGHT, TRAINS
 
     p = sub.add_parser("finetune", help="recover a sliced model's quality with LoRA adapters or full weights, on "
                                         "next-token loss or by distillation from the dense model; report perplexity")
@@ -755,8 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "distributions (default 1; the loss is scaled by T^2)")
     p.add_argument("--top-k", type=int, default=TOP_K, help=f"--loss distill: teacher tokens kept per position, "
                    f"the rest as one bucket (default {TOP_K})")
-    p.add_argument("--ce-weight", type=float, default=0.0, help="--loss distill: share of next-token loss mixed "
-                   "in (default 0)")
+    p.add_argument("--ce-weight", type=float, default=DISTILL_CE_WEIGHT, help="--loss distill: share of "
+                   f"next-token loss mixed in (default {DISTILL_CE_WEIGHT:g}; 0 for the KL alone)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW (default 1e-3 for lora, "
                    "1e-4 for full)")
     p.add_argument("--batch-size", type=int, default=4, help="training windows per step (default 4)")
