@@ -74,6 +74,15 @@ def test_mlp_width_prunes_neurons_into_a_stock_model_that_saves_loads_and_decode
                for layer in model.model.layers)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head stays tied
     adapter = get_adapter(dense.config)
+    # the unrotated stream keeps the dense model's own norm gains and reader columns (not folded, not
+    # re-equalized): the split of each coordinate's scale that quantized inputs need (docs/outputs.md)
+    for layer, source in zip(model.model.layers, dense.model.layers):
+        for norm in adapter.norm_names():
+            assert torch.equal(layer.get_submodule(norm).weight, source.get_submodule(norm).weight)
+        assert torch.equal(layer.self_attn.q_proj.weight, source.self_attn.q_proj.weight)
+        kept = [next(i for i, row in enumerate(source.mlp.up_proj.weight) if torch.equal(row, r))
+                for r in layer.mlp.up_proj.weight]
+        assert torch.equal(layer.mlp.gate_proj.weight, source.mlp.gate_proj.weight[kept])
     predicted = parameter_model(dense, adapter, rotation="none", tied=True, source_tied=True, slice_head=True)
     assert predicted.count([64] * 7, 48) == slicegpt.count_parameters(model) == config.parameters_sliced
     assert config.parameters_sliced < slicegpt.count_parameters(dense)

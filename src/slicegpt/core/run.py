@@ -95,7 +95,7 @@ class Run:
     """One slicing job: the model view, the calibration batches and the settings, shared by the steps."""
 
     def __init__(self, view: LayeredModel, adapter: ModelAdapter, batches: Sequence[Batch], hooks: Hooks,
-                 progress: bool, offload: str, offload_dir, ranks: Ranks | None = None) -> None:
+                 progress: bool, offload: str, offload_dir, ranks: Ranks | None = None, fold: bool = True) -> None:
         self.ranks = ranks or Ranks()  # `batches` is this rank's share of the calibration windows
         self.view, self.adapter, self.hooks = view, adapter, hooks
         self.progress = progress and self.ranks.writer
@@ -112,6 +112,9 @@ class Run:
         self.offload, self.offload_dir = offload, offload_dir
         self.resumed = hooks.resume()
         self.fused: set[int] = set()  # layers whose norms are folded in the copy now held
+        # whether layer norms fold their gains into their readers (a rotated stream needs unit gains; an
+        # unrotated one keeps the model's own gains, which quantize best: docs/outputs.md)
+        self.fold = fold
         self.entry_fused = False
 
     @property
@@ -163,9 +166,10 @@ class Run:
         self.hooks.write(part, part_tensors(self.model, prefixes, skip))
 
     def layer(self, li: int) -> nn.Module:
-        """Decoder layer `li` on the device with its norms folded (once per copy of its weights)."""
+        """Decoder layer `li` on the device with its norms folded (once per copy of its weights; not at all
+        without `fold`)."""
         layer = self.view.onload(f"{self.adapter.layers}.{li}")
-        if li not in self.fused:
+        if self.fold and li not in self.fused:
             fuse_layer(layer, self.adapter)
             self.fused.add(li)
         return layer

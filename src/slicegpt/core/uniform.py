@@ -55,7 +55,9 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     `identity`: the stream keeps its full width and basis (only `neurons` are pruned), so there
     are no statistics to gather, and a tied head stays tied whatever the final norm's gain.
     """
-    run = Run(view, adapter, batches, hooks or Hooks(), progress, offload, offload_dir, ranks)
+    # an unrotated stream keeps each norm's own gain (nothing needs unit gains), which is how the dense model
+    # splits each coordinate's scale between the norm's output and its readers: quantized inputs need that
+    run = Run(view, adapter, batches, hooks or Hooks(), progress, offload, offload_dir, ranks, fold=not identity)
     comp = compensation(run, compensate, ridge, neurons, dense_batches, identity, heads=heads)
     final_norm = view.onload(adapter.final_norm)
     final_gain = None
