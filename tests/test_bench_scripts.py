@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,29 @@ def test_quality_rows_with_a_neuron_share_plan_that_share_beside_a_sliced_stream
         pytest.skip("the embedded default model is not installed")
     plan = slicegpt.plan_slice("default", size=0.5, **quality.row_settings("default + neurons 0.3"))
     assert plan.neurons == 464 and plan.widths[0] < plan.hidden  # 0.3 of 1536, rounded up to 8; the stream sliced
+
+
+def test_quant_sensitivity_rounds_weights_and_inputs_as_llama_cpp_does(monkeypatch, tmp_path, tiny_model_dir):
+    """bench/quant_sensitivity.py: gguf's own q8_0 round trip (an outlier ruins its block, not the next one),
+    and every figure of a tiny model measured and saved."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("quant_sensitivity", BENCH / "quant_sensitivity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    x = torch.linspace(-1, 1, 40).repeat(3, 1)
+    x[:, 0] = 100.0  # an outlier in the first block of 32
+    back = module.roundtrip(x, "q8_0")
+    assert back.shape == x.shape and torch.allclose(back[:, 0], x[:, 0], atol=0.05)  # (an f16 scale)
+    first, second = (back - x)[:, 1:32].abs().max(), (back - x)[:, 32:].abs().max()
+    assert first > 0.1 and second < 0.01  # the step is 100 / 127 in the outlier's block only
+    data = module.main([str(tiny_model_dir), "--eval-samples", "1", "--eval-seqlen", "32"])
+    figures = data["perplexity"]
+    assert {"none", "weights q8_0", "weights q4_0 + inputs q8_0", "inputs q8_0",
+            "inputs q8_0: gate/up only"} <= set(figures)
+    assert all(math.isfinite(v) and v > 1 for v in figures.values())
+    assert json.loads(Path(data["path"]).read_text())["perplexity"] == figures
