@@ -53,7 +53,8 @@ def slice_uniform(view: LayeredModel, adapter: ModelAdapter, batches: Sequence[B
     run beside each other and every step is refitted (`core.refit`) in the one basis.
 
     `identity`: the stream keeps its full width and basis (only `neurons` are pruned), so there
-    are no statistics to gather, and a tied head stays tied whatever the final norm's gain.
+    are no statistics to gather, the norms keep their own gains (nothing is folded), and a tied
+    head stays tied whatever the final norm's gain.
     """
     # an unrotated stream keeps each norm's own gain (nothing needs unit gains), which is how the dense model
     # splits each coordinate's scale between the norm's output and its readers: quantized inputs need that
