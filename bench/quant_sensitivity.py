@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from common import evaluation, save_results  # bench/common.py
-
-BLOCK = 32  # q8_0 / q4_0 values per block
+from slicegpt.formats.gguf import BLOCK  # q8_0 / q4_0 values per block
 GROUPS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--eval-seqlen", type=int, default=256)
     args = p.parse_args(argv)
-    sliced = (Path(args.model) / "slicegpt.json").is_file()
-    loaded = slicegpt.load(args.model) if sliced else slicegpt.load_model(args.model)
+    loaded = slicegpt.load_model(args.model)  # a name, a checkpoint or a slicegpt output
     model = loaded.model.to(torch.float32).eval()
     windows = evaluation(loaded.tokenizer, args)
     figures = measure(model, windows)
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.model}: held-out perplexity, {windows.tokens} tokens of {args.data} (PyTorch, gguf's quantizers)")
     for what, value in figures.items():
         print(f"  {what:<{width}}  {value:.2f}")
-    name = Path(args.model).name if sliced or Path(args.model).exists() else args.model
+    name = Path(args.model).name if Path(args.model).exists() else args.model
     data = {"model": args.model, "data": args.data, "eval_samples": args.eval_samples,
             "eval_seqlen": args.eval_seqlen, "tokens": windows.tokens, "perplexity": figures}
     data["path"] = str(save_results(f"quant_sensitivity-{name}", data))

@@ -13,17 +13,21 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture
-def deploy_speed(monkeypatch, tmp_path):
-    """bench/deploy_speed.py as a module, its raw figures going to tmp_path/results."""
+def bench_module(name: str, monkeypatch, tmp_path):
+    """bench/<name>.py as a module, its raw figures going to tmp_path/results."""
     monkeypatch.syspath_prepend(str(BENCH))  # its `from common import save_results`
-    spec = importlib.util.spec_from_file_location("deploy_speed", BENCH / "deploy_speed.py")
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     import common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     return module
+
+
+@pytest.fixture
+def deploy_speed(monkeypatch, tmp_path):
+    return bench_module("deploy_speed", monkeypatch, tmp_path)
 
 
 def _llama_shapes(hidden: int, neurons: int, tied: bool, shortcuts: bool = False) -> dict:
@@ -152,15 +156,7 @@ def test_random_llama_is_written_once_with_the_default_tokenizer(deploy_speed, t
 
 @pytest.fixture
 def gguf_quant(monkeypatch, tmp_path):
-    """bench/gguf_quant.py as a module, its raw figures going to tmp_path/results."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("gguf_quant", BENCH / "gguf_quant.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    import common
-
-    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
-    return module
+    return bench_module("gguf_quant", monkeypatch, tmp_path)
 
 
 def _stock_output(path: Path, source: str, size: float, ratio: float, standard: bool = True) -> Path:
@@ -252,11 +248,8 @@ def test_a_second_result_of_the_same_day_and_commit_keeps_the_first(deploy_speed
     assert json.loads(first.read_text())["rows"] == [1] and json.loads(second.read_text())["rows"] == [2]
 
 
-def test_quality_rows_with_a_neuron_share_plan_that_share_beside_a_sliced_stream(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+def test_quality_rows_with_a_neuron_share_plan_that_share_beside_a_sliced_stream(monkeypatch, tmp_path):
+    quality = bench_module("quality", monkeypatch, tmp_path)
     assert quality.row_settings("default + neurons 0.3") == {"recipe": "default", "neurons": 0.3}
     assert quality.row_settings("default + heads 2x3") == {"recipe": "default", "heads": "2x3"}
     assert quality.NEURONS_ROW.fullmatch("default + neurons 3") is None
@@ -275,13 +268,7 @@ def test_quant_sensitivity_rounds_weights_and_inputs_as_llama_cpp_does(monkeypat
     and every figure of a tiny model measured and saved."""
     import torch
 
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("quant_sensitivity", BENCH / "quant_sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    import common
-
-    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    module = bench_module("quant_sensitivity", monkeypatch, tmp_path)
     x = torch.linspace(-1, 1, 40).repeat(3, 1)
     x[:, 0] = 100.0  # an outlier in the first block of 32
     back = module.roundtrip(x, "q8_0")
