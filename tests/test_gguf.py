@@ -101,9 +101,10 @@ def test_llama_cpp_types_without_its_quantizer_are_refused_in_one_line(tokenizer
 
 
 def test_a_sliced_stream_padded_to_whole_blocks_changes_nothing(tokenizer, tmp_path):
-    """A stream of 40 (a uniform slice) is written as 64 zero-padded dimensions, the norm gains times
-    sqrt(40/64) and epsilon times 40/64: every matrix quantizes, and the file computes what the model does
-    (transformers reads it back here; tests/test_llama_cpp.py runs a padded uniform slice in llama.cpp)."""
+    """A stream of 40 (a uniform slice) is written as 64 zero-padded dimensions, scaled by a = sqrt(64/40) where
+    it is written (embedding, attention output, down projection) and read through norm gains divided by a:
+    every matrix quantizes, epsilon is unchanged, and the file computes what the model does (transformers reads
+    it back here; tests/test_llama_cpp.py runs padded qwen3 and Gemma files in llama.cpp)."""
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
@@ -117,10 +118,13 @@ def test_a_sliced_stream_padded_to_whole_blocks_changes_nothing(tokenizer, tmp_p
     tensors = {name: np.asarray(t.data) for name, t in _tensors(path).items()}
     assert tensors["token_embd.weight"].shape == (model.config.vocab_size, 64)
     assert not tensors["token_embd.weight"][:, 40:].any() and not tensors["blk.0.attn_output.weight"][40:].any()
+    a = (64 / 40) ** 0.5
     gain = model.model.layers[0].input_layernorm.weight.detach().numpy()
-    np.testing.assert_allclose(tensors["blk.0.attn_norm.weight"][:40], gain * (40 / 64) ** 0.5, rtol=1e-6)
+    np.testing.assert_allclose(tensors["blk.0.attn_norm.weight"][:40], gain / a, rtol=1e-6)
+    down = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_allclose(tensors["blk.0.ffn_down.weight"][:40], down * a, rtol=1e-6)
     eps = GGUFReader(str(path)).fields["llama.attention.layer_norm_rms_epsilon"].contents()
-    assert eps == pytest.approx(model.config.rms_norm_eps * 40 / 64, rel=1e-6)
+    assert eps == pytest.approx(model.config.rms_norm_eps, rel=1e-6)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     ids = torch.tensor([[5, 17, 42, 99, 123, 7]])
     with torch.no_grad():

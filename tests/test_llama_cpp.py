@@ -99,6 +99,34 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
     assert tokens == tokenizer(SAMPLE)["input_ids"]  # the tokenizer went in too (GPT-2 word splitting)
 
 
+PADDED_STREAMS = {  # family -> config overrides: a stream of 40, not whole 32-value blocks
+    "qwen3": {},
+    "qwen3 tied": {"tie_word_embeddings": True},  # the head reads the scaled embedding table
+    "gemma": {},  # llama.cpp scales the embedding by sqrt(width) itself
+    "gemma2": {},  # branch-output norms after the attention and the MLP
+    "gemma3_text": GEMMA3_GLOBAL_EVERY_6,  # and per-head q/k norms sharing the epsilon
+}
+
+
+@pytest.mark.parametrize("case", sorted(PADDED_STREAMS))
+def test_a_stream_padded_to_whole_blocks_runs_in_llama_cpp_with_the_models_probabilities(case, calibration,
+                                                                                          tokenizer, tmp_path):
+    """A stream 40 wide is written 64 wide (zero dimensions, the stream scaled by sqrt(64/40) where it is
+    written and the norms' gains divided by it): llama.cpp's qwen3 and Gemma graphs, whose epsilon the per-head
+    norms share and whose embedding scale follows the written width, compute what the model does."""
+    family = case.split()[0]
+    model = make_model(family, hidden_size=40, **PADDED_STREAMS[case])
+    path = export_gguf(model, tokenizer, tmp_path / "padded.gguf", dtype="f32", name="slicegpt test model")
+    assert embedding_length(path) == 64
+    ids = calibration.input_ids[0, :24].tolist()
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([ids])).logits[0, 15:].double(), -1)
+    got, _ = llama_cpp_run(path, ids[:16], ids[16:])
+    # in log space: a tiny random model's probabilities are all near 1/300 (the embedding scaled wrongly
+    # moves them by 2-4e-2 here, llama.cpp's own float32 arithmetic by about 1e-3)
+    assert (got.log() - expected.log()).abs().max() < 5e-3, case
+
+
 def test_llama_cpp_perplexity_script_equals_pytorchs_on_the_same_windows(calibration, tokenizer, tmp_path):
     """bench/gguf_quant.py's measure: every window in one batch, only the next token's logit read back."""
     model = make_model("llama")

@@ -836,9 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad each MLP with zero neurons to a multiple of N (default 32, a quantization block; 0: "
                    "off). Exact: a zero neuron adds nothing; the down projections quantize and run faster kernels")
     p.add_argument("--pad-stream", type=int, default=32, metavar="N",
-                   help="pad a sliced residual stream with zero dimensions to a multiple of N (default 32; 0: off), "
-                   "in llama.cpp's llama architecture (llama, mistral, qwen2, phi3). Exact: the norms' gains and "
-                   "epsilon are rescaled for the longer mean; every matrix reading the stream quantizes")
+                   help="pad a sliced residual stream with zero dimensions to a multiple of N (default 32; 0: off; "
+                   "not MoE models). Exact: the stream is scaled so that each norm's mean over the longer width "
+                   "is the dense one, and the gains undo the scale; every matrix reading the stream quantizes")
     p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")

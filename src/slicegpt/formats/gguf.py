@@ -17,9 +17,9 @@ Tensor types follow llama.cpp. f32, f16, bf16 and q8_0 are written here, as its 
 and a matrix whose rows are not a multiple of q8_0's 32-value blocks falls back to f16. The
 k-quant mixes and q4_0 come from llama.cpp's own quantizer (`formats.llama_cpp`), which makes its
 per-tensor choices itself. Before that, MLP neurons are padded with zero neurons to whole blocks
-(`pad_mlp`, exact), so neuron-pruned down projections quantize too, and a sliced residual stream in
-llama.cpp's llama architecture (llama, mistral, qwen2, phi3) is padded with zero dimensions
-(`pad_stream`, exact: the RMSNorm gains and epsilon absorb the longer mean). A value that the stored type
+(`pad_mlp`, exact), so neuron-pruned down projections quantize too, and a sliced residual stream is
+padded with zero dimensions (`pad_stream`, exact: the stream is scaled so that every RMSNorm's mean over
+the longer width is the dense one; llama, mistral, qwen2, phi3, qwen3 and Gemma 1-3 files). A value that the stored type
 cannot hold (beyond float16's ±65504) is refused, naming the tensor, instead of becoming inf.
 """
 
@@ -102,6 +102,12 @@ def _rope(config) -> dict:
     return params
 
 
+def _width_sets_attention_scale(config, layout: Layout) -> bool:
+    """Whether llama.cpp scales this model's queries by its width (Gemma's 27B models, recognised by their layer
+    count) rather than by the head size; a padded width would change that scale, so such streams stay unpadded."""
+    return bool(layout.big_layers and config.num_hidden_layers == layout.big_layers)
+
+
 def _query_scale(config, layout: Layout) -> float:
     """Factor that makes llama.cpp's fixed Gemma attention scale equal the model's query_pre_attn_scalar.
 
@@ -112,8 +118,8 @@ def _query_scale(config, layout: Layout) -> float:
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if not scalar:
         return 1.0
-    big = layout.big_layers and config.num_hidden_layers == layout.big_layers
-    dim = config.hidden_size // config.num_attention_heads if big else head_dim(config)
+    dim = config.hidden_size // config.num_attention_heads if _width_sets_attention_scale(config, layout) \
+        else head_dim(config)
     return (dim / scalar) ** 0.5
 
 
@@ -249,41 +255,62 @@ def pad_mlp(tensors: dict[str, torch.Tensor], multiple: int, widest: bool = Fals
     return out
 
 
-# The stream's tensors in llama.cpp's llama/qwen3 layouts: (name suffixes, the axis that is the stream)
-_STREAM_NORMS = (".attn_norm.weight", ".ffn_norm.weight")
+# The stream's tensors in llama.cpp's layouts, by what they do with it
+_STREAM_NORMS = (".attn_norm.weight", ".ffn_norm.weight")  # normalise the stream for its readers
+_BRANCH_NORMS = (".post_attention_norm.weight", ".post_ffw_norm.weight")  # Gemma 2/3: a writer's output
 _STREAM_IN = (".attn_q.weight", ".attn_k.weight", ".attn_v.weight", ".ffn_gate.weight", ".ffn_up.weight")
 _STREAM_OUT = (".attn_output.weight", ".attn_output.bias", ".ffn_down.weight", ".ffn_down.bias")
-# RMSNorm over the stream, no embedding scale, no norm offset, no other norm sharing the epsilon (qwen3's
-# per-head q/k norms do; Gemma scales the embedding by sqrt(width) and stores 1 + gain)
-STREAM_ARCHS = ("llama",)
+_HEAD_NORMS = (".attn_q_norm.weight", ".attn_k_norm.weight")  # qwen3, Gemma 3: per head, not the stream
+# architectures whose stream pad_stream knows: RMSNorm over the stream, dense MLPs; Gemma's llama.cpp
+# graphs multiply the embedding by sqrt(width) themselves (SCALED_EMBEDDING)
+STREAM_ARCHS = ("llama", "qwen3", "gemma", "gemma2", "gemma3")
+SCALED_EMBEDDING = ("gemma", "gemma2", "gemma3")
 
 
-def pad_stream(tensors: dict[str, torch.Tensor], multiple: int) -> tuple[dict[str, torch.Tensor], float] | None:
-    """The residual stream widened with zero dimensions to a multiple of `multiple`: (tensors, the factor
-    r = width / padded width for the RMSNorm epsilon), or None where the width is whole already or a tensor
-    has a stream axis this does not know (nothing is padded then).
+def pad_stream(tensors: dict[str, torch.Tensor], multiple: int,
+               scaled_embedding: bool = False) -> dict[str, torch.Tensor] | None:
+    """The residual stream widened with zero dimensions to a multiple of `multiple`, or None where the width
+    is whole already or a tensor has a stream axis this does not know (nothing is padded then).
 
-    A zero dimension stays zero through every block (the embedding, the attention and MLP outputs write
-    nothing there), and the matrices that read the stream ignore it. Only each RMSNorm's mean changes, from
-    sum / d to sum / d' = r * sum / d: epsilon * r and gains * sqrt(r) give exactly the dense norm back.
+    A zero dimension stays zero through every block (the embedding and every writer put nothing there),
+    and the matrices that read the stream ignore it. Only each RMSNorm's mean changes, from sum / d to
+    sum / d' = r * sum / d. So the whole stream is also multiplied by a = sqrt(d' / d): its mean of squares,
+    and with it every norm's denominator, epsilon included, is then the dense one, and each norm's gain
+    times 1 / a gives the dense output back. Epsilon stays as it is (qwen3's and Gemma 3's per-head q/k
+    norms share it). The stream is scaled where it is written: the embedding (`scaled_embedding`: Gemma's
+    llama.cpp graphs multiply it by sqrt(d') in place of sqrt(d), which is a already), and every writer
+    (attention output, down projection). Gemma 2/3's branch-output norms then see their input times a
+    over the longer mean, i.e. their dense denominator, and give their output times a with their gains
+    unchanged. A tied head that reads the scaled embedding table makes logits times a, which the final
+    norm's gain absorbs as well.
     """
     width = tensors["token_embd.weight"].shape[1]
     missing = -width % multiple
     if not missing:
         return None
-    r = width / (width + missing)
+    a = ((width + missing) / width) ** 0.5
+    scale_table = not scaled_embedding
+    tied = "output.weight" not in tensors
     out = {}
     for key, t in tensors.items():
-        if key == "output_norm.weight" or key.endswith(_STREAM_NORMS):
-            t = torch.cat([t * r ** 0.5, t.new_zeros(missing)])
-        elif key in ("token_embd.weight", "output.weight") or key.endswith(_STREAM_IN):
+        if key == "output_norm.weight":
+            t = torch.cat([t / (a * a if tied and scale_table else a), t.new_zeros(missing)])
+        elif key.endswith(_STREAM_NORMS):
+            t = torch.cat([t / a, t.new_zeros(missing)])
+        elif key.endswith(_BRANCH_NORMS):
+            t = torch.cat([t, t.new_zeros(missing)])
+        elif key == "token_embd.weight":
+            t = torch.cat([t * a if scale_table else t, t.new_zeros(t.shape[0], missing)], dim=1)
+        elif key == "output.weight" or key.endswith(_STREAM_IN):
             t = torch.cat([t, t.new_zeros(t.shape[0], missing)], dim=1)
         elif key.endswith(_STREAM_OUT):
-            t = torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
+            t = torch.cat([t * a, t.new_zeros(missing, *t.shape[1:])])
+        elif key.endswith(_HEAD_NORMS):
+            pass
         elif width in t.shape:  # an axis that may be the stream, of a kind not listed: leave the width alone
             return None
         out[key] = t
-    return out, r
+    return out
 
 
 def _zero_at_zero(config) -> bool:
@@ -473,8 +500,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     MLP neuron counts are padded with zero neurons to a multiple of `pad_neurons` (0 or 1: not
     padded). A zero neuron adds exactly nothing (its activation of 0 is 0), and whole blocks let
     llama.cpp quantize the down projections and run its faster kernels; see docs/outputs.md.
-    A sliced stream width is padded to a multiple of `pad_stream_to` the same way (llama.cpp's llama
-    architecture; `pad_stream`), so that every matrix that reads it quantizes too.
+    A sliced stream width is padded to a multiple of `pad_stream_to` the same way (`pad_stream`; not MoE
+    files), so that every matrix that reads it quantizes too.
     """
     import tempfile
 
@@ -498,9 +525,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     tensors = _tensors(model, layout)
     if pad_neurons > 1 and _zero_at_zero(model.config):
         tensors = pad_mlp(tensors, pad_neurons)
-    eps_factor = 1.0
-    if pad_stream_to > 1 and layout.arch in STREAM_ARCHS and (padded := pad_stream(tensors, pad_stream_to)):
-        tensors, eps_factor = padded
+    if (pad_stream_to > 1 and layout.arch in STREAM_ARCHS and not _width_sets_attention_scale(model.config, layout)
+            and (padded := pad_stream(tensors, pad_stream_to, layout.arch in SCALED_EMBEDDING))):
+        tensors = padded
     if isinstance(_feed_forward(tensors, model.config), list):  # each layer's MLP its own width
         if layout.arch == "llama":  # llama.cpp's deci: the llama graph with a width per layer
             layout = replace(layout, arch="deci")
@@ -513,7 +540,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     tokenizer_fields = _source_tokenizer_fields(Path(source_gguf) if source_gguf else None)
     header = dict(model=model, layout=layout, tokenizer=tokenizer, tokenizer_fields=tokenizer_fields,
                   name=name or f"{model_type} sliced to {model.config.hidden_size}",
-                  feed_forward=_feed_forward(tensors, model.config), eps_factor=eps_factor)
+                  feed_forward=_feed_forward(tensors, model.config))
 
     with atomic_file(out, force=True) as tmp:  # existence checked above
         if dtype in WRITTEN:
@@ -535,8 +562,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.Module, layout: Layout,
-           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int | list[int],
-           eps_factor: float = 1.0) -> None:
+           tokenizer, tokenizer_fields: list | None, name: str, feed_forward: int | list[int]) -> None:
     """One GGUF file: llama.cpp's metadata for the architecture, the tokenizer, the tensors in `dtype`."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 
@@ -566,7 +592,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: str, model: nn.M
     if layout.layer_norm:
         writer.add_layer_norm_eps(float(config.layer_norm_eps))
     else:
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps) * eps_factor)  # pad_stream's epsilon
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if layout.sliding_window and getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
