@@ -204,8 +204,8 @@ def test_gguf_export_loads_back_through_transformers(family, dtype, tolerance, c
                                          head="fit" if family == "gemma2" else None, progress=False)
     path = export_gguf(stock, tokenizer, tmp_path / "model.gguf", dtype=dtype)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
-    # the sliced stream of 48 is written padded to a whole block of 64 where llama.cpp's layout allows (llama)
-    assert back.config.hidden_size == (48 if family == "gemma2" else 64)
+    # the sliced stream of 48 is written padded to a whole block of 64
+    assert back.config.hidden_size == 64
     assert back.config.head_dim == (256 if family == "gemma2" else 16)
     ids = calibration.input_ids[:2, :32]
     expected = stock(ids).logits
@@ -295,13 +295,16 @@ def test_gemma3_gguf_export_stores_llama_cpp_norms_and_loads_back(calibration, t
     stock, _ = slicegpt.slice_model(model, tokenizer, calibration, slicing=0.25, **STREAM, rotation="uniform",
                                     accept_deviation=True,
                                     progress=False)
-    path = export_gguf(stock, tokenizer, tmp_path / "gemma3.gguf", dtype="f32")
+    path = export_gguf(stock, tokenizer, tmp_path / "gemma3.gguf", dtype="f32", pad_stream_to=0)
     reader = GGUFReader(str(path))
     assert reader.fields["gemma3.embedding_length"].contents() == 48
     assert reader.fields["gemma3.attention.key_length"].contents() == 256  # = query_pre_attn_scalar, as in real Gemmas
     assert reader.fields["gemma3.attention.sliding_window"].contents() == 8
     norm = next(x for x in reader.tensors if x.name == "blk.0.attn_norm.weight")
     assert torch.allclose(torch.from_numpy(norm.data.copy()), stock.model.layers[0].input_layernorm.weight + 1)
-    back = t.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     ids = calibration.input_ids[:2, :32]
-    assert torch.allclose(back(ids).logits, stock(ids).logits, atol=1e-5)
+    for written in (path, export_gguf(stock, tokenizer, tmp_path / "padded.gguf", dtype="f32")):
+        back = t.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=written.name, dtype=torch.float32)
+        assert torch.allclose(back(ids).logits, stock(ids).logits, atol=1e-5)
+    # by default the stream of 48 is padded to a whole block (zero dimensions, the stream scaled by sqrt(64/48))
+    assert back.config.hidden_size == 64

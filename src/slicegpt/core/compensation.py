@@ -386,7 +386,8 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     tokens (a step's joint cost shared evenly by its rows).
     """
     error_prior = fit.error(prior)
-    failure = "pruning MLP neurons: the least-squares statistics are not finite or not positive definite; try a larger --ridge"
+    failure = ("pruning MLP neurons: the least-squares statistics are not finite or not positive definite; "
+               "try a larger --ridge")
     lam, shift = _ridge(fit.xx, ridge)
     xx, b = fit.xx, fit.xy.add_(prior, alpha=lam)  # b = X^T Y + lam P, formed in place
     fit.xx = fit.xy = None  # consumed (as `LeastSquares.solve`): each n x n matrix is freed once read
