@@ -21,6 +21,7 @@ The raw figures go to bench/results/quant_sensitivity-<name>-<date>-<commit>.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from common import evaluation, save_results  # bench/common.py
 from slicegpt.formats.gguf import BLOCK  # q8_0 / q4_0 values per block
+
 GROUPS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 
@@ -69,29 +71,29 @@ def measure(model: torch.nn.Module, windows) -> dict[str, float]:
         for n, m in modules.items():
             m.weight.copy_(weights[n] if qtype is None else roundtrip(weights[n], qtype))
 
-    def quantize_inputs(names) -> list:
-        return [modules[n].register_forward_pre_hook(lambda _, args: (roundtrip(args[0], "q8_0"), *args[1:]))
-                for n in names]
+    @contextlib.contextmanager
+    def inputs_quantized(names):
+        hooks = [modules[n].register_forward_pre_hook(lambda _, args: (roundtrip(args[0], "q8_0"), *args[1:]))
+                 for n in names]
+        try:
+            yield hooks
+        finally:
+            for h in hooks:
+                h.remove()
 
     figures = {"none": ppl()}
     for qtype in ("q8_0", "q4_0"):
         set_weights(qtype)
         figures[f"weights {qtype}"] = ppl()
-        hooks = quantize_inputs(modules)
-        figures[f"weights {qtype} + inputs q8_0"] = ppl()
-        for h in hooks:
-            h.remove()
+        with inputs_quantized(modules):
+            figures[f"weights {qtype} + inputs q8_0"] = ppl()
     set_weights(None)
-    hooks = quantize_inputs(modules)
-    figures["inputs q8_0"] = ppl()
-    for h in hooks:
-        h.remove()
+    with inputs_quantized(modules):
+        figures["inputs q8_0"] = ppl()
     for group in GROUPS:
-        hooks = quantize_inputs([n for n in modules if group_of(n) == group])
-        if hooks:
-            figures[f"inputs q8_0: {group} only"] = ppl()
-        for h in hooks:
-            h.remove()
+        with inputs_quantized([n for n in modules if group_of(n) == group]) as hooks:
+            if hooks:
+                figures[f"inputs q8_0: {group} only"] = ppl()
     return figures
 
 
