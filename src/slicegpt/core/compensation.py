@@ -164,9 +164,12 @@ class LeastSquares:
             self._state = "residual" if sign < 0 else "complete"
             return
         p = self.prior.to(self._xx.device)
-        xxp = self.xx @ p
-        self.yy += float((p * xxp).sum() + 2 * sign * (p * self.xy).sum())
-        self.xy.add_(xxp, alpha=sign)
+        xx, total = self.xx, 0.0
+        for cols in _column_chunks(p):  # (X^T X P a few columns at a time: no n x d temporary)
+            xxp = xx @ p[:, cols]
+            total += _dot(p[:, cols], xxp) + 2 * sign * _dot(p[:, cols], self.xy[:, cols])
+            self.xy[:, cols].add_(xxp, alpha=sign)
+        self.yy += total
         self._state = "residual" if sign < 0 else "complete"
 
     def _complete(self) -> None:
@@ -199,8 +202,8 @@ class LeastSquares:
     def error(self, w: torch.Tensor) -> float:
         """Mean squared error per token of X W against Y on the tokens seen."""
         self._complete()
-        total = (w * (self.xx @ w)).sum() - 2 * (w * self.xy).sum() + self.yy
-        return float(total.clamp_min(0)) / max(self.tokens, 1)
+        total = _quadratic(self.xx, w) - 2 * _dot(w, self.xy) + self.yy
+        return max(total, 0.0) / max(self.tokens, 1)
 
     def solve(self, prior: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float, float]:
         """The ridge fit toward `prior` ([n_in, n_out], float64), with the per-token calibration
@@ -219,12 +222,48 @@ class LeastSquares:
         return w, error_prior, error_fit
 
 
+def _column_chunks(m: torch.Tensor, width: int = 256) -> list[slice]:
+    """Column slices of `m`, so that a product with an n x n matrix is taken a few columns at a time."""
+    return [slice(start, start + width) for start in range(0, m.shape[1], width)]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> float:
+    """sum(a * b) for matrices of any layout, a few rows at a time: no a-sized temporary."""
+    return float(sum((a[i:i + rows] * b[i:i + rows]).sum() for i in range(0, a.shape[0], rows)))
+
+
+def _quadratic(xx: torch.Tensor, w: torch.Tensor) -> float:
+    """tr(W^T X^T X W), a few columns of W at a time."""
+    return float(sum(_dot(w[:, cols], xx @ w[:, cols]) for cols in _column_chunks(w)))
+
+
 def _factor(h: torch.Tensor, shift: float) -> bool:
-    """Factorise h + shift I by Cholesky in place (h becomes its lower factor); whether that worked."""
+    """Factorise h + shift I by Cholesky in place (h's lower triangle becomes the factor L, its strict upper
+    triangle zeros); whether that worked. LAPACK works on column-major matrices: handed h, torch would
+    factor a copy (one more n x n matrix); h^T is the same symmetric matrix column-major, and its upper
+    factor L^T is written where h lies."""
     h.diagonal().add_(shift)
     info = torch.zeros((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(h, out=(h, info))
+    torch.linalg.cholesky_ex(h.mT, upper=True, out=(h.mT, info))
     return int(info) == 0
+
+
+def _cholesky_solve(factor: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(L L^T)^-1 b from `_factor`'s L, into one new matrix (torch.cholesky_solve copies the factor too)."""
+    y = torch.linalg.solve_triangular(factor, b, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, y, upper=True, out=y)
+
+
+def _take(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """m[kept][:, kept] for a contiguous square `m` and ascending `kept`, in m's own storage (a view of its
+    first k*k entries; m is consumed): gathering a k x k matrix beside an n x n one would hold both.
+    Row r is written over entries r*k to (r+1)*k, which end before row kept[r] + 1 starts, so no row is
+    overwritten before it is read."""
+    k = len(kept)
+    flat = m.view(-1)
+    for r, i in enumerate(kept.tolist()):
+        flat[r * k:(r + 1) * k] = m[i, kept]  # (the right side is a copy, read before the write)
+    return flat[:k * k].view(k, k)
 
 
 def _ridge_solution(xx: torch.Tensor, b: torch.Tensor, prior: torch.Tensor, shift: float, lam: float, yy: float,
@@ -233,11 +272,11 @@ def _ridge_solution(xx: torch.Tensor, b: torch.Tensor, prior: torch.Tensor, shif
     against the sums. `xx` (X^T X) is factorised in place; `failure` is the error if it cannot be."""
     if not _factor(xx, shift):
         raise SliceGPTError(failure)
-    w = torch.cholesky_solve(b, xx)
+    w = _cholesky_solve(xx, b)
     # the error from w^T (X^T X + shift I) w = w . b and X^T Y = b - lam P
-    wb = (w * b).sum()
-    total = wb - shift * w.pow(2).sum() - 2 * (wb - lam * (w * prior).sum()) + yy
-    return w, float(total.clamp_min(0)) / max(tokens, 1)
+    wb = _dot(w, b)
+    total = wb - shift * _dot(w, w) - 2 * (wb - lam * _dot(w, prior)) + yy
+    return w, max(total, 0.0) / max(tokens, 1)
 
 
 def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor | None:
@@ -245,7 +284,8 @@ def _inverse(xx: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor
     h = xx.to(dtype, copy=True)
     if not _factor(h, shift) or not bool(torch.isfinite(h.diagonal()).all()):
         return None
-    return torch.cholesky_inverse(h, out=h)  # in place: no second n x n matrix
+    torch.cholesky_inverse(h.mT, upper=True, out=h.mT)  # in place, as `_factor`: no second n x n matrix
+    return h  # (symmetric: h and h^T are the same inverse)
 
 
 # A Gram summed from float32 products can be indefinite by their rounding where neurons are near-copies of
@@ -311,9 +351,9 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
     Each step takes `block` rows, chosen row by row (each choice refitting the others) among the
     `POOL` x `block` that cost least one by one, charges them their exact joint cost
     ``tr(W_B^T [H^-1]_BB^-1 W_B)`` (spread evenly over the block) and refits the rest: a
-    rank-|B| update of W and of H^-1, in place (one n x n matrix beyond the sums, two while it is
-    compacted). Once a quarter of the rows are gone they are dropped from both (what is left of
-    H^-1 is the inverse of the kept rows' H), so later steps read less. The fit starts from
+    rank-|B| update of W and of H^-1, in place (one n x n matrix beyond the sums). Once a quarter of
+    the rows are gone they are dropped from both, H^-1 within its own storage (what is left of it is
+    the inverse of the kept rows' H), so later steps read less. The fit starts from
     (X^T X + shift I)^-1 `b` (b = X^T Y + lam P), or from `w` where it is known. Returns the mask
     of the rows kept (all of those outside `rows` too), each removal's cost (the error it adds
     summed over the tokens) and the shift the inverse took (`_searchable_inverse`)."""
@@ -336,7 +376,7 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
     while t < removals:
         if 4 * dropped >= held:  # drop the removed rows
             stay = (~gone).nonzero().flatten()
-            hinv, w, ids, candidate = hinv[stay[:, None], stay], w[stay], ids[stay], candidate[stay]
+            hinv, w, ids, candidate = _take(hinv, stay), w[stay], ids[stay], candidate[stay]
             gone = torch.zeros_like(candidate)
             held, dropped = len(ids), 0
         k = min(block, removals - t)
@@ -396,7 +436,7 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
         costs.extend(searched)
     kept = alive.nonzero().flatten()
     # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I (k x k gathered directly)
-    xx = xx[kept[:, None], kept]
+    xx = _take(xx, kept)
     w, error_fit = _ridge_solution(xx, b[kept], prior[kept], shift, lam, fit.yy, fit.tokens, failure)
     return w, kept, error_prior, error_fit
 
@@ -475,8 +515,8 @@ def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: rang
     for h in heads:
         kept_rows[rows.start + h * head_dim:rows.start + (h + 1) * head_dim] = True
     kept = kept_rows.nonzero().flatten()
-    w, error_fit = _ridge_solution(fit.xx[kept[:, None], kept], b[kept], prior[kept], shift, lam, fit.yy,
-                                   fit.tokens, failure)
+    xx, fit.xx = fit.xx, None  # consumed, as in `prune`
+    w, error_fit = _ridge_solution(_take(xx, kept), b[kept], prior[kept], shift, lam, fit.yy, fit.tokens, failure)
     return w, kept, error_prior, error_fit
 
 
