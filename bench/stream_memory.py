@@ -15,7 +15,8 @@ the activations on disk; peak RSS should stay flat as the calibration set grows.
 recipes: one random Llama (hidden 1536, 24 layers, MLP 4096, float32, about 2.4 GB) sliced by the
 paper's recipe (`--recipe paper --slicing 0.25`), the default recipe (`--size 0.8`: neurons by
 measured loss) and the default with half the query heads pruned as well (`--heads 4x2`); peak
-RSS against the model's size.
+RSS against the model's size, and the peak above what the libraries hold before any model is read
+(the CLI, torch, transformers and the Llama class: about 0.37 GiB, the same for any model).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ TEXT = HERE.parent / "tests" / "data" / "tempest_excerpt.txt"
 WRAPPER = """
 import sys
 from slicegpt.cli import main
+# what the libraries hold before any model is read: the CLI, torch, transformers and a model class
+from transformers import AutoTokenizer, LlamaForCausalLM
+print("LIBRARIES_RSS_KIB", next(int(line.split()[1]) for line in open("/proc/self/status")
+                               if line.startswith("VmRSS:")))
 code = main(sys.argv[1:])
 # VmHWM, not getrusage's ru_maxrss: on Linux that one keeps the peak of the parent's memory the
 # child had between fork and exec (a test process holding a loaded model would be counted)
@@ -45,8 +50,9 @@ sys.exit(code)
 """
 
 
-def slice_process(*args) -> tuple[float, int, dict]:
-    """Wall seconds, peak RSS in bytes and the JSON figures of one `slicegpt slice` process."""
+def slice_process(*args) -> tuple[float, int, int, dict]:
+    """Wall seconds, peak RSS in bytes, the RSS of the libraries alone (before any model is read) and the
+    JSON figures of one `slicegpt slice` process."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", WRAPPER, "slice", *map(str, args), "--json"], capture_output=True,
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -54,9 +60,10 @@ def slice_process(*args) -> tuple[float, int, dict]:
     if result.returncode != 0:
         sys.exit(f"slice failed: {result.stderr.strip().splitlines()[-1]}")
     lines = result.stdout.splitlines()
-    peak = int(next(line for line in lines if line.startswith("PEAK_RSS_KIB")).split()[1]) * 1024
+    peak, libraries = (int(next(line for line in lines if line.startswith(key)).split()[1]) * 1024
+                       for key in ("PEAK_RSS_KIB", "LIBRARIES_RSS_KIB"))
     figures = json.loads([line for line in lines if line.startswith("{")][-1])
-    return seconds, peak, figures
+    return seconds, peak, libraries, figures
 
 
 def depth(args) -> None:
@@ -71,7 +78,7 @@ def depth(args) -> None:
             model = Path(work) / f"llama-{layers}"
             size = write_random_llama(model, layers=layers, hidden=args.hidden, intermediate=4 * args.hidden,
                                       tokenizer=tokenizer)
-            seconds, peak, figures = slice_process(model, *SLICING, "--calibration", TEXT, "--samples", "8",
+            seconds, peak, _, figures = slice_process(model, *SLICING, "--calibration", TEXT, "--samples", "8",
                                                    "--seqlen", "256", "--no-eval", "--out", Path(work) / "out",
                                                    "--force")
             rows.append((layers, size, peak, seconds, figures["slicing_seconds"]))
@@ -92,7 +99,7 @@ def calibration(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         for samples in args.samples:
-            seconds, peak, figures = slice_process(args.model, *SLICING, "--samples", samples, "--seqlen",
+            seconds, peak, _, figures = slice_process(args.model, *SLICING, "--samples", samples, "--seqlen",
                                                    "1024", "--no-eval", "--activations-dir",
                                                    Path(work) / "acts", "--out", Path(work) / "out", "--force")
             rows.append((samples, peak, figures["slicing_seconds"], seconds))
@@ -121,19 +128,21 @@ def recipes(args) -> None:
         size = write_random_llama(model, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
                                   tokenizer=tokenizer)
         for name in args.rows.split(","):
-            seconds, peak, figures = slice_process(model, *RECIPES[name], "--calibration", TEXT, "--samples", "8",
+            seconds, peak, libraries, figures = slice_process(model, *RECIPES[name], "--calibration", TEXT, "--samples", "8",
                                                    "--seqlen", "256", "--no-eval", "--out", Path(work) / "out",
                                                    "--force")
-            rows.append((name, peak, figures["parameters_sliced"] / figures["parameters_dense"],
+            rows.append((name, peak, libraries, figures["parameters_sliced"] / figures["parameters_dense"],
                          figures["slicing_seconds"], seconds))
             shutil.rmtree(Path(work) / "out", ignore_errors=True)
             print(f"{name} done", file=sys.stderr)
     print(f"random Llama, hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, float32, "
           f"{size / 2**30:.2f} GiB on disk; 8 x 256 calibration tokens, streamed from disk")
-    print("| recipe | peak RSS | RSS / model | parameters kept | slicing s | process s |")
-    print("|---|---|---|---|---|---|")
-    for name, peak, kept, slicing, seconds in rows:
-        print(f"| {name} | {peak / 2**30:.2f} GiB | {peak / size:.2f} | {kept:.3f} | {slicing:.1f} | {seconds:.1f} |")
+    print("| recipe | peak RSS | RSS / model | libraries | peak above libraries / model | parameters kept | "
+          "slicing s | process s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, peak, libraries, kept, slicing, seconds in rows:
+        print(f"| {name} | {peak / 2**30:.2f} GiB | {peak / size:.2f} | {libraries / 2**30:.2f} GiB | "
+              f"{(peak - libraries) / size:.2f} | {kept:.3f} | {slicing:.1f} | {seconds:.1f} |")
 
 
 def main() -> None:
