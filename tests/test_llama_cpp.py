@@ -127,6 +127,22 @@ def test_a_stream_padded_to_whole_blocks_runs_in_llama_cpp_with_the_models_proba
     assert (got.log() - expected.log()).abs().max() < 5e-3, case
 
 
+def test_a_gemma2_stream_stays_unpadded_where_llama_cpp_scales_queries_by_the_width(calibration, tokenizer,
+                                                                                     tmp_path):
+    """llama.cpp takes a Gemma 2 of 46 layers for the 27B model and scales its queries by width / heads: a
+    padded width would change that scale, so such a stream is written as it is (40 wide), and llama.cpp
+    still computes the model's probabilities."""
+    model = make_model("gemma2", hidden_size=40, head_dim=8, num_hidden_layers=46,
+                       layer_types=["sliding_attention", "full_attention"] * 23)
+    path = export_gguf(model, tokenizer, tmp_path / "big.gguf", dtype="f32", name="slicegpt test model")
+    assert embedding_length(path) == 40
+    ids = calibration.input_ids[0, :24].tolist()
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([ids])).logits[0, 15:].double(), -1)
+    got, _ = llama_cpp_run(path, ids[:16], ids[16:])
+    assert (got.log() - expected.log()).abs().max() < 5e-3
+
+
 def test_llama_cpp_perplexity_script_equals_pytorchs_on_the_same_windows(calibration, tokenizer, tmp_path):
     """bench/gguf_quant.py's measure: every window in one batch, only the next token's logit read back."""
     model = make_model("llama")
