@@ -178,7 +178,16 @@ def layout_name(slicing: dict) -> str:
     """How an output is laid out, as the table names it."""
     if slicing.get("standard"):
         return "stock"
+    if slicing.get("rotation") == "per-layer":  # the stream sliced with a basis per layer (skip matrices)
+        return "per-layer, own MLP widths" if slicing.get("mlp_neurons_per_layer") else "per-layer"
     return "own MLP widths" if slicing.get("mlp_neurons_per_layer") else "per-layer"
+
+
+def has_gguf_form(slicing: dict) -> bool:
+    """Whether GGUF holds the output: a stock model, or the family's layers with their own MLP widths
+    (not a stream sliced per layer, whose skip matrices no llama.cpp graph has)."""
+    return bool(slicing.get("standard") or (slicing.get("mlp_neurons_per_layer")
+                                            and slicing.get("rotation") != "per-layer"))
 
 
 def table(rows: list[dict]) -> str:
@@ -347,8 +356,7 @@ def measure(args, work: Path, sizes: list[float], recipes: list[str], repeats: i
                 outputs.append({"label": label, "recipe": recipe, "size": size, "error": str(e)})
                 continue
             outputs.append({"label": label, "recipe": recipe, "size": size, "dir": str(out),
-                            # GGUF holds it: a stock model, or the family's layers with their own MLP widths
-                            "stock": bool(slicing.get("standard") or slicing.get("mlp_neurons_per_layer")),
+                            "stock": has_gguf_form(slicing),
                             "layout": layout_name(slicing), "slicing": slicing,
                             "parameter_ratio": slicing["parameters_sliced"] / slicing["parameters_dense"]})
 

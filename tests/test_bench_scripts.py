@@ -60,6 +60,16 @@ def test_per_token_costs_and_limits(deploy_speed):
         deploy_speed.per_token({"transformer.wte.weight": (10, 4)})
 
 
+def test_layouts_are_named_and_only_those_gguf_holds_are_exported(deploy_speed):
+    own = {"standard": False, "rotation": "uniform", "mlp_neurons_per_layer": [8, 4]}
+    sliced = {"standard": False, "rotation": "per-layer", "mlp_neurons_per_layer": [8, 4]}
+    paper = {"standard": False, "rotation": "per-layer", "mlp_neurons_per_layer": None}
+    stock = {"standard": True, "rotation": "uniform", "mlp_neurons_per_layer": None}
+    assert [deploy_speed.layout_name(s) for s in (stock, own, sliced, paper)] == [
+        "stock", "own MLP widths", "per-layer, own MLP widths", "per-layer"]
+    assert [deploy_speed.has_gguf_form(s) for s in (stock, own, sliced, paper)] == [True, True, False, False]
+
+
 def test_rows_mark_the_issue_targets_and_the_table_shows_them(deploy_speed):
     stock = {"label": "default 0.8", "stock": True, "parameter_ratio": 0.8}
     per_layer = {"label": "paper 0.8", "stock": False, "parameter_ratio": 0.79}
