@@ -166,7 +166,7 @@ class LeastSquares:
         p = self.prior.to(self._xx.device)
         xx, total = self.xx, 0.0
         for cols in _column_chunks(p):  # (X^T X P a few columns at a time: no n x d temporary)
-            xxp = xx @ p[:, cols]
+            xxp = xx @ p[:, cols].to(xx.dtype)
             total += _dot(p[:, cols], xxp) + 2 * sign * _dot(p[:, cols], self.xy[:, cols])
             self.xy[:, cols].add_(xxp, alpha=sign)
         self.yy += total
@@ -206,7 +206,7 @@ class LeastSquares:
         return max(total, 0.0) / max(self.tokens, 1)
 
     def solve(self, prior: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float, float]:
-        """The ridge fit toward `prior` ([n_in, n_out], float64), with the per-token calibration
+        """The ridge fit toward `prior` ([n_in, n_out]; any float dtype, read in float64), with the per-token calibration
         errors of the prior and of the fit. Consumes the statistics: they are changed in place,
         so a wide fit (an MLP's down projection) needs one n x n matrix beyond them, not three."""
         error_prior = self.error(prior)
@@ -227,14 +227,16 @@ def _column_chunks(m: torch.Tensor, width: int = 256) -> list[slice]:
     return [slice(start, start + width) for start in range(0, m.shape[1], width)]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> float:
-    """sum(a * b) for matrices of any layout, a few rows at a time: no a-sized temporary."""
-    return float(sum((a[i:i + rows] * b[i:i + rows]).sum() for i in range(0, a.shape[0], rows)))
+def _dot(a: torch.Tensor, b: torch.Tensor, b_rows: torch.Tensor | None = None, rows: int = 256) -> float:
+    """sum(a * b) (or sum(a * b[b_rows])) for matrices of any layout, a few rows at a time: no a-sized
+    temporary."""
+    return float(sum((a[i:i + rows] * (b[i:i + rows] if b_rows is None else b[b_rows[i:i + rows]])).sum()
+                     for i in range(0, a.shape[0], rows)))
 
 
 def _quadratic(xx: torch.Tensor, w: torch.Tensor) -> float:
     """tr(W^T X^T X W), a few columns of W at a time."""
-    return float(sum(_dot(w[:, cols], xx @ w[:, cols]) for cols in _column_chunks(w)))
+    return float(sum(_dot(w[:, cols], xx @ w[:, cols].to(xx.dtype)) for cols in _column_chunks(w)))
 
 
 def _factor(h: torch.Tensor, shift: float) -> bool:
@@ -254,6 +256,14 @@ def _cholesky_solve(factor: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor.mT, y, upper=True, out=y)
 
 
+def _take_rows(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """m[kept] for ascending `kept`, within m's own storage (its first rows; m is consumed)."""
+    for r, i in enumerate(kept.tolist()):
+        if r != i:  # (kept[r] >= r: a row is moved up, over one no longer needed)
+            m[r] = m[i]
+    return m[:len(kept)]
+
+
 def _take(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """m[kept][:, kept] for a contiguous square `m` and ascending `kept`, in m's own storage (a view of its
     first k*k entries; m is consumed): gathering a k x k matrix beside an n x n one would hold both.
@@ -267,15 +277,16 @@ def _take(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def _ridge_solution(xx: torch.Tensor, b: torch.Tensor, prior: torch.Tensor, shift: float, lam: float, yy: float,
-                    tokens: int, failure: str) -> tuple[torch.Tensor, float]:
+                    tokens: int, failure: str, prior_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """W solving (X^T X + shift I) W = b, b = X^T Y + lam P, with its per-token calibration error
-    against the sums. `xx` (X^T X) is factorised in place; `failure` is the error if it cannot be."""
+    against the sums (P: `prior`, or its rows `prior_rows`). `xx` (X^T X) is factorised in place; `failure` is
+    the error if it cannot be."""
     if not _factor(xx, shift):
         raise SliceGPTError(failure)
     w = _cholesky_solve(xx, b)
     # the error from w^T (X^T X + shift I) w = w . b and X^T Y = b - lam P
     wb = _dot(w, b)
-    total = wb - shift * _dot(w, w) - 2 * (wb - lam * _dot(w, prior)) + yy
+    total = wb - shift * _dot(w, w) - 2 * (wb - lam * _dot(w, prior, prior_rows)) + yy
     return w, max(total, 0.0) / max(tokens, 1)
 
 
@@ -364,7 +375,12 @@ def _search(xx: torch.Tensor, shift: float, rows: range, keep: int, block: int, 
     if removals <= 0:
         return kept, costs, shift
     hinv, shift = _searchable_inverse(xx, shift, work, failure)
-    w = (hinv @ b.to(hinv.dtype)).to(work) if w is None else w.to(device=hinv.device, dtype=work, copy=True)
+    if w is None:  # (H^-1 b a few columns at a time: no converted copy of b)
+        w = torch.empty(b.shape, dtype=work, device=hinv.device)
+        for cols in _column_chunks(b):
+            w[:, cols] = hinv @ b[:, cols].to(hinv.dtype)
+    else:
+        w = w.to(device=hinv.device, dtype=work, copy=True)
     hinv = hinv.to(work)
     ids = torch.arange(n, device=w.device)  # the original index of each row still held
     candidate = torch.zeros(n, dtype=torch.bool, device=w.device)
@@ -437,7 +453,7 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     kept = alive.nonzero().flatten()
     # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I (k x k gathered directly)
     xx = _take(xx, kept)
-    w, error_fit = _ridge_solution(xx, b[kept], prior[kept], shift, lam, fit.yy, fit.tokens, failure)
+    w, error_fit = _ridge_solution(xx, _take_rows(b, kept), prior, shift, lam, fit.yy, fit.tokens, failure, kept)
     return w, kept, error_prior, error_fit
 
 
@@ -505,7 +521,7 @@ def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: rang
     n = fit.xx.shape[0]
     error_prior = fit.error(prior)
     lam, shift = _ridge(fit.xx, ridge)
-    b = fit.xy + lam * prior
+    b = torch.add(fit.xy, prior, alpha=lam)  # (in float64, whatever the prior's dtype)
     failure = ("pruning attention heads: the least-squares statistics are not finite or not positive definite; "
                "try a larger --ridge")
     hinv, shift = _searchable_inverse(fit.xx, shift, torch.float64, failure)
@@ -516,7 +532,8 @@ def prune_heads(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: rang
         kept_rows[rows.start + h * head_dim:rows.start + (h + 1) * head_dim] = True
     kept = kept_rows.nonzero().flatten()
     xx, fit.xx = fit.xx, None  # consumed, as in `prune`
-    w, error_fit = _ridge_solution(_take(xx, kept), b[kept], prior[kept], shift, lam, fit.yy, fit.tokens, failure)
+    w, error_fit = _ridge_solution(_take(xx, kept), _take_rows(b, kept), prior, shift, lam, fit.yy, fit.tokens,
+                                   failure, kept)
     return w, kept, error_prior, error_fit
 
 

@@ -135,7 +135,7 @@ def writers_of(layer: nn.Module, group: tuple[Branch, ...], hidden: int, device:
     for branch in group:
         if branch.post_norm and post_norm_matrix:
             blocks.append((branch, None, False))
-            priors.append(torch.eye(hidden, dtype=torch.float64, device=device))
+            priors.append(torch.eye(hidden, dtype=torch.float64, device=device))  # (torch.cat promotes the others)
             continue
         for target in targets(layer, branch, "outputs"):
             w, bias = output_matrix(target)
@@ -145,9 +145,9 @@ def writers_of(layer: nn.Module, group: tuple[Branch, ...], hidden: int, device:
             if heads is not None and branch.heads:
                 pruned_heads = branch, range(start, start + w.shape[-1])
             blocks.append((branch, target, bias is not None))
-            priors.append(w.T.to(torch.float64))
+            priors.append(w.T)  # in the weights' own dtype, exact: the fits read it in float64
             if bias is not None:
-                priors.append(bias.to(torch.float64)[None, :])
+                priors.append(bias[None, :])
     if pruned is not None and pruned_heads is not None:
         raise SliceGPTError("internal error: MLP neurons and attention heads pruned in one fit")
     return Writers(blocks, torch.cat(priors), pruned, pruned_heads)
