@@ -11,7 +11,7 @@ from conftest import make_model
 from slicegpt.adapters import get_adapter
 from slicegpt.core.budget import parameter_model
 from slicegpt.core.widths import MLP_FLOOR
-from slicegpt.core.compensation import LeastSquares, prune
+from slicegpt.core.compensation import LeastSquares, _take, _take_rows, prune
 from slicegpt.errors import SliceGPTError
 
 
@@ -38,6 +38,22 @@ def test_pruned_fit_is_the_ridge_fit_of_the_kept_rows(ridge):
     full = torch.zeros_like(prior)
     full[kept] = pruned
     assert error_fit == pytest.approx(fit.error(full)) and error_prior == pytest.approx(fit.error(prior))
+
+
+@pytest.mark.parametrize("n,share", [(7, 0.5), (300, 0.1), (300, 0.75), (300, 1.0), (1000, 0.99)])
+def test_kept_rows_are_gathered_within_the_matrix_itself(n, share):
+    """The kept rows (and columns) of a matrix, moved up within its own storage a block at a time,
+    are what fancy indexing gives, for any share kept and either memory layout."""
+    torch.manual_seed(n)
+    m = torch.randn(n, n, dtype=torch.float64)
+    kept = (torch.rand(n) < share).nonzero().flatten()
+    expected, expected_rows = m[kept[:, None], kept], m[kept]
+    storage = m.clone()
+    taken = _take(storage, kept)
+    assert torch.equal(taken, expected) and taken.data_ptr() == storage.data_ptr()
+    assert torch.equal(_take_rows(m.clone(), kept), expected_rows)
+    column_major = m[:, :5].T.contiguous().T
+    assert torch.equal(_take_rows(column_major.clone(), kept), column_major[kept])
 
 
 def test_pruning_drops_the_rows_that_carry_least():

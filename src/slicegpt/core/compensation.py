@@ -256,23 +256,26 @@ def _cholesky_solve(factor: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor.mT, y, upper=True, out=y)
 
 
-def _take_rows(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """m[kept] for ascending `kept`, within m's own storage (its first rows; m is consumed)."""
-    for r, i in enumerate(kept.tolist()):
-        if r != i:  # (kept[r] >= r: a row is moved up, over one no longer needed)
-            m[r] = m[i]
+def _take_rows(m: torch.Tensor, kept: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """m[kept] for ascending `kept`, within m's own storage (its first rows; m is consumed). A block of
+    rows is read before it is written over rows r >= its first: kept[r] >= r, so no row still to be
+    read is overwritten."""
+    for r in range(0, len(kept), block):
+        rows = m[kept[r:r + block]]
+        m[r:r + len(rows)] = rows
     return m[:len(kept)]
 
 
-def _take(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def _take(m: torch.Tensor, kept: torch.Tensor, block: int = 128) -> torch.Tensor:
     """m[kept][:, kept] for a contiguous square `m` and ascending `kept`, in m's own storage (a view of its
     first k*k entries; m is consumed): gathering a k x k matrix beside an n x n one would hold both.
-    Row r is written over entries r*k to (r+1)*k, which end before row kept[r] + 1 starts, so no row is
-    overwritten before it is read."""
+    Rows r to r + block - 1 are read, then written over entries r*k onwards, which end before row
+    kept[r + block] starts, so no row still to be read is overwritten."""
     k = len(kept)
     flat = m.view(-1)
-    for r, i in enumerate(kept.tolist()):
-        flat[r * k:(r + 1) * k] = m[i, kept]  # (the right side is a copy, read before the write)
+    for r in range(0, k, block):
+        rows = m[kept[r:r + block, None], kept]
+        flat[r * k:r * k + rows.numel()] = rows.reshape(-1)
     return flat[:k * k].view(k, k)
 
 
