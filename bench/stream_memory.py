@@ -128,9 +128,9 @@ def recipes(args) -> None:
         size = write_random_llama(model, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
                                   tokenizer=tokenizer)
         for name in args.rows.split(","):
-            seconds, peak, libraries, figures = slice_process(model, *RECIPES[name], "--calibration", TEXT, "--samples", "8",
-                                                   "--seqlen", "256", "--no-eval", "--out", Path(work) / "out",
-                                                   "--force")
+            seconds, peak, libraries, figures = slice_process(
+                model, *RECIPES[name], "--calibration", TEXT, "--samples", "8", "--seqlen", "256", "--no-eval",
+                "--out", Path(work) / "out", "--force")
             rows.append((name, peak, libraries, figures["parameters_sliced"] / figures["parameters_dense"],
                          figures["slicing_seconds"], seconds))
             shutil.rmtree(Path(work) / "out", ignore_errors=True)

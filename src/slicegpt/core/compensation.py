@@ -206,8 +206,8 @@ class LeastSquares:
         return max(total, 0.0) / max(self.tokens, 1)
 
     def solve(self, prior: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float, float]:
-        """The ridge fit toward `prior` ([n_in, n_out]; any float dtype, read in float64), with the per-token calibration
-        errors of the prior and of the fit. Consumes the statistics: they are changed in place,
+        """The ridge fit toward `prior` ([n_in, n_out]; any float dtype, read in float64), with the per-token
+        calibration errors of the prior and of the fit. Consumes the statistics: they are changed in place,
         so a wide fit (an MLP's down projection) needs one n x n matrix beyond them, not three."""
         error_prior = self.error(prior)
         n = self.xx.shape[0]
@@ -454,7 +454,7 @@ def prune(fit: LeastSquares, prior: torch.Tensor, ridge: float, rows: range, kee
     if costs is not None:
         costs.extend(searched)
     kept = alive.nonzero().flatten()
-    # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I (k x k gathered directly)
+    # the exact ridge fit of the kept rows: H_KK W = b_K, H = X^T X + shift I (H_KK and b_K gathered in place)
     xx = _take(xx, kept)
     w, error_fit = _ridge_solution(xx, _take_rows(b, kept), prior, shift, lam, fit.yy, fit.tokens, failure, kept)
     return w, kept, error_prior, error_fit
