@@ -11,7 +11,7 @@ from conftest import make_model
 from slicegpt.adapters import get_adapter
 from slicegpt.core.budget import parameter_model
 from slicegpt.core.widths import MLP_FLOOR
-from slicegpt.core.compensation import LeastSquares, _take, _take_rows, prune
+from slicegpt.core.compensation import LeastSquares, _cholesky_solve, _factor, _inverse, _take, _take_rows, prune
 from slicegpt.errors import SliceGPTError
 
 
@@ -54,6 +54,25 @@ def test_kept_rows_are_gathered_within_the_matrix_itself(n, share):
     assert torch.equal(_take_rows(m.clone(), kept), expected_rows)
     column_major = m[:, :5].T.contiguous().T
     assert torch.equal(_take_rows(column_major.clone(), kept), column_major[kept])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_factor_inverse_and_solve_equal_torchs_own(dtype):
+    """The fits factor, invert and solve in the matrix's own storage (LAPACK handed its column-major
+    transpose): the same factor, inverse and solution as torch's functions on a copy."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 64, dtype=torch.float64)
+    a, b = x.T @ x, torch.randn(64, 5, dtype=torch.float64)
+    shifted = a + 0.5 * torch.eye(64, dtype=torch.float64)
+    h = a.clone()
+    assert _factor(h, 0.5)
+    assert torch.allclose(h, torch.linalg.cholesky(shifted)) and not h.triu(1).any()
+    assert torch.allclose(_cholesky_solve(h, b), torch.linalg.solve(shifted, b))
+    inverse = _inverse(a.to(dtype), 0.5, dtype)
+    assert inverse.dtype == dtype and inverse.is_contiguous()
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(inverse.double(), torch.linalg.inv(shifted), rtol=tolerance, atol=tolerance)
+    assert not _factor(-a.clone(), 0.5)  # not positive definite: reported, not raised
 
 
 def test_pruning_drops_the_rows_that_carry_least():
