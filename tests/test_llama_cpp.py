@@ -99,6 +99,16 @@ def test_gguf_runs_in_llama_cpp_with_the_stock_models_probabilities(family, cali
     assert tokens == tokenizer(SAMPLE)["input_ids"]  # the tokenizer went in too (GPT-2 word splitting)
 
 
+def _log_probability_gap(model, path: Path, calibration) -> float:
+    """The largest difference between llama.cpp's next-token log-probabilities from the file at `path` and
+    the model's, along 8 tokens after a 16-token prompt of the first calibration window."""
+    ids = calibration.input_ids[0, :24].tolist()
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([ids])).logits[0, 15:].double(), -1)
+    got, _ = llama_cpp_run(path, ids[:16], ids[16:])
+    return float((got.log() - expected.log()).abs().max())
+
+
 PADDED_STREAMS = {  # family -> config overrides: a stream of 40, not whole 32-value blocks
     "qwen3": {},
     "qwen3 tied": {"tie_word_embeddings": True},  # the head reads the scaled embedding table
@@ -118,13 +128,9 @@ def test_a_stream_padded_to_whole_blocks_runs_in_llama_cpp_with_the_models_proba
     model = make_model(family, hidden_size=40, **PADDED_STREAMS[case])
     path = export_gguf(model, tokenizer, tmp_path / "padded.gguf", dtype="f32", name="slicegpt test model")
     assert embedding_length(path) == 64
-    ids = calibration.input_ids[0, :24].tolist()
-    with torch.no_grad():
-        expected = torch.softmax(model(torch.tensor([ids])).logits[0, 15:].double(), -1)
-    got, _ = llama_cpp_run(path, ids[:16], ids[16:])
     # in log space: a tiny random model's probabilities are all near 1/300 (the embedding scaled wrongly
     # moves them by 2-4e-2 here, llama.cpp's own float32 arithmetic by about 1e-3)
-    assert (got.log() - expected.log()).abs().max() < 5e-3, case
+    assert _log_probability_gap(model, path, calibration) < 5e-3, case
 
 
 def test_a_gemma2_stream_stays_unpadded_where_llama_cpp_scales_queries_by_the_width(calibration, tokenizer,
@@ -136,11 +142,7 @@ def test_a_gemma2_stream_stays_unpadded_where_llama_cpp_scales_queries_by_the_wi
                        layer_types=["sliding_attention", "full_attention"] * 23)
     path = export_gguf(model, tokenizer, tmp_path / "big.gguf", dtype="f32", name="slicegpt test model")
     assert embedding_length(path) == 40
-    ids = calibration.input_ids[0, :24].tolist()
-    with torch.no_grad():
-        expected = torch.softmax(model(torch.tensor([ids])).logits[0, 15:].double(), -1)
-    got, _ = llama_cpp_run(path, ids[:16], ids[16:])
-    assert (got.log() - expected.log()).abs().max() < 5e-3
+    assert _log_probability_gap(model, path, calibration) < 5e-3
 
 
 def test_llama_cpp_perplexity_script_equals_pytorchs_on_the_same_windows(calibration, tokenizer, tmp_path):
