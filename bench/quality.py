@@ -11,6 +11,7 @@ process, on the same calibration (32 x 1024 Shakespeare tokens by default) and h
 - uniform rotation (stock model) with the paper's algorithm and with compensation (`--rotation
   uniform`); "uniform default" is refused where MLP neurons alone meet the size (nothing rotated);
 - the default recipe with one MLP neuron count in every layer (`--allocation equal`: a stock class);
+- the default recipe with one stream width where the stream is sliced (`--widths equal`);
 - the default recipe with whole attention heads pruned (row `default + heads GxR`: `--heads GxR`), the
   neurons filling the rest of the size;
 - ShortGPT (Men et al. 2024), the obvious alternative: drop the decoder blocks whose input and
@@ -49,6 +50,7 @@ ROWS = {
     "adaptive widths": {"recipe": "paper", "widths": "adaptive"},
     "default": {"recipe": "default"},  # --neurons auto: neurons first, each layer's count by measured loss
     "default equal neurons": {"recipe": "default", "allocation": "equal"},  # one neuron count in every layer
+    "default equal widths": {"recipe": "default", "widths": "equal"},  # one stream width where it is sliced
     "default dense everywhere": {"recipe": "default", "dense_share": 1.0},  # the dense model on every window
     "default no dense targets": {"recipe": "default", "dense_share": 0.0},  # targets X P only: OBS, no correction
     "stream sliced": {"recipe": "default", "neurons": "off"},  # compensation, the stream sliced (no neurons)

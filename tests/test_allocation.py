@@ -190,3 +190,42 @@ def test_heads_that_carry_nothing_are_pruned_for_neurons_by_measured_loss(tokeni
     attention = [layer.self_attn for layer in loaded.model.model.layers]
     assert [a.o_proj.weight.shape[1] for a in attention] == [32] * 3
     assert [a.k_proj.weight.shape[0] for a in attention] == [16] * 3  # one key head left
+
+
+def test_past_the_neuron_floor_one_probe_chooses_widths_and_neurons(tokenizer, calibration, tmp_path):
+    """The default recipe where neurons at their floor do not meet the size: the stream is sliced beside the
+    measured neurons, each boundary its own width (`--widths auto`) from the spectra the neuron probe gathers in
+    its own pass (the same as `probe_spectra`'s), within the budget; the model saves, loads and decodes."""
+    from slicegpt.core.allocation import probe_costs
+    from slicegpt.core.compensation import dense_first_batches
+    from slicegpt.core.onload import ResidentModel
+    from slicegpt.adapters import get_adapter
+    from slicegpt.core.widths import probe_spectra
+
+    plan = slicegpt.plan_slice(make_model("llama"), size=0.5)
+    assert plan.width_rule == "adaptive" and plan.widths is None and plan.measured and not plan.identity
+    assert slicegpt.plan_slice(make_model("llama"), size=0.5, widths="equal").width_rule == "equal"
+    model, config = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, size=0.5, progress=False)
+    dense = slicegpt.count_parameters(make_model("llama"))
+    assert config.widths_rule == "adaptive" and len(set(config.widths[:-1])) > 1, config.widths
+    assert config.parameters_sliced == slicegpt.count_parameters(model) <= 0.5 * dense
+    counts = config.mlp_neurons_per_layer
+    assert len(set(counts)) > 1 and [layer.mlp.down_proj.weight.shape[1] for layer in model.model.layers] == counts
+
+    dense_model = make_model("llama")
+    view, adapter = ResidentModel(dense_model), get_adapter(dense_model.config)
+    batches, _ = dense_first_batches(calibration, 4, Ranks())
+    probe = probe_costs(view, adapter, batches, 0.1, 16, progress=False, spectra=True)
+    alone = probe_spectra(view, adapter, batches[:2], progress=False)
+    assert len(probe.spectra) == len(alone) == len(config.widths)
+    assert all(torch.equal(a, b) for a, b in zip(probe.spectra, alone))
+
+    ids = calibration.input_ids[:2, :32]
+    out = slicegpt.save(model, tokenizer, config, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(slicegpt.load(out).model(ids).logits, model(ids).logits)
+    prompt = ids[:1, :6]
+    loaded = slicegpt.load(out).model
+    cached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    uncached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)

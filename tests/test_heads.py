@@ -105,10 +105,10 @@ def test_heads_with_a_sliced_stream_save_and_load_both_ways(tmp_path, tokenizer,
     from transformers import AutoModelForCausalLM
 
     dense = make_model("llama")
-    plan = slicegpt.plan_slice(copy.deepcopy(dense), size=0.5, heads="2x1", allocation="equal")
+    levers = dict(size=0.5, heads="2x1", allocation="equal", widths="equal")  # (equal widths: counted in the plan)
+    plan = slicegpt.plan_slice(copy.deepcopy(dense), **levers)
     assert plan.layout == "per-layer" and plan.heads == (2, 1)
-    model, config = slicegpt.slice_model(dense, None, calibration.input_ids, size=0.5, heads="2x1", allocation="equal",
-                                         progress=False)
+    model, config = slicegpt.slice_model(dense, None, calibration.input_ids, progress=False, **levers)
     assert plan.predicted_parameters == config.parameters_sliced == slicegpt.count_parameters(model)
     ids = calibration.input_ids[:2]
     with torch.no_grad():

@@ -146,6 +146,14 @@ def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bo
     """What the plan leaves to the run: adaptive widths, chosen from the calibration spectra (the plan
     made again with the batches), and measured neuron counts, from the dense model's cost curves.
     The probes keep their activations where the run keeps its own (`offload`, `offload_dir`)."""
+    if plan.widths is None and plan.measured:  # adaptive widths beside measured neurons: one probe for both
+        probe = probe_costs(view, adapter, batches, plan.levers.ridge,
+                            min(layer_floor(plan.dense_neurons, plan.levers.round_to), plan.neurons), offload=offload,
+                            offload_dir=offload_dir, progress=progress, ranks=ranks, spectra=True)
+        plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
+                         batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir,
+                         spectra=probe.spectra)
+        return with_layer_neurons(plan, view, adapter, probe.neurons)
     if plan.widths is None:
         plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
                          batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir)

@@ -674,8 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --size the neurons fill the rest of the budget. Llama-like families (llama, mistral, "
                         "qwen2, qwen3, gemma, gemma2, gemma3_text)")
     g.add_argument("--widths", choices=WIDTH_RULES, default=None,
-                   help="per-layer: one width everywhere (equal) or each boundary its own within the size "
-                        "(adaptive; helped SmolLM2, hurt Gemma 3)")
+                   help="per-layer: one width everywhere (equal), each boundary its own within the size "
+                        "(adaptive; helped SmolLM2, hurt Gemma 3), or auto (the default recipe's: adaptive where "
+                        "MLP neurons are pruned beside the sliced stream, else equal)")
     g.add_argument("--head", choices=HEADS, default=None,
                    help="a head tied to the embeddings: auto (kept tied where that is exact), untied (slice the "
                         "embeddings, untie the head: the paper's way), sliced (also slice the head's input), fit "

@@ -395,10 +395,11 @@ def auto_heads(dense: tuple[int, int], hidden: int, widths_for) -> tuple[int, in
 
 def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter, *, model: str,
               dense_parameters: int, batches=None, ranks=None, progress: bool = False, offload: str = "cpu",
-              offload_dir=None) -> Plan:
+              offload_dir=None, spectra=None) -> Plan:
     """Decide the run (see the module docstring). `batches` (this rank's calibration batches) are
     needed only for adaptive widths; without them those widths stay None. `offload`, `offload_dir`:
-    where the spectra probe keeps its activations (the run's own setting)."""
+    where the spectra probe keeps its activations (the run's own setting); `spectra`: the boundaries'
+    eigenvalues when the run has probed them already (`allocation.probe_costs`)."""
     levers = check_settings(settings)
     config = view.model.config
     hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
@@ -426,7 +427,7 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
             view, adapter, batches, rotation=levers.rotation, rule=levers.widths, sparsity=settings.slicing or 0.0,
             parameters=settings.size, dense_parameters=dense_parameters, round_to=levers.round_to,
             tied=bool(tied), slice_head=slice_head, progress=progress, ranks=ranks, mlp=levers.neurons, heads=heads,
-            offload=offload, offload_dir=offload_dir)
+            offload=offload, offload_dir=offload_dir, spectra=spectra)
 
     if (auto and settings.size is not None and levers.neurons == "auto" and dense_heads is not None
             and neurons_need_full_width(adapter)):

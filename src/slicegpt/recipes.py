@@ -13,7 +13,7 @@ from slicegpt.errors import SliceGPTError
 
 ROTATIONS = ("per-layer", "uniform")
 COMPENSATIONS = ("off", "writers", "all")
-WIDTH_RULES = ("equal", "adaptive")
+WIDTH_RULES = ("equal", "adaptive", "auto")
 HEADS = ("auto", "untied", "sliced", "fit")
 POOLINGS = ("unit-trace", "tokens")
 ALLOCATIONS = ("equal", "measured")
@@ -32,7 +32,9 @@ class Levers:
     # "measured": each layer's by its measured cost on one scale (core.allocation), the same total
     allocation: str = "equal"
     heads: float | str | None = None  # attention heads kept per layer: None (all), "auto", a fraction, or "GxR"
-    widths: str = "equal"  # one width everywhere, or each boundary its own within the size ("adaptive")
+    # one width everywhere, each boundary its own within the size ("adaptive", from the dense stream's spectra),
+    # or "auto": adaptive where MLP neurons are pruned beside a sliced stream, else equal
+    widths: str = "equal"
     head: str = "auto"  # a tied head: kept tied where exact (auto), untied, its input sliced, or a fitted gain
     pooling: str = "unit-trace"  # uniform: how the boundaries' covariances are weighed
     accept_deviation: bool = False  # uniform: write a stock model that only approximates the sliced one
@@ -51,12 +53,12 @@ RECIPES: dict[str, Recipe] = {
         "default",
         "the measured best: MLP neurons pruned first (OBS, at least 40% kept per layer) while every step's "
         "writers are refitted against the dense model; the stream is sliced (per-layer rotation) only for what "
-        "neurons cannot give. Where neurons alone meet the size nothing is rotated: a stock model. Each layer "
+        "neurons cannot give, each boundary to its own width by the dense stream's spectrum (--widths auto). Where neurons alone meet the size nothing is rotated: a stock model. Each layer "
         "keeps as many neurons as its measured loss says (--allocation measured): the output keeps the family's "
         "layers, each MLP its own width. While the stream stays whole, attention head layouts are weighed "
         "against neurons by the same measured loss; Gemma 2/3, whose neurons cannot be pruned beside a sliced "
         "stream, prune attention heads past the neuron floor before slicing the stream (--heads auto).",
-        Levers(compensate="writers", neurons="auto", heads="auto", allocation="measured")),
+        Levers(compensate="writers", neurons="auto", heads="auto", allocation="measured", widths="auto")),
     "paper": Recipe(
         "paper",
         "the paper's algorithm, number for number: per-layer PCA rotation, equal widths, no refit, no neurons "

@@ -30,6 +30,7 @@ from slicegpt.core.distributed import Ranks
 from slicegpt.core.onload import LayeredModel
 from slicegpt.core.transform import check_finite, targets
 from slicegpt.core.weights import output_matrix
+from slicegpt.core.widths import StreamSpectrum
 from slicegpt.modeling.runtime import get_path
 
 PROBE_WINDOWS = 8  # calibration windows the probe runs (per rank, at most)
@@ -49,14 +50,16 @@ class Probe:
 
     neurons: list[list[float]]
     heads: list[dict[tuple[int, int], float]]
+    spectra: list[torch.Tensor] | None = None  # with `spectra=True`: `widths.probe_spectra`'s, from the same pass
 
 
 @torch.no_grad()
 def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ridge: float, floor: int,
                 layouts: Sequence[tuple[int, int]] = (), offload: str = "cpu", offload_dir=None,
-                progress: bool = True, ranks: Ranks | None = None) -> Probe:
+                progress: bool = True, ranks: Ranks | None = None, spectra: bool = False) -> Probe:
     """Per layer, the cost of each removal of an MLP neuron in turn (down to `floor` kept) and of each head
-    layout in `layouts`, on one scale.
+    layout in `layouts`, on one scale; with `spectra`, also the stream's spectrum at every boundary (the
+    same as `widths.probe_spectra` on these windows, without a pass of its own).
 
     Runs the dense layers as they are on the first batches (`PROBE_WINDOWS` windows); the sums
     are over every rank's. A branch's error is taken on its output linear (the down projection, the
@@ -77,9 +80,16 @@ def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ri
     specs = {b["name"]: b for b in structure["branches"]}
     mlp = next(b for b in adapter.branches if b.neurons)
     attention = next((b for b in adapter.branches if b.heads), None) if layouts else None
-    probe = Probe([], [])
+    probe = Probe([], [], [] if spectra else None)
+    hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
+    layernorm = adapter.norm_kind == "layernorm"
     with dense_entry(view, adapter, used, offload, offload_dir) as (cache, arguments):
-        with tqdm(total=n_layers, desc="probing neurons" + (" and heads" if attention else ""), unit="layer",
+        if spectra:
+            spectrum = StreamSpectrum(hidden, view.device, layernorm)
+            for b in range(len(cache)):
+                spectrum.update(cache.get(b, view.device), used[b][1].to(view.device), "after the embeddings")
+            probe.spectra.append(spectrum.eigenvalues(ranks))
+        with tqdm(total=n_layers, desc="probing neurons" + (" and heads" if attention else "") + (" and widths" if spectra else ""), unit="layer",
                   disable=not progress or not ranks.writer) as bar:
             for li in range(n_layers):
                 layer = view.onload(f"{adapter.layers}.{li}")
@@ -89,6 +99,7 @@ def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ri
                 fits = {name: LeastSquares(output_matrix(t)[0].shape[-1], 0, view.device)
                         for name, t in linears.items()}
                 for group in branch_groups(adapter.branches):
+                    spectrum = StreamSpectrum(hidden, view.device, layernorm) if spectra else None
                     seen: dict[str, torch.Tensor] = {}
                     hooks = [linears[b.name][0].register_forward_hook(
                         lambda m, inp, out, name=b.name: seen.__setitem__(name, inp[0]))
@@ -101,6 +112,8 @@ def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ri
                                          arguments.get(li, b, view.device))
                             check_finite(h, f"of layer {li}")
                             cache.put(b, h)
+                            if spectrum is not None:
+                                spectrum.update(h, mask, f"of layer {li}")
                             if not hooks:
                                 continue
                             h = h.to(torch.float64)
@@ -115,6 +128,8 @@ def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ri
                     finally:
                         for hook in hooks:
                             hook.remove()
+                    if spectrum is not None:
+                        probe.spectra.append(spectrum.eigenvalues(ranks))
                 for name, fit in fits.items():
                     fit.reduce(ranks)
                 weight = output_matrix(linears[mlp.name])[0]  # without the bias (a constant the fit ignores)

@@ -29,12 +29,40 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.modeling.runtime import get_path
 from slicegpt.adapters.base import branch_groups
 
-WIDTHS = ("adaptive", "equal")
+WIDTHS = ("adaptive", "equal", "auto")
 # "auto" prunes MLP neurons alone down to this share of them, then slices the stream too. SmolLM2 at
 # --parameters 0.65: neurons alone (616 of 1536) 59.48 held-out perplexity, half of them and the stream
 # sliced to 416 65.62; at --size 0.5 a 0.3 floor matched it (84.65 at 0.499 against 86.18 at 0.493) and 0.2
 # was worse (91.88): docs/benchmarks.md, Choosing the defaults.
 MLP_FLOOR = 0.4
+
+
+class StreamSpectrum:
+    """The dense stream's covariance at one boundary as the norms see it: each token divided by its RMS
+    (for LayerNorm families its mean dropped first), the mean direction removed, which carries no
+    information. `allocate` spends widths by its eigenvalues."""
+
+    def __init__(self, dim: int, device: torch.device | str, layernorm: bool) -> None:
+        self.cov = Covariance(dim, device)
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.layernorm = layernorm
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor, where: str) -> None:
+        check_finite(x, where)
+        x = x.to(torch.float64)
+        if self.layernorm:
+            x = x - x.mean(dim=-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)  # what the norms pass on
+        self.total += x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()].sum(0)
+        self.cov.update(x, mask)
+
+    def eigenvalues(self, ranks: Ranks) -> torch.Tensor:
+        """Descending, on the CPU; the sums over every rank's tokens."""
+        self.cov.reduce(ranks)
+        ranks.sum_(self.total)
+        mean = self.total / max(self.cov.tokens, 1)
+        matrix = self.cov.matrix / self.cov.tokens - torch.outer(mean, mean)
+        return torch.linalg.eigvalsh(matrix).flip(0).cpu()
 
 
 @torch.no_grad()
@@ -58,26 +86,13 @@ def probe_spectra(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, 
     groups = branch_groups(adapter.branches)
     masks = [mask for _, mask in batches]
     spectra = []
+    dim = view.model.get_submodule(adapter.embeddings[0]).weight.shape[-1]
 
     def add(cache: ActivationCache, where: str) -> None:
-        dim = view.model.get_submodule(adapter.embeddings[0]).weight.shape[-1]
-        cov = Covariance(dim, view.device)
-        total = torch.zeros(dim, dtype=torch.float64, device=view.device)
+        spectrum = StreamSpectrum(dim, view.device, adapter.norm_kind == "layernorm")
         for b in range(len(cache)):
-            x = cache.get(b, view.device)
-            check_finite(x, where)
-            x = x.to(torch.float64)
-            if adapter.norm_kind == "layernorm":
-                x = x - x.mean(dim=-1, keepdim=True)
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)  # what the norms pass on
-            keep = masks[b].to(view.device).reshape(-1).bool()
-            total += x.reshape(-1, dim)[keep].sum(0)
-            cov.update(x, masks[b].to(view.device))
-        cov.reduce(ranks)
-        ranks.sum_(total)
-        mean = total / max(cov.tokens, 1)
-        matrix = cov.matrix / cov.tokens - torch.outer(mean, mean)  # the mean direction carries no information
-        spectra.append(torch.linalg.eigvalsh(matrix).flip(0).cpu())
+            spectrum.update(cache.get(b, view.device), masks[b].to(view.device), where)
+        spectra.append(spectrum.eigenvalues(ranks))
 
     with dense_entry(view, adapter, batches, offload, offload_dir) as (cache, arguments):
         add(cache, "after the embeddings")
@@ -175,11 +190,21 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
     raise SliceGPTError(f"no width of at least {round_to} meets a budget of {budget:,} parameters")
 
 
+def fill_neurons(params: ParameterModel, widths: list[int], budget: int, neurons: int, round_to: int) -> int:
+    """The most neurons per MLP (at least `neurons`, a multiple of `round_to`) that these widths leave room for:
+    one equal width meets a budget only to within a step of the stream's width (SmolLM2 at 0.5: 0.7% of
+    the parameters), which the neurons can spend."""
+    while neurons + round_to <= params.neurons and params.count(widths, neurons + round_to) <= budget:
+        neurons += round_to
+    return neurons
+
+
 def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *, rotation: str, rule: str,
                 sparsity: float, parameters: float | None, dense_parameters: int, round_to: int, tied: bool,
                 slice_head: bool, probe_samples: int = 8, offload: str = "cpu", offload_dir=None,
                 progress: bool = True, ranks: Ranks | None = None, mlp: float | str | None = None,
-                heads: tuple[int, int] | None = None) -> tuple[list[int] | None, str, int | None]:
+                heads: tuple[int, int] | None = None, spectra: Sequence[torch.Tensor] | None = None
+                ) -> tuple[list[int] | None, str, int | None]:
     """One width per block boundary: equal (`sparsity`, the paper's), or within a budget.
 
     The budget is `parameters` x the dense count when given, else the count the equal widths
@@ -202,6 +227,11 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     `heads` (key/value heads, query heads each) are fixed before the budget is spent: every count
     here is of the model with those heads, so neurons (or the stream) fill the rest of the budget;
     where the heads alone meet it, nothing else is cut.
+
+    `rule="auto"` (the default recipe's) is adaptive where MLP neurons are pruned beside the sliced
+    stream and equal elsewhere: SmolLM2 at 0.5 gave 81.15 adaptive against 84.99 equal (the rest of
+    the budget spent on neurons), where the stream alone sliced adaptively hurt Gemma 3 (83.5 -> 96.4).
+    `spectra`: the boundaries' eigenvalues when the caller has probed them (`allocation.probe_costs`).
     """
     from slicegpt.core.bases import sliced_dim
     from slicegpt.core.budget import parameter_model
@@ -211,10 +241,10 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
     hidden = get_path(view.model, adapter.embeddings[0]).weight.shape[-1]
     n = len(get_path(view.model, adapter.layers)) * len(branch_groups(adapter.branches)) + 1
     dim = sliced_dim(hidden, sparsity, round_to)
-    if rotation == "uniform" or adapter.slice_head_required:
-        rule = "equal"
     if mlp == 1 or mlp == 1.0:
         mlp = None
+    if rotation == "uniform" or adapter.slice_head_required or (rule == "auto" and mlp is None):
+        rule = "equal"
     if parameters is None and rule == "equal" and (mlp is None or mlp != "auto"):
         widths = [dim] * n
         if rotation == "per-layer" and not slice_head:
@@ -266,8 +296,15 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
                 return full, "equal", neurons
             if neurons is not None:
                 _refuse_mixing(adapter)
+    if rule == "auto":
+        rule = "adaptive" if neurons is not None else "equal"
     if rule == "equal":
-        return budget_widths(model, budget, round_to, hidden, n, neurons), rule, neurons
+        widths = budget_widths(model, budget, round_to, hidden, n, neurons)
+        if mlp == "auto" and neurons is not None:  # what the equal width leaves goes back to the neurons
+            neurons = fill_neurons(model, widths, budget, neurons, round_to)
+        return widths, rule, neurons
+    if spectra is not None:
+        return (ranks or Ranks()).from_writer(allocate(spectra, model, budget, round_to, hidden, neurons)), rule, neurons
     if batches is None:  # a plan before calibration: the spectra choose them later
         return None, rule, neurons
     ranks = ranks or Ranks()
