@@ -8,7 +8,7 @@ import torch
 
 import slicegpt
 from slicegpt.core.allocation import allocate_neurons, layer_floor
-from slicegpt.core.compensation import LeastSquares, prune, removal_costs
+from slicegpt.core.compensation import MIXED_RIDGE, RIDGE, LeastSquares, prune, removal_costs
 from slicegpt.core.distributed import Ranks
 from slicegpt.errors import SliceGPTError
 from conftest import make_model
@@ -205,6 +205,10 @@ def test_past_the_neuron_floor_one_probe_chooses_widths_and_neurons(tokenizer, c
     plan = slicegpt.plan_slice(make_model("llama"), size=0.5)
     assert plan.width_rule == "adaptive" and plan.widths is None and plan.measured and not plan.identity
     assert slicegpt.plan_slice(make_model("llama"), size=0.5, widths="equal").width_rule == "equal"
+    # and the fits pull less toward their priors there, unless --ridge is given; neurons alone keep the default's
+    assert plan.levers.ridge == MIXED_RIDGE and "ridge 0.03" in dict(plan.rows())["compensation"]
+    assert slicegpt.plan_slice(make_model("llama"), size=0.5, ridge=0.1).levers.ridge == 0.1
+    assert slicegpt.plan_slice(make_model("llama"), size=0.8).levers.ridge == RIDGE
     model, config = slicegpt.slice_model(make_model("llama"), tokenizer, calibration, size=0.5, progress=False)
     dense = slicegpt.count_parameters(make_model("llama"))
     assert config.widths_rule == "adaptive" and len(set(config.widths[:-1])) > 1, config.widths

@@ -22,7 +22,7 @@ import torch
 
 from slicegpt.adapters import get_adapter, supported_model_types
 from slicegpt.atomic import refuse_existing, refuse_overlap
-from slicegpt.core.compensation import DENSE_SHARE, RIDGE
+from slicegpt.core.compensation import DENSE_SHARE, MIXED_RIDGE, RIDGE
 from slicegpt.recipes import (ALLOCATIONS, COMPENSATIONS, DEFAULT_RECIPE, HEADS, POOLINGS, RECIPES, ROTATIONS,
                               WIDTH_RULES)
 from slicegpt.version import __version__
@@ -651,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit each step's output weights (writers) or its input weights too (all) against the "
                         "dense model, or not (off)")
     g.add_argument("--ridge", type=float, default=None,
-                   help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE})")
+                   help=f"compensation's regulariser, relative to the mean input energy (default {RIDGE}; "
+                        f"{MIXED_RIDGE} where MLP neurons are pruned beside a sliced stream)")
     g.add_argument("--dense-share", type=float, default=None, metavar="FRACTION",
                    help="compensation: the share of the calibration windows the dense model also runs on "
                         f"(default {DENSE_SHARE}; 1 = all, the most exact and slowest)")

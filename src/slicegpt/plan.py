@@ -22,6 +22,7 @@ from slicegpt.config import SlicingConfig
 from slicegpt.core.allocation import allocate_neurons, neuron_cost
 from slicegpt.core.bases import sliced_dim
 from slicegpt.core.budget import parameter_model
+from slicegpt.core.compensation import MIXED_RIDGE
 from slicegpt.core.engine import per_layer_ties
 from slicegpt.core.uniform import uniform_ties
 from slicegpt.core.onload import LayeredModel
@@ -438,6 +439,8 @@ def make_plan(settings: SliceSettings, view: LayeredModel, adapter: ModelAdapter
     _refuse(heads is not None and not identity and any(b.heads and b.post_norm for b in adapter.branches),
             f"{adapter.family} attention writes through a branch-output norm: its heads are pruned only while the "
             "stream keeps its width (a --size that heads and neurons alone meet)")
+    if not identity and neurons is not None and levers.compensate != "off" and "ridge" not in settings.overrides():
+        levers = replace(levers, ridge=MIXED_RIDGE)  # neurons beside a sliced stream fit best with less pull
     if identity:
         _refuse_ignored_by_identity(settings)
         layout, tied, slice_head, fit, standard, deviations = NEURONS_ONLY, source_tied, True, False, True, []

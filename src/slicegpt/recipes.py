@@ -25,7 +25,9 @@ class Levers:
 
     rotation: str = "per-layer"  # per-layer: a basis per boundary, skip matrices; uniform: one basis, a stock model
     compensate: str = "off"  # refit each step's writers ("writers") or readers too ("all") against the dense model
-    ridge: float = RIDGE  # compensation's regulariser, relative to the mean input energy
+    # compensation's regulariser, relative to the mean input energy (unless given: MIXED_RIDGE where MLP neurons
+    # are pruned beside a sliced stream, `plan.make_plan`)
+    ridge: float = RIDGE
     dense_share: float = DENSE_SHARE  # compensation: share of the calibration windows the dense model runs on
     neurons: float | str | None = None  # MLP neurons kept per layer: None (all), "auto", or a fraction
     # how the pruned neurons are shared among layers: the same count everywhere (a stock class), or
