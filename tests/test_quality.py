@@ -325,5 +325,7 @@ def test_bad_lever_settings_are_refused_in_one_line(calibration):
                              widths="adaptive")
     with pytest.raises(SliceGPTError, match=r"--size is the share of the dense parameters to keep, in \(0, 1\)"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=75)
-    with pytest.raises(SliceGPTError, match="budget"):
+    with pytest.raises(SliceGPTError, match="budget of .* still holds? .* choose a larger --size"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.01, progress=False)
+    with pytest.raises(SliceGPTError, match="budget of .* still holds? .* choose a larger --size"):
+        slicegpt.plan_slice(make_model("llama"), size=0.01, widths="equal")

@@ -136,7 +136,9 @@ def allocate(spectra: Sequence[torch.Tensor], params: ParameterModel, budget: in
     heapq.heapify(heap)
     while count > budget:
         if not heap:
-            raise SliceGPTError(f"no widths of at least {round_to} meet a budget of {budget:,} parameters")
+            raise SliceGPTError(f"no widths of at least {round_to} meet a budget of {budget:,} parameters: the "
+                                f"narrowest still hold {count:,} (what no width shrinks, such as a tied embedding "
+                                "table, stays whole); choose a larger --size")
         priority, b = heapq.heappop(heap)
         current = cut(b)
         if current is None:
@@ -187,7 +189,10 @@ def budget_widths(params: ParameterModel, budget: int, round_to: int, hidden: in
     for k in range(hidden // round_to * round_to, 0, -round_to):
         if params.count([k] * n, neurons) <= budget:
             return [params.fixed.get(b, k) for b in range(n)]  # the exit stays full width where fixed
-    raise SliceGPTError(f"no width of at least {round_to} meets a budget of {budget:,} parameters")
+    least = params.count([params.fixed.get(b, round_to) for b in range(n)], neurons)
+    raise SliceGPTError(f"no width of at least {round_to} meets a budget of {budget:,} parameters: at width "
+                        f"{round_to} this layout still holds {least:,} (what no width shrinks, such as a tied "
+                        "embedding table, stays whole); choose a larger --size")
 
 
 def fill_neurons(params: ParameterModel, widths: list[int], budget: int, neurons: int, round_to: int) -> int:
