@@ -55,7 +55,8 @@ RECIPES: dict[str, Recipe] = {
         "default",
         "the measured best: MLP neurons pruned first (OBS, at least 40% kept per layer) while every step's "
         "writers are refitted against the dense model; the stream is sliced (per-layer rotation) only for what "
-        "neurons cannot give, each boundary to its own width by the dense stream's spectrum (--widths auto). Where neurons alone meet the size nothing is rotated: a stock model. Each layer "
+        "neurons cannot give, each boundary to its own width by the dense stream's spectrum (--widths auto), the "
+        "fits there with ridge 0.03. Where neurons alone meet the size nothing is rotated: a stock model. Each layer "
         "keeps as many neurons as its measured loss says (--allocation measured): the output keeps the family's "
         "layers, each MLP its own width. While the stream stays whole, attention head layouts are weighed "
         "against neurons by the same measured loss; Gemma 2/3, whose neurons cannot be pruned beside a sliced "

@@ -89,8 +89,8 @@ def probe_costs(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, ri
             for b in range(len(cache)):
                 spectrum.update(cache.get(b, view.device), used[b][1].to(view.device), "after the embeddings")
             probe.spectra.append(spectrum.eigenvalues(ranks))
-        with tqdm(total=n_layers, desc="probing neurons" + (" and heads" if attention else "") + (" and widths" if spectra else ""), unit="layer",
-                  disable=not progress or not ranks.writer) as bar:
+        desc = "probing neurons" + (" and heads" if attention else "") + (" and widths" if spectra else "")
+        with tqdm(total=n_layers, desc=desc, unit="layer", disable=not progress or not ranks.writer) as bar:
             for li in range(n_layers):
                 layer = view.onload(f"{adapter.layers}.{li}")
                 priced = [b for b in (mlp, attention) if b is not None]

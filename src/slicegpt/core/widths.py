@@ -309,7 +309,8 @@ def plan_widths(view: LayeredModel, adapter: ModelAdapter, batches: Sequence, *,
             neurons = fill_neurons(model, widths, budget, neurons, round_to)
         return widths, rule, neurons
     if spectra is not None:
-        return (ranks or Ranks()).from_writer(allocate(spectra, model, budget, round_to, hidden, neurons)), rule, neurons
+        widths = (ranks or Ranks()).from_writer(allocate(spectra, model, budget, round_to, hidden, neurons))
+        return widths, rule, neurons
     if batches is None:  # a plan before calibration: the spectra choose them later
         return None, rule, neurons
     ranks = ranks or Ranks()
