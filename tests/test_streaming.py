@@ -163,10 +163,13 @@ ARGS = ("--slicing", "0.25", "--neurons", "off", *CALIBRATE)
 @pytest.mark.parametrize("rotation,kill,offload", [("per-layer", "2", "cpu"), ("per-layer", "1", "disk"),
                                                    ("uniform", "statistics:2", "cpu"), ("uniform", "weights:1", "disk"),
                                                    ("uniform", "weights:2", "weights-in-memory"),
-                                                   ("neurons", "weights:2", "cpu")])
+                                                   ("neurons", "weights:2", "cpu"), ("mixed", "2", "disk")])
 def test_killed_run_resumes_to_a_bit_identical_output(rotation, kill, offload, tmp_path, tokenizer):
+    """"neurons": the default where neurons alone meet the size; "mixed": past their floor, the stream sliced
+    per layer beside them, its widths and the neurons from one probe that the resumed run makes again."""
     source = _model_dir(tmp_path / "dense", "llama", tokenizer)
-    args = (("--size", "0.8", *CALIBRATE) if rotation == "neurons" else (*ARGS, "--rotation", rotation))
+    args = (("--size", "0.8", *CALIBRATE) if rotation == "neurons" else ("--size", "0.5", *CALIBRATE)
+            if rotation == "mixed" else (*ARGS, "--rotation", rotation))
     extra = (("--activations-dir", tmp_path / "acts") if offload == "disk"
              else ("--preload",) if offload == "weights-in-memory" else ())
     whole = run_cli("slice", source, *args, *extra, "--out", tmp_path / "whole")
@@ -182,6 +185,10 @@ def test_killed_run_resumes_to_a_bit_identical_output(rotation, kill, offload, t
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.splitlines()[-1])["resumed_from_layer"] == record["next_layer"]
     _same_output(tmp_path / "whole", out)
+    if rotation == "mixed":
+        slicing = json.loads((out / "slicegpt.json").read_text())["slicing"]
+        assert slicing["widths_rule"] == "adaptive" and slicing["rotation"] == "per-layer"
+        assert len(set(slicing["mlp_neurons_per_layer"])) > 1 and slicing["ridge"] == 0.03
     assert not (tmp_path / ".resumed.slicegpt-run").exists()
     if offload == "disk":
         assert not any((tmp_path / "acts").iterdir())  # the activation files are cleaned up
