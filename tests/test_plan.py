@@ -1,6 +1,7 @@
 """The plan (`slicegpt.plan`): a dry run reads nothing but the config and predicts the real run; every
 option a recipe or a size would ignore is refused in one line; the version is printed and recorded."""
 
+from dataclasses import replace
 import json
 import re
 import shutil
@@ -208,3 +209,18 @@ def test_the_version_is_printed_and_recorded_in_every_output(tiny_model_dir, tmp
     assert manifest["slicegpt_version"] == slicegpt.__version__
     assert run.config.version == slicegpt.__version__
     assert slicegpt.load(run.out).sliced["slicing"]["version"] == slicegpt.__version__
+
+
+def test_the_max_recipe_is_the_default_with_every_window_dense_and_four_times_the_calibration(calibration):
+    """`--recipe max`: the default's levers, the dense model on every calibration window, 128 windows unless
+    --samples says otherwise; the plan shows the calibration it will read."""
+    default = slicegpt.plan_slice(make_model("llama"), size=0.5)
+    best = slicegpt.plan_slice(make_model("llama"), recipe="max", size=0.5)
+    assert best.levers == replace(default.levers, dense_share=1.0)
+    assert best.settings.calibration_samples == 128 and default.settings.calibration_samples == 32
+    assert dict(best.rows())["calibration"] == "128 x 1024 tokens of shakespeare"
+    assert slicegpt.plan_slice(make_model("llama"), recipe="max", size=0.5, samples=64).settings.calibration_samples == 64
+    model, config = slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, recipe="max", size=0.5,
+                                         progress=False)
+    assert config.recipe == "max" and config.dense_share == 1.0 and config.widths_rule == "adaptive"
+    assert config.parameters_sliced == slicegpt.count_parameters(model)

@@ -128,8 +128,8 @@ def _calibration_windows(calibration, tokenizer, settings: SliceSettings) -> tup
     else:
         if tokenizer is None:
             raise SliceGPTError("a tokenizer is needed to calibrate on text")
-        windows = calibration_data(tokenizer, settings.calibration, settings.samples, settings.seqlen, settings.seed,
-                                   settings.text_field)
+        windows = calibration_data(tokenizer, settings.calibration, settings.calibration_samples, settings.seqlen,
+                                   settings.seed, settings.text_field)
         info = {"source": str(settings.calibration), "seed": settings.seed}
     info.update(samples=len(windows.input_ids), seqlen=windows.input_ids.shape[1], tokens=windows.tokens)
     return windows, info

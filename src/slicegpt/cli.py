@@ -614,8 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(for runs that prune no MLP neurons: --recipe paper, or --neurons off)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
                    help="default: MLP neurons pruned first with every step refitted against the dense model, "
-                        "the stream sliced only for the rest (the measured best); paper: the paper's algorithm, "
-                        f"whose own size is --slicing (default: {DEFAULT_RECIPE}; docs/how-it-works.md)")
+                        "the stream sliced only for the rest (the measured best); max: the default's levers with "
+                        "the dense model on every window and 128 calibration windows (better, about five times "
+                        "slower); paper: the paper's algorithm, whose own size is --slicing (default: "
+                        f"{DEFAULT_RECIPE}; docs/how-it-works.md)")
     p.add_argument("--out", default=None, help="output directory (written atomically; needed unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (widths, neurons, head, predicted "
                    "parameters, output class) and stop; reads only the model's config")
@@ -624,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", default=DEFAULT_DATA, help=data_help)
-    g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--samples", type=int, default=None,
+                   help="calibration windows (default: the recipe's, 32; the max recipe's 128)")
     g.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
     g.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
     g.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")

@@ -295,8 +295,8 @@ def _windows(tokenizer, calib_text: str, settings: SliceSettings, evaluate: bool
     else:
         eval_text = load_text(eval_source, "evaluation", settings.text_field) if evaluate else ""
     bos = bos_token(tokenizer)
-    windows = calibration_windows(tokenize(tokenizer, calib_text), settings.samples, settings.seqlen, settings.seed,
-                                  bos=bos)
+    windows = calibration_windows(tokenize(tokenizer, calib_text), settings.calibration_samples, settings.seqlen,
+                                  settings.seed, bos=bos)
     eval_windows = (evaluation_windows(tokenize(tokenizer, eval_text), eval_seqlen or settings.seqlen, eval_samples,
                                        bos=bos) if evaluate else None)
     return windows, eval_windows, eval_source

@@ -65,11 +65,16 @@ class SliceSettings:
     standard: bool = True  # uniform rotation: the family's stock class (False: slicegpt's own format)
     # calibration
     calibration: str = DEFAULT_DATA
-    samples: int = 32
+    samples: int | None = None  # calibration windows; None: the recipe's (32; the max recipe's 128)
     seqlen: int = 1024
     seed: int = 0
     text_field: str = "text"
     batch_size: int = 4
+
+    @property
+    def calibration_samples(self) -> int:
+        """The calibration windows: `samples`, or the recipe's own count."""
+        return self.samples if self.samples is not None else get_recipe(self.recipe).samples
 
     def overrides(self) -> dict:
         return {name: getattr(self, name) for name in LEVER_NAMES if getattr(self, name) is not None}
@@ -176,6 +181,7 @@ class Plan:
             f"{lv.compensate} (ridge {lv.ridge:g}, dense model on {lv.dense_share:g} of the windows)")
         rows = [("model", f"{self.model} ({self.model_type}, {self.family} family, {self.dtype})"),
                 ("recipe", f"{s.recipe}: {size}"),
+                ("calibration", f"{s.calibration_samples} x {s.seqlen} tokens of {s.calibration}"),
                 ("compensation", comp)]
         if self.identity:
             pruned = " and ".join(name for name, count in (("MLP neurons", self.neurons),

@@ -48,6 +48,7 @@ class Recipe:
     name: str
     summary: str
     levers: Levers
+    samples: int = 32  # calibration windows when --samples is not given (the count its figures were measured on)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -62,6 +63,14 @@ RECIPES: dict[str, Recipe] = {
         "against neurons by the same measured loss; Gemma 2/3, whose neurons cannot be pruned beside a sliced "
         "stream, prune attention heads past the neuron floor before slicing the stream (--heads auto).",
         Levers(compensate="writers", neurons="auto", heads="auto", allocation="measured", widths="auto")),
+    "max": Recipe(
+        "max",
+        "the default's levers with the dense model on every calibration window (--dense-share 1) and four "
+        "times the calibration (128 windows): the best measured, for about five times the default's slicing "
+        "time. SmolLM2 at 0.5 of its parameters: 72.57 held-out perplexity against the default's 79.77.",
+        Levers(compensate="writers", neurons="auto", heads="auto", allocation="measured", widths="auto",
+               dense_share=1.0),
+        samples=128),
     "paper": Recipe(
         "paper",
         "the paper's algorithm, number for number: per-layer PCA rotation, equal widths, no refit, no neurons "
