@@ -233,3 +233,18 @@ def test_past_the_neuron_floor_one_probe_chooses_widths_and_neurons(tokenizer, c
     cached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     uncached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(cached, uncached)
+
+
+def test_equal_widths_beside_neurons_leave_no_neuron_step_of_the_size_unspent():
+    """With one stream width, what the largest equal width leaves of the size goes to the neurons: one more
+    `round_to` step of them would break the budget."""
+    from slicegpt.core.onload import ResidentModel
+    from slicegpt.adapters import get_adapter
+    from slicegpt.plan import parameter_counter
+
+    model = make_model("llama")
+    plan = slicegpt.plan_slice(model, size=0.5, widths="equal")
+    assert not plan.identity and plan.neurons > 40  # above the floor (40% of 96, rounded up to 8)
+    counter = parameter_counter(plan, ResidentModel(model), get_adapter(model.config))
+    assert plan.predicted_parameters == counter.count(list(plan.widths), plan.neurons) <= plan.budget
+    assert counter.count(list(plan.widths), plan.neurons + 8) > plan.budget
