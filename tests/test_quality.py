@@ -311,7 +311,7 @@ def test_adaptive_widths_keep_the_paper_count_and_the_model_decodes(tmp_path, to
 
 
 def test_bad_lever_settings_are_refused_in_one_line(calibration):
-    with pytest.raises(SliceGPTError, match="unknown recipe 'best'; choose one of default, paper"):
+    with pytest.raises(SliceGPTError, match="unknown recipe 'best'; choose one of default, max, paper"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.8, recipe="best")
     with pytest.raises(SliceGPTError, match="--widths must be one of"):
         slicegpt.slice_model(make_model("llama"), None, calibration.input_ids, size=0.8, widths="random")
