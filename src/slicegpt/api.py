@@ -146,26 +146,22 @@ def complete_plan(plan: Plan, view, adapter, batches, ranks: Ranks, progress: bo
     """What the plan leaves to the run: adaptive widths, chosen from the calibration spectra (the plan
     made again with the batches), and measured neuron counts, from the dense model's cost curves.
     The probes keep their activations where the run keeps its own (`offload`, `offload_dir`)."""
-    if plan.widths is None and plan.measured:  # adaptive widths beside measured neurons: one probe for both
-        probe = probe_costs(view, adapter, batches, plan.levers.ridge,
-                            min(layer_floor(plan.dense_neurons, plan.levers.round_to), plan.neurons), offload=offload,
-                            offload_dir=offload_dir, progress=progress, ranks=ranks, spectra=True)
-        plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
-                         batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir,
-                         spectra=probe.spectra)
-        return with_layer_neurons(plan, view, adapter, probe.neurons)
-    if plan.widths is None:
-        plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
-                         batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir)
     if plan.measured and plan.layer_neurons is None:
         choices = head_choices(plan, view, adapter)  # `--heads auto`: layouts weighed against neurons
         layouts = [layout for layout in choices if layout is not None]
         floor = min(layer_floor(plan.dense_neurons, plan.levers.round_to),
                     *(choice.neurons for choice in choices.values()), plan.neurons)
         probe = probe_costs(view, adapter, batches, plan.levers.ridge, floor, layouts=layouts, offload=offload,
-                            offload_dir=offload_dir, progress=progress, ranks=ranks)
+                            offload_dir=offload_dir, progress=progress, ranks=ranks, spectra=plan.widths is None)
+        if plan.widths is None:  # adaptive widths beside measured neurons: from the same probe's spectra
+            plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
+                             batches=batches, ranks=ranks, progress=progress, offload=offload,
+                             offload_dir=offload_dir, spectra=probe.spectra)
         plan = (choose_heads(choices, probe.neurons, probe.heads, view, adapter) if choices
                 else with_layer_neurons(plan, view, adapter, probe.neurons))
+    elif plan.widths is None:
+        plan = make_plan(plan.settings, view, adapter, model=plan.model, dense_parameters=plan.dense_parameters,
+                         batches=batches, ranks=ranks, progress=progress, offload=offload, offload_dir=offload_dir)
     return plan
 
 
